@@ -1,0 +1,3 @@
+from disagg_cli.cli import main
+
+main()
