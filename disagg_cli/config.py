@@ -1,0 +1,103 @@
+"""Frozen configuration, built once at the edge (cli.py) and passed down.
+
+Owns the model's architecture description (`ModelConfig`, read from a model file's own metadata),
+the runtime choices of one process (`RuntimeConfig`: device, dtype, threads) and the sampling
+settings of one request (`SamplingParams`). Each validates itself in `__post_init__` so a bad value
+fails where it is made, with a message that names the flag.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from disagg_cli.errors import UsageError
+
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture of one Llama-family checkpoint (Llama, Mistral, SmolLM, Qwen2)."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    # One divisor per rotary frequency (head_dim // 2 of them), as Llama 3's rope scaling and
+    # GGUF's `rope_freqs` tensor express it; None means plain RoPE.
+    rope_freq_factors: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model config: {self.num_heads} heads is not a multiple of "
+                             f"{self.num_kv_heads} KV heads")
+        if self.head_dim % 2:
+            raise ValueError(f"model config: head_dim {self.head_dim} must be even for RoPE")
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
+            raise ValueError(f"model config: {len(self.rope_freq_factors)} rope factors for "
+                             f"head_dim {self.head_dim}")
+
+    def kv_bytes_per_token(self, dtype: str) -> int:
+        """Bytes of K and V for one token over all layers: 2 × layers × kv_heads × head_dim × size."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Where and how one process runs the model."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        if not (self.device == "cpu" or self.device == "mps" or self.device.startswith("cuda")):
+            raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {self.device!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How one request picks tokens and when it stops. temperature 0 means greedy."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UsageError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
+        if any(s == "" for s in self.stop):
+            raise UsageError("--stop strings must not be empty")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
