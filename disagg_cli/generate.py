@@ -1,0 +1,122 @@
+"""The `disagg generate` command: prompts in, text out, with timings.
+
+1. gather prompts (arguments, a file, or stdin), optionally wrapped in the model's chat template;
+2. resolve and load the model (pulling a named one on first use);
+3. run each prompt, streaming text to stdout as it is produced, or collecting it for `--json`;
+4. print per-request timings (stderr, on a terminal) or one JSON object per prompt (stdout).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from disagg_cli import ui
+from disagg_cli.config import RuntimeConfig, SamplingParams
+from disagg_cli.engine.request import RequestOutput
+from disagg_cli.engine.single import SingleProcessGenerator, check_context
+from disagg_cli.errors import UsageError
+from disagg_cli.model.loader import LoadedModel, load_model
+from disagg_cli.model.registry import resolve_model
+from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateOptions:
+    model: str
+    cache_dir: Path
+    runtime: RuntimeConfig
+    sampling: SamplingParams
+    chat: bool = False
+    system: str | None = None
+    json_output: bool = False
+
+
+def read_prompts(args: list[str], file: Path | None) -> list[str]:
+    """Arguments, else the file, else stdin ("-" as an argument also means stdin).
+
+    A file or stdin holds one prompt per line; in a `.jsonl` file each line is a JSON string or
+    an object with a "prompt" key, so prompts may span several lines.
+    """
+    prompts = [a for a in args if a != "-"]
+    if file is not None:
+        if not file.is_file():
+            raise UsageError(f"--file {file}: no such file")
+        prompts += _parse_lines(file.read_text(encoding="utf-8"), jsonl=file.suffix == ".jsonl")
+    if "-" in args or (not prompts and file is None and not sys.stdin.isatty()):
+        prompts += _parse_lines(sys.stdin.read(), jsonl=False)
+    if not prompts:
+        raise UsageError("no prompt given: pass one as an argument, with --file, or on stdin")
+    return prompts
+
+
+def _parse_lines(text: str, jsonl: bool) -> list[str]:
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append(line)
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"line {n} of the .jsonl file is not JSON: {e.msg}") from e
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise UsageError(f"line {n} of the .jsonl file has no string 'prompt'")
+        prompts.append(prompt)
+    return prompts
+
+
+def prepare(model_spec: str, cache_dir: Path, runtime: RuntimeConfig) -> tuple[LoadedModel, Tokenizer]:
+    with ui.pull_progress(model_spec) as on_pull:
+        path = resolve_model(model_spec, cache_dir, on_pull)
+    tokenizer = load_tokenizer(path)
+    with ui.load_progress(path.name) as on_load:
+        loaded = load_model(path, runtime, on_load)
+    return loaded, tokenizer
+
+
+def render_prompt(tokenizer: Tokenizer, prompt: str, chat: bool, system: str | None) -> str:
+    if not chat:
+        return prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def run_generate(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput]:
+    loaded, tokenizer = prepare(opts.model, opts.cache_dir, opts.runtime)
+    requests = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(render_prompt(tokenizer, prompt, opts.chat, opts.system))
+        check_context(loaded, len(ids), opts.sampling.max_tokens)  # refuse before any work is done
+        requests.append(RequestOutput(f"req-{i}", prompt, ids, opts.sampling, tokenizer))
+    generator = SingleProcessGenerator(loaded)
+    for out in requests:
+        # Prompts run one after another here; time each from its own start, not from the queue.
+        out.timings.arrival_s = time.perf_counter()
+        if opts.json_output:
+            generator.generate(out)
+            print(json.dumps(out.result(), ensure_ascii=False), flush=True)
+            continue
+        if len(requests) > 1:
+            ui.info(f"── {out.request_id}: {out.prompt[:70]!r}")
+        generator.generate(out, ui.stream_text)
+        ui.stream_text("\n")
+        ui.info(summary_line(out))
+    return requests
+
+
+def summary_line(out: RequestOutput) -> str:
+    r = out.result()
+    parts = [f"{r['prompt_tokens']} prompt + {len(out.token_ids)} output tokens",
+             f"finish={r['finish_reason']}"]
+    if r["ttft_ms"] is not None:
+        parts.append(f"TTFT {r['ttft_ms']:.0f} ms")
+    if r["tpot_ms"] is not None:
+        parts.append(f"TPOT {r['tpot_ms']:.1f} ms ({r['decode_tokens_per_s']:.1f} tok/s)")
+    return "[" + ", ".join(parts) + "]"
