@@ -101,3 +101,33 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """The batched engine's memory and batching limits (vLLM's names where it has one)."""
+
+    block_size: int = 16
+    kv_cache_tokens: int | None = None  # pool size in tokens; else sized by kv_cache_memory_mb
+    kv_cache_memory_mb: float = 512.0
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    chunked_prefill: bool = False
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise UsageError(f"--block-size must be at least 1, got {self.block_size}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise UsageError(f"--kv-cache-tokens must be at least one block ({self.block_size}), "
+                             f"got {self.kv_cache_tokens}")
+        if self.kv_cache_memory_mb <= 0:
+            raise UsageError(f"--kv-cache-memory-mb must be positive, got {self.kv_cache_memory_mb}")
+        if self.max_num_seqs < 1:
+            raise UsageError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise UsageError(f"--max-num-batched-tokens must be at least 1, got {self.max_num_batched_tokens}")
+
+    def num_blocks(self, kv_bytes_per_token: int) -> int:
+        if self.kv_cache_tokens is not None:
+            return -(-self.kv_cache_tokens // self.block_size)
+        return max(1, int(self.kv_cache_memory_mb * 2**20) // (kv_bytes_per_token * self.block_size))

@@ -1,0 +1,178 @@
+"""The engine loop every role runs: schedule → run the model once → sample and post-process.
+
+Life of a request in the engine:
+1. `add_request` (a prompt) or `add_imported` (a prompt whose KV and first token came from a
+   prefill engine) puts a `Sequence` in the scheduler's waiting queue;
+2. each `step()` schedules a batch, runs it, samples one token for every sequence whose known
+   tokens are now all cached, and reports `TokenEvent`s;
+3. a sequence finishes on EOS, `max_tokens`, `abort()` (a stop string seen by the caller, a client
+   gone), or, in a `prefill_only` engine, right after its first token, where the caller may
+   `export_kv` before `release`; its blocks return to the pool.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from disagg_cli.config import EngineConfig, SamplingParams
+from disagg_cli.engine.runner import ModelRunner
+from disagg_cli.engine.scheduler import Scheduler, Sequence, Status
+from disagg_cli.kv.pool import BlockPool
+from disagg_cli.model.loader import LoadedModel
+from disagg_cli.model.sampling import Sampler
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    request_id: str
+    token_id: int
+    finish_reason: str | None  # "stop", "length", "prefilled" (prefill_only) or None while running
+
+
+@dataclass
+class StepStats:
+    num_prefill_tokens: int = 0
+    num_decode_seqs: int = 0
+    num_preempted: int = 0
+    elapsed_ms: float = 0.0
+
+
+class LLMEngine:
+    def __init__(self, lm: LoadedModel, config: EngineConfig, prefill_only: bool = False) -> None:
+        self.lm = lm
+        self.config = config
+        self.prefill_only = prefill_only
+        num_blocks = config.num_blocks(lm.config.kv_bytes_per_token(lm.runtime.dtype))
+        self.pool = BlockPool(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.chunked_prefill)
+        self.runner = ModelRunner(lm, self.pool)
+        self.seqs: dict[str, Sequence] = {}
+        self.samplers: dict[str, Sampler] = {}
+        self.last_step = StepStats()
+
+    # --- requests in ----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    eos_ids: frozenset[int] = frozenset()) -> None:
+        if request_id in self.seqs:
+            raise ValueError(f"request {request_id} is already in the engine")
+        if not prompt_ids:
+            raise ValueError(f"request {request_id} has an empty prompt")
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params,
+                       frozenset() if params.ignore_eos else eos_ids)
+        self.scheduler.add(seq)
+        self.seqs[request_id] = seq
+        self.samplers[request_id] = Sampler(params)
+
+    def reserve_imported(self, request_id: str, num_prompt_tokens: int) -> bool:
+        """Set aside blocks for a prompt's KV that another engine will send; False if none free."""
+        if not self.pool.can_allocate(num_prompt_tokens + 1):
+            return False
+        self.pool.reserve(request_id, num_prompt_tokens)
+        return True
+
+    def add_imported(self, request_id: str, prompt_ids: list[int], first_token: int, params: SamplingParams,
+                     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     eos_ids: frozenset[int] = frozenset()) -> TokenEvent | None:
+        """Join a sequence prefilled elsewhere: its KV (already placed layer by layer with
+        `import_kv_layer`, or given here whole) fills its reserved blocks; decoding continues from
+        `first_token`. Returns a finish event when that first token already ends it."""
+        if request_id not in self.pool.tables:
+            self.pool.reserve(request_id, len(prompt_ids))
+        if kv is not None:
+            for layer, (k, v) in enumerate(kv):
+                self.runner.import_kv_layer(request_id, layer, k, v)
+        seq = Sequence(request_id, list(prompt_ids) + [first_token], len(prompt_ids), params,
+                       frozenset() if params.ignore_eos else eos_ids, num_computed_tokens=len(prompt_ids),
+                       kv_imported=True)
+        self.seqs[request_id] = seq
+        self.samplers[request_id] = Sampler(params)
+        reason = self._finish_reason(seq, first_token)
+        if reason:
+            self.scheduler.finish(seq, reason)
+            return TokenEvent(request_id, first_token, reason)
+        self.scheduler.waiting.append(seq)
+        return None
+
+    def import_kv_layer(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.runner.import_kv_layer(request_id, layer, k, v)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is and free its blocks (reserved ones too); idempotent."""
+        seq = self.seqs.pop(request_id, None)
+        self.samplers.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, "abort")
+        self.pool.free(request_id)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[TokenEvent]:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            self.last_step = StepStats(num_preempted=len(out.preempted))
+            return []
+        logits = self.runner.execute(out.scheduled)
+        events: list[TokenEvent] = []
+        row = 0
+        stats = StepStats(num_preempted=len(out.preempted))
+        for item in out.scheduled:
+            seq = item.seq
+            samples = item.samples  # read before num_computed_tokens moves
+            if seq.num_computed_tokens == 0 or item.num_new_tokens > 1:
+                stats.num_prefill_tokens += item.num_new_tokens
+            else:
+                stats.num_decode_seqs += 1
+            seq.num_computed_tokens += item.num_new_tokens
+            if not samples:
+                continue  # a prefill chunk with more of its prompt to come
+            token = self.samplers[seq.request_id](logits[row])
+            row += 1
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason == "prefilled":  # the caller exports the KV first, then `release`s
+                self.scheduler.finish(seq, reason, keep_blocks=True)
+            elif reason:
+                self.scheduler.finish(seq, reason)
+                self._forget(seq.request_id)
+            events.append(TokenEvent(seq.request_id, token, reason))
+        stats.elapsed_ms = (time.perf_counter() - t0) * 1e3
+        self.last_step = stats
+        return events
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        if self.prefill_only:
+            return "prefilled"
+        if token in seq.eos_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.params.max_tokens:
+            return "length"
+        return None
+
+    def _forget(self, request_id: str) -> None:
+        self.seqs.pop(request_id, None)
+        self.samplers.pop(request_id, None)
+
+    # --- KV out -----------------------------------------------------------------------------------
+
+    def export_kv(self, request_id: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The KV of a sequence's computed tokens, token-major per layer, independent of block size."""
+        seq = self.seqs[request_id]
+        return self.runner.export_kv(request_id, seq.num_computed_tokens)
+
+    def release(self, request_id: str) -> None:
+        """Free a finished prefill_only sequence's blocks after its KV was exported."""
+        self.pool.free(request_id)
+        self._forget(request_id)
+
+    def is_running(self, request_id: str) -> bool:
+        seq = self.seqs.get(request_id)
+        return seq is not None and seq.status is Status.RUNNING

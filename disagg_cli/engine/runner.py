@@ -1,0 +1,120 @@
+"""The only place that calls the model: the paged KV storage and attention over it.
+
+Storage is one preallocated tensor pair per worker, `(layers, num_blocks * block_size, KV, hd)`,
+addressed by flat slot (block id × block_size + offset) as `kv/pool.py` assigns them. A step's
+tokens, from any mix of prefills, prefill chunks and decodes, run through the model as one flat
+batch; each layer writes its new K/V into their slots (`index_copy_`), then attends per sequence:
+- a fresh prompt (nothing cached before it) attends over its own new K/V, reading no cache;
+- a sequence whose blocks are consecutive reads its cache as a strided view, copying nothing;
+- only a fragmented sequence gathers its slots (`index_select`), and the runner counts those bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from disagg_cli.engine.scheduler import ScheduledSeq
+from disagg_cli.kv.pool import BlockPool
+from disagg_cli.model.kv_cache import causal_attention
+from disagg_cli.model.loader import LoadedModel
+
+
+@dataclass(frozen=True, slots=True)
+class _SeqView:
+    start: int  # first row in the flat batch
+    end: int
+    offset: int  # tokens cached before this step
+    cache_start: int | None  # first slot when the sequence's slots are consecutive
+    slot_ids: torch.Tensor | None  # all of its slots, when they are not
+
+
+class KVStorage:
+    def __init__(self, lm: LoadedModel, num_slots: int) -> None:
+        c = lm.config
+        shape = (c.num_layers, num_slots, c.num_kv_heads, c.head_dim)
+        self.keys = torch.zeros(shape, dtype=lm.dtype, device=lm.device)  # (layers, slots, KV, hd)
+        self.values = torch.zeros(shape, dtype=lm.dtype, device=lm.device)
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+class PagedAttention:
+    """The `Attention` of one step: stores new K/V in the pool, attends each sequence."""
+
+    def __init__(self, storage: KVStorage, slot_mapping: torch.Tensor, seqs: list[_SeqView]) -> None:
+        self.storage = storage
+        self.slot_mapping = slot_mapping
+        self.seqs = seqs
+        self.gathered_bytes = 0
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        keys, values = self.storage.keys[layer], self.storage.values[layer]
+        keys.index_copy_(0, self.slot_mapping, k)
+        values.index_copy_(0, self.slot_mapping, v)
+        if len(self.seqs) == 1 and self.seqs[0].offset == 0:
+            return causal_attention(q, k, v, 0)  # one fresh prompt: the whole batch is its own
+        out = torch.empty_like(q)
+        for s in self.seqs:
+            if s.offset == 0:
+                ks, vs = k[s.start : s.end], v[s.start : s.end]
+            elif s.cache_start is not None:
+                end = s.cache_start + s.offset + (s.end - s.start)
+                ks, vs = keys[s.cache_start : end], values[s.cache_start : end]
+            else:
+                assert s.slot_ids is not None
+                ks, vs = keys.index_select(0, s.slot_ids), values.index_select(0, s.slot_ids)
+                self.gathered_bytes += 2 * ks.numel() * ks.element_size()
+            out[s.start : s.end] = causal_attention(q[s.start : s.end], ks, vs, s.offset)
+        return out
+
+
+class ModelRunner:
+    def __init__(self, lm: LoadedModel, pool: BlockPool) -> None:
+        self.lm = lm
+        self.pool = pool
+        self.storage = KVStorage(lm, pool.num_blocks * pool.block_size)
+        self.gathered_bytes = 0  # KV copied by fragmented sequences since start
+
+    @torch.inference_mode()
+    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        """Run one step; return logits (S, V) float32 for the sequences that sample, in batch order."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        views: list[_SeqView] = []
+        sample_rows: list[int] = []
+        for item in batch:
+            seq, n = item.seq, item.num_new_tokens
+            start, done = len(ids), seq.num_computed_tokens
+            ids += seq.token_ids[done : done + n]
+            positions += range(done, done + n)
+            slots += self.pool.slots(seq.request_id, done, done + n)
+            cache_start = self.pool.contiguous_start(seq.request_id) if done else None
+            slot_ids = None
+            if done and cache_start is None:
+                slot_ids = torch.tensor(self.pool.slots(seq.request_id, 0, done + n), device=self.lm.device)
+            views.append(_SeqView(start, start + n, done, cache_start, slot_ids))
+            if item.samples:
+                sample_rows.append(start + n - 1)
+        device = self.lm.device
+        attn = PagedAttention(self.storage, torch.tensor(slots, device=device), views)
+        hidden = self.lm.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), attn)
+        self.gathered_bytes += attn.gathered_bytes
+        return self.lm.model.compute_logits(hidden[sample_rows])
+
+    def export_kv(self, request_id: str, num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A request's KV in the wire layout: per layer, K and V (num_tokens, KV, hd), contiguous copies."""
+        slots = torch.tensor(self.pool.slots(request_id, 0, num_tokens), device=self.lm.device)
+        return [(self.storage.keys[layer].index_select(0, slots), self.storage.values[layer].index_select(0, slots))
+                for layer in range(self.lm.config.num_layers)]
+
+    def import_kv_layer(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Place one layer of a request's KV (token-major, any dtype/device) into its reserved slots."""
+        slots = torch.tensor(self.pool.slots(request_id, 0, k.shape[0]), device=self.lm.device)
+        dtype = self.storage.keys.dtype
+        self.storage.keys[layer].index_copy_(0, slots, k.to(device=self.lm.device, dtype=dtype))
+        self.storage.values[layer].index_copy_(0, slots, v.to(device=self.lm.device, dtype=dtype))
