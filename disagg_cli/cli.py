@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from disagg_cli import ui
-from disagg_cli.config import DTYPES, RuntimeConfig, SamplingParams
+from disagg_cli.config import DTYPES, EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.errors import DisaggError, UsageError
 
 app = typer.Typer(
@@ -26,12 +26,20 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Named models: list, inspect, fetch.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+bench_app = typer.Typer(help="Benchmarks: engine speed, KV codecs.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A model name (see `disagg model list`), "
                                        "a .gguf file or a Hugging Face checkpoint folder.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help=f"Weights and KV dtype: {', '.join(DTYPES)}.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="Torch intra-op threads (default: torch's choice).")]
+BlockSizeOpt = Annotated[int, typer.Option(help="Tokens per KV block.")]
+KVTokensOpt = Annotated[int | None, typer.Option(help="KV pool size in tokens (default: sized by memory).")]
+KVMemoryOpt = Annotated[float, typer.Option(help="KV pool size in MiB when --kv-cache-tokens is not given.")]
+MaxSeqsOpt = Annotated[int, typer.Option(help="Most sequences decoding at once.")]
+MaxBatchedOpt = Annotated[int, typer.Option(help="Token budget of one engine step.")]
+ChunkedOpt = Annotated[bool, typer.Option(help="Split long prompts into chunks that share steps with decodes.")]
 
 
 def _cache_dir() -> Path:
@@ -58,6 +66,12 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap each prompt in the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message for --chat.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
+    block_size: BlockSizeOpt = 16,
+    kv_cache_tokens: KVTokensOpt = None,
+    kv_cache_memory_mb: KVMemoryOpt = 512.0,
+    max_num_seqs: MaxSeqsOpt = 32,
+    max_num_batched_tokens: MaxBatchedOpt = 2048,
+    chunked_prefill: ChunkedOpt = False,
 ) -> None:
     """Generate text for prompts, streaming it as it is produced."""
     from disagg_cli.generate import GenerateOptions, read_prompts, run_generate
@@ -68,6 +82,9 @@ def generate(
         runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads),
         sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos),
+        engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
+                            kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),
         chat=chat,
         system=system,
         json_output=json_output,

@@ -2,7 +2,8 @@
 
 1. gather prompts (arguments, a file, or stdin), optionally wrapped in the model's chat template;
 2. resolve and load the model (pulling a named one on first use);
-3. run each prompt, streaming text to stdout as it is produced, or collecting it for `--json`;
+3. run all prompts at once in the batched engine; stream the first unfinished one's text to stdout
+   as it is produced (later ones are held so outputs never interleave), or collect it for `--json`;
 4. print per-request timings (stderr, on a terminal) or one JSON object per prompt (stdout).
 """
 
@@ -15,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from disagg_cli import ui
-from disagg_cli.config import RuntimeConfig, SamplingParams
+from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.engine.request import RequestOutput
-from disagg_cli.engine.single import SingleProcessGenerator, check_context
+from disagg_cli.engine.engine import LLMEngine
+from disagg_cli.engine.single import check_context
 from disagg_cli.errors import UsageError
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.registry import resolve_model
@@ -30,6 +32,7 @@ class GenerateOptions:
     cache_dir: Path
     runtime: RuntimeConfig
     sampling: SamplingParams
+    engine: EngineConfig
     chat: bool = False
     system: str | None = None
     json_output: bool = False
@@ -95,20 +98,55 @@ def run_generate(prompts: list[str], opts: GenerateOptions) -> list[RequestOutpu
         ids = tokenizer.encode(render_prompt(tokenizer, prompt, opts.chat, opts.system))
         check_context(loaded, len(ids), opts.sampling.max_tokens)  # refuse before any work is done
         requests.append(RequestOutput(f"req-{i}", prompt, ids, opts.sampling, tokenizer))
-    generator = SingleProcessGenerator(loaded)
+    engine = LLMEngine(loaded, opts.engine)
+    by_id = {}
     for out in requests:
-        # Prompts run one after another here; time each from its own start, not from the queue.
+        engine.add_request(out.request_id, out.prompt_token_ids, opts.sampling, tokenizer.eos_token_ids)
         out.timings.arrival_s = time.perf_counter()
-        if opts.json_output:
-            generator.generate(out)
-            print(json.dumps(out.result(), ensure_ascii=False), flush=True)
-            continue
-        if len(requests) > 1:
-            ui.info(f"── {out.request_id}: {out.prompt[:70]!r}")
-        generator.generate(out, ui.stream_text)
-        ui.stream_text("\n")
-        ui.info(summary_line(out))
+        by_id[out.request_id] = out
+    printer = _OrderedPrinter(requests, opts.json_output)
+    while engine.has_unfinished():
+        for event in engine.step():
+            out = by_id[event.request_id]
+            printer.text(out, out.append(event.token_id))
+            if out.is_finished and event.finish_reason is None:
+                engine.abort(out.request_id)  # a stop string the engine cannot see
+        printer.flush()
     return requests
+
+
+class _OrderedPrinter:
+    """Prints requests in prompt order: the first unfinished one streams live, later ones are
+    held until it is done (on a terminal), so concurrent outputs never interleave."""
+
+    def __init__(self, requests: list[RequestOutput], json_output: bool) -> None:
+        self.pending = list(requests)
+        self.held: dict[str, list[str]] = {r.request_id: [] for r in requests}
+        self.json_output = json_output
+        self.multi = len(requests) > 1
+        self.header_done: set[str] = set()
+
+    def text(self, out: RequestOutput, text: str) -> None:
+        if text:
+            self.held[out.request_id].append(text)
+
+    def flush(self) -> None:
+        while self.pending:
+            head = self.pending[0]
+            if not self.json_output:
+                if self.multi and head.request_id not in self.header_done:
+                    ui.info(f"── {head.request_id}: {head.prompt[:70]!r}")
+                    self.header_done.add(head.request_id)
+                ui.stream_text("".join(self.held[head.request_id]))
+                self.held[head.request_id].clear()
+            if not head.is_finished:
+                return
+            self.pending.pop(0)
+            if self.json_output:
+                print(json.dumps(head.result(), ensure_ascii=False), flush=True)
+            else:
+                ui.stream_text("\n")
+                ui.info(summary_line(head))
 
 
 def summary_line(out: RequestOutput) -> str:
