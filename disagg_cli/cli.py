@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -94,13 +94,49 @@ def generate(
     run_generate(read_prompts(prompts or [], file), opts)
 
 
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers like 1,8,32, got {text!r}") from None
+
+
+@bench_app.command("engine")
+def bench_engine(
+    model: ModelOpt = "smollm2-135m-instruct",
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    prompt_lens: Annotated[str, typer.Option(help="Prefill points: prompt lengths in tokens.")] = "128,512,2048",
+    batch_sizes: Annotated[str, typer.Option(help="Decode points: sequences decoding at once.")] = "1,8,32",
+    decode_context: Annotated[int, typer.Option(help="Prompt tokens of each decoding sequence.")] = 128,
+    decode_tokens: Annotated[int, typer.Option(help="Timed decode steps per decode point.")] = 32,
+    reps: Annotated[int, typer.Option(help="Runs per point; the median is reported.")] = 2,
+    baseline: Annotated[bool, typer.Option(help="Also measure plain transformers on the same file.")] = True,
+    block_size: BlockSizeOpt = 16,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Prefill and decode tokens/s of the engine (llama-bench style), beside plain transformers."""
+    from disagg_cli.bench.engine import EngineBenchOptions, print_table, run_engine_bench
+
+    opts = EngineBenchOptions(
+        model=model, cache_dir=_cache_dir(), runtime=RuntimeConfig(dtype=dtype, threads=threads),
+        block_size=block_size, prompt_lens=_int_list("--prompt-lens", prompt_lens),
+        batch_sizes=_int_list("--batch-sizes", batch_sizes), decode_context=decode_context,
+        decode_tokens=decode_tokens, reps=reps, baseline=baseline, json_output=json_output)
+    result = run_engine_bench(opts)
+    if json_output:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+
+
 @model_app.command("list")
 def model_list(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Named models and whether they are in the local cache."""
     from disagg_cli.model.registry import REGISTRY, cached_path, is_cached
 
     cache = _cache_dir()
-    rows = [{"name": e.name, "cached": is_cached(e, cache), "size_bytes": e.size_bytes,
+    rows: list[dict[str, Any]] = [{"name": e.name, "cached": is_cached(e, cache), "size_bytes": e.size_bytes,
              "path": str(cached_path(e, cache)), "source": f"pypi:{e.pypi_package}=={e.pypi_version}",
              "description": e.description} for e in REGISTRY.values()]
     if json_output:

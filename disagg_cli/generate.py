@@ -17,8 +17,8 @@ from pathlib import Path
 
 from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
-from disagg_cli.engine.request import RequestOutput
 from disagg_cli.engine.engine import LLMEngine
+from disagg_cli.engine.request import RequestOutput
 from disagg_cli.engine.single import check_context
 from disagg_cli.errors import UsageError
 from disagg_cli.model.loader import LoadedModel, load_model

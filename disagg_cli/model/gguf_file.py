@@ -85,7 +85,7 @@ def read_gguf(path: Path) -> GGUFFile:
     import gguf  # for the block sizes of quantized types
 
     raw = np.memmap(path, dtype=np.uint8, mode="r")
-    cur = _Cursor(memoryview(raw), path)
+    cur = _Cursor(memoryview(raw.data), path)
     if len(raw) < 24 or bytes(raw[:4]) != b"GGUF":
         raise ModelFormatError(f"{path} is not a GGUF file (starts with {bytes(raw[:4])!r})")
     cur.pos = 4

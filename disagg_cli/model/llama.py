@@ -51,6 +51,7 @@ class RotaryEmbedding(nn.Module):
         if config.rope_freq_factors is not None:
             inv_freq = inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float32)
         # Not a parameter: computed from the config, so it stays out of the state dict.
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

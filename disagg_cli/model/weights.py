@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,15 +120,15 @@ def _hf_name(path: Path, name: str) -> str:
 
 def _gguf_config(path: Path, arch: str, meta: dict, state: dict[str, torch.Tensor],
                  rope_freqs: np.ndarray | None) -> ModelConfig:
-    def get(key: str, default: object = None) -> object:
+    def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
         if value is None:
             raise ModelFormatError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return value
 
-    hidden = int(get("embedding_length"))  # type: ignore[arg-type]
-    heads = int(get("attention.head_count"))  # type: ignore[arg-type]
-    head_dim = int(get("attention.key_length", hidden // heads))  # type: ignore[arg-type]
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // heads))
     factors: tuple[float, ...] | None = None
     if rope_freqs is not None:
         factors = tuple(float(x) for x in rope_freqs.reshape(-1))
@@ -138,14 +139,14 @@ def _gguf_config(path: Path, arch: str, meta: dict, state: dict[str, torch.Tenso
         architecture=arch,
         vocab_size=int(embed.shape[0]),
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),  # type: ignore[arg-type]
-        num_layers=int(get("block_count")),  # type: ignore[arg-type]
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
         num_heads=heads,
-        num_kv_heads=int(get("attention.head_count_kv", heads)),  # type: ignore[arg-type]
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
         head_dim=head_dim,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),  # type: ignore[arg-type]
-        rope_theta=float(get("rope.freq_base", 10000.0)),  # type: ignore[arg-type]
-        max_position_embeddings=int(get("context_length")),  # type: ignore[arg-type]
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        max_position_embeddings=int(get("context_length")),
         tie_word_embeddings="lm_head.weight" not in state,
         attention_bias="model.layers.0.self_attn.q_proj.bias" in state,
         rope_freq_factors=factors,
