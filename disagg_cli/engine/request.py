@@ -53,6 +53,10 @@ class RequestOutput:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.timings = Timings()
+        # What the live table and --json show beyond text: where it is, who served it, its KV.
+        self.state = "queued"
+        self.workers: dict[str, str] = {}  # role → worker address
+        self.kv: dict[str, float] = {}  # raw_bytes, wire_bytes, transfer_ms, hidden_ms, …
         self._eos_ids = frozenset() if params.ignore_eos else tokenizer.eos_token_ids
         self._detok = IncrementalDetokenizer(tokenizer)
         self._emitted = 0  # how much of self.text the caller has been given
@@ -86,6 +90,7 @@ class RequestOutput:
         """End the request without an answer (abort, timeout, dead worker); sticky."""
         if self.finish_reason is None:
             self.finish_reason = reason
+            self.state = "failed"
             self.error = message
             self.timings.finish_s = time.perf_counter()
 
@@ -99,6 +104,7 @@ class RequestOutput:
 
     def _finish(self, reason: str, now: float) -> str:
         self.finish_reason = reason
+        self.state = "done"
         self.timings.finish_s = now
         return self._take(len(self.text))
 
@@ -130,6 +136,8 @@ class RequestOutput:
             "tokens_per_s": _round(n / e2e * 1e3) if e2e else None,
             "decode_tokens_per_s": _round(1e3 / tpot) if tpot else None,
             "stages_ms": {k: _round(v) for k, v in t.stages_ms.items()},
+            "kv": {k: _round(v) for k, v in self.kv.items()},
+            "workers": self.workers,
         }
 
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
+from disagg_cli.config import SamplingParams
 from disagg_cli.errors import DisaggError
 from disagg_cli.kv.schema import SchemaError, frames_field, from_wire, has_frames, to_wire
 
@@ -30,11 +31,11 @@ PROTOCOL_VERSION = 1
 DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Defaults sized for KV of small and medium models; a receiver may pass tighter ones.
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 1024 * 1024  # room for a prompt's token ids
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 MAX_RAW_BYTES = 1024 * 1024 * 1024
 MAX_FRAMES = 64
-_MAX_ARRAY_LEN = 1024
+_MAX_ARRAY_LEN = 1 << 17
 _MAX_MAP_LEN = 256
 
 REASONS = frozenset(
@@ -139,9 +140,9 @@ class Hello(Message):
     """First message on every connection: who I am and what KV I hold."""
 
     protocol_version: int
-    role: str
-    model_fingerprint: str
-    kv_layout: KVLayout
+    role: str  # "coordinator", "prefill", "decode", "colocated"
+    model_fingerprint: str  # "" from a coordinator, which holds no weights
+    kv_layout: KVLayout | None = None
     capacity: dict[str, int] = field(default_factory=dict)
 
 
@@ -209,6 +210,97 @@ class Heartbeat(Message):
 
     seq: int
     stats: dict[str, int | float] = field(default_factory=dict)
+
+
+# --- serving: the life of one disaggregated request ------------------------------------------
+#
+# Every worker binds one ROUTER socket; coordinators and prefill workers connect DEALERs to it and
+# say `Hello` first. Then, per request:
+# 1. coordinator → decode worker: `Reserve` (prompt, sampling). The decode worker sets blocks aside
+#    for the prompt's KV, or queues the reservation until blocks free up, then answers `Reserved`.
+# 2. coordinator → prefill worker: `Prefill` (prompt, sampling, the decode worker's address).
+#    The prefill worker batches prompts; as each layer is computed it sends `KVLayers` straight to
+#    the decode worker; then `FirstToken` to the coordinator (the user's TTFT) and `KVDone` (first
+#    token, sampler state, timings) to the decode worker.
+# 3. decode worker: places each layer into the reserved blocks, joins the request to its running
+#    batch on `KVDone`, and streams `Tokens` to the coordinator until EOS or max_tokens.
+# 4. coordinator → any worker: `Abort` (a stop string, Ctrl-C, a client gone) frees the request's
+#    blocks there. Any side may answer `Error` with a reason code instead.
+# Colocated workers take `Generate` and answer `FirstToken` then `Tokens`, all in one process.
+
+
+@_message("reserve")
+@dataclass(frozen=True, slots=True)
+class Reserve(Message):
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    eos_ids: tuple[int, ...] = ()
+
+
+@_message("reserved")
+@dataclass(frozen=True, slots=True)
+class Reserved(Message):
+    request_id: str
+    num_blocks: int
+    queued_ms: float  # how long the reservation waited for free blocks
+
+
+@_message("prefill")
+@dataclass(frozen=True, slots=True)
+class Prefill(Message):
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    decode_addr: str  # where to stream the KV (the decode worker's ROUTER)
+
+
+@_message("generate")
+@dataclass(frozen=True, slots=True)
+class Generate(Message):
+    """Both phases in one (colocated) worker."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    eos_ids: tuple[int, ...] = ()
+
+
+@_message("first_token")
+@dataclass(frozen=True, slots=True)
+class FirstToken(Message):
+    request_id: str
+    token_id: int
+    stats: dict[str, float] = field(default_factory=dict)  # queue_ms, prefill_ms, batch_size, …
+
+
+@_message("kv_done")
+@dataclass(frozen=True, slots=True)
+class KVDone(Message):
+    """Sent after the last `KVLayers` of a request (same connection, so it arrives after them)."""
+
+    request_id: str
+    first_token: int
+    num_tokens: int
+    num_layers: int
+    sampler_state: bytes | None = None  # the sampler's RNG state after drawing the first token
+    stats: dict[str, float] = field(default_factory=dict)  # prefill_end_unix_s, kv_encode_ms, bytes
+
+
+@_message("tokens")
+@dataclass(frozen=True, slots=True)
+class Tokens(Message):
+    request_id: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@_message("abort")
+@dataclass(frozen=True, slots=True)
+class Abort(Message):
+    request_id: str
+    reason: str = "abort"
 
 
 def _bad(message: str, request_id: str | None = None) -> typing.NoReturn:
@@ -282,6 +374,8 @@ def decode_message(
         _bad(str(e), rid)
     except WireError as e:  # from a __post_init__ check; name the request
         raise WireError(e.reason, e.detail, rid) from None
+    except DisaggError as e:  # a nested config refusing its values (e.g. SamplingParams)
+        _bad(str(e), rid)
     kv = getattr(msg, "kv", None)
     if isinstance(kv, KVMeta) and kv.raw_bytes > max_raw_bytes:
         raise WireError("oversized", f"KV of {kv.raw_bytes} raw bytes, limit {max_raw_bytes}", rid)
