@@ -130,6 +130,93 @@ def bench_engine(
         print_table(result)
 
 
+HostOpt = Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the worker off the network.")]
+AdvertiseOpt = Annotated[str | None, typer.Option(help="Host peers should use to reach this worker.")]
+
+
+def _serve(role: str, host: str, port: int, model: str, device: str, dtype: str, threads: int | None,
+           block_size: int, kv_cache_tokens: int | None, kv_cache_memory_mb: float, max_num_seqs: int,
+           max_num_batched_tokens: int, chunked_prefill: bool, kv_codec: str, link_gbps: float | None,
+           advertise_host: str | None) -> None:
+    from disagg_cli.workers.worker import WorkerConfig, serve_worker
+
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be in 1..65535, got {port}")
+    if link_gbps is not None and link_gbps <= 0:
+        raise UsageError(f"--link-gbps must be positive, got {link_gbps}")
+    config = WorkerConfig(
+        role=role, model=model, host=host, port=port,
+        runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads),
+        engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
+                            kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),
+        kv_codec=kv_codec, link_gbps=link_gbps, advertise_host=advertise_host)
+    raise typer.Exit(serve_worker(config, _cache_dir()))
+
+
+@app.command("prefill-worker")
+def prefill_worker(
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 7100,
+    host: HostOpt = "127.0.0.1",
+    model: ModelOpt = "smollm2-135m-instruct",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    kv_codec: Annotated[str, typer.Option(help="none, lz4, shuffle-lz4, int8, int4 or auto.")] = "auto",
+    link_gbps: Annotated[float | None, typer.Option(help="Link speed to decode workers, for --kv-codec auto.")] = None,
+    block_size: BlockSizeOpt = 16,
+    kv_cache_tokens: KVTokensOpt = None,
+    kv_cache_memory_mb: KVMemoryOpt = 256.0,
+    max_num_seqs: MaxSeqsOpt = 32,
+    max_num_batched_tokens: MaxBatchedOpt = 2048,
+    advertise_host: AdvertiseOpt = None,
+) -> None:
+    """Serve prefill: prompts in, KV streamed layer by layer to decode workers."""
+    _serve("prefill", host, port, model, device, dtype, threads, block_size, kv_cache_tokens, kv_cache_memory_mb,
+           max_num_seqs, max_num_batched_tokens, False, kv_codec, link_gbps, advertise_host)
+
+
+@app.command("decode-worker")
+def decode_worker(
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 7200,
+    host: HostOpt = "127.0.0.1",
+    model: ModelOpt = "smollm2-135m-instruct",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    block_size: BlockSizeOpt = 16,
+    kv_cache_tokens: KVTokensOpt = None,
+    kv_cache_memory_mb: KVMemoryOpt = 512.0,
+    max_num_seqs: MaxSeqsOpt = 32,
+    max_num_batched_tokens: MaxBatchedOpt = 2048,
+    advertise_host: AdvertiseOpt = None,
+) -> None:
+    """Serve decode: KV caches in, tokens streamed to coordinators."""
+    _serve("decode", host, port, model, device, dtype, threads, block_size, kv_cache_tokens, kv_cache_memory_mb,
+           max_num_seqs, max_num_batched_tokens, False, "none", None, advertise_host)
+
+
+@app.command("colocated-worker")
+def colocated_worker(
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 7300,
+    host: HostOpt = "127.0.0.1",
+    model: ModelOpt = "smollm2-135m-instruct",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    block_size: BlockSizeOpt = 16,
+    kv_cache_tokens: KVTokensOpt = None,
+    kv_cache_memory_mb: KVMemoryOpt = 512.0,
+    max_num_seqs: MaxSeqsOpt = 32,
+    max_num_batched_tokens: MaxBatchedOpt = 2048,
+    chunked_prefill: ChunkedOpt = False,
+    advertise_host: AdvertiseOpt = None,
+) -> None:
+    """Serve both phases in one process: the baseline disaggregation is compared against."""
+    _serve("colocated", host, port, model, device, dtype, threads, block_size, kv_cache_tokens,
+           kv_cache_memory_mb, max_num_seqs, max_num_batched_tokens, chunked_prefill, "none", None, advertise_host)
+
+
 @model_app.command("list")
 def model_list(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Named models and whether they are in the local cache."""
@@ -179,6 +266,28 @@ def model_info(
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
+
+
+@bench_app.command("codec")
+def bench_codec(
+    model: ModelOpt = "smollm2-135m-instruct",
+    dtype: DtypeOpt = "bfloat16",
+    threads: ThreadsOpt = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Length of the prompt whose KV is measured.")] = 1024,
+    agreement_tokens: Annotated[int, typer.Option(help="Greedy tokens compared for lossy codecs.")] = 64,
+    link_gbps: Annotated[float | None, typer.Option(help="Pace the link to this many Gbit/s "
+                                                    "(default: loopback speed).")] = None,
+    codecs: Annotated[str, typer.Option(help="Comma-separated codecs (default: all).")] = "",
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Measure every KV codec on real KV: size, speed, error, token agreement, time over a real link."""
+    from disagg_cli.bench.codec import CodecBenchOptions, run
+    from disagg_cli.kv.codec import CODEC_NAMES
+
+    names = tuple(c.strip() for c in codecs.split(",") if c.strip()) or CODEC_NAMES
+    run(CodecBenchOptions(model=model, cache_dir=_cache_dir(), runtime=RuntimeConfig(dtype=dtype, threads=threads),
+                          prompt_tokens=prompt_tokens, agreement_tokens=agreement_tokens, link_gbps=link_gbps,
+                          codecs=names, json_output=json_output))
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from disagg_cli.config import EngineConfig, SamplingParams
-from disagg_cli.engine.runner import ModelRunner
+from disagg_cli.engine.runner import LayerHook, ModelRunner
 from disagg_cli.engine.scheduler import Scheduler, Sequence, Status
 from disagg_cli.kv.pool import BlockPool
 from disagg_cli.model.loader import LoadedModel
@@ -114,13 +114,13 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def step(self) -> list[TokenEvent]:
+    def step(self, on_layer: LayerHook | None = None) -> list[TokenEvent]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.scheduled:
             self.last_step = StepStats(num_preempted=len(out.preempted))
             return []
-        logits = self.runner.execute(out.scheduled)
+        logits = self.runner.execute(out.scheduled, on_layer)
         events: list[TokenEvent] = []
         row = 0
         stats = StepStats(num_preempted=len(out.preempted))

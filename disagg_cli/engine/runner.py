@@ -11,6 +11,7 @@ batch; each layer writes its new K/V into their slots (`index_copy_`), then atte
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,14 @@ from disagg_cli.model.kv_cache import causal_attention
 from disagg_cli.model.loader import LoadedModel
 
 
+# Called once per layer with the step's fresh K/V of each prompt that starts in this step:
+# (layer, [(request_id, k (T, KV, hd), v (T, KV, hd)), …]). The prefill role streams them out.
+LayerHook = Callable[[int, list[tuple[str, torch.Tensor, torch.Tensor]]], None]
+
+
 @dataclass(frozen=True, slots=True)
 class _SeqView:
+    request_id: str
     start: int  # first row in the flat batch
     end: int
     offset: int  # tokens cached before this step
@@ -45,16 +52,21 @@ class KVStorage:
 class PagedAttention:
     """The `Attention` of one step: stores new K/V in the pool, attends each sequence."""
 
-    def __init__(self, storage: KVStorage, slot_mapping: torch.Tensor, seqs: list[_SeqView]) -> None:
+    def __init__(self, storage: KVStorage, slot_mapping: torch.Tensor, seqs: list[_SeqView],
+                 on_layer: LayerHook | None = None) -> None:
         self.storage = storage
         self.slot_mapping = slot_mapping
         self.seqs = seqs
+        self.on_layer = on_layer
         self.gathered_bytes = 0
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.storage.keys[layer], self.storage.values[layer]
         keys.index_copy_(0, self.slot_mapping, k)
         values.index_copy_(0, self.slot_mapping, v)
+        if self.on_layer is not None:  # views into this step's fresh K/V, no copy
+            self.on_layer(layer, [(s.request_id, k[s.start : s.end], v[s.start : s.end])
+                                  for s in self.seqs if s.offset == 0])
         if len(self.seqs) == 1 and self.seqs[0].offset == 0:
             return causal_attention(q, k, v, 0)  # one fresh prompt: the whole batch is its own
         out = torch.empty_like(q)
@@ -80,7 +92,7 @@ class ModelRunner:
         self.gathered_bytes = 0  # KV copied by fragmented sequences since start
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+    def execute(self, batch: list[ScheduledSeq], on_layer: LayerHook | None = None) -> torch.Tensor:
         """Run one step; return logits (S, V) float32 for the sequences that sample, in batch order."""
         ids: list[int] = []
         positions: list[int] = []
@@ -97,11 +109,11 @@ class ModelRunner:
             slot_ids = None
             if done and cache_start is None:
                 slot_ids = torch.tensor(self.pool.slots(seq.request_id, 0, done + n), device=self.lm.device)
-            views.append(_SeqView(start, start + n, done, cache_start, slot_ids))
+            views.append(_SeqView(seq.request_id, start, start + n, done, cache_start, slot_ids))
             if item.samples:
                 sample_rows.append(start + n - 1)
         device = self.lm.device
-        attn = PagedAttention(self.storage, torch.tensor(slots, device=device), views)
+        attn = PagedAttention(self.storage, torch.tensor(slots, device=device), views, on_layer)
         hidden = self.lm.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), attn)
         self.gathered_bytes += attn.gathered_bytes
         return self.lm.model.compute_logits(hidden[sample_rows])

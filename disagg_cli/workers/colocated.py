@@ -1,0 +1,70 @@
+"""`disagg colocated-worker`: both phases in one process, the baseline disaggregation is measured
+against. The same engine interleaves prefills and decodes in one loop (chunked prefill optional).
+
+Life of a request here: `Generate` → waits for a batch slot → prefilled (possibly in chunks that
+share steps with running decodes) → `FirstToken` → one `Tokens` per step until EOS or max_tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from disagg_cli.engine.engine import TokenEvent
+from disagg_cli.kv.wire import Error, FirstToken, Generate, Tokens
+from disagg_cli.workers.base import Dest
+from disagg_cli.workers.worker import Worker
+
+
+class ColocatedWorker(Worker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.arrival_s: dict[str, float] = {}
+        self.started: set[str] = set()
+
+    def handle(self, dest: Dest, item: Any) -> None:
+        if not isinstance(item, Generate):
+            self.io.send(dest, Error(getattr(item, "request_id", None), "unexpected",
+                                     f"a colocated worker does not take {item.kind}"))
+            return
+        rid = item.request_id
+        if rid in self.owners:
+            self.io.send(dest, Error(rid, "duplicate", f"request {rid} is already running here"))
+            return
+        try:
+            self.engine.add_request(rid, list(item.prompt_ids), item.sampling, frozenset(item.eos_ids))
+        except ValueError as e:
+            self.io.send(dest, Error(rid, "rejected", str(e)))
+            return
+        self.owners[rid] = dest
+        self.arrival_s[rid] = time.perf_counter()
+
+    def step(self) -> list[TokenEvent]:
+        self._step_start = time.perf_counter()
+        return self.engine.step()
+
+    def on_events(self, events: list[TokenEvent]) -> None:
+        now = time.perf_counter()
+        for ev in events:
+            rid = ev.request_id
+            owner = self.owners.get(rid)
+            if owner is None:
+                continue
+            if rid not in self.started:
+                self.started.add(rid)
+                arrival = self.arrival_s.pop(rid, self._step_start)
+                self.io.send(owner, FirstToken(rid, ev.token_id, {
+                    "queue_ms": max(0.0, self._step_start - arrival) * 1e3,
+                    "prefill_ms": (now - max(arrival, self._step_start)) * 1e3}))
+                if ev.finish_reason is not None:
+                    self.io.send(owner, Tokens(rid, (), ev.finish_reason))
+            else:
+                self.io.send(owner, Tokens(rid, (ev.token_id,), ev.finish_reason))
+            if ev.finish_reason is not None:
+                self.owners.pop(rid, None)
+                self.started.discard(rid)
+
+    def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
+        self.started.discard(request_id)
+        self.arrival_s.pop(request_id, None)
+        super().abort(request_id, notify, reason, message)

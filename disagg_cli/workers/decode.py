@@ -1,0 +1,190 @@
+"""`disagg decode-worker`: receives KV caches and generates tokens from them.
+
+Life of a request here:
+1. `Reserve` (prompt, sampling) from a coordinator: blocks for the prompt's KV are set aside at
+   once, or the reservation waits in FIFO order until finished requests free enough (backpressure;
+   the pool never over-commits); `Reserved` answers when they are;
+2. `KVLayers` from the prefill worker: decoded on the I/O thread (checksum, decompression), cast to
+   this worker's dtype and placed into the reserved blocks by the engine thread, layer by layer;
+3. `KVDone`: every layer must have arrived; the request joins the running batch (continuous
+   batching) with the prefill's first token and sampler state;
+4. each engine step streams `Tokens` to the coordinator until EOS or max_tokens; `Abort` at any
+   point frees the blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from disagg_cli.config import SamplingParams
+from disagg_cli.engine.engine import TokenEvent
+from disagg_cli.kv.transfer import decode_kv_layers
+from disagg_cli.kv.wire import Error, KVDone, KVLayers, Message, Reserve, Reserved, Tokens
+from disagg_cli.workers.base import Dest, log
+from disagg_cli.workers.worker import Worker
+
+
+@dataclass
+class _Incoming:
+    owner: Dest
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    eos_ids: frozenset[int]
+    asked_s: float
+    layers: set[int] = field(default_factory=set)
+    first_arrival_s: float | None = None
+    last_arrival_s: float | None = None
+    decode_ms: float = 0.0
+    prefill_stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodedKV:
+    request_id: str
+    layer_start: int
+    k: torch.Tensor  # (layers, T, KV, hd)
+    v: torch.Tensor
+    arrival_s: float
+    decode_ms: float
+
+
+class DecodeWorker(Worker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queued: deque[tuple[str, _Incoming]] = deque()  # reservations waiting for blocks
+        self.incoming: dict[str, _Incoming] = {}  # reserved, KV on its way
+        self.first_stats: dict[str, dict[str, float]] = {}  # sent with a request's first Tokens
+        self._step_start_unix = 0.0
+
+    # --- the I/O thread ----------------------------------------------------------------------------
+
+    def preprocess(self, dest: Dest, msg: Message) -> Any:
+        if not isinstance(msg, KVLayers):
+            return msg
+        arrival = time.perf_counter()
+        k, v = decode_kv_layers(msg)  # raises WireError (bad checksum, …) naming the request
+        return _DecodedKV(msg.request_id, msg.layer_start, k, v, arrival, (time.perf_counter() - arrival) * 1e3)
+
+    # --- the engine thread ---------------------------------------------------------------------------
+
+    def handle(self, dest: Dest, item: Any) -> None:
+        if isinstance(item, Reserve):
+            self._reserve(dest, item)
+        elif isinstance(item, _DecodedKV):
+            self._place(item)
+        elif isinstance(item, KVDone):
+            self._join(item)
+        elif isinstance(item, Error):
+            log("decode", f"peer error: {item.reason}: {item.message}")
+            if item.request_id is not None and item.request_id in self.incoming:
+                self.abort(item.request_id, notify=True, reason=item.reason, message=item.message)
+        else:
+            self.io.send(dest, Error(getattr(item, "request_id", None), "unexpected",
+                                     f"a decode worker does not take {item.kind}"))
+
+    def _reserve(self, dest: Dest, msg: Reserve) -> None:
+        rid = msg.request_id
+        if rid in self.incoming or rid in self.engine.seqs or any(r == rid for r, _ in self.queued):
+            self.io.send(dest, Error(rid, "duplicate", f"request {rid} is already reserved here"))
+            return
+        limit = self.engine.pool.num_blocks * self.engine.pool.block_size
+        if len(msg.prompt_ids) + msg.sampling.max_tokens > limit:
+            self.io.send(dest, Error(rid, "rejected", f"request {rid} needs {len(msg.prompt_ids)} + "
+                                                      f"{msg.sampling.max_tokens} tokens of KV; this pool holds {limit}"))
+            return
+        self.owners[rid] = dest
+        self.queued.append((rid, _Incoming(dest, list(msg.prompt_ids), msg.sampling, frozenset(msg.eos_ids),
+                                           time.perf_counter())))
+        self._admit_reservations()
+
+    def _admit_reservations(self) -> None:
+        # FIFO: a large reservation at the head is not overtaken, so it cannot starve.
+        while self.queued:
+            rid, inc = self.queued[0]
+            if not self.engine.reserve_imported(rid, len(inc.prompt_ids)):
+                return
+            self.queued.popleft()
+            self.incoming[rid] = inc
+            queued_ms = (time.perf_counter() - inc.asked_s) * 1e3
+            self.io.send(inc.owner, Reserved(rid, len(self.engine.pool.tables[rid].block_ids), queued_ms))
+
+    def _place(self, kv: _DecodedKV) -> None:
+        inc = self.incoming.get(kv.request_id)
+        if inc is None:
+            return  # aborted, or never reserved here: nothing to place it in
+        n = kv.k.shape[1]
+        if n != len(inc.prompt_ids):
+            self.abort(kv.request_id, notify=True, reason="bad-field",
+                       message=f"KV of {n} tokens for a prompt of {len(inc.prompt_ids)}")
+            return
+        t0 = time.perf_counter()
+        for i in range(kv.k.shape[0]):
+            self.engine.import_kv_layer(kv.request_id, kv.layer_start + i, kv.k[i], kv.v[i])
+            inc.layers.add(kv.layer_start + i)
+        inc.decode_ms += kv.decode_ms + (time.perf_counter() - t0) * 1e3
+        inc.first_arrival_s = inc.first_arrival_s or kv.arrival_s
+        inc.last_arrival_s = kv.arrival_s
+
+    def _join(self, done: KVDone) -> None:
+        rid = done.request_id
+        inc = self.incoming.pop(rid, None)
+        if inc is None:
+            return
+        num_layers = self.lm.config.num_layers
+        if len(inc.layers) != num_layers or done.num_tokens != len(inc.prompt_ids):
+            missing = sorted(set(range(num_layers)) - inc.layers)
+            self.incoming[rid] = inc  # so abort below finds and frees it
+            self.abort(rid, notify=True, reason="truncated", message=f"KV of layers {missing[:5]} never arrived")
+            self.incoming.pop(rid, None)
+            return
+        event = self.engine.add_imported(rid, inc.prompt_ids, done.first_token, inc.sampling, eos_ids=inc.eos_ids)
+        sampler = self.engine.samplers.get(rid)
+        if done.sampler_state and sampler is not None and sampler.generator is not None:
+            state = torch.from_numpy(np.frombuffer(done.sampler_state, dtype=np.uint8).copy())
+            sampler.generator.set_state(state)
+        first, last = inc.first_arrival_s or time.perf_counter(), inc.last_arrival_s or time.perf_counter()
+        self.first_stats[rid] = {
+            **done.stats,
+            "kv_transfer_ms": (last - first) * 1e3,
+            "kv_decode_ms": inc.decode_ms,
+            "reserve_to_kv_done_ms": (time.perf_counter() - inc.asked_s) * 1e3,
+        }
+        if event is not None:  # the first token already ended it (EOS, max_tokens 1)
+            self._step_start_unix = time.time()
+            self._send_tokens(rid, (), event.finish_reason)
+
+    def step(self) -> list[TokenEvent]:
+        self._step_start_unix = time.time()
+        return self.engine.step()
+
+    def on_events(self, events: list[TokenEvent]) -> None:
+        for ev in events:
+            self._send_tokens(ev.request_id, (ev.token_id,), ev.finish_reason)
+        self._admit_reservations()  # finished requests may have freed blocks
+
+    def _send_tokens(self, rid: str, tokens: tuple[int, ...], finish_reason: str | None) -> None:
+        owner = self.owners.get(rid)
+        if owner is None:
+            return
+        stats = self.first_stats.pop(rid, {})
+        if stats and "prefill_end_unix_s" in stats:
+            stats["handoff_ms"] = (self._step_start_unix - stats["prefill_end_unix_s"]) * 1e3
+        self.io.send(owner, Tokens(rid, tokens, finish_reason, stats))
+        if finish_reason is not None:
+            self.owners.pop(rid, None)
+
+    def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
+        self.incoming.pop(request_id, None)
+        self.first_stats.pop(request_id, None)
+        self.queued = deque((r, i) for r, i in self.queued if r != request_id)
+        super().abort(request_id, notify, reason, message)
+        self._admit_reservations()
+
+    def extra_stats(self) -> dict[str, int | float]:
+        return {"queued_reservations": len(self.queued), "incoming": len(self.incoming)}

@@ -1,0 +1,171 @@
+"""`disagg prefill-worker`: turns prompts into KV caches and streams them to decode workers.
+
+Life of a request here:
+1. `Prefill` arrives (prompt ids, sampling, the decode worker's address); it waits in the engine
+   with other prompts, which are batched up to the token budget;
+2. during the step's forward pass, as each layer's K/V is computed, the engine hands it to the
+   I/O thread, which encodes it (`--kv-codec`) and sends it straight to the decode worker while the
+   engine computes the next layer;
+3. after the step: `FirstToken` to the coordinator (its TTFT), then `KVDone` (first token, sampler
+   state, timings) to the decode worker; the request's blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from disagg_cli.engine.engine import TokenEvent
+from disagg_cli.kv.codec import KVCodec, get_codec
+from disagg_cli.kv.wire import Error, FirstToken, KVDone, KVLayers, Message, Prefill
+from disagg_cli.workers.base import Dest, log
+from disagg_cli.workers.worker import Worker, WorkerConfig
+
+
+@dataclass
+class _Pending:
+    owner: Dest
+    decode_addr: str
+    arrival_s: float
+    num_tokens: int
+    # Filled on the I/O thread as layers are encoded and sent:
+    encode_ms: float = 0.0
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    first_send_unix_s: float | None = None
+    last_send_unix_s: float | None = None
+    layers_sent: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _EncodeLayer:
+    request_id: str
+    layer: int
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    request_id: str
+    first_token: int
+    sampler_state: bytes | None
+    prefill_end_unix_s: float
+
+
+class PrefillWorker(Worker):
+    prefill_only = True
+
+    def __init__(self, config: WorkerConfig, cache_dir: Any) -> None:
+        super().__init__(config, cache_dir)
+        link = None if config.link_gbps is None else config.link_gbps * 1e9 / 8
+        self.codecs: dict[str, KVCodec] = {}  # one per decode worker: `auto` keeps per-link state
+        self._codec_factory = lambda: get_codec(config.kv_codec, link_bytes_per_s=link)
+        get_codec(config.kv_codec)  # refuse an unknown name at start, not on the first request
+        self.pending: dict[str, _Pending] = {}
+
+    def handle(self, dest: Dest, item: Any) -> None:
+        if isinstance(item, Prefill):
+            rid = item.request_id
+            if rid in self.pending:
+                self.io.send(dest, Error(rid, "duplicate", f"request {rid} is already being prefilled here"))
+                return
+            try:
+                self.engine.add_request(rid, list(item.prompt_ids), item.sampling)
+            except ValueError as e:  # larger than the pool, empty prompt
+                self.io.send(dest, Error(rid, "rejected", str(e)))
+                return
+            self.owners[rid] = dest
+            self.pending[rid] = _Pending(dest, item.decode_addr, time.perf_counter(), len(item.prompt_ids))
+        elif isinstance(item, Error):
+            log("prefill", f"peer error: {item.reason}: {item.message}")
+            if item.request_id in self.pending:
+                self.abort(item.request_id, notify=True, reason=item.reason, message=item.message)
+        else:
+            self.io.send(dest, Error(getattr(item, "request_id", None), "unexpected",
+                                     f"a prefill worker does not take {item.kind}"))
+
+    def step(self) -> list[TokenEvent]:
+        self._fail_refused()
+        t0 = time.perf_counter()
+        waiting = {s.request_id for s in self.engine.scheduler.waiting}
+        events = self.engine.step(on_layer=self._on_layer)
+        self._step_stats = {"prefill_ms": (time.perf_counter() - t0) * 1e3, "step_start": t0,
+                            "batch_size": float(len(events)), "was_waiting": float(len(waiting))}
+        return events
+
+    def _on_layer(self, layer: int, fresh: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
+        for rid, k, v in fresh:
+            p = self.pending.get(rid)
+            if p is not None:  # KV leaves the engine thread as views; the I/O thread encodes it
+                self.io.send(("peer", p.decode_addr), _EncodeLayer(rid, layer, k.to("cpu"), v.to("cpu")))
+
+    def on_events(self, events: list[TokenEvent]) -> None:
+        end_unix = time.time()
+        stats = self._step_stats
+        for ev in events:
+            rid = ev.request_id
+            p = self.pending.get(rid)
+            if p is None:
+                continue
+            sampler = self.engine.samplers.get(rid)
+            state = None
+            if sampler is not None and sampler.generator is not None:
+                state = bytes(sampler.generator.get_state().numpy().tobytes())
+            self.engine.release(rid)
+            queue_ms = (stats["step_start"] - p.arrival_s) * 1e3
+            self.io.send(p.owner, FirstToken(rid, ev.token_id, {
+                "queue_ms": queue_ms, "prefill_ms": stats["prefill_ms"], "batch_size": stats["batch_size"]}))
+            self.io.send(("peer", p.decode_addr), _Done(rid, ev.token_id, state, end_unix))
+            self.owners.pop(rid, None)
+
+    # --- the I/O thread ----------------------------------------------------------------------------
+
+    def prepare(self, item: Any) -> Message | None:
+        if isinstance(item, _EncodeLayer):
+            p = self.pending.get(item.request_id)
+            if p is None:
+                return None  # aborted while its layers were queued
+            codec = self.codecs.setdefault(p.decode_addr, self._codec_factory())
+            t0 = time.perf_counter()
+            enc = codec.encode(item.k[None], item.v[None])
+            p.encode_ms += (time.perf_counter() - t0) * 1e3
+            p.raw_bytes += enc.meta.raw_bytes
+            p.wire_bytes += enc.meta.wire_bytes
+            now = time.time()
+            p.first_send_unix_s = p.first_send_unix_s or now
+            p.last_send_unix_s = now
+            p.layers_sent += 1
+            return KVLayers(item.request_id, self.lm.fingerprint, item.layer, item.layer + 1,
+                            item.k.shape[0], enc.meta, tuple(enc.payloads))
+        assert isinstance(item, _Done)
+        p = self.pending.pop(item.request_id, None)
+        if p is None:
+            return None
+        first, last = p.first_send_unix_s or item.prefill_end_unix_s, p.last_send_unix_s or item.prefill_end_unix_s
+        return KVDone(item.request_id, item.first_token, p.num_tokens, p.layers_sent, item.sampler_state, {
+            "prefill_end_unix_s": item.prefill_end_unix_s,
+            "kv_encode_ms": p.encode_ms,
+            "raw_bytes": float(p.raw_bytes),
+            "wire_bytes": float(p.wire_bytes),
+            "kv_stream_ms": (last - first) * 1e3,
+            # Sending that went on after the forward pass ended: the part of the transfer
+            # that prefill compute did not hide.
+            "kv_exposed_send_ms": max(0.0, last - item.prefill_end_unix_s) * 1e3,
+        })
+
+    def _fail_refused(self) -> None:
+        while not self.io.peer_refusals.empty():
+            addr, message = self.io.peer_refusals.get()
+            for rid, p in list(self.pending.items()):
+                if p.decode_addr == addr:
+                    self.pending.pop(rid, None)
+                    self.abort(rid, notify=True, reason="peer-refused", message=message)
+
+    def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
+        self.pending.pop(request_id, None)
+        super().abort(request_id, notify, reason, message)

@@ -1,0 +1,147 @@
+"""The engine loop a worker process runs, shared by the prefill, decode and colocated roles.
+
+1. load the model and build the engine (its pool sized by the engine config);
+2. bind the socket and start the I/O thread (`workers/base.py`);
+3. loop: handle what arrived, run one engine step if there is work, hand the step's events to the
+   role, publish stats for heartbeats; block on the inbox only when idle;
+4. on SIGINT/SIGTERM: fail what is in flight with reason "shutdown", free all blocks, stop the
+   I/O thread, exit 0.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from disagg_cli.config import EngineConfig, RuntimeConfig
+from disagg_cli.engine.engine import LLMEngine, TokenEvent
+from disagg_cli.kv.wire import Abort, Error, KVLayout, Message
+from disagg_cli.model.loader import LoadedModel, load_model
+from disagg_cli.model.registry import resolve_model
+from disagg_cli.workers.base import Dest, StopFlag, WorkerIdentity, WorkerIO, log
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    role: str
+    model: str
+    host: str
+    port: int
+    runtime: RuntimeConfig
+    engine: EngineConfig
+    kv_codec: str = "auto"
+    link_gbps: float | None = None
+    advertise_host: str | None = None  # the address peers reach us at, when binding 0.0.0.0
+
+
+class Worker:
+    prefill_only = False
+
+    def __init__(self, config: WorkerConfig, cache_dir: Any) -> None:
+        self.config = config
+        self.stop = StopFlag()
+        path = resolve_model(config.model, cache_dir)
+        log(config.role, f"loading {path.name} ({config.runtime.dtype}, {config.runtime.device})")
+        self.lm: LoadedModel = load_model(path, config.runtime)
+        self.engine = LLMEngine(self.lm, config.engine, prefill_only=self.prefill_only)
+        c = self.lm.config
+        host = config.advertise_host or config.host
+        self.address = f"tcp://{host}:{config.port}"
+        layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, config.runtime.dtype, config.engine.block_size)
+        capacity = {"num_blocks": self.engine.pool.num_blocks, "block_size": config.engine.block_size,
+                    "max_num_seqs": config.engine.max_num_seqs}
+        self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity)
+        self.io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare)
+        self.owners: dict[str, Dest] = {}  # request id → the coordinator to answer
+
+    # --- role hooks -----------------------------------------------------------------------------
+
+    def preprocess(self, dest: Dest, msg: Message) -> Any:
+        """Runs on the I/O thread: heavy decoding that should not hold up the engine."""
+        return msg
+
+    def prepare(self, item: Any) -> Message | None:
+        """Runs on the I/O thread: turn a queued work item into the message to send."""
+        raise NotImplementedError
+
+    def handle(self, dest: Dest, item: Any) -> None:
+        raise NotImplementedError
+
+    def on_events(self, events: list[TokenEvent]) -> None:
+        raise NotImplementedError
+
+    def extra_stats(self) -> dict[str, int | float]:
+        return {}
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        self.io.start()
+        where = "loopback only" if self.config.host in ("127.0.0.1", "localhost") else "all interfaces given"
+        log(self.config.role, f"serving on {self.address} ({where}); model fingerprint {self.lm.fingerprint}; "
+                              f"{self.engine.pool.num_blocks} KV blocks of {self.config.engine.block_size}")
+        while not self.stop.is_set:
+            self._publish_stats()
+            busy = self.engine.has_unfinished()
+            self._drain(block=not busy)
+            if self.engine.has_unfinished():
+                self.on_events(self.step())
+                self._publish_stats()
+        self.shutdown()
+        return 0
+
+    def step(self) -> list[TokenEvent]:
+        return self.engine.step()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.io.inbox.get(timeout=0.2) if block else self.io.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            dest, msg = item
+            if isinstance(msg, Abort):
+                self.abort(msg.request_id, notify=False)
+            else:
+                self.handle(dest, msg)
+            try:
+                item = self.io.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
+        """Stop a request here and free its blocks; tell its coordinator when it did not ask."""
+        self.engine.abort(request_id)
+        owner = self.owners.pop(request_id, None)
+        if notify and owner is not None:
+            self.io.send(owner, Error(request_id, reason, message or f"{self.config.role} worker: {reason}"))
+
+    def _publish_stats(self) -> None:
+        pool, sched = self.engine.pool, self.engine.scheduler
+        self.io.stats = {"waiting": len(sched.waiting), "running": len(sched.running), "free_blocks": pool.num_free,
+                         "num_blocks": pool.num_blocks, "reserved_blocks": pool.num_reserved,
+                         "used_blocks": pool.num_used, "time_unix_s": time.time(), **self.extra_stats()}
+
+    def shutdown(self) -> None:
+        in_flight = list(self.owners)
+        log(self.config.role, f"shutting down; failing {len(in_flight)} in-flight request(s)")
+        for rid in in_flight:
+            self.abort(rid, notify=True, reason="shutdown", message=f"{self.config.role} worker {self.address} "
+                                                                     "shut down")
+        for rid in list(self.engine.pool.tables):
+            self.engine.abort(rid)
+        assert self.engine.pool.num_free == self.engine.pool.num_blocks
+        self._publish_stats()
+        self.io.stop()
+
+
+def serve_worker(config: WorkerConfig, cache_dir: Any) -> int:
+    """Build the worker of `config.role` and serve until SIGINT/SIGTERM; the exit code."""
+    from disagg_cli.workers.colocated import ColocatedWorker
+    from disagg_cli.workers.decode import DecodeWorker
+    from disagg_cli.workers.prefill import PrefillWorker
+
+    cls = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}[config.role]
+    return cls(config, cache_dir).serve()
