@@ -1,0 +1,171 @@
+"""Prefill and decode workers as separate processes on real tcp sockets, driven message by message."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from disagg_cli.config import EngineConfig, SamplingParams
+from disagg_cli.engine.engine import LLMEngine
+from disagg_cli.kv.wire import (
+    Abort,
+    Error,
+    FirstToken,
+    Heartbeat,
+    HelloAck,
+    Prefill,
+    Refuse,
+    Reserve,
+    Reserved,
+    Tokens,
+)
+from disagg_cli.model.loader import LoadedModel
+from disagg_cli.model.tokenizer import Tokenizer
+from tests.workers.peer import Peer, free_port, start_worker
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon a time, in a small village,",
+           "1, 2, 3, 4, 5,", "Les élèves ont visité le musée"]
+
+
+@pytest.fixture(scope="module")
+def cluster(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    logs = tmp_path_factory.mktemp("logs")
+    pp, dp, dp2 = free_port(), free_port(), free_port()
+    procs = [
+        start_worker("prefill", pp, default_gguf, "--kv-codec", "shuffle-lz4", log=logs / "p.log"),
+        start_worker("decode", dp, default_gguf, "--block-size", "16", log=logs / "d.log"),
+        # bfloat16 prefill into float32 decode with another block size, and a tiny pool (backpressure)
+        start_worker("prefill", free_port(), default_gguf, "--dtype", "bfloat16", log=logs / "p16.log"),
+        start_worker("decode", dp2, default_gguf, "--block-size", "5", "--kv-cache-tokens", "100",
+                     log=logs / "d2.log"),
+    ]
+    info = {"prefill": f"tcp://127.0.0.1:{pp}", "decode": f"tcp://127.0.0.1:{dp}",
+            "prefill16": procs[2].args[procs[2].args.index("--port") + 1], "decode2": f"tcp://127.0.0.1:{dp2}",
+            "procs": procs, "logs": logs}
+    info["prefill16"] = f"tcp://127.0.0.1:{info['prefill16']}"
+    yield info
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        assert p.wait(timeout=20) == 0, (logs / "d.log").read_text()[-2000:]
+
+
+def run_disaggregated(cluster: dict, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams,
+                      prefill: str = "prefill", decode: str = "decode") -> dict[str, list[int]]:
+    """Several requests in flight at once: all reserved, all prefilled, then tokens collected."""
+    cp, cd = Peer(cluster[prefill]), Peer(cluster[decode])
+    assert isinstance(cp.hello(), HelloAck) and isinstance(cd.hello(), HelloAck)
+    ids = {f"{prefill}-{decode}-{i}": tokenizer.encode(p) for i, p in enumerate(prompts)}
+    for rid, prompt in ids.items():
+        cd.send(Reserve(rid, tuple(prompt), params, tuple(tokenizer.eos_token_ids)))
+    out: dict[str, list[int]] = {rid: [] for rid in ids}
+    sent: set[str] = set()
+    done: set[str] = set()
+    while len(done) < len(ids):  # answers from either worker, in whatever order they come
+        for peer in (cd, cp):
+            if not peer.sock.poll(50):
+                continue
+            msg = peer.recv(1)
+            if isinstance(msg, Reserved):  # reserved: only now may the prefill worker send KV
+                cp.send(Prefill(msg.request_id, tuple(ids[msg.request_id]), params, cluster[decode]))
+                sent.add(msg.request_id)
+            elif isinstance(msg, FirstToken):
+                out[msg.request_id].insert(0, msg.token_id)
+            elif isinstance(msg, Tokens):
+                out[msg.request_id] += list(msg.token_ids)
+                if msg.finish_reason:
+                    done.add(msg.request_id)
+            else:
+                raise AssertionError(msg)
+    cp.close()
+    cd.close()
+    return out
+
+
+def in_process(lm: LoadedModel, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams) -> list[list[int]]:
+    engine = LLMEngine(lm, EngineConfig(kv_cache_tokens=4096))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), tokenizer.encode(p), params, tokenizer.eos_token_ids)
+    out: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while engine.has_unfinished():
+        for ev in engine.step():
+            out[ev.request_id].append(ev.token_id)
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+def pool_stats(address: str) -> dict:
+    peer = Peer(address)
+    peer.hello()
+    peer.send(Heartbeat(7))
+    (beat,) = peer.recv_until(lambda m: isinstance(m, Heartbeat), 10)
+    peer.close()
+    return beat.stats
+
+
+def test_disaggregated_equals_in_process(cluster: dict, default_model: LoadedModel,
+                                         default_tokenizer: Tokenizer) -> None:
+    params = SamplingParams(max_tokens=16)
+    got = run_disaggregated(cluster, default_tokenizer, PROMPTS, params)
+    expected = in_process(default_model, default_tokenizer, PROMPTS, params)
+    assert list(got.values()) == expected
+    stats = pool_stats(cluster["decode"])
+    assert stats["free_blocks"] == stats["num_blocks"] and stats["running"] == 0
+
+
+def test_bfloat16_prefill_into_float32_decode_with_other_block_size_and_backpressure(
+        cluster: dict, default_model: LoadedModel, default_tokenizer: Tokenizer) -> None:
+    # The decode pool holds 100 tokens: five requests of ~10 + 24 tokens cannot all fit at once.
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    got = run_disaggregated(cluster, default_tokenizer, PROMPTS, params, "prefill16", "decode2")
+    expected = in_process(default_model, default_tokenizer, PROMPTS, params)
+    for tokens, ref in zip(got.values(), expected, strict=True):
+        assert len(tokens) == 24
+        assert sum(a == b for a, b in zip(tokens, ref, strict=True)) >= 12  # bfloat16 KV drifts, not garbage
+    stats = pool_stats(cluster["decode2"])
+    assert stats["free_blocks"] == stats["num_blocks"] == 20 and stats["queued_reservations"] == 0
+
+
+def test_wrong_fingerprint_is_refused_naming_both(cluster: dict) -> None:
+    peer = Peer(cluster["decode"], role="prefill", fingerprint="0123456789abcdef")
+    reply = peer.hello()
+    assert isinstance(reply, Refuse) and reply.reason == "fingerprint-mismatch"
+    assert "0123456789abcdef" in reply.message and "50fc796a90ba1ab3" in reply.message
+
+
+def test_bad_messages_get_errors_and_the_worker_keeps_serving(cluster: dict, default_tokenizer: Tokenizer) -> None:
+    peer = Peer(cluster["decode"])
+    peer.send_raw([b"\xc1 not msgpack"])
+    assert isinstance(err := peer.recv(10), Error) and err.reason == "bad-msgpack"
+    peer.send(Heartbeat(1))  # before hello
+    assert isinstance(err := peer.recv(10), Error) and err.reason == "no-hello"
+    peer.hello()
+    peer.send_raw([msgpack.packb({"v": 99, "kind": "reserve"})])
+    assert isinstance(err := peer.recv(10), Error) and err.reason == "bad-version"
+    peer.send_raw([msgpack.packb({"v": 1, "kind": "launch_missiles"})])
+    assert isinstance(err := peer.recv(10), Error) and err.reason == "unknown-kind"
+    peer.send_raw([msgpack.packb({"v": 1, "kind": "reserve", "request_id": "x", "prompt_ids": "abc"})])
+    assert isinstance(err := peer.recv(10), Error) and err.reason == "bad-field" and err.request_id == "x"
+    peer.close()
+    params = SamplingParams(max_tokens=4)
+    assert len(run_disaggregated(cluster, default_tokenizer, PROMPTS[:1], params)["prefill-decode-0"]) == 4
+
+
+def test_abort_frees_a_reservation(cluster: dict, default_tokenizer: Tokenizer) -> None:
+    peer = Peer(cluster["decode"])
+    peer.hello()
+    ids = default_tokenizer.encode("word " * 40)
+    peer.send(Reserve("abort-me", tuple(ids), SamplingParams(max_tokens=8)))
+    assert isinstance(peer.recv(10), Reserved)
+    assert pool_stats(cluster["decode"])["reserved_blocks"] == 3
+    peer.send(Abort("abort-me"))
+    peer.send(Abort("abort-me"))  # twice: idempotent
+    peer.close()
+    stats = pool_stats(cluster["decode"])
+    assert stats["reserved_blocks"] == 0 and stats["free_blocks"] == stats["num_blocks"]
