@@ -96,7 +96,8 @@ class DecodeWorker(Worker):
         limit = self.engine.pool.num_blocks * self.engine.pool.block_size
         if len(msg.prompt_ids) + msg.sampling.max_tokens > limit:
             need = len(msg.prompt_ids) + msg.sampling.max_tokens
-            self.io.send(dest, Error(rid, "rejected", f"request {rid} needs {need} tokens of KV; this pool holds {limit}"))
+            text = f"request {rid} needs {need} tokens of KV; this pool holds {limit}"
+            self.io.send(dest, Error(rid, "rejected", text))
             return
         self.owners[rid] = dest
         self.queued.append((rid, _Incoming(dest, list(msg.prompt_ids), msg.sampling, frozenset(msg.eos_ids),
