@@ -226,12 +226,12 @@ class WorkerIO:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the engine loop checks it between steps."""
+    """Counts SIGINT/SIGTERM; the engine loop checks it between steps (first: drain, second: now)."""
 
     def __init__(self) -> None:
-        self.is_set = False
+        self.count = 0
         signal.signal(signal.SIGINT, self._set)
         signal.signal(signal.SIGTERM, self._set)
 
     def _set(self, signum: int, frame: object) -> None:
-        self.is_set = True
+        self.count += 1

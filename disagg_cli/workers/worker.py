@@ -4,8 +4,9 @@
 2. bind the socket and start the I/O thread (`workers/base.py`);
 3. loop: handle what arrived, run one engine step if there is work, hand the step's events to the
    role, publish stats for heartbeats; block on the inbox only when idle;
-4. on SIGINT/SIGTERM: fail what is in flight with reason "shutdown", free all blocks, stop the
-   I/O thread, exit 0.
+4. on SIGINT/SIGTERM: drain: refuse new requests (reason "draining"), let in-flight ones finish
+   for up to `grace_s` seconds (a second signal cuts that short), then fail what is left with
+   reason "shutdown", free all blocks, stop the I/O thread, exit 0.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from disagg_cli.config import EngineConfig, RuntimeConfig
 from disagg_cli.engine.engine import LLMEngine, TokenEvent
-from disagg_cli.kv.wire import Abort, Error, KVLayout, Message
+from disagg_cli.kv.wire import Abort, Error, Generate, KVLayout, Message, Prefill, Reserve
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.registry import resolve_model
 from disagg_cli.workers.base import Dest, StopFlag, WorkerIdentity, WorkerIO, log
@@ -34,6 +35,7 @@ class WorkerConfig:
     kv_codec: str = "auto"
     link_gbps: float | None = None
     advertise_host: str | None = None  # the address peers reach us at, when binding 0.0.0.0
+    grace_s: float = 10.0  # how long in-flight requests may finish after SIGTERM
 
 
 class Worker:
@@ -82,7 +84,14 @@ class Worker:
         where = "loopback only" if self.config.host in ("127.0.0.1", "localhost") else "all interfaces given"
         log(self.config.role, f"serving on {self.address} ({where}); model fingerprint {self.lm.fingerprint}; "
                               f"{self.engine.pool.num_blocks} KV blocks of {self.config.engine.block_size}")
-        while not self.stop.is_set:
+        deadline: float | None = None
+        while True:
+            if self.stop.count and deadline is None:
+                deadline = time.monotonic() + self.config.grace_s
+                log(self.config.role, f"draining: {len(self.owners)} in-flight request(s) get "
+                                      f"{self.config.grace_s:g} s to finish; new ones are refused")
+            if deadline is not None and (not self.owners or time.monotonic() > deadline or self.stop.count > 1):
+                break
             self._publish_stats()
             busy = self.engine.has_unfinished()
             self._drain(block=not busy)
@@ -104,6 +113,9 @@ class Worker:
             dest, msg = item
             if isinstance(msg, Abort):
                 self.abort(msg.request_id, notify=False)
+            elif self.stop.count and isinstance(msg, Prefill | Reserve | Generate):
+                self.io.send(dest, Error(msg.request_id, "draining",
+                                         f"{self.config.role} worker {self.address} is shutting down"))
             else:
                 self.handle(dest, msg)
             try:
