@@ -21,7 +21,6 @@ from disagg_cli.kv.pool import BlockPool
 from disagg_cli.model.kv_cache import causal_attention
 from disagg_cli.model.loader import LoadedModel
 
-
 # Called once per layer with the step's fresh K/V of each prompt that starts in this step:
 # (layer, [(request_id, k (T, KV, hd), v (T, KV, hd)), …]). The prefill role streams them out.
 LayerHook = Callable[[int, list[tuple[str, torch.Tensor, torch.Tensor]]], None]

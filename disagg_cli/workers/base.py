@@ -32,6 +32,8 @@ from typing import Any
 
 import zmq
 
+from disagg_cli.errors import UsageError
+from disagg_cli.keys import Keys
 from disagg_cli.kv.wire import (
     PROTOCOL_VERSION,
     Error,
@@ -70,7 +72,8 @@ class WorkerIO:
 
     def __init__(self, ident: WorkerIdentity, bind_host: str, port: int,
                  preprocess: Callable[[Dest, Message], Any] | None = None,
-                 prepare: Callable[[Any], Message | None] | None = None) -> None:
+                 prepare: Callable[[Any], Message | None] | None = None,
+                 keys: Keys | None = None) -> None:
         self.ident = ident
         self.inbox: queue.Queue[tuple[Dest, Any]] = queue.Queue()
         # Messages, or work items that `prepare` turns into messages on the I/O thread (e.g. KV to
@@ -80,10 +83,17 @@ class WorkerIO:
         self._wake_r, self._wake_w = os.pipe()
         self._preprocess = preprocess
         self._ctx = zmq.Context.instance()
+        self._keys = keys
+        self._auth = keys.start_authenticator(self._ctx) if keys else None
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.LINGER, 2000)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises, not drops
-        self._router.bind(f"tcp://{bind_host}:{port}")
+        if keys:
+            keys.make_server(self._router)
+        try:
+            self._router.bind(f"tcp://{bind_host}:{port}")
+        except zmq.ZMQError as e:
+            raise UsageError(f"cannot listen on {bind_host}:{port}: {e}") from None
         self._peers: dict[str, zmq.Socket] = {}
         self._greeted: set[bytes] = set()
         self.peer_refusals: queue.Queue[tuple[str, str]] = queue.Queue()  # (address, message)
@@ -121,6 +131,8 @@ class WorkerIO:
                     self._receive_peer(sock)
         for s in (self._router, *self._peers.values()):
             s.close()
+        if self._auth is not None:
+            self._auth.stop()
 
     def _flush_outbox(self, poller: zmq.Poller) -> None:
         while True:
@@ -151,6 +163,8 @@ class WorkerIO:
         if sock is None:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 2000)
+            if self._keys:  # the only workers a worker connects to are decode workers
+                self._keys.make_client(sock, "decode")
             sock.connect(address)
             # zmq keeps order on a connection: Hello is read before anything sent after it.
             sock.send_multipart(encode_message(self._hello()))

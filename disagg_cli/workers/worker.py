@@ -14,10 +14,12 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from disagg_cli.config import EngineConfig, RuntimeConfig
 from disagg_cli.engine.engine import LLMEngine, TokenEvent
+from disagg_cli.keys import Keys
 from disagg_cli.kv.wire import Abort, Error, Generate, KVLayout, Message, Prefill, Reserve
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.registry import resolve_model
@@ -36,6 +38,7 @@ class WorkerConfig:
     link_gbps: float | None = None
     advertise_host: str | None = None  # the address peers reach us at, when binding 0.0.0.0
     grace_s: float = 10.0  # how long in-flight requests may finish after SIGTERM
+    keys_dir: Path | None = None  # CurveZMQ keys (see keys.py); None: plain tcp, loopback by default
 
 
 class Worker:
@@ -55,7 +58,8 @@ class Worker:
         capacity = {"num_blocks": self.engine.pool.num_blocks, "block_size": config.engine.block_size,
                     "max_num_seqs": config.engine.max_num_seqs}
         self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity)
-        self.io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare)
+        keys = Keys.load(config.keys_dir, config.role) if config.keys_dir else None
+        self.io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare, keys)
         self.owners: dict[str, Dest] = {}  # request id → the coordinator to answer
 
     # --- role hooks -----------------------------------------------------------------------------
@@ -81,9 +85,15 @@ class Worker:
 
     def serve(self) -> int:
         self.io.start()
-        where = "loopback only" if self.config.host in ("127.0.0.1", "localhost") else "all interfaces given"
-        log(self.config.role, f"serving on {self.address} ({where}); model fingerprint {self.lm.fingerprint}; "
-                              f"{self.engine.pool.num_blocks} KV blocks of {self.config.engine.block_size}")
+        c = self.config
+        if c.keys_dir:
+            where = f"CurveZMQ: encrypted, only keys in {c.keys_dir / 'allowed'}"
+        elif c.host in ("127.0.0.1", "localhost", "::1"):
+            where = "loopback only, no keys"
+        else:
+            where = "WARNING: no --keys, so anyone who reaches this port can send requests and read KV"
+        log(c.role, f"serving on {self.address} ({where}); model fingerprint {self.lm.fingerprint}; "
+                    f"{self.engine.pool.num_blocks} KV blocks of {c.engine.block_size}")
         deadline: float | None = None
         while True:
             if self.stop.count and deadline is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import zmq
 
+from disagg_cli.keys import Keys
 from disagg_cli.kv.wire import PROTOCOL_VERSION, Hello, Message, decode_message, encode_message
 
 
@@ -28,10 +29,13 @@ def start_worker(role: str, port: int, model: Path, *extra: str, log: Path | Non
 
 
 class Peer:
-    def __init__(self, address: str, role: str = "coordinator", fingerprint: str = "", timeout_s: float = 120) -> None:
+    def __init__(self, address: str, role: str = "coordinator", fingerprint: str = "", timeout_s: float = 120,
+                 keys: Keys | None = None, server_role: str = "decode") -> None:
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            keys.make_client(self.sock, server_role)
         self.sock.connect(address)
         self.address = address
         self.role = role
