@@ -72,9 +72,22 @@ def generate(
     max_num_seqs: MaxSeqsOpt = 32,
     max_num_batched_tokens: MaxBatchedOpt = 2048,
     chunked_prefill: ChunkedOpt = False,
+    prefill: Annotated[list[str] | None, typer.Option(help="Address (host:port) of a running prefill worker; "
+                                                      "repeatable. Needs --decode.")] = None,
+    decode: Annotated[list[str] | None, typer.Option(help="Address of a running decode worker; repeatable.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Start this TOML topology (see configs/).")] = None,
+    colocated: Annotated[bool, typer.Option(help="One worker doing both phases (the baseline).")] = False,
+    colocated_addr: Annotated[str | None, typer.Option(help="Address of a running colocated worker.")] = None,
+    in_process: Annotated[bool, typer.Option(help="Run in this process's own engine, no workers.")] = False,
+    router: Annotated[str, typer.Option(help="round-robin or least-loaded.")] = "round-robin",
+    kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers started here: none, lz4, "
+                                                 "shuffle-lz4, int8, int4 or auto.")] = None,
+    worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
 ) -> None:
-    """Generate text for prompts, streaming it as it is produced."""
-    from disagg_cli.generate import GenerateOptions, read_prompts, run_generate
+    """Generate text for prompts, streaming it as it is produced.
+
+    With no addresses, starts a local 1 prefill + 1 decode cluster and stops it afterwards."""
+    from disagg_cli.generate import GenerateOptions, ServeOptions, read_prompts, run_generate
 
     opts = GenerateOptions(
         model=model,
@@ -88,6 +101,9 @@ def generate(
         chat=chat,
         system=system,
         json_output=json_output,
+        serve=ServeOptions(in_process=in_process, prefill=tuple(prefill or ()), decode=tuple(decode or ()),
+                           colocated=colocated, colocated_addr=colocated_addr, config=config, router=router,
+                           kv_codec=kv_codec, worker_timeout_s=worker_timeout),
     )
     if system is not None and not chat:
         raise UsageError("--system only applies with --chat")
@@ -132,25 +148,29 @@ def bench_engine(
 
 HostOpt = Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the worker off the network.")]
 AdvertiseOpt = Annotated[str | None, typer.Option(help="Host peers should use to reach this worker.")]
+KeysOpt = Annotated[Path | None, typer.Option(help="CurveZMQ key folder from `disagg keys generate`.")]
+GraceOpt = Annotated[float, typer.Option(help="Seconds in-flight requests may finish after SIGTERM.")]
 
 
 def _serve(role: str, host: str, port: int, model: str, device: str, dtype: str, threads: int | None,
            block_size: int, kv_cache_tokens: int | None, kv_cache_memory_mb: float, max_num_seqs: int,
            max_num_batched_tokens: int, chunked_prefill: bool, kv_codec: str, link_gbps: float | None,
-           advertise_host: str | None) -> None:
+           advertise_host: str | None, keys: Path | None, grace_s: float) -> None:
     from disagg_cli.workers.worker import WorkerConfig, serve_worker
 
     if not 0 < port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {port}")
     if link_gbps is not None and link_gbps <= 0:
         raise UsageError(f"--link-gbps must be positive, got {link_gbps}")
+    if grace_s < 0:
+        raise UsageError(f"--grace-s must be >= 0, got {grace_s}")
     config = WorkerConfig(
         role=role, model=model, host=host, port=port,
         runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads),
         engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                             kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),
-        kv_codec=kv_codec, link_gbps=link_gbps, advertise_host=advertise_host)
+        kv_codec=kv_codec, link_gbps=link_gbps, advertise_host=advertise_host, keys_dir=keys, grace_s=grace_s)
     raise typer.Exit(serve_worker(config, _cache_dir()))
 
 
@@ -170,10 +190,12 @@ def prefill_worker(
     max_num_seqs: MaxSeqsOpt = 32,
     max_num_batched_tokens: MaxBatchedOpt = 2048,
     advertise_host: AdvertiseOpt = None,
+    keys: KeysOpt = None,
+    grace_s: GraceOpt = 10.0,
 ) -> None:
     """Serve prefill: prompts in, KV streamed layer by layer to decode workers."""
     _serve("prefill", host, port, model, device, dtype, threads, block_size, kv_cache_tokens, kv_cache_memory_mb,
-           max_num_seqs, max_num_batched_tokens, False, kv_codec, link_gbps, advertise_host)
+           max_num_seqs, max_num_batched_tokens, False, kv_codec, link_gbps, advertise_host, keys, grace_s)
 
 
 @app.command("decode-worker")
@@ -190,10 +212,12 @@ def decode_worker(
     max_num_seqs: MaxSeqsOpt = 32,
     max_num_batched_tokens: MaxBatchedOpt = 2048,
     advertise_host: AdvertiseOpt = None,
+    keys: KeysOpt = None,
+    grace_s: GraceOpt = 10.0,
 ) -> None:
     """Serve decode: KV caches in, tokens streamed to coordinators."""
     _serve("decode", host, port, model, device, dtype, threads, block_size, kv_cache_tokens, kv_cache_memory_mb,
-           max_num_seqs, max_num_batched_tokens, False, "none", None, advertise_host)
+           max_num_seqs, max_num_batched_tokens, False, "none", None, advertise_host, keys, grace_s)
 
 
 @app.command("colocated-worker")
@@ -211,10 +235,26 @@ def colocated_worker(
     max_num_batched_tokens: MaxBatchedOpt = 2048,
     chunked_prefill: ChunkedOpt = False,
     advertise_host: AdvertiseOpt = None,
+    keys: KeysOpt = None,
+    grace_s: GraceOpt = 10.0,
 ) -> None:
     """Serve both phases in one process: the baseline disaggregation is compared against."""
     _serve("colocated", host, port, model, device, dtype, threads, block_size, kv_cache_tokens,
-           kv_cache_memory_mb, max_num_seqs, max_num_batched_tokens, chunked_prefill, "none", None, advertise_host)
+           kv_cache_memory_mb, max_num_seqs, max_num_batched_tokens, chunked_prefill, "none", None,
+           advertise_host, keys, grace_s)
+
+
+keys_app = typer.Typer(help="CurveZMQ keys for authenticated, encrypted worker traffic.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(directory: Annotated[Path, typer.Argument(help="Folder to write the key pairs into.")]) -> None:
+    """Write a key pair per role and an allowed/ folder of their public keys."""
+    from disagg_cli.keys import generate_keys
+
+    for path in generate_keys(directory):
+        print(path)
 
 
 @model_app.command("list")

@@ -1,29 +1,69 @@
 """The `disagg generate` command: prompts in, text out, with timings.
 
 1. gather prompts (arguments, a file, or stdin), optionally wrapped in the model's chat template;
-2. resolve and load the model (pulling a named one on first use);
-3. run all prompts at once in the batched engine; stream the first unfinished one's text to stdout
-   as it is produced (later ones are held so outputs never interleave), or collect it for `--json`;
-4. print per-request timings (stderr, on a terminal) or one JSON object per prompt (stdout).
+2. pick where they run: a local 1 prefill + 1 decode cluster started here (the default), a
+   `--config` topology started here, running workers (`--prefill`/`--decode`, `--colocated-addr`),
+   one colocated worker (`--colocated`), or this process's own engine (`--in-process`);
+3. run all prompts at once; stream the first unfinished one's text to stdout as it is produced
+   (later ones are held so outputs never interleave), or collect it for `--json`; a live timing
+   table on stderr when it is a terminal;
+4. print per-request timings (stderr) or one JSON object per prompt (stdout); stop what was started.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
-from disagg_cli.engine.engine import LLMEngine
+from disagg_cli.coordinator.router import POLICIES
+from disagg_cli.coordinator.topology import KV_CODECS, ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.engine.request import RequestOutput
-from disagg_cli.engine.single import check_context
-from disagg_cli.errors import UsageError
-from disagg_cli.model.loader import LoadedModel, load_model
+from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
 from disagg_cli.model.registry import resolve_model
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:  # torch stays out of the coordinator's process unless --in-process
+    from disagg_cli.coordinator.cluster import LocalCluster
+    from disagg_cli.model.loader import LoadedModel
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """Where the prompts run; the default (all empty) starts a local 1 prefill + 1 decode cluster."""
+
+    in_process: bool = False
+    prefill: tuple[str, ...] = ()  # addresses of running workers
+    decode: tuple[str, ...] = ()
+    colocated: bool = False
+    colocated_addr: str | None = None
+    config: Path | None = None
+    router: str = "round-robin"
+    kv_codec: str | None = None  # None: the prefill workers' default
+    worker_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if bool(self.prefill) != bool(self.decode):
+            raise UsageError("--prefill and --decode go together: give at least one address of each")
+        if self.colocated_addr is not None and (self.prefill or self.config is not None):
+            raise UsageError("--colocated-addr cannot be combined with --prefill/--decode or --config")
+        chosen = [name for name, on in [("--in-process", self.in_process), ("--prefill/--decode", bool(self.prefill)),
+                                        ("--colocated", self.colocated or self.colocated_addr is not None),
+                                        ("--config", self.config is not None)] if on]
+        if len(chosen) > 1:
+            raise UsageError(f"choose one of {' and '.join(chosen)}; they pick different places to run")
+        if self.router not in POLICIES:
+            raise UsageError(f"--router must be one of {', '.join(POLICIES)}, got {self.router!r}")
+        if self.kv_codec is not None and self.kv_codec not in KV_CODECS:
+            raise UsageError(f"--kv-codec must be one of {', '.join(KV_CODECS)}, got {self.kv_codec!r}")
+        if not self.worker_timeout_s > 0:
+            raise UsageError(f"--worker-timeout must be positive, got {self.worker_timeout_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +76,7 @@ class GenerateOptions:
     chat: bool = False
     system: str | None = None
     json_output: bool = False
+    serve: ServeOptions = field(default_factory=ServeOptions)
 
 
 def read_prompts(args: list[str], file: Path | None) -> list[str]:
@@ -76,6 +117,8 @@ def _parse_lines(text: str, jsonl: bool) -> list[str]:
 
 
 def prepare(model_spec: str, cache_dir: Path, runtime: RuntimeConfig) -> tuple[LoadedModel, Tokenizer]:
+    from disagg_cli.model.loader import load_model
+
     with ui.pull_progress(model_spec) as on_pull:
         path = resolve_model(model_spec, cache_dir, on_pull)
     tokenizer = load_tokenizer(path)
@@ -92,6 +135,19 @@ def render_prompt(tokenizer: Tokenizer, prompt: str, chat: bool, system: str | N
 
 
 def run_generate(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput]:
+    requests = _run_in_process(prompts, opts) if opts.serve.in_process else _run_served(prompts, opts)
+    failed = [r for r in requests if r.state == "failed"]
+    if failed:
+        first = failed[0]
+        raise DisaggError(f"{len(failed)} of {len(requests)} requests failed; {first.request_id}: {first.error}")
+    return requests
+
+
+def _run_in_process(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput]:
+    """This process's own batched engine: the exactness reference, and handy for debugging."""
+    from disagg_cli.engine.engine import LLMEngine
+    from disagg_cli.engine.single import check_context
+
     loaded, tokenizer = prepare(opts.model, opts.cache_dir, opts.runtime)
     requests = []
     for i, prompt in enumerate(prompts):
@@ -113,6 +169,108 @@ def run_generate(prompts: list[str], opts: GenerateOptions) -> list[RequestOutpu
                 engine.abort(out.request_id)  # a stop string the engine cannot see
         printer.flush()
     return requests
+
+
+def _run_served(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput]:
+    """Through worker processes: started here (the default, --config, --colocated) or running."""
+    from disagg_cli.coordinator.cluster import LocalCluster
+
+    serve = opts.serve
+    topology = _topology(opts) if not (serve.prefill or serve.colocated_addr) else None
+    model_spec = topology.model if topology is not None else opts.model
+    with ui.pull_progress(model_spec) as on_pull:
+        path = resolve_model(model_spec, opts.cache_dir, on_pull)
+    tokenizer = load_tokenizer(path)  # the coordinator holds no weights
+    limit = context_length(path) or sys.maxsize
+    requests = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(render_prompt(tokenizer, prompt, opts.chat, opts.system))
+        if len(ids) + opts.sampling.max_tokens > limit:  # refuse before any worker starts
+            raise ContextLengthError(
+                f"prompt of {len(ids)} tokens plus --max-tokens {opts.sampling.max_tokens} exceeds the model's "
+                f"context of {limit} tokens; shorten the prompt or lower --max-tokens")
+        requests.append(RequestOutput(f"req-{i}", prompt, ids, opts.sampling, tokenizer))
+    if topology is None:
+        workers = ([("colocated", _tcp(serve.colocated_addr))] if serve.colocated_addr else
+                   [("prefill", _tcp(a)) for a in serve.prefill] + [("decode", _tcp(a)) for a in serve.decode])
+        asyncio.run(_serve(requests, workers, None, tokenizer, opts))
+        return requests
+    roles = [w.role for w in topology.workers]
+    ui.info("starting " + ", ".join(f"{roles.count(r)} {r}" for r in dict.fromkeys(roles)) + " worker(s)…")
+    with LocalCluster(topology, str(path)) as cluster:
+        asyncio.run(_serve(requests, cluster.addresses(), cluster, tokenizer, opts))
+    return requests
+
+
+def _topology(opts: GenerateOptions) -> ClusterConfig:
+    serve, engine, runtime = opts.serve, opts.engine, opts.runtime
+    if serve.config is not None:
+        config = load_cluster_config(serve.config, default_model=opts.model)
+        if serve.kv_codec is None:
+            return config
+        return replace(config, workers=tuple(replace(w, kv_codec=serve.kv_codec) if w.role == "prefill" else w
+                                             for w in config.workers))
+    base = WorkerSpec("prefill", device=runtime.device, dtype=runtime.dtype, threads=runtime.threads,
+                      kv_codec=serve.kv_codec, block_size=engine.block_size, kv_cache_tokens=engine.kv_cache_tokens,
+                      max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens)
+    return local_topology(opts.model, base, colocated=serve.colocated)
+
+
+async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], cluster: LocalCluster | None,
+                 tokenizer: Tokenizer, opts: GenerateOptions) -> None:
+    from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
+
+    config = CoordinatorConfig(policy=opts.serve.router, worker_timeout_s=opts.serve.worker_timeout_s)
+    async with Coordinator(workers, tokenizer.eos_token_ids, config) as coordinator:
+        await coordinator.connect(cluster.check if cluster is not None else None)
+        printer = _OrderedPrinter(requests, opts.json_output)
+        start = time.perf_counter()
+        for out in requests:
+            out.timings.arrival_s = start
+
+        async def one(out: RequestOutput) -> None:
+            def on_text(text: str) -> None:
+                printer.text(out, text)
+                printer.flush()
+
+            await coordinator.run_request(out, on_text)
+            printer.flush()
+
+        with ui.live_table(requests, enabled=ui.is_interactive() and not opts.json_output) as table:
+            await asyncio.gather(*(one(out) for out in requests))
+            table.refresh()
+    if opts.json_output:
+        return
+    if ui.is_interactive():
+        if len(requests) > 1:
+            ui.err_console.print(ui.summary_table(requests))
+    else:
+        for line in ui.plain_summary_lines(requests):
+            sys.stderr.write(line + "\n")
+
+
+def _tcp(address: str | None) -> str:
+    """`host:port` or a full zmq address (`tcp://…`, `ipc://…`)."""
+    assert address is not None
+    if "://" in address:
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"worker address {address!r} is not host:port or tcp://host:port")
+    return f"tcp://{address}"
+
+
+def context_length(path: Path) -> int | None:
+    """The model's context in tokens, read from its metadata (no weights are loaded); None: unknown."""
+    from disagg_cli.model.gguf_file import read_gguf
+
+    if path.is_dir() and (path / "config.json").is_file():
+        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        return int(hf.get("max_position_embeddings", 4096))
+    gguf_path = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), path)
+    meta = read_gguf(gguf_path).metadata
+    value = meta.get(f"{meta.get('general.architecture')}.context_length")
+    return int(value) if value is not None else None
 
 
 class _OrderedPrinter:

@@ -1,0 +1,172 @@
+"""A local cluster: worker processes started on this machine for `generate` and `bench`.
+
+Life of a cluster:
+1. `start()`: each `WorkerSpec` becomes `python -m disagg_cli <role>-worker …` on a free
+   127.0.0.1 port (or the spec's own), its stderr going to a log file in a temporary folder, in a
+   session of its own so the terminal's Ctrl-C reaches the coordinator only (which aborts the
+   in-flight requests, then stops the workers);
+2. readiness is the coordinator's handshake succeeding (zmq holds the hello until the worker
+   binds), while `check()` turns a worker that exits during start into one line quoting the last
+   line of its log;
+3. `stop()`: SIGTERM (a worker's one exit path), wait, then SIGKILL what is left.
+
+Placement: a spec without `threads` gets an even share of the cores this process may use (at
+least one), and without `cpus` a run of that many cores, round-robin. Affinity is set in the child
+between fork and exec (`preexec_fn` calling `os.sched_setaffinity`, Linux only; elsewhere the
+`cpus` are ignored), so the worker's torch threads inherit it from their first moment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec
+from disagg_cli.errors import DisaggError, UsageError
+
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class WorkerProcess:
+    spec: WorkerSpec  # with port, threads and cpus filled in
+    address: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.role} worker {self.address}"
+
+    def last_log_line(self) -> str:
+        try:
+            lines = self.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+
+def available_cpus() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def place(workers: tuple[WorkerSpec, ...], cpus: list[int]) -> list[WorkerSpec]:
+    """Fill in `threads` and `cpus` where a spec leaves them open (pure, for tests)."""
+    share = max(1, len(cpus) // max(1, len(workers)))
+    placed, cursor = [], 0
+    for spec in workers:
+        threads = spec.threads or share
+        own = spec.cpus
+        if own is None:
+            own = tuple(cpus[(cursor + i) % len(cpus)] for i in range(min(threads, len(cpus))))
+            cursor += len(own)
+        missing = sorted(set(own) - set(cpus))
+        if missing:
+            raise UsageError(f"{spec.role} worker asks for cpus {list(own)}, but {missing} are not available "
+                             f"to this process (available: {cpus})")
+        placed.append(replace(spec, threads=threads, cpus=tuple(own)))
+    return placed
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def worker_command(spec: WorkerSpec, model: str) -> list[str]:
+    cmd = [sys.executable, "-m", "disagg_cli", f"{spec.role}-worker", "--host", spec.host, "--port", str(spec.port),
+           "--model", model, "--device", spec.device, "--dtype", spec.dtype, "--block-size", str(spec.block_size),
+           "--max-num-seqs", str(spec.max_num_seqs), "--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
+    if spec.threads is not None:
+        cmd += ["--threads", str(spec.threads)]
+    if spec.kv_cache_tokens is not None:
+        cmd += ["--kv-cache-tokens", str(spec.kv_cache_tokens)]
+    if spec.kv_codec is not None and spec.role == "prefill":
+        cmd += ["--kv-codec", spec.kv_codec]
+    return cmd
+
+
+def _affinity(cpus: tuple[int, ...] | None) -> Callable[[], None] | None:
+    if not cpus or not hasattr(os, "sched_setaffinity"):
+        return None
+    chosen = set(cpus)
+
+    def set_affinity() -> None:  # runs in the child, after fork, before exec
+        os.sched_setaffinity(0, chosen)
+
+    return set_affinity
+
+
+class LocalCluster:
+    """Worker processes for `config`, with `model` as a local path (so workers never fetch)."""
+
+    def __init__(self, config: ClusterConfig, model: str, log_dir: Path | None = None) -> None:
+        self.config = config
+        self.model = model
+        self._own_log_dir = log_dir is None
+        self.log_dir = Path(tempfile.mkdtemp(prefix="disagg-cluster-")) if log_dir is None else log_dir
+        self.workers: list[WorkerProcess] = []
+        self.keep_logs = False  # set when a worker failed, so the quoted log path stays valid
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        try:
+            for i, spec in enumerate(place(self.config.workers, available_cpus())):
+                if spec.port == 0:
+                    spec = replace(spec, port=free_port(spec.host))
+                log_path = self.log_dir / f"{i}-{spec.role}-{spec.port}.log"
+                with log_path.open("wb") as log:
+                    process = subprocess.Popen(
+                        worker_command(spec, self.model), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                        preexec_fn=_affinity(spec.cpus), start_new_session=True)
+                self.workers.append(WorkerProcess(spec, f"tcp://{spec.host}:{spec.port}", process, log_path))
+        except BaseException:
+            self.stop()
+            raise
+
+    def addresses(self) -> list[tuple[str, str]]:
+        """(role, address) of every worker, in the topology's order."""
+        return [(w.spec.role, w.address) for w in self.workers]
+
+    def check(self) -> None:
+        """Raise if a worker process has exited (called while waiting for the handshake)."""
+        for w in self.workers:
+            code = w.process.poll()
+            if code is not None:
+                last = w.last_log_line() or "(nothing logged)"
+                self.keep_logs = True
+                raise DisaggError(f"{w.name} exited with code {code} while starting: {last} (log: {w.log_path})")
+
+    def stop(self) -> None:
+        for w in self.workers:
+            if w.process.poll() is None:
+                w.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for w in self.workers:
+            try:
+                w.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+                w.process.wait()
+            self.keep_logs |= w.process.returncode != 0
+        self.workers.clear()
+        if self._own_log_dir and not self.keep_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
