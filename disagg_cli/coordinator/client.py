@@ -23,12 +23,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import zmq
 import zmq.asyncio
 
 from disagg_cli.coordinator.router import NoWorkerError, Router, WorkerRecord
+from disagg_cli.config import SamplingParams
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import DisaggError
 from disagg_cli.kv.wire import (
@@ -63,6 +64,11 @@ class CoordinatorConfig:
     step_timeout_s: float = 600.0  # longest wait for a request's next message (a queued reservation)
     send_timeout_s: float = 10.0
     heartbeat_interval_s: float = 1.0
+    max_retries: int = 2  # attempts after the first when a worker dies or shuts down mid-request
+
+
+# Failures another worker can mend: the worker (and the request's KV there) is gone, not the request.
+RETRYABLE = frozenset({"worker-dead", "shutdown", "draining", "truncated"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,23 +273,41 @@ class Coordinator:
 
     async def run_request(self, out: RequestOutput, on_text: Callable[[str], None] | None = None) -> None:
         """Drive `out` to the end (done or failed, never an exception but cancellation);
-        `on_text` gets each piece of newly printable text."""
-        run = _Run(out, on_text, asyncio.Queue())
-        self._queues[out.request_id] = run.queue
-        try:
-            if self.router.by_role("colocated"):
-                await self._colocated(run)
-            else:
-                await self._disaggregated(run)
-        except _Failed as e:
-            out.fail(e.reason, e.message)
-        except NoWorkerError as e:
-            out.fail("no-worker", str(e))
-        except asyncio.CancelledError:
-            out.fail("aborted", "interrupted before it finished")
-            raise
-        finally:
-            await self._end(run)
+        `on_text` gets each piece of newly printable text.
+
+        When a worker dies or shuts down mid-request, the request is retried on the workers left:
+        prompt plus the tokens already produced are prefilled again (the KV died with the worker),
+        so the text continues where it stopped and nothing is printed twice."""
+        attempt = 0
+        while True:
+            done = len(out.token_ids)
+            params = replace(out.params, max_tokens=out.params.max_tokens - done)
+            wire_id = out.request_id if attempt == 0 else f"{out.request_id}.retry{attempt}"
+            run = _Run(out, on_text, asyncio.Queue(), wire_id, tuple(out.prompt_token_ids) + tuple(out.token_ids),
+                       params)
+            self._queues[wire_id] = run.queue
+            try:
+                if self.router.by_role("colocated"):
+                    await self._colocated(run)
+                else:
+                    await self._disaggregated(run)
+                return
+            except _Failed as e:
+                if e.reason in RETRYABLE and attempt < self.config.max_retries and not out.is_finished:
+                    attempt += 1
+                    out.kv["retries"] = float(attempt)
+                    log.warning("retrying %s (attempt %d) after: %s", out.request_id, attempt, e.message)
+                    continue
+                out.fail(e.reason, e.message)
+                return
+            except NoWorkerError as e:
+                out.fail("no-worker", str(e) + (f" (after {attempt} retries)" if attempt else ""))
+                return
+            except asyncio.CancelledError:
+                out.fail("aborted", "interrupted before it finished")
+                raise
+            finally:
+                await self._end(run)
 
     async def _disaggregated(self, run: _Run) -> None:
         out = run.out
@@ -292,7 +316,7 @@ class Coordinator:
         out.state = "reserving"
         t0 = time.perf_counter()
         eos_ids = () if out.params.ignore_eos else self.eos_ids
-        await self._send(decode, Reserve(out.request_id, tuple(out.prompt_token_ids), out.params, eos_ids))
+        await self._send(decode, Reserve(run.wire_id, run.prompt_ids, run.params, eos_ids))
         _, reserved = await self._expect(run, Reserved, "a reservation")
         assert isinstance(reserved, Reserved)
         out.timings.stages_ms["reserve_ms"] = (time.perf_counter() - t0) * 1e3
@@ -301,8 +325,7 @@ class Coordinator:
         prefill = self._take(run, "prefill")
         out.workers = {"prefill": prefill.record.address, "decode": decode.record.address}
         out.state = "prefilling"
-        await self._send(prefill, Prefill(out.request_id, tuple(out.prompt_token_ids), out.params,
-                                          decode.record.address))
+        await self._send(prefill, Prefill(run.wire_id, run.prompt_ids, run.params, decode.record.address))
         early: list[Tokens] = []  # decode tokens that overtook the first token on another socket
         while not out.is_finished:
             src, msg = await self._expect(run, (FirstToken, Tokens), "tokens")
@@ -312,7 +335,7 @@ class Coordinator:
                 self._first_token(run, msg)
                 for tokens in early:
                     self._tokens(run, decode, tokens)
-            elif out.timings.first_token_s is None:
+            elif not run.got_first:
                 assert isinstance(msg, Tokens)
                 early.append(msg)
             else:
@@ -326,7 +349,7 @@ class Coordinator:
         out.workers = {"colocated": worker.record.address}
         out.state = "prefilling"
         eos_ids = () if out.params.ignore_eos else self.eos_ids
-        await self._send(worker, Generate(out.request_id, tuple(out.prompt_token_ids), out.params, eos_ids))
+        await self._send(worker, Generate(run.wire_id, run.prompt_ids, run.params, eos_ids))
         while not out.is_finished:
             src, msg = await self._expect(run, (FirstToken, Tokens), "tokens")
             if isinstance(msg, FirstToken):
@@ -340,14 +363,14 @@ class Coordinator:
         record = self.router.pick(role)
         conn = self._conns[record.address]
         run.active.append(conn)
-        conn.request_ids.add(run.out.request_id)
+        conn.request_ids.add(run.wire_id)
         return conn
 
     def _done_with(self, run: _Run, conn: _Connection) -> None:
         """The worker finished its part of the request itself: no abort needed there."""
         if conn in run.active:
             run.active.remove(conn)
-            conn.request_ids.discard(run.out.request_id)
+            conn.request_ids.discard(run.wire_id)
             self.router.release(conn.record)
 
     def _check_fits(self, out: RequestOutput, conn: _Connection) -> None:
@@ -373,12 +396,13 @@ class Coordinator:
             raise _Failed("worker-dead", msg.reason)
         if isinstance(msg, Error):
             self._done_with(run, src)
-            raise _Failed("error", f"{src.name}: {msg.message} [{msg.reason}]")
+            raise _Failed(msg.reason, f"{src.name}: {msg.message} [{msg.reason}]")
         if not isinstance(msg, kinds):
             raise _Failed("error", f"{src.name} sent {msg.kind} while {what} were expected")
         return src, msg
 
     def _first_token(self, run: _Run, msg: FirstToken) -> None:
+        run.got_first = True
         _copy_stats(run.out, msg.stats)
         run.emit(run.out.append(msg.token_id))
 
@@ -398,7 +422,7 @@ class Coordinator:
                          f"{len(out.token_ids)} tokens, before EOS or --max-tokens {out.params.max_tokens}")
 
     async def _end(self, run: _Run) -> None:
-        rid = run.out.request_id
+        rid = run.wire_id
         self._queues.pop(rid, None)
         for conn in list(run.active):
             if conn.record.is_alive:
@@ -414,10 +438,17 @@ class Coordinator:
 
 @dataclass(eq=False)
 class _Run:
+    """One attempt at a request: its id on the wire, and the prompt it prefills (a retry's prompt
+    includes the tokens produced before the failure)."""
+
     out: RequestOutput
     on_text: Callable[[str], None] | None
     queue: asyncio.Queue[tuple[_Connection, Message | _WorkerGone]]
+    wire_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
     active: list[_Connection] = field(default_factory=list)  # workers still holding the request
+    got_first: bool = False
 
     def emit(self, text: str) -> None:
         if text and self.on_text is not None:
@@ -435,3 +466,8 @@ def _copy_stats(out: RequestOutput, stats: dict[str, float]) -> None:
                 out.kv[key] = float(value)
         else:
             out.kv[key] = float(value)
+    # The decode side saw layers land over `kv_transfer_ms`; whatever of that came after prefill
+    # compute ended is in `handoff_ms` (prefill end → first decode step). The rest was hidden.
+    if "kv_transfer_ms" in stats and "handoff_ms" in stats:
+        out.kv["transfer_ms"] = float(stats["kv_transfer_ms"])
+        out.kv["hidden_ms"] = max(0.0, float(stats["kv_transfer_ms"]) - float(stats["handoff_ms"]))
