@@ -28,8 +28,8 @@ from dataclasses import dataclass, field, replace
 import zmq
 import zmq.asyncio
 
-from disagg_cli.coordinator.router import NoWorkerError, Router, WorkerRecord
 from disagg_cli.config import SamplingParams
+from disagg_cli.coordinator.router import NoWorkerError, Router, WorkerRecord
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import DisaggError
 from disagg_cli.kv.wire import (
