@@ -1,0 +1,294 @@
+"""`disagg bench engine`: prefill and decode speed of the batched engine, like llama.cpp's `llama-bench`.
+
+1. load the model once (our loader) and tokenize English text into real token ids;
+2. prefill points: one prompt of N tokens; the timed span is the one `LLMEngine.step()` that
+   prefills it (schedule, forward, lm_head on the last row, sampling);
+3. decode points: B prompts of `decode_context` tokens are prefilled in one (untimed) step, then
+   exactly `decode_tokens` steps of B decodes each are timed (`ignore_eos`, so every step counts);
+4. optionally the same points in plain Hugging Face transformers on the same GGUF file and threads;
+5. each point runs `reps` times and reports the median, as a Rich table or one JSON object.
+
+Derived figures: weight GB/s = weight bytes read per forward (decoder layers + the lm_head matrix)
+× forwards / time; KV GB/s = K/V bytes attention reads / time; GFLOP/s = (2 × layer params × tokens
++ 2 × lm_head params × sampled rows + causal attention 4 × heads × head_dim × keys per query) / time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disagg_cli import ui
+from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
+from disagg_cli.engine.single import check_context
+from disagg_cli.errors import UsageError
+from disagg_cli.model.loader import TORCH_DTYPES, LoadedModel
+
+TEXT = ("The history of computing is a story of people who wanted to calculate faster than they could by "
+        "hand. Early machines used gears and levers; later ones used relays, vacuum tubes and then "
+        "transistors, each generation smaller, cheaper and more reliable than the last. Today a phone "
+        "holds more memory than the rooms of machines that sent people to the moon. ")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineBenchOptions:
+    model: str
+    cache_dir: Path
+    runtime: RuntimeConfig
+    block_size: int = 16
+    prompt_lens: tuple[int, ...] = (128, 512, 2048)
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    decode_context: int = 128
+    decode_tokens: int = 32
+    reps: int = 2
+    baseline: bool = True
+    json_output: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_lens", "batch_sizes"):
+            if not getattr(self, name) or min(getattr(self, name)) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive integers, got {getattr(self, name)}")
+        for name in ("decode_context", "decode_tokens", "reps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCost:
+    """Bytes and FLOPs of one forward, from the architecture (not measured)."""
+
+    layer_params: int
+    head_params: int  # the lm_head matrix (the embedding itself when tied)
+    elem_bytes: int
+    kv_bytes_per_token: int
+    attn_flops_per_key: int  # per query token per cached key, all layers: 4 × heads × head_dim × layers
+
+    def weight_bytes(self) -> int:
+        return (self.layer_params + self.head_params) * self.elem_bytes
+
+    def flops(self, num_tokens: int, num_sampled: int, num_keys: int) -> int:
+        return (2 * self.layer_params * num_tokens + 2 * self.head_params * num_sampled
+                + self.attn_flops_per_key * num_keys)
+
+
+@dataclass
+class Point:
+    phase: str  # "prefill" or "decode"
+    engine: str  # "disagg" or "transformers"
+    batch_size: int
+    context_len: int  # prompt length (prefill) or prompt tokens before decoding (decode)
+    num_tokens: int  # tokens processed in the timed span
+    num_forwards: int
+    num_keys: int  # Σ over timed query tokens of the keys each attends to
+    times_s: list[float] = field(default_factory=list)
+    gathered_bytes: int = 0  # KV our runner copied for fragmented sequences, all reps
+
+    def summary(self, cost: ModelCost) -> dict[str, Any]:
+        t = statistics.median(self.times_s)
+        sampled = self.num_tokens if self.phase == "decode" else self.batch_size
+        return {"phase": self.phase, "engine": self.engine, "batch_size": self.batch_size,
+                "context_len": self.context_len, "num_tokens": self.num_tokens, "num_steps": self.num_forwards,
+                "time_s": t, "times_s": self.times_s, "tokens_per_s": self.num_tokens / t,
+                "ms_per_token_per_seq": t * 1e3 / (self.num_forwards if self.phase == "decode" else self.num_tokens),
+                "weight_gb_per_s": cost.weight_bytes() * self.num_forwards / t / 1e9,
+                # decode reads cached K/V from the pool; a fresh prompt attends over its own new K/V
+                "kv_gb_per_s": cost.kv_bytes_per_token * self.num_keys / t / 1e9 if self.phase == "decode" else 0.0,
+                "gflop_per_s": cost.flops(self.num_tokens, sampled, self.num_keys) / t / 1e9,
+                "gathered_kv_bytes": self.gathered_bytes}
+
+
+def _token_ids(encode: Callable[[str], list[int]], n: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n:
+        ids = encode(TEXT * (1 + 2 * len(ids) // 60 + 1))
+    return ids[:n]
+
+
+def _decode_keys(batch: int, context: int, steps: int) -> int:
+    # decode step j (0-based) feeds the token at position context + j: it sees context + j + 1 keys
+    return batch * sum(context + j + 1 for j in range(steps))
+
+
+class OurEngine:
+    name = "disagg"
+
+    def __init__(self, lm: LoadedModel, opts: EngineBenchOptions) -> None:
+        need = max(max(opts.prompt_lens) + 1, max(opts.batch_sizes) * (opts.decode_context + opts.decode_tokens + 1))
+        # The default pool (512 MiB), or twice the need when that is more: a pool sized to the exact
+        # need would fragment sequences that a server's roomier pool keeps contiguous.
+        kv_bytes = lm.config.kv_bytes_per_token(lm.runtime.dtype)
+        default_tokens = EngineConfig(block_size=opts.block_size).num_blocks(kv_bytes) * opts.block_size
+        self.config = EngineConfig(block_size=opts.block_size, kv_cache_tokens=max(2 * need, default_tokens),
+                                   max_num_seqs=max(opts.batch_sizes),
+                                   max_num_batched_tokens=max(max(opts.prompt_lens),
+                                                              max(opts.batch_sizes) * opts.decode_context))
+        from disagg_cli.engine.engine import LLMEngine
+
+        self.engine = LLMEngine(lm, self.config)
+        self.n = 0
+
+    @property
+    def gathered_bytes(self) -> int:
+        return self.engine.runner.gathered_bytes
+
+    def prefill_s(self, ids: list[int]) -> float:
+        self._add([ids], 1)
+        t0 = time.perf_counter()
+        self.engine.step()
+        elapsed = time.perf_counter() - t0
+        assert self.engine.last_step.num_prefill_tokens == len(ids) and not self.engine.has_unfinished()
+        return elapsed
+
+    def decode_s(self, prompts: list[list[int]], steps: int) -> float:
+        self._add(prompts, steps + 1)  # the first token comes from the prefill step
+        self.engine.step()
+        assert self.engine.last_step.num_prefill_tokens == sum(map(len, prompts)), "prefill did not fit one step"
+        elapsed, counted = 0.0, 0
+        while self.engine.has_unfinished():
+            t0 = time.perf_counter()
+            self.engine.step()
+            elapsed += time.perf_counter() - t0
+            assert self.engine.last_step.num_prefill_tokens == 0
+            counted += self.engine.last_step.num_decode_seqs
+        assert counted == len(prompts) * steps, f"counted {counted} decode tokens"
+        return elapsed
+
+    def _add(self, prompts: list[list[int]], max_tokens: int) -> None:
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        for ids in prompts:
+            self.n += 1
+            self.engine.add_request(f"bench-{self.n}", ids, params)
+
+
+class HFEngine:
+    """Plain transformers: one `model(...)` forward for prefill, `generate` for decode."""
+
+    name = "transformers"
+    gathered_bytes = 0
+
+    def __init__(self, path: Path, dtype: str) -> None:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # its tqdm bars would bypass our quiet-off-a-terminal rule
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=TORCH_DTYPES[dtype]).eval()
+
+    @torch.inference_mode()
+    def prefill_s(self, ids: list[int]) -> float:
+        x = torch.tensor([ids])
+        t0 = time.perf_counter()
+        # logits_to_keep=1: the lm_head runs on the last row only, as ours and `generate` do
+        self.model(input_ids=x, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def decode_s(self, prompts: list[list[int]], steps: int) -> float:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        stamps: list[float] = []
+
+        class Stamp(StoppingCriteria):  # called once after each new token is appended
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                stamps.append(time.perf_counter())
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+        x = torch.tensor(prompts)
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps + 1,
+                                  min_new_tokens=steps + 1, do_sample=False, pad_token_id=0,
+                                  stopping_criteria=StoppingCriteriaList([Stamp()]))
+        assert out.shape[1] == x.shape[1] + steps + 1 and len(stamps) == steps + 1
+        return stamps[-1] - stamps[0]  # first stamp: after the prefill forward; then `steps` decodes
+
+
+@contextmanager
+def _progress(total: int) -> Iterator[Callable[[str], None]]:
+    if not ui.is_interactive():
+        yield lambda _label: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=ui.err_console, transient=True) as bar:
+        task = bar.add_task("bench", total=total)
+        yield lambda label: bar.update(task, advance=1, description=label)
+
+
+def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
+    from disagg_cli.generate import prepare
+
+    lm, tokenizer = prepare(opts.model, opts.cache_dir, opts.runtime)
+    check_context(lm, max(opts.prompt_lens), 1)
+    check_context(lm, opts.decode_context, opts.decode_tokens + 1)
+    c = lm.config
+    elem = torch.empty((), dtype=lm.dtype).element_size()
+    head = c.vocab_size * c.hidden_size
+    cost = ModelCost(sum(p.numel() for p in lm.model.model.layers.parameters()), head, elem,
+                     c.kv_bytes_per_token(opts.runtime.dtype), 4 * c.num_heads * c.head_dim * c.num_layers)
+    spread = 7  # decode prompts start at different offsets so the B sequences differ
+    base = _token_ids(lambda s: tokenizer.encode(s, add_bos=False),
+                      max(max(opts.prompt_lens), opts.decode_context + spread * max(opts.batch_sizes)))
+    engines: list[Any] = [OurEngine(lm, opts)]
+    if opts.baseline:
+        try:
+            engines.append(HFEngine(lm.path, opts.runtime.dtype))
+        except ImportError as e:
+            raise UsageError(f"--baseline needs transformers ({e}); pass --no-baseline") from e
+    points: list[Point] = []
+    total = len(engines) * (len(opts.prompt_lens) + len(opts.batch_sizes)) * opts.reps
+    ctx, steps = opts.decode_context, opts.decode_tokens
+    def prefill(n: int) -> Callable[[Any], float]:
+        return lambda eng: eng.prefill_s(base[:n])
+
+    def decode(b: int) -> Callable[[Any], float]:
+        return lambda eng: eng.decode_s([base[i * spread : i * spread + ctx] for i in range(b)], steps)
+
+    plan = [("prefill", n, prefill(n)) for n in opts.prompt_lens] + [("decode", b, decode(b)) for b in opts.batch_sizes]
+    with _progress(total) as advance:
+        for eng in engines:
+            eng.prefill_s(base[:16])  # warm-up: first-call allocations and kernel selection
+            eng.decode_s([base[:16]], 2)
+        for phase, size, run in plan:
+            # the engines take turns rep by rep, so a noisy neighbour slows both alike
+            row = [Point(phase, eng.name, 1, size, size, 1, size * (size + 1) // 2) if phase == "prefill"
+                   else Point(phase, eng.name, size, ctx, size * steps, steps, _decode_keys(size, ctx, steps))
+                   for eng in engines]
+            for _ in range(opts.reps):
+                for eng, p in zip(engines, row, strict=True):
+                    g0 = eng.gathered_bytes
+                    p.times_s.append(run(eng))
+                    p.gathered_bytes += eng.gathered_bytes - g0
+                    advance(f"{eng.name} {phase} {size}")
+            points += row
+    return {"model": opts.model, "path": str(lm.path), "dtype": opts.runtime.dtype,
+            "threads": torch.get_num_threads(), "block_size": opts.block_size, "reps": opts.reps,
+            "num_parameters": lm.num_parameters, "weight_bytes_per_forward": cost.weight_bytes(),
+            "kv_bytes_per_token": cost.kv_bytes_per_token,
+            "flops": "2*layer_params*tokens + 2*lm_head_params*sampled_rows + 4*heads*head_dim*layers*keys (causal)",
+            "points": [p.summary(cost) for p in points]}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("test", "ours tok/s", "ms/tok/seq", "GB/s w", "GB/s kv", "GFLOP/s", "hf tok/s", "ours/hf",
+                  title=f"{result['model']} · {result['dtype']} · {result['threads']} threads · "
+                        f"median of {result['reps']}")
+    ours = [p for p in result["points"] if p["engine"] == "disagg"]
+    hf = {(p["phase"], p["batch_size"], p["context_len"]): p for p in result["points"] if p["engine"] != "disagg"}
+    for p in ours:
+        ref = hf.get((p["phase"], p["batch_size"], p["context_len"]))
+        label = f"pp{p['context_len']}" if p["phase"] == "prefill" else f"tg{p['num_steps']} b{p['batch_size']}"
+        table.add_row(label, f"{p['tokens_per_s']:.1f}", f"{p['ms_per_token_per_seq']:.2f}",
+                      f"{p['weight_gb_per_s']:.2f}", f"{p['kv_gb_per_s']:.2f}", f"{p['gflop_per_s']:.1f}",
+                      f"{ref['tokens_per_s']:.1f}" if ref else "-",
+                      f"{p['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref else "-")
+    Console().print(table)

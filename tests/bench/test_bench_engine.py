@@ -1,0 +1,38 @@
+"""`disagg bench engine` as a person runs it: a real process on the real default model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_bench_engine_json_counts_exact_tokens() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "disagg_cli", "bench", "engine", "--prompt-lens", "16", "--batch-sizes", "1,2",
+         "--decode-tokens", "4", "--reps", "1", "--no-baseline", "--json", "--threads", "2"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["dtype"] == "float32" and result["threads"] == 2 and result["reps"] == 1
+    assert result["weight_bytes_per_forward"] > 0 and result["kv_bytes_per_token"] > 0
+    points = {(p["phase"], p["batch_size"]): p for p in result["points"]}
+    assert set(points) == {("prefill", 1), ("decode", 1), ("decode", 2)}
+    assert all(p["engine"] == "disagg" for p in points.values())
+    prefill = points["prefill", 1]
+    assert (prefill["context_len"], prefill["num_tokens"], prefill["num_steps"]) == (16, 16, 1)
+    assert prefill["kv_gb_per_s"] == 0.0  # a fresh prompt reads no cached KV
+    for b in (1, 2):
+        decode = points["decode", b]
+        # exactly B sequences × 4 timed decode steps; the prefill step's first token is not counted
+        assert (decode["num_tokens"], decode["num_steps"], decode["context_len"]) == (b * 4, 4, 128)
+        assert decode["kv_gb_per_s"] > 0
+    for p in points.values():
+        assert len(p["times_s"]) == 1 and p["time_s"] > 0
+        for key in ("tokens_per_s", "ms_per_token_per_seq", "weight_gb_per_s", "gflop_per_s"):
+            assert p[key] > 0, key
+        assert p["tokens_per_s"] == pytest.approx(p["num_tokens"] / p["time_s"])
