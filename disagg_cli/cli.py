@@ -83,6 +83,8 @@ def generate(
     kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers started here: none, lz4, "
                                                  "shuffle-lz4, int8, int4 or auto.")] = None,
     worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
+    keys: Annotated[Path | None, typer.Option(help="CurveZMQ keys to reach workers started with --keys.")] = None,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for every worker's hello.")] = 120.0,
 ) -> None:
     """Generate text for prompts, streaming it as it is produced.
 
@@ -103,7 +105,8 @@ def generate(
         json_output=json_output,
         serve=ServeOptions(in_process=in_process, prefill=tuple(prefill or ()), decode=tuple(decode or ()),
                            colocated=colocated, colocated_addr=colocated_addr, config=config, router=router,
-                           kv_codec=kv_codec, worker_timeout_s=worker_timeout),
+                           kv_codec=kv_codec, worker_timeout_s=worker_timeout, keys_dir=keys,
+                           connect_timeout_s=connect_timeout),
     )
     if system is not None and not chat:
         raise UsageError("--system only applies with --chat")
@@ -328,6 +331,90 @@ def bench_codec(
     run(CodecBenchOptions(model=model, cache_dir=_cache_dir(), runtime=RuntimeConfig(dtype=dtype, threads=threads),
                           prompt_tokens=prompt_tokens, agreement_tokens=agreement_tokens, link_gbps=link_gbps,
                           codecs=names, json_output=json_output))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: ModelOpt = "smollm2-135m-instruct",
+    mode: Annotated[str, typer.Option(help="disagg, colocated, or both (same workload, seed and cores).")] = "disagg",
+    config: Annotated[Path | None, typer.Option("--config", help="Disaggregated TOML topology to start "
+                                                "(default: local 1 prefill + 1 decode).")] = None,
+    dataset_name: Annotated[str, typer.Option(help="random or sharegpt.")] = "random",
+    dataset_path: Annotated[Path | None, typer.Option(help="ShareGPT-format JSON file.")] = None,
+    random_input_len: Annotated[int, typer.Option(help="Prompt tokens (vLLM's default is 1024; 256 here "
+                                                  "so a run fits a small CPU).")] = 256,
+    random_output_len: Annotated[int, typer.Option(help="Output tokens (vLLM: 128).")] = 64,
+    random_range_ratio: Annotated[float, typer.Option(help="Lengths uniform in len·[1−r, 1+r].")] = 0.0,
+    num_prompts: Annotated[int, typer.Option(help="Requests (short ones, for --workload interference).")] = 32,
+    request_rate: Annotated[float, typer.Option(help="Requests/s (Poisson); inf sends all at once.")] = float("inf"),
+    burstiness: Annotated[float, typer.Option(help="Gamma shape of the intervals; 1 = Poisson, <1 burstier.")] = 1.0,
+    max_concurrency: Annotated[int | None, typer.Option(help="Most requests in flight.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the workload (prompts, lengths, arrivals).")] = 0,
+    num_warmups: Annotated[int, typer.Option(help="Warm-up requests per mode, not measured.")] = 0,
+    ignore_eos: Annotated[bool, typer.Option(help="Generate exactly the output lengths.")] = False,
+    percentile_metrics: Annotated[str, typer.Option(help="Of ttft,tpot,itl,e2el.")] = "ttft,tpot,itl",
+    metric_percentiles: Annotated[str, typer.Option(help="Comma-separated percentiles.")] = "99",
+    goodput: Annotated[list[str] | None, typer.Option(help="SLO NAME:MS (ttft, tpot, e2el); repeatable, or "
+                                                      "several in one quoted string.")] = None,
+    save_result: Annotated[bool, typer.Option(help="Write the result JSON (one file per mode and rate).")] = False,
+    result_dir: Annotated[Path | None, typer.Option(help="Folder for --save-result.")] = None,
+    result_filename: Annotated[str | None, typer.Option(help="File name for --save-result.")] = None,
+    label: Annotated[str | None, typer.Option(help="Label stored in the result.")] = None,
+    metadata: Annotated[list[str] | None, typer.Option(help="KEY=VALUE stored in the result; repeatable.")] = None,
+    workload: Annotated[str, typer.Option(help="dataset (--dataset-name) or interference: short requests at "
+                                          "--request-rate with a long prompt every --long-interval s "
+                                          "(EOS ignored).")] = "dataset",
+    short_input_len: Annotated[int, typer.Option(help="Interference: short prompts' tokens.")] = 32,
+    short_output_len: Annotated[int, typer.Option(help="Interference: short requests' output tokens.")] = 64,
+    long_input_len: Annotated[int, typer.Option(help="Interference: long prompts' tokens.")] = 1024,
+    long_output_len: Annotated[int, typer.Option(help="Interference: long requests' output tokens.")] = 8,
+    long_interval: Annotated[float, typer.Option(help="Interference: seconds between long prompts.")] = 5.0,
+    sweep_rates: Annotated[str | None, typer.Option(help="Goodput sweep over these rates, e.g. 0.5,1,2 "
+                                                    "(needs --goodput ttft:MS tpot:MS).")] = None,
+    chaos_kill_every: Annotated[float | None, typer.Option(help="Soak: SIGKILL a random worker every S seconds "
+                                                           "and restart it.")] = None,
+    dtype: DtypeOpt = "float32",
+    kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers (default topology).")] = None,
+    worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
+    json_output: Annotated[bool, typer.Option("--json", help="The result JSON on stdout instead of the text.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Draw TTFT/TPOT distributions and the ITL timeline (PNG; "
+                                              "needs matplotlib).")] = None,
+) -> None:
+    """Serving benchmark in vLLM's terms (TTFT, TPOT, ITL, E2EL, goodput), disaggregated vs colocated."""
+    from disagg_cli.bench.metrics import parse_goodput
+    from disagg_cli.bench.serve import InterferenceShape, ServeBenchOptions, run_serve_bench
+
+    def floats(flag: str, text: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise UsageError(f"{flag} takes comma-separated numbers like 0.5,1,2, got {text!r}") from None
+
+    pairs = []
+    for item in metadata or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--metadata takes KEY=VALUE, got {item!r}")
+        pairs.append((key, value))
+    try:
+        slo = parse_goodput(goodput or [])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    opts = ServeBenchOptions(
+        model=model, cache_dir=_cache_dir(), dataset_name=dataset_name, dataset_path=dataset_path,
+        random_input_len=random_input_len, random_output_len=random_output_len,
+        random_range_ratio=random_range_ratio, num_prompts=num_prompts, request_rate=request_rate,
+        burstiness=burstiness, max_concurrency=max_concurrency, seed=seed, num_warmups=num_warmups,
+        ignore_eos=ignore_eos, percentile_metrics=tuple(m.strip() for m in percentile_metrics.split(",") if m.strip()),
+        metric_percentiles=floats("--metric-percentiles", metric_percentiles), goodput=slo,
+        save_result=save_result, result_dir=result_dir, result_filename=result_filename, label=label,
+        metadata=tuple(pairs), mode=mode, config=config, dtype=dtype, kv_codec=kv_codec,
+        worker_timeout_s=worker_timeout, json_output=json_output, plot=plot, workload=workload,
+        interference=InterferenceShape(short_input_len, short_output_len, long_input_len, long_output_len,
+                                       long_interval),
+        sweep_rates=floats("--sweep-rates", sweep_rates) if sweep_rates else (),
+        chaos_kill_every_s=chaos_kill_every)
+    run_serve_bench(opts)
 
 
 def main() -> None:

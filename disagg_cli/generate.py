@@ -47,6 +47,8 @@ class ServeOptions:
     router: str = "round-robin"
     kv_codec: str | None = None  # None: the prefill workers' default
     worker_timeout_s: float = 10.0
+    keys_dir: Path | None = None  # CurveZMQ keys for workers started elsewhere with --keys
+    connect_timeout_s: float = 120.0  # for every worker's hello answer (covers loading weights)
 
     def __post_init__(self) -> None:
         if bool(self.prefill) != bool(self.decode):
@@ -64,6 +66,11 @@ class ServeOptions:
             raise UsageError(f"--kv-codec must be one of {', '.join(KV_CODECS)}, got {self.kv_codec!r}")
         if not self.worker_timeout_s > 0:
             raise UsageError(f"--worker-timeout must be positive, got {self.worker_timeout_s}")
+        if not self.connect_timeout_s > 0:
+            raise UsageError(f"--connect-timeout must be positive, got {self.connect_timeout_s}")
+        if self.keys_dir is not None and not (self.prefill or self.colocated_addr):
+            raise UsageError("--keys is for workers started elsewhere: use it with --prefill/--decode or "
+                             "--colocated-addr")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +227,8 @@ async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], 
                  tokenizer: Tokenizer, opts: GenerateOptions) -> None:
     from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
 
-    config = CoordinatorConfig(policy=opts.serve.router, worker_timeout_s=opts.serve.worker_timeout_s)
+    config = CoordinatorConfig(policy=opts.serve.router, worker_timeout_s=opts.serve.worker_timeout_s,
+                               keys_dir=opts.serve.keys_dir, handshake_timeout_s=opts.serve.connect_timeout_s)
     async with Coordinator(workers, tokenizer.eos_token_ids, config) as coordinator:
         await coordinator.connect(cluster.check if cluster is not None else None)
         printer = _OrderedPrinter(requests, opts.json_output)

@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -32,6 +33,7 @@ from disagg_cli.config import SamplingParams
 from disagg_cli.coordinator.router import NoWorkerError, Router, WorkerRecord
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import DisaggError
+from disagg_cli.keys import Keys
 from disagg_cli.kv.wire import (
     PROTOCOL_VERSION,
     Abort,
@@ -65,10 +67,11 @@ class CoordinatorConfig:
     send_timeout_s: float = 10.0
     heartbeat_interval_s: float = 1.0
     max_retries: int = 2  # attempts after the first when a worker dies or shuts down mid-request
+    keys_dir: Path | None = None  # CurveZMQ keys (disagg keys generate); None: plain tcp
 
 
 # Failures another worker can mend: the worker (and the request's KV there) is gone, not the request.
-RETRYABLE = frozenset({"worker-dead", "shutdown", "draining", "truncated"})
+RETRYABLE = frozenset({"worker-dead", "shutdown", "draining", "truncated", "no-hello", "peer-restarted"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +98,7 @@ class _Connection:
     beat: asyncio.Event = field(default_factory=asyncio.Event)
     request_ids: set[str] = field(default_factory=set)
     reader: asyncio.Task[None] | None = None
+    rehello: bool = False  # greeted again after it restarted; waiting for its ack
 
     @property
     def name(self) -> str:
@@ -129,9 +133,12 @@ class Coordinator:
         may raise to fail early, e.g. when a locally started worker process exited."""
         self._ctx = zmq.asyncio.Context()
         loop = asyncio.get_running_loop()
+        keys = Keys.load(self.config.keys_dir, "coordinator") if self.config.keys_dir else None
         for record in self.router.workers:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, _SEND_LINGER_MS)
+            if keys is not None:
+                keys.make_client(sock, record.role)
             sock.connect(record.address)  # zmq queues the hello until the worker is bound
             conn = _Connection(record, sock, loop.create_future())
             conn.reader = asyncio.create_task(self._read(conn), name=f"read {record.address}")
@@ -236,6 +243,11 @@ class Coordinator:
         if isinstance(msg, HelloAck | Refuse) or (isinstance(msg, Error) and rid is None):
             if not conn.hello.done():
                 conn.hello.set_result(msg)
+            elif isinstance(msg, HelloAck):
+                if not conn.record.is_alive or conn.rehello:
+                    self._rejoin(conn, msg)
+            elif isinstance(msg, Error) and msg.reason == "no-hello":
+                self._restarted(conn)
             else:
                 log.warning("%s: %s after the handshake: %s", conn.name, msg.kind, msg)
             return
@@ -252,6 +264,9 @@ class Coordinator:
             now = time.monotonic()
             for conn in self._conns.values():
                 if not conn.record.is_alive:
+                    # A restarted worker at the same address knows nobody: greet it again.
+                    with contextlib.suppress(_Failed):
+                        await self._send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
                     continue
                 if now - conn.last_seen_s > timeout:
                     self._mark_dead(conn, f"{conn.name} sent nothing for {now - conn.last_seen_s:.0f} s "
@@ -261,6 +276,27 @@ class Coordinator:
                 # A beat that cannot go out is left to the silence check above.
                 with contextlib.suppress(_Failed):
                     await self._send(conn, Heartbeat(conn.seq))
+
+    def _rejoin(self, conn: _Connection, ack: HelloAck) -> None:
+        expected = self.model_fingerprint
+        if ack.role != conn.record.role or (expected and ack.model_fingerprint != expected):
+            log.warning("%s came back as a %s worker of model %s; not routing to it", conn.name, ack.role,
+                        ack.model_fingerprint)
+            return
+        conn.ack = ack
+        conn.rehello = False
+        conn.last_seen_s = time.monotonic()
+        self.router.mark_alive(conn.record.address)
+        log.warning("%s is back and takes requests again", conn.name)
+
+    def _restarted(self, conn: _Connection) -> None:
+        """The worker answered as if it never met us: it restarted faster than the heartbeat noticed.
+        What it held is gone; fail those requests over (they retry) and greet it again."""
+        if conn.rehello:
+            return
+        conn.rehello = True
+        self._mark_dead(conn, f"{conn.name} restarted and lost its requests")
+        conn.sock.send_multipart(encode_message(Hello(PROTOCOL_VERSION, "coordinator", "")))
 
     def _mark_dead(self, conn: _Connection, reason: str) -> None:
         log.warning("%s", reason)

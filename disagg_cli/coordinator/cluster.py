@@ -142,6 +142,22 @@ class LocalCluster:
             self.stop()
             raise
 
+    def restart(self, index: int) -> WorkerProcess:
+        """Start worker `index` again with the same spec and port (SIGKILLing it first if it still
+        runs), so a coordinator that knew its address can find it again; its log gets a suffix."""
+        old = self.workers[index]
+        if old.process.poll() is None:
+            old.process.kill()
+        old.process.wait()
+        self.keep_logs |= old.process.returncode not in (0, -signal.SIGKILL)
+        log_path = old.log_path.with_name(f"{old.log_path.stem}.r{time.monotonic_ns()}.log")
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                worker_command(old.spec, self.model), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                preexec_fn=_affinity(old.spec.cpus), start_new_session=True)
+        self.workers[index] = WorkerProcess(old.spec, old.address, process, log_path)
+        return self.workers[index]
+
     def addresses(self) -> list[tuple[str, str]]:
         """(role, address) of every worker, in the topology's order."""
         return [(w.spec.role, w.address) for w in self.workers]

@@ -93,3 +93,9 @@ class Router:
 
     def mark_dead(self, address: str) -> None:
         self.get(address).is_alive = False
+
+    def mark_alive(self, address: str) -> None:
+        """A worker that was taken as dead answered a new hello (restarted): route to it again."""
+        w = self.get(address)
+        w.is_alive = True
+        w.stats = {}

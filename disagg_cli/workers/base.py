@@ -96,6 +96,7 @@ class WorkerIO:
             raise UsageError(f"cannot listen on {bind_host}:{port}: {e}") from None
         self._peers: dict[str, zmq.Socket] = {}
         self._greeted: set[bytes] = set()
+        self._regreeted: set[str] = set()  # peers greeted again after they forgot us, until they ack
         self.peer_refusals: queue.Queue[tuple[str, str]] = queue.Queue()  # (address, message)
         self.stats: dict[str, int | float] = {}  # replaced whole by the engine thread
         self._thread = threading.Thread(target=self._run, name="worker-io", daemon=True)
@@ -188,7 +189,16 @@ class WorkerIO:
             log(self.ident.role, f"{address} refused us: {msg.message}")
             self.peer_refusals.put((address, msg.message))
         elif isinstance(msg, Error):
+            if msg.reason == "no-hello":  # the peer restarted and forgot us: greet it again
+                if address not in self._regreeted:
+                    log(self.ident.role, f"{address} restarted; saying hello again")
+                    sock.send_multipart(encode_message(self._hello()))
+                    self._regreeted.add(address)
+            else:
+                self._regreeted.discard(address)
             self.inbox.put((("peer", address), msg))
+        elif isinstance(msg, HelloAck):
+            self._regreeted.discard(address)
 
     def _receive_router(self) -> None:
         identity, *frames = self._router.recv_multipart(copy=False)

@@ -67,6 +67,8 @@ class PrefillWorker(Worker):
         self._codec_factory = lambda: get_codec(config.kv_codec, link_bytes_per_s=link)
         get_codec(config.kv_codec)  # refuse an unknown name at start, not on the first request
         self.pending: dict[str, _Pending] = {}
+        # Requests whose KV left this worker, by id → (coordinator, decode address); bounded.
+        self.handed_off: dict[str, tuple[Dest, str]] = {}
 
     def handle(self, dest: Dest, item: Any) -> None:
         if isinstance(item, Prefill):
@@ -83,8 +85,14 @@ class PrefillWorker(Worker):
             self.pending[rid] = _Pending(dest, item.decode_addr, time.perf_counter(), len(item.prompt_ids))
         elif isinstance(item, Error):
             log("prefill", f"peer error: {item.reason}: {item.message}")
-            if item.request_id in self.pending:
-                self.abort(item.request_id, notify=True, reason=item.reason, message=item.message)
+            rid = item.request_id
+            if rid in self.pending:
+                self.abort(rid, notify=True, reason=item.reason, message=item.message)
+            elif rid is not None and rid in self.handed_off:
+                # The decode worker lost KV we already sent (it restarted): the coordinator must
+                # retry; it would otherwise wait for tokens that will never come.
+                owner, addr = self.handed_off.pop(rid)
+                self.io.send(owner, Error(rid, "peer-restarted", f"decode worker {addr} lost the KV: {item.message}"))
         else:
             self.io.send(dest, Error(getattr(item, "request_id", None), "unexpected",
                                      f"a prefill worker does not take {item.kind}"))
@@ -122,6 +130,9 @@ class PrefillWorker(Worker):
                 "queue_ms": queue_ms, "prefill_ms": stats["prefill_ms"], "batch_size": stats["batch_size"]}))
             self.io.send(("peer", p.decode_addr), _Done(rid, ev.token_id, state, end_unix))
             self.owners.pop(rid, None)
+            self.handed_off[rid] = (p.owner, p.decode_addr)
+            if len(self.handed_off) > 10_000:
+                self.handed_off.pop(next(iter(self.handed_off)))
 
     # --- the I/O thread ----------------------------------------------------------------------------
 

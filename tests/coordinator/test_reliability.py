@@ -113,3 +113,50 @@ def test_last_decode_worker_killed_fails_with_reason(default_gguf: Path, default
         assert o.state == "failed" and o.finish_reason == "no-worker", (o.request_id, o.state, o.error)
         assert "decode" in (o.error or "")
     assert_free(stats)
+
+
+def test_restarted_worker_rejoins(default_gguf: Path, default_tokenizer: Tokenizer, tmp_path: Path) -> None:
+    from tests.workers.peer import free_port, start_worker
+
+    pp, dp = free_port(), free_port()
+    paddr, daddr = f"tcp://127.0.0.1:{pp}", f"tcp://127.0.0.1:{dp}"
+    procs = [start_worker("prefill", pp, default_gguf, log=tmp_path / "p.log"),
+             start_worker("decode", dp, default_gguf, log=tmp_path / "d.log")]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+
+    def request(rid: str) -> RequestOutput:
+        return RequestOutput(rid, PROMPTS[0], default_tokenizer.encode(PROMPTS[0]), params, default_tokenizer)
+
+    async def until(predicate, timeout_s: float) -> None:  # type: ignore[no-untyped-def]
+        for _ in range(int(timeout_s / 0.1)):
+            if predicate():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError("timed out")
+
+    async def run() -> tuple[RequestOutput, RequestOutput]:
+        config = CoordinatorConfig(worker_timeout_s=2.0, heartbeat_interval_s=0.3)
+        async with Coordinator([("prefill", paddr), ("decode", daddr)], default_tokenizer.eos_token_ids,
+                               config) as coordinator:
+            await asyncio.wait_for(coordinator.connect(), 150)
+            before = request("before")
+            await coordinator.run_request(before)
+            procs[1].kill()
+            procs[1].wait()
+            record = coordinator.router.get(daddr)
+            await until(lambda: not record.is_alive, 15)
+            procs[1] = start_worker("decode", dp, default_gguf, log=tmp_path / "d2.log")
+            await until(lambda: record.is_alive, 120)
+            after = request("after")
+            await coordinator.run_request(after)
+            return before, after
+
+    try:
+        before, after = asyncio.run(run())
+        assert before.state == after.state == "done", (before.error, after.error)
+        assert after.token_ids == before.token_ids
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)

@@ -51,3 +51,23 @@ def test_keys_generate_refuses_to_overwrite(tmp_path: Path) -> None:
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and again.stderr.startswith("error: ") and "already holds keys" in again.stderr
     assert zmq.has("curve")
+
+
+def test_generate_through_keyed_workers(default_gguf: Path, tmp_path: Path) -> None:
+    keys_dir = tmp_path / "keys"
+    generate_keys(keys_dir)
+    pp, dp = free_port(), free_port()
+    workers = [start_worker("prefill", pp, default_gguf, "--keys", str(keys_dir), log=tmp_path / "p.log"),
+               start_worker("decode", dp, default_gguf, "--keys", str(keys_dir), log=tmp_path / "d.log")]
+    try:
+        cmd = [sys.executable, "-m", "disagg_cli", "generate", "The capital of France is", "--max-tokens", "4",
+               "--model", str(default_gguf), "--prefill", f"127.0.0.1:{pp}", "--decode", f"127.0.0.1:{dp}"]
+        with_keys = subprocess.run([*cmd, "--keys", str(keys_dir)], capture_output=True, text=True, timeout=120)
+        assert with_keys.returncode == 0, with_keys.stderr
+        assert with_keys.stdout.startswith(" Paris.")
+        without = subprocess.run([*cmd, "--connect-timeout", "3"], capture_output=True, text=True, timeout=120)
+        assert without.returncode != 0 and "no answer to hello" in without.stderr
+    finally:
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        assert all(w.wait(timeout=30) == 0 for w in workers)
