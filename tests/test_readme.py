@@ -37,4 +37,4 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_pyproject_keeps_torch_open() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert '"torch>=2.2"' in pyproject and "torch==" not in pyproject
+    assert '"torch>=2.5"' in pyproject and "torch==" not in pyproject

@@ -5,8 +5,11 @@ addressed by flat slot (block id × block_size + offset) as `kv/pool.py` assigns
 tokens, from any mix of prefills, prefill chunks and decodes, run through the model as one flat
 batch; each layer writes its new K/V into their slots (`index_copy_`), then attends per sequence:
 - a fresh prompt (nothing cached before it) attends over its own new K/V, reading no cache;
-- a sequence whose blocks are consecutive reads its cache as a strided view, copying nothing;
-- only a fragmented sequence gathers its slots (`index_select`), and the runner counts those bytes.
+- two or more decoding sequences (one new token each) attend together in one batched call over
+  their KV gathered into a padded (B, L) batch: one copy of their KV per layer, which measured
+  cheaper than B small attention calls per layer (Python overhead) at the batch sizes we serve;
+- any other sequence whose blocks are consecutive reads its cache as a strided view, copying
+  nothing; a fragmented one gathers its slots (`index_select`). The runner counts gathered bytes.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from disagg_cli.engine.scheduler import ScheduledSeq
 from disagg_cli.kv.pool import BlockPool
@@ -48,15 +52,24 @@ class KVStorage:
         return 2 * self.keys.numel() * self.keys.element_size()
 
 
+@dataclass(frozen=True, slots=True)
+class _DecodeBatch:
+    rows: torch.Tensor  # (B,) rows of the flat batch, one per decoding sequence
+    slot_ids: torch.Tensor  # (B * L,) each sequence's slots, padded to the longest L with slot 0
+    mask: torch.Tensor  # (B, 1, 1, L) True where a key is the sequence's own
+    max_len: int
+
+
 class PagedAttention:
     """The `Attention` of one step: stores new K/V in the pool, attends each sequence."""
 
     def __init__(self, storage: KVStorage, slot_mapping: torch.Tensor, seqs: list[_SeqView],
-                 on_layer: LayerHook | None = None) -> None:
+                 on_layer: LayerHook | None = None, decode: _DecodeBatch | None = None) -> None:
         self.storage = storage
         self.slot_mapping = slot_mapping
         self.seqs = seqs
         self.on_layer = on_layer
+        self.decode = decode
         self.gathered_bytes = 0
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -66,9 +79,11 @@ class PagedAttention:
         if self.on_layer is not None:  # views into this step's fresh K/V, no copy
             self.on_layer(layer, [(s.request_id, k[s.start : s.end], v[s.start : s.end])
                                   for s in self.seqs if s.offset == 0])
-        if len(self.seqs) == 1 and self.seqs[0].offset == 0:
+        if self.decode is None and len(self.seqs) == 1 and self.seqs[0].offset == 0:
             return causal_attention(q, k, v, 0)  # one fresh prompt: the whole batch is its own
         out = torch.empty_like(q)
+        if self.decode is not None:
+            self._attend_decodes(keys, values, q, out)
         for s in self.seqs:
             if s.offset == 0:
                 ks, vs = k[s.start : s.end], v[s.start : s.end]
@@ -82,13 +97,24 @@ class PagedAttention:
             out[s.start : s.end] = causal_attention(q[s.start : s.end], ks, vs, s.offset)
         return out
 
+    def _attend_decodes(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
+        d = self.decode
+        assert d is not None
+        b, (_, num_heads, hd), num_kv = d.rows.numel(), q.shape, keys.shape[1]
+        kb = keys.index_select(0, d.slot_ids).view(b, d.max_len, num_kv, hd).transpose(1, 2)  # (B, KV, L, hd)
+        vb = values.index_select(0, d.slot_ids).view(b, d.max_len, num_kv, hd).transpose(1, 2)
+        self.gathered_bytes += 2 * kb.numel() * kb.element_size()
+        qb = q.index_select(0, d.rows).view(b, num_kv, num_heads // num_kv, hd)  # (B, KV, g, hd)
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=d.mask)  # (B, KV, g, hd)
+        out.index_copy_(0, d.rows, ob.reshape(b, num_heads, hd))
+
 
 class ModelRunner:
     def __init__(self, lm: LoadedModel, pool: BlockPool) -> None:
         self.lm = lm
         self.pool = pool
         self.storage = KVStorage(lm, pool.num_blocks * pool.block_size)
-        self.gathered_bytes = 0  # KV copied by fragmented sequences since start
+        self.gathered_bytes = 0  # KV copied for batched decodes and fragmented sequences since start
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], on_layer: LayerHook | None = None) -> torch.Tensor:
@@ -98,24 +124,39 @@ class ModelRunner:
         slots: list[int] = []
         views: list[_SeqView] = []
         sample_rows: list[int] = []
+        decodes: list[tuple[int, list[int]]] = []  # (row, slots) of sequences adding one token
+        many_decodes = sum(1 for item in batch if item.num_new_tokens == 1 and item.seq.num_computed_tokens) >= 2
         for item in batch:
             seq, n = item.seq, item.num_new_tokens
             start, done = len(ids), seq.num_computed_tokens
             ids += seq.token_ids[done : done + n]
             positions += range(done, done + n)
             slots += self.pool.slots(seq.request_id, done, done + n)
+            if item.samples:
+                sample_rows.append(start + n - 1)
+            if many_decodes and n == 1 and done:
+                decodes.append((start, self.pool.slots(seq.request_id, 0, done + 1)))
+                continue
             cache_start = self.pool.contiguous_start(seq.request_id) if done else None
             slot_ids = None
             if done and cache_start is None:
                 slot_ids = torch.tensor(self.pool.slots(seq.request_id, 0, done + n), device=self.lm.device)
             views.append(_SeqView(seq.request_id, start, start + n, done, cache_start, slot_ids))
-            if item.samples:
-                sample_rows.append(start + n - 1)
         device = self.lm.device
-        attn = PagedAttention(self.storage, torch.tensor(slots, device=device), views, on_layer)
+        attn = PagedAttention(self.storage, torch.tensor(slots, device=device), views, on_layer,
+                              self._decode_batch(decodes) if decodes else None)
         hidden = self.lm.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), attn)
         self.gathered_bytes += attn.gathered_bytes
         return self.lm.model.compute_logits(hidden[sample_rows])
+
+    def _decode_batch(self, decodes: list[tuple[int, list[int]]]) -> _DecodeBatch:
+        max_len = max(len(s) for _, s in decodes)
+        padded = [s + [0] * (max_len - len(s)) for _, s in decodes]
+        lengths = torch.tensor([len(s) for _, s in decodes])
+        mask = torch.arange(max_len)[None, :] < lengths[:, None]  # (B, L)
+        device = self.lm.device
+        return _DecodeBatch(torch.tensor([r for r, _ in decodes], device=device),
+                            torch.tensor(padded, device=device).view(-1), mask[:, None, None, :].to(device), max_len)
 
     def export_kv(self, request_id: str, num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A request's KV in the wire layout: per layer, K and V (num_tokens, KV, hd), contiguous copies."""
