@@ -15,6 +15,7 @@ Derived figures: weight GB/s = weight bytes read per forward (decoder layers + t
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -174,6 +175,8 @@ class HFEngine:
     gathered_bytes = 0
 
     def __init__(self, path: Path, dtype: str) -> None:
+        # Its GGUF loader draws a tqdm bar that ignores transformers' own switch; this one it obeys.
+        os.environ.setdefault("TQDM_DISABLE", "1")
         import transformers
 
         transformers.logging.set_verbosity_error()

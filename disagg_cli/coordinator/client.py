@@ -203,6 +203,19 @@ class Coordinator:
             raise DisaggError(f"no heartbeat answer within {timeout_s:.0f} s") from None
         return {c.record.address: dict(c.record.stats) for c in live}
 
+    async def wait_idle(self, timeout_s: float = 5.0) -> dict[str, dict[str, float]]:
+        """Fresh stats once every live worker reports all its KV blocks free (or at `timeout_s`).
+
+        A worker publishes stats between engine steps, so the beat answered right after a
+        request's last token may predate the release of its blocks."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = await self.poll_stats()
+            if all(s.get("free_blocks") == s.get("num_blocks") for s in stats.values()) \
+                    or time.monotonic() > deadline:
+                return stats
+            await asyncio.sleep(0.1)
+
     async def close(self) -> None:
         tasks = [t for t in [self._heartbeat, *(c.reader for c in self._conns.values())] if t is not None]
         for task in tasks:

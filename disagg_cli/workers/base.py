@@ -82,7 +82,7 @@ class WorkerIO:
         self._prepare = prepare
         self._wake_r, self._wake_w = os.pipe()
         self._preprocess = preprocess
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context = zmq.Context.instance()
         self._keys = keys
         self._auth = keys.start_authenticator(self._ctx) if keys else None
         self._router = self._ctx.socket(zmq.ROUTER)

@@ -85,14 +85,14 @@ class PrefillWorker(Worker):
             self.pending[rid] = _Pending(dest, item.decode_addr, time.perf_counter(), len(item.prompt_ids))
         elif isinstance(item, Error):
             log("prefill", f"peer error: {item.reason}: {item.message}")
-            rid = item.request_id
-            if rid in self.pending:
-                self.abort(rid, notify=True, reason=item.reason, message=item.message)
-            elif rid is not None and rid in self.handed_off:
+            lost = item.request_id
+            if lost is not None and lost in self.pending:
+                self.abort(lost, notify=True, reason=item.reason, message=item.message)
+            elif lost is not None and lost in self.handed_off:
                 # The decode worker lost KV we already sent (it restarted): the coordinator must
                 # retry; it would otherwise wait for tokens that will never come.
-                owner, addr = self.handed_off.pop(rid)
-                self.io.send(owner, Error(rid, "peer-restarted", f"decode worker {addr} lost the KV: {item.message}"))
+                owner, addr = self.handed_off.pop(lost)
+                self.io.send(owner, Error(lost, "peer-restarted", f"decode worker {addr} lost the KV: {item.message}"))
         else:
             self.io.send(dest, Error(getattr(item, "request_id", None), "unexpected",
                                      f"a prefill worker does not take {item.kind}"))

@@ -63,12 +63,7 @@ def run_with_kill(topology: ClusterConfig, model: Path, tokenizer: Tokenizer, vi
                 await asyncio.sleep(0.005)
             cluster.workers[victim].process.kill()
             await asyncio.wait_for(asyncio.gather(*tasks), 180)
-            for _ in range(50):  # stats are published between steps: wait for the last release
-                stats = await coordinator.poll_stats()
-                if all(s["free_blocks"] == s["num_blocks"] for s in stats.values()):
-                    break
-                await asyncio.sleep(0.1)
-            return stats
+            return await coordinator.wait_idle()
 
     with LocalCluster(topology, str(model)) as cluster:
         stats = asyncio.run(run(cluster))

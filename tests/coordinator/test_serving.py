@@ -74,14 +74,7 @@ def serve(topology: ClusterConfig, default_gguf: Path, tokenizer: Tokenizer,
             coordinator.router.policy = policy
             await asyncio.wait_for(coordinator.connect(cluster.check), 150)
             await asyncio.wait_for(asyncio.gather(*(coordinator.run_request(o) for o in outs.values())), 120)
-            # A worker publishes its stats between engine steps, so the beat answered right after
-            # the last token may predate the blocks' release: wait (briefly) until all are free.
-            for _ in range(50):
-                stats = await coordinator.poll_stats()
-                if all(s["free_blocks"] == s["num_blocks"] for s in stats.values()):
-                    break
-                await asyncio.sleep(0.1)
-            return stats
+            return await coordinator.wait_idle()
 
     with LocalCluster(topology, str(default_gguf)) as cluster:
         stats = asyncio.run(run(cluster))

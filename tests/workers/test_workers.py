@@ -8,6 +8,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from disagg_cli.config import EngineConfig, SamplingParams
 from disagg_cli.engine.engine import LLMEngine
@@ -169,3 +171,42 @@ def test_abort_frees_a_reservation(cluster: dict, default_tokenizer: Tokenizer) 
     peer.close()
     stats = pool_stats(cluster["decode"])
     assert stats["reserved_blocks"] == 0 and stats["free_blocks"] == stats["num_blocks"]
+
+
+_kinds = st.sampled_from(["hello", "reserve", "prefill", "kv_layers", "kv_done", "tokens", "abort", "heartbeat",
+                          "generate", "error", "nonsense"])
+_values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=20)
+                       | st.binary(max_size=40), lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+_headers = st.builds(lambda v, kind, fields: msgpack.packb({"v": v, "kind": kind, **fields}),
+                     st.sampled_from([1, 1, 1, 0, 2, "1"]), _kinds,
+                     st.dictionaries(st.sampled_from(["request_id", "prompt_ids", "sampling", "layer_start",
+                                                      "kv", "num_tokens", "seq", "token_ids", "role"]),
+                                     _values, max_size=6))
+_frames = st.lists(st.one_of(_headers, st.binary(max_size=200)), min_size=1, max_size=4)
+
+
+def test_fuzzed_frames_never_stop_a_worker(cluster: dict, default_model: LoadedModel,
+                                           default_tokenizer: Tokenizer) -> None:
+    """Random bytes and random msgpack at a live decode worker, greeted and not: it answers
+    what it can, drops the rest, and still serves a real request exactly, with no leaked block."""
+    greeted = Peer(cluster["decode"])
+    greeted.hello()
+    stranger = Peer(cluster["decode"])
+
+    @settings(max_examples=150, deadline=None, database=None)
+    @given(frames=_frames, hello_first=st.booleans())
+    def throw(frames: list[bytes], hello_first: bool) -> None:
+        (greeted if hello_first else stranger).send_raw(frames)
+
+    throw()
+    for peer in (greeted, stranger):  # drain whatever errors came back, without waiting long
+        while peer.sock.poll(200):
+            peer.sock.recv_multipart()
+        peer.close()
+    params = SamplingParams(max_tokens=12)
+    got = run_disaggregated(cluster, default_tokenizer, PROMPTS[:2], params)
+    assert list(got.values()) == in_process(default_model, default_tokenizer, PROMPTS[:2], params)
+    stats = pool_stats(cluster["decode"])
+    assert stats["free_blocks"] == stats["num_blocks"] and stats["reserved_blocks"] == 0
+    assert stats["running"] == 0 and stats["queued_reservations"] == 0
