@@ -14,7 +14,7 @@ import typer
 
 from disagg_cli import ui
 from disagg_cli.config import DTYPES, EngineConfig, RuntimeConfig, SamplingParams
-from disagg_cli.errors import DisaggError, UsageError
+from disagg_cli.errors import DisaggError, Interrupted, UsageError
 
 app = typer.Typer(
     name="disagg",
@@ -110,7 +110,12 @@ def generate(
     )
     if system is not None and not chat:
         raise UsageError("--system only applies with --chat")
-    run_generate(read_prompts(prompts or [], file), opts)
+    try:
+        run_generate(read_prompts(prompts or [], file), opts)
+    except KeyboardInterrupt:
+        # Raised out of asyncio.run once every request task has sent its aborts; Click would
+        # otherwise swallow it and exit 0.
+        raise Interrupted("interrupted; in-flight requests were aborted on their workers") from None
 
 
 def _int_list(flag: str, text: str) -> tuple[int, ...]:
@@ -153,12 +158,14 @@ HostOpt = Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps t
 AdvertiseOpt = Annotated[str | None, typer.Option(help="Host peers should use to reach this worker.")]
 KeysOpt = Annotated[Path | None, typer.Option(help="CurveZMQ key folder from `disagg keys generate`.")]
 GraceOpt = Annotated[float, typer.Option(help="Seconds in-flight requests may finish after SIGTERM.")]
+ClientTimeoutOpt = Annotated[float, typer.Option(help="Abort a coordinator's requests after its heartbeats stop "
+                                                      "for this many seconds.")]
 
 
 def _serve(role: str, host: str, port: int, model: str, device: str, dtype: str, threads: int | None,
            block_size: int, kv_cache_tokens: int | None, kv_cache_memory_mb: float, max_num_seqs: int,
            max_num_batched_tokens: int, chunked_prefill: bool, kv_codec: str, link_gbps: float | None,
-           advertise_host: str | None, keys: Path | None, grace_s: float) -> None:
+           advertise_host: str | None, keys: Path | None, grace_s: float, client_timeout: float) -> None:
     from disagg_cli.workers.worker import WorkerConfig, serve_worker
 
     if not 0 < port < 65536:
@@ -167,13 +174,16 @@ def _serve(role: str, host: str, port: int, model: str, device: str, dtype: str,
         raise UsageError(f"--link-gbps must be positive, got {link_gbps}")
     if grace_s < 0:
         raise UsageError(f"--grace-s must be >= 0, got {grace_s}")
+    if client_timeout <= 0:
+        raise UsageError(f"--client-timeout must be positive, got {client_timeout}")
     config = WorkerConfig(
         role=role, model=model, host=host, port=port,
         runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads),
         engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                             kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),
-        kv_codec=kv_codec, link_gbps=link_gbps, advertise_host=advertise_host, keys_dir=keys, grace_s=grace_s)
+        kv_codec=kv_codec, link_gbps=link_gbps, advertise_host=advertise_host, keys_dir=keys, grace_s=grace_s,
+        client_timeout_s=client_timeout)
     raise typer.Exit(serve_worker(config, _cache_dir()))
 
 
@@ -195,10 +205,12 @@ def prefill_worker(
     advertise_host: AdvertiseOpt = None,
     keys: KeysOpt = None,
     grace_s: GraceOpt = 10.0,
+    client_timeout: ClientTimeoutOpt = 30.0,
 ) -> None:
     """Serve prefill: prompts in, KV streamed layer by layer to decode workers."""
     _serve("prefill", host, port, model, device, dtype, threads, block_size, kv_cache_tokens, kv_cache_memory_mb,
-           max_num_seqs, max_num_batched_tokens, False, kv_codec, link_gbps, advertise_host, keys, grace_s)
+           max_num_seqs, max_num_batched_tokens, False, kv_codec, link_gbps, advertise_host, keys, grace_s,
+           client_timeout)
 
 
 @app.command("decode-worker")
@@ -217,10 +229,12 @@ def decode_worker(
     advertise_host: AdvertiseOpt = None,
     keys: KeysOpt = None,
     grace_s: GraceOpt = 10.0,
+    client_timeout: ClientTimeoutOpt = 30.0,
 ) -> None:
     """Serve decode: KV caches in, tokens streamed to coordinators."""
     _serve("decode", host, port, model, device, dtype, threads, block_size, kv_cache_tokens, kv_cache_memory_mb,
-           max_num_seqs, max_num_batched_tokens, False, "none", None, advertise_host, keys, grace_s)
+           max_num_seqs, max_num_batched_tokens, False, "none", None, advertise_host, keys, grace_s,
+           client_timeout)
 
 
 @app.command("colocated-worker")
@@ -240,11 +254,12 @@ def colocated_worker(
     advertise_host: AdvertiseOpt = None,
     keys: KeysOpt = None,
     grace_s: GraceOpt = 10.0,
+    client_timeout: ClientTimeoutOpt = 30.0,
 ) -> None:
     """Serve both phases in one process: the baseline disaggregation is compared against."""
     _serve("colocated", host, port, model, device, dtype, threads, block_size, kv_cache_tokens,
            kv_cache_memory_mb, max_num_seqs, max_num_batched_tokens, chunked_prefill, "none", None,
-           advertise_host, keys, grace_s)
+           advertise_host, keys, grace_s, client_timeout)
 
 
 keys_app = typer.Typer(help="CurveZMQ keys for authenticated, encrypted worker traffic.", no_args_is_help=True)

@@ -30,3 +30,9 @@ class ModelFormatError(DisaggError):
 
 class ContextLengthError(DisaggError):
     """A prompt (plus the tokens asked for) longer than the model's context."""
+
+
+class Interrupted(DisaggError):
+    """Ctrl-C: what was in flight has been aborted on its workers."""
+
+    exit_code = 130

@@ -96,6 +96,9 @@ class WorkerIO:
             raise UsageError(f"cannot listen on {bind_host}:{port}: {e}") from None
         self._peers: dict[str, zmq.Socket] = {}
         self._greeted: set[bytes] = set()
+        # When each coordinator was last heard (coordinators heartbeat every second): the engine
+        # thread aborts the requests of one gone silent, so a vanished client holds no blocks.
+        self.coordinator_seen: dict[bytes, float] = {}
         self._regreeted: set[str] = set()  # peers greeted again after they forgot us, until they ack
         self.peer_refusals: queue.Queue[tuple[str, str]] = queue.Queue()  # (address, message)
         self.stats: dict[str, int | float] = {}  # replaced whole by the engine thread
@@ -212,7 +215,11 @@ class WorkerIO:
             return
         if isinstance(msg, Hello):
             self._greet(who, msg)
+            if msg.role == "coordinator":
+                self.coordinator_seen[who] = time.monotonic()
             return
+        if who in self.coordinator_seen:
+            self.coordinator_seen[who] = time.monotonic()
         if who not in self._greeted:
             self._reply(who, Error(getattr(msg, "request_id", None), "no-hello",
                                    f"{msg.kind} before hello; say hello first"))

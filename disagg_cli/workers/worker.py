@@ -39,6 +39,7 @@ class WorkerConfig:
     advertise_host: str | None = None  # the address peers reach us at, when binding 0.0.0.0
     grace_s: float = 10.0  # how long in-flight requests may finish after SIGTERM
     keys_dir: Path | None = None  # CurveZMQ keys (see keys.py); None: plain tcp, loopback by default
+    client_timeout_s: float = 30.0  # a heartbeating coordinator silent this long has gone away
 
 
 class Worker:
@@ -95,7 +96,11 @@ class Worker:
         log(c.role, f"serving on {self.address} ({where}); model fingerprint {self.lm.fingerprint}; "
                     f"{self.engine.pool.num_blocks} KV blocks of {c.engine.block_size}")
         deadline: float | None = None
+        next_client_check = time.monotonic()
         while True:
+            if time.monotonic() >= next_client_check:
+                self._abort_orphans()
+                next_client_check = time.monotonic() + 1.0
             if self.stop.count and deadline is None:
                 deadline = time.monotonic() + self.config.grace_s
                 log(self.config.role, f"draining: {len(self.owners)} in-flight request(s) get "
@@ -132,6 +137,20 @@ class Worker:
                 item = self.io.inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _abort_orphans(self) -> None:
+        """Abort the requests of coordinators that went silent (killed, cut off, hung)."""
+        now = time.monotonic()
+        gone = {who for who, seen in list(self.io.coordinator_seen.items())
+                if now - seen > self.config.client_timeout_s}
+        for who in gone:
+            self.io.coordinator_seen.pop(who, None)
+        orphans = [rid for rid, (kind, who) in self.owners.items() if kind == "router" and who in gone]
+        if orphans:
+            log(self.config.role, f"a coordinator was silent for over {self.config.client_timeout_s:g} s; "
+                                  f"aborting its {len(orphans)} request(s)")
+        for rid in orphans:
+            self.abort(rid, notify=False)
 
     def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
         """Stop a request here and free its blocks; tell its coordinator when it did not ask."""
