@@ -231,6 +231,7 @@ async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], 
                                keys_dir=opts.serve.keys_dir, handshake_timeout_s=opts.serve.connect_timeout_s)
     async with Coordinator(workers, tokenizer.eos_token_ids, config) as coordinator:
         await coordinator.connect(cluster.check if cluster is not None else None)
+        await coordinator.poll_stats()  # so the live table's worker rows start filled in
         printer = _OrderedPrinter(requests, opts.json_output)
         start = time.perf_counter()
         for out in requests:
@@ -245,7 +246,20 @@ async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], 
             printer.flush()
 
         with ui.live_table(requests, enabled=ui.is_interactive() and not opts.json_output) as table:
-            await asyncio.gather(*(one(out) for out in requests))
+            def show_workers() -> None:  # the coordinator's latest heartbeat answers
+                table.workers = {w.address: (w.role, dict(w.stats)) for w in coordinator.router.workers}
+
+            async def watch_workers() -> None:
+                while True:
+                    show_workers()
+                    await asyncio.sleep(0.5)
+
+            watcher = asyncio.create_task(watch_workers())
+            try:
+                await asyncio.gather(*(one(out) for out in requests))
+            finally:
+                watcher.cancel()
+            show_workers()
             table.refresh()
     if opts.json_output:
         return

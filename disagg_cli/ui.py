@@ -212,6 +212,9 @@ class LiveTable:
 
     def __init__(self, requests: list[RequestOutput]) -> None:
         self.requests = requests  # held by reference: rows appended later are drawn too
+        # Per worker (address → heartbeat stats), set by whoever polls the workers: shown under
+        # the requests so queues and free KV blocks are visible while requests wait for memory.
+        self.workers: dict[str, tuple[str, dict[str, float]]] = {}
         self._live: Live | None = None
         self._stdout: _StdoutAboveLive | None = None
 
@@ -220,9 +223,25 @@ class LiveTable:
             self._live.refresh()
 
     def renderable(self) -> RenderableType:
-        table = request_table(self.requests)
+        table: RenderableType = request_table(self.requests)
+        if self.workers:
+            table = Group(table, worker_table(self.workers))
         partial = self._stdout.partial if self._stdout is not None else ""
         return Group(Text(partial), table) if partial else table
+
+
+def worker_table(workers: dict[str, tuple[str, dict[str, float]]]) -> Table:
+    """One row per worker: role, address, waiting/running requests, queued reservations, KV blocks."""
+    table = Table("worker", "role", "waiting", "running", "queued reserve", "KV blocks free", box=None,
+                  title_justify="left")
+    for address, (role, stats) in workers.items():
+        cells = {k: MISSING if k not in stats else f"{stats[k]:.0f}"
+                 for k in ("waiting", "running", "queued_reservations")}
+        blocks = (f"{stats['free_blocks']:.0f}/{stats['num_blocks']:.0f}"
+                  if "free_blocks" in stats and "num_blocks" in stats else MISSING)
+        table.add_row(address.removeprefix("tcp://"), role, cells["waiting"], cells["running"],
+                      cells["queued_reservations"] if role == "decode" else MISSING, blocks)
+    return table
 
 
 @contextmanager

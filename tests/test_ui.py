@@ -230,3 +230,19 @@ def test_stdout_not_redirected_by_default_when_it_is_not_a_terminal(run: list[Re
     before = sys.stdout
     with live_table(run, True, console=console):
         assert sys.stdout is before
+
+
+def test_worker_rows_show_queues_and_free_blocks() -> None:
+    from disagg_cli.ui import worker_table
+
+    console = Console(record=True, width=200)
+    console.print(worker_table({
+        "tcp://127.0.0.1:7200": ("decode", {"waiting": 2, "running": 5, "queued_reservations": 3,
+                                            "free_blocks": 12, "num_blocks": 728}),
+        "tcp://127.0.0.1:7100": ("prefill", {"waiting": 1, "running": 0}),
+    }))
+    text = console.export_text()
+    decode_row = next(line for line in text.splitlines() if "7200" in line).split()
+    prefill_row = next(line for line in text.splitlines() if "7100" in line).split()
+    assert decode_row == ["127.0.0.1:7200", "decode", "2", "5", "3", "12/728"]
+    assert prefill_row == ["127.0.0.1:7100", "prefill", "1", "0", "–", "–"]
