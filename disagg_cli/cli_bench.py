@@ -1,0 +1,157 @@
+"""`disagg bench engine|codec|serve`: flags into each benchmark's options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from disagg_cli.cli_options import (
+    BlockSizeOpt,
+    DtypeOpt,
+    ModelOpt,
+    ThreadsOpt,
+    cache_dir,
+    int_list,
+)
+from disagg_cli.config import RuntimeConfig
+from disagg_cli.errors import UsageError
+
+bench_app = typer.Typer(help="Benchmarks: engine speed, KV codecs, serving.", no_args_is_help=True)
+
+
+@bench_app.command("engine")
+def bench_engine(
+    model: ModelOpt = "smollm2-135m-instruct",
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    prompt_lens: Annotated[str, typer.Option(help="Prefill points: prompt lengths in tokens.")] = "128,512,2048",
+    batch_sizes: Annotated[str, typer.Option(help="Decode points: sequences decoding at once.")] = "1,8,32",
+    decode_context: Annotated[int, typer.Option(help="Prompt tokens of each decoding sequence.")] = 128,
+    decode_tokens: Annotated[int, typer.Option(help="Timed decode steps per decode point.")] = 32,
+    reps: Annotated[int, typer.Option(help="Runs per point; the median is reported.")] = 2,
+    baseline: Annotated[bool, typer.Option(help="Also measure plain transformers on the same file.")] = True,
+    block_size: BlockSizeOpt = 16,
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Prefill and decode tokens/s of the engine (llama-bench style), beside plain transformers."""
+    from disagg_cli.bench.engine import EngineBenchOptions, print_table, run_engine_bench
+
+    opts = EngineBenchOptions(
+        model=model, cache_dir=cache_dir(), runtime=RuntimeConfig(dtype=dtype, threads=threads),
+        block_size=block_size, prompt_lens=int_list("--prompt-lens", prompt_lens),
+        batch_sizes=int_list("--batch-sizes", batch_sizes), decode_context=decode_context,
+        decode_tokens=decode_tokens, reps=reps, baseline=baseline, json_output=json_output)
+    result = run_engine_bench(opts)
+    if json_output:
+        print(json.dumps(result))
+    else:
+        print_table(result)
+
+
+@bench_app.command("codec")
+def bench_codec(
+    model: ModelOpt = "smollm2-135m-instruct",
+    dtype: DtypeOpt = "bfloat16",
+    threads: ThreadsOpt = None,
+    prompt_tokens: Annotated[int, typer.Option(help="Length of the prompt whose KV is measured.")] = 1024,
+    agreement_tokens: Annotated[int, typer.Option(help="Greedy tokens compared for lossy codecs.")] = 64,
+    link_gbps: Annotated[float | None, typer.Option(help="Pace the link to this many Gbit/s "
+                                                    "(default: loopback speed).")] = None,
+    codecs: Annotated[str, typer.Option(help="Comma-separated codecs (default: all).")] = "",
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Measure every KV codec on real KV: size, speed, error, token agreement, time over a real link."""
+    from disagg_cli.bench.codec import CodecBenchOptions, run
+    from disagg_cli.kv.codec import CODEC_NAMES
+
+    names = tuple(c.strip() for c in codecs.split(",") if c.strip()) or CODEC_NAMES
+    run(CodecBenchOptions(model=model, cache_dir=cache_dir(), runtime=RuntimeConfig(dtype=dtype, threads=threads),
+                          prompt_tokens=prompt_tokens, agreement_tokens=agreement_tokens, link_gbps=link_gbps,
+                          codecs=names, json_output=json_output))
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: ModelOpt = "smollm2-135m-instruct",
+    mode: Annotated[str, typer.Option(help="disagg, colocated, or both (same workload, seed and cores).")] = "disagg",
+    config: Annotated[Path | None, typer.Option("--config", help="Disaggregated TOML topology to start "
+                                                "(default: local 1 prefill + 1 decode).")] = None,
+    dataset_name: Annotated[str, typer.Option(help="random or sharegpt.")] = "random",
+    dataset_path: Annotated[Path | None, typer.Option(help="ShareGPT-format JSON file.")] = None,
+    random_input_len: Annotated[int, typer.Option(help="Prompt tokens (vLLM's default is 1024; 256 here "
+                                                  "so a run fits a small CPU).")] = 256,
+    random_output_len: Annotated[int, typer.Option(help="Output tokens (vLLM: 128).")] = 64,
+    random_range_ratio: Annotated[float, typer.Option(help="Lengths uniform in len·[1−r, 1+r].")] = 0.0,
+    num_prompts: Annotated[int, typer.Option(help="Requests (short ones, for --workload interference).")] = 32,
+    request_rate: Annotated[float, typer.Option(help="Requests/s (Poisson); inf sends all at once.")] = float("inf"),
+    burstiness: Annotated[float, typer.Option(help="Gamma shape of the intervals; 1 = Poisson, <1 burstier.")] = 1.0,
+    max_concurrency: Annotated[int | None, typer.Option(help="Most requests in flight.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the workload (prompts, lengths, arrivals).")] = 0,
+    num_warmups: Annotated[int, typer.Option(help="Warm-up requests per mode, not measured.")] = 0,
+    ignore_eos: Annotated[bool, typer.Option(help="Generate exactly the output lengths.")] = False,
+    percentile_metrics: Annotated[str, typer.Option(help="Of ttft,tpot,itl,e2el.")] = "ttft,tpot,itl",
+    metric_percentiles: Annotated[str, typer.Option(help="Comma-separated percentiles.")] = "99",
+    goodput: Annotated[list[str] | None, typer.Option(help="SLO NAME:MS (ttft, tpot, e2el); repeatable, or "
+                                                      "several in one quoted string.")] = None,
+    save_result: Annotated[bool, typer.Option(help="Write the result JSON (one file per mode and rate).")] = False,
+    result_dir: Annotated[Path | None, typer.Option(help="Folder for --save-result.")] = None,
+    result_filename: Annotated[str | None, typer.Option(help="File name for --save-result.")] = None,
+    label: Annotated[str | None, typer.Option(help="Label stored in the result.")] = None,
+    metadata: Annotated[list[str] | None, typer.Option(help="KEY=VALUE stored in the result; repeatable.")] = None,
+    workload: Annotated[str, typer.Option(help="dataset (--dataset-name) or interference: short requests at "
+                                          "--request-rate with a long prompt every --long-interval s "
+                                          "(EOS ignored).")] = "dataset",
+    short_input_len: Annotated[int, typer.Option(help="Interference: short prompts' tokens.")] = 32,
+    short_output_len: Annotated[int, typer.Option(help="Interference: short requests' output tokens.")] = 64,
+    long_input_len: Annotated[int, typer.Option(help="Interference: long prompts' tokens.")] = 1024,
+    long_output_len: Annotated[int, typer.Option(help="Interference: long requests' output tokens.")] = 8,
+    long_interval: Annotated[float, typer.Option(help="Interference: seconds between long prompts.")] = 5.0,
+    sweep_rates: Annotated[str | None, typer.Option(help="Goodput sweep over these rates, e.g. 0.5,1,2 "
+                                                    "(needs --goodput ttft:MS tpot:MS).")] = None,
+    chaos_kill_every: Annotated[float | None, typer.Option(help="Soak: SIGKILL a random worker every S seconds "
+                                                           "and restart it.")] = None,
+    dtype: DtypeOpt = "float32",
+    kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers (default topology).")] = None,
+    worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
+    json_output: Annotated[bool, typer.Option("--json", help="The result JSON on stdout instead of the text.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Draw TTFT/TPOT distributions and the ITL timeline (PNG; "
+                                              "needs matplotlib).")] = None,
+) -> None:
+    """Serving benchmark in vLLM's terms (TTFT, TPOT, ITL, E2EL, goodput), disaggregated vs colocated."""
+    from disagg_cli.bench.metrics import parse_goodput
+    from disagg_cli.bench.serve import InterferenceShape, ServeBenchOptions, run_serve_bench
+
+    def floats(flag: str, text: str) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise UsageError(f"{flag} takes comma-separated numbers like 0.5,1,2, got {text!r}") from None
+
+    pairs = []
+    for item in metadata or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--metadata takes KEY=VALUE, got {item!r}")
+        pairs.append((key, value))
+    try:
+        slo = parse_goodput(goodput or [])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    opts = ServeBenchOptions(
+        model=model, cache_dir=cache_dir(), dataset_name=dataset_name, dataset_path=dataset_path,
+        random_input_len=random_input_len, random_output_len=random_output_len,
+        random_range_ratio=random_range_ratio, num_prompts=num_prompts, request_rate=request_rate,
+        burstiness=burstiness, max_concurrency=max_concurrency, seed=seed, num_warmups=num_warmups,
+        ignore_eos=ignore_eos, percentile_metrics=tuple(m.strip() for m in percentile_metrics.split(",") if m.strip()),
+        metric_percentiles=floats("--metric-percentiles", metric_percentiles), goodput=slo,
+        save_result=save_result, result_dir=result_dir, result_filename=result_filename, label=label,
+        metadata=tuple(pairs), mode=mode, config=config, dtype=dtype, kv_codec=kv_codec,
+        worker_timeout_s=worker_timeout, json_output=json_output, plot=plot, workload=workload,
+        interference=InterferenceShape(short_input_len, short_output_len, long_input_len, long_output_len,
+                                       long_interval),
+        sweep_rates=floats("--sweep-rates", sweep_rates) if sweep_rates else (),
+        chaos_kill_every_s=chaos_kill_every)
+    run_serve_bench(opts)

@@ -1,0 +1,37 @@
+"""Option types and helpers the `disagg` commands share (cli.py, cli_workers.py, cli_bench.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from disagg_cli.config import DTYPES
+from disagg_cli.errors import UsageError
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A model name (see `disagg model list`), "
+                                       "a .gguf file or a Hugging Face checkpoint folder.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str, typer.Option(help=f"Weights and KV dtype: {', '.join(DTYPES)}.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="Torch intra-op threads (default: torch's choice).")]
+BlockSizeOpt = Annotated[int, typer.Option(help="Tokens per KV block.")]
+KVTokensOpt = Annotated[int | None, typer.Option(help="KV pool size in tokens (default: sized by memory).")]
+KVMemoryOpt = Annotated[float, typer.Option(help="KV pool size in MiB when --kv-cache-tokens is not given.")]
+MaxSeqsOpt = Annotated[int, typer.Option(help="Most sequences decoding at once.")]
+MaxBatchedOpt = Annotated[int, typer.Option(help="Token budget of one engine step.")]
+ChunkedOpt = Annotated[bool, typer.Option(help="Split long prompts into chunks that share steps with decodes.")]
+
+
+def cache_dir() -> Path:
+    """Where named models are cached (DISAGG_CACHE_DIR, XDG_CACHE_HOME or ~/.cache)."""
+    from disagg_cli.model.registry import default_cache_dir
+
+    return default_cache_dir()
+
+
+def int_list(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers like 1,8,32, got {text!r}") from None
