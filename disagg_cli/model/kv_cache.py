@@ -2,8 +2,8 @@
 
 `DenseKVCache` preallocates every layer's K and V for one request (prompt plus the tokens it may
 generate) so each decode step appends one token and reuses the rest. Its storage is token-major per
-layer, `(num_tokens, num_kv_heads, head_dim)`, the same layout the wire uses, so exporting a
-request's KV is a slice. The paged pool of the engine replaces this storage for batched serving.
+layer, `(num_tokens, num_kv_heads, head_dim)`, the same layout the wire uses. The engine's paged
+pool replaces this storage for batched serving; this cache is the single-request reference.
 """
 
 from __future__ import annotations
@@ -71,7 +71,3 @@ class DenseKVCache:
 
     def advance(self, n: int) -> None:
         self.num_tokens += n
-
-    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's committed K and V, token-major (num_tokens, KV, hd): views, not copies."""
-        return self.keys[layer, : self.num_tokens], self.values[layer, : self.num_tokens]
