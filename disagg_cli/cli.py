@@ -15,20 +15,25 @@ import typer
 from disagg_cli import ui
 from disagg_cli.cli_bench import bench_app
 from disagg_cli.cli_options import (
+    DEFAULT_DEADLINES,
     BlockSizeOpt,
     ChunkedOpt,
     DeviceOpt,
     DtypeOpt,
+    FirstTokenTimeoutOpt,
     KVMemoryOpt,
     KVTokensOpt,
     MaxBatchedOpt,
     MaxSeqsOpt,
     ModelOpt,
+    RequestTimeoutOpt,
+    ReserveTimeoutOpt,
     ThreadsOpt,
+    TokenTimeoutOpt,
     cache_dir,
 )
 from disagg_cli.cli_workers import colocated_worker, decode_worker, prefill_worker
-from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
+from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.errors import DisaggError, Interrupted, UsageError
 
 app = typer.Typer(
@@ -81,6 +86,10 @@ def generate(
     worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
     keys: Annotated[Path | None, typer.Option(help="CurveZMQ keys to reach workers started with --keys.")] = None,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for every worker's hello.")] = 120.0,
+    reserve_timeout: ReserveTimeoutOpt = DEFAULT_DEADLINES.reserve_s,
+    first_token_timeout: FirstTokenTimeoutOpt = DEFAULT_DEADLINES.first_token_s,
+    token_timeout: TokenTimeoutOpt = DEFAULT_DEADLINES.token_s,
+    request_timeout: RequestTimeoutOpt = DEFAULT_DEADLINES.request_s,
 ) -> None:
     """Generate text for prompts, streaming it as it is produced.
 
@@ -102,7 +111,8 @@ def generate(
         serve=ServeOptions(in_process=in_process, prefill=tuple(prefill or ()), decode=tuple(decode or ()),
                            colocated=colocated, colocated_addr=colocated_addr, config=config, router=router,
                            kv_codec=kv_codec, worker_timeout_s=worker_timeout, keys_dir=keys,
-                           connect_timeout_s=connect_timeout),
+                           connect_timeout_s=connect_timeout,
+                           deadlines=Deadlines(reserve_timeout, first_token_timeout, token_timeout, request_timeout)),
     )
     if system is not None and not chat:
         raise UsageError("--system only applies with --chat")

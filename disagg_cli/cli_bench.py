@@ -9,14 +9,19 @@ from typing import Annotated
 import typer
 
 from disagg_cli.cli_options import (
+    DEFAULT_DEADLINES,
     BlockSizeOpt,
     DtypeOpt,
+    FirstTokenTimeoutOpt,
     ModelOpt,
+    RequestTimeoutOpt,
+    ReserveTimeoutOpt,
     ThreadsOpt,
+    TokenTimeoutOpt,
     cache_dir,
     int_list,
 )
-from disagg_cli.config import RuntimeConfig
+from disagg_cli.config import Deadlines, RuntimeConfig
 from disagg_cli.errors import UsageError
 
 bench_app = typer.Typer(help="Benchmarks: engine speed, KV codecs, serving.", no_args_is_help=True)
@@ -116,6 +121,10 @@ def bench_serve(
     dtype: DtypeOpt = "float32",
     kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers (default topology).")] = None,
     worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
+    reserve_timeout: ReserveTimeoutOpt = DEFAULT_DEADLINES.reserve_s,
+    first_token_timeout: FirstTokenTimeoutOpt = DEFAULT_DEADLINES.first_token_s,
+    token_timeout: TokenTimeoutOpt = DEFAULT_DEADLINES.token_s,
+    request_timeout: RequestTimeoutOpt = DEFAULT_DEADLINES.request_s,
     json_output: Annotated[bool, typer.Option("--json", help="The result JSON on stdout instead of the text.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Draw TTFT/TPOT distributions and the ITL timeline (PNG; "
                                               "needs matplotlib).")] = None,
@@ -149,7 +158,9 @@ def bench_serve(
         metric_percentiles=floats("--metric-percentiles", metric_percentiles), goodput=slo,
         save_result=save_result, result_dir=result_dir, result_filename=result_filename, label=label,
         metadata=tuple(pairs), mode=mode, config=config, dtype=dtype, kv_codec=kv_codec,
-        worker_timeout_s=worker_timeout, json_output=json_output, plot=plot, workload=workload,
+        worker_timeout_s=worker_timeout,
+        deadlines=Deadlines(reserve_timeout, first_token_timeout, token_timeout, request_timeout),
+        json_output=json_output, plot=plot, workload=workload,
         interference=InterferenceShape(short_input_len, short_output_len, long_input_len, long_output_len,
                                        long_interval),
         sweep_rates=floats("--sweep-rates", sweep_rates) if sweep_rates else (),

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from disagg_cli.config import DTYPES
+from disagg_cli.config import DTYPES, Deadlines
 from disagg_cli.errors import UsageError
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A model name (see `disagg model list`), "
@@ -35,3 +35,16 @@ def int_list(flag: str, text: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise UsageError(f"{flag} takes comma-separated integers like 1,8,32, got {text!r}") from None
+
+
+# A request's progress deadlines (config.Deadlines), shared by every command that sends requests.
+DEFAULT_DEADLINES = Deadlines()
+ReserveTimeoutOpt = Annotated[float, typer.Option("--reserve-timeout", help="Seconds a KV reservation may queue "
+                                                  "for decode memory before the request counts as stalled.")]
+FirstTokenTimeoutOpt = Annotated[float, typer.Option("--first-token-timeout", help="Seconds from sending a "
+                                                     "prompt to its first token before it counts as stalled.")]
+TokenTimeoutOpt = Annotated[float, typer.Option("--token-timeout", help="Seconds between tokens (and from the "
+                                                "first token to the KV landing) before a request counts as "
+                                                "stalled and is retried elsewhere.")]
+RequestTimeoutOpt = Annotated[float, typer.Option("--request-timeout", help="Seconds a request may take in all, "
+                                                  "retries and waits for a worker to come back included.")]

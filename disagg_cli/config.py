@@ -131,3 +131,24 @@ class EngineConfig:
         if self.kv_cache_tokens is not None:
             return -(-self.kv_cache_tokens // self.block_size)
         return max(1, int(self.kv_cache_memory_mb * 2**20) // (kv_bytes_per_token * self.block_size))
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """How long a request may go without progress at each stage, and in all, in seconds.
+
+    A stage past its deadline is `stalled`: the coordinator aborts the request where it is and
+    retries it elsewhere; retries and waits for a worker to come back end at `request_s`. The
+    defaults leave room for a loaded 2-core machine (a 2,048-token prompt on a slow CPU)."""
+
+    reserve_s: float = 300.0  # a reservation may queue this long for KV memory on a decode worker
+    first_token_s: float = 120.0  # the prefill request: queue + compute, to its first token
+    token_s: float = 60.0  # between tokens, and from the first token to the KV landing on decode
+    request_s: float = 900.0  # the whole request, retries and waits for a worker included
+
+    def __post_init__(self) -> None:
+        for name, flag in (("reserve_s", "--reserve-timeout"), ("first_token_s", "--first-token-timeout"),
+                           ("token_s", "--token-timeout"), ("request_s", "--request-timeout")):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"{flag} must be a positive number of seconds, got {value}")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from disagg_cli import ui
-from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
+from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.coordinator.router import POLICIES
 from disagg_cli.coordinator.topology import KV_CODECS, ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.engine.request import RequestOutput
@@ -49,6 +49,7 @@ class ServeOptions:
     worker_timeout_s: float = 10.0
     keys_dir: Path | None = None  # CurveZMQ keys for workers started elsewhere with --keys
     connect_timeout_s: float = 120.0  # for every worker's hello answer (covers loading weights)
+    deadlines: Deadlines = field(default_factory=Deadlines)
 
     def __post_init__(self) -> None:
         if bool(self.prefill) != bool(self.decode):
@@ -228,8 +229,10 @@ async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], 
     from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
 
     config = CoordinatorConfig(policy=opts.serve.router, worker_timeout_s=opts.serve.worker_timeout_s,
-                               keys_dir=opts.serve.keys_dir, handshake_timeout_s=opts.serve.connect_timeout_s)
-    async with Coordinator(workers, tokenizer.eos_token_ids, config) as coordinator:
+                               keys_dir=opts.serve.keys_dir, handshake_timeout_s=opts.serve.connect_timeout_s,
+                               deadlines=opts.serve.deadlines)
+    probe = cluster.is_gone if cluster is not None else None
+    async with Coordinator(workers, tokenizer.eos_token_ids, config, probe) as coordinator:
         await coordinator.connect(cluster.check if cluster is not None else None)
         await coordinator.poll_stats()  # so the live table's worker rows start filled in
         printer = _OrderedPrinter(requests, opts.json_output)

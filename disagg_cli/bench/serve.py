@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from disagg_cli import ui
 from disagg_cli.bench.metrics import METRICS, RequestRecord, Slo
 from disagg_cli.bench.workload import BenchRequest, interference_workload, random_workload, sharegpt_workload
-from disagg_cli.config import SamplingParams
+from disagg_cli.config import Deadlines, SamplingParams
 from disagg_cli.coordinator.topology import KV_CODECS, ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import UsageError
@@ -78,6 +78,7 @@ class ServeBenchOptions:
     dtype: str = "float32"
     kv_codec: str | None = None
     worker_timeout_s: float = 10.0
+    deadlines: Deadlines = field(default_factory=Deadlines)
     json_output: bool = False
     plot: Path | None = None
     workload: str = "dataset"
@@ -227,9 +228,9 @@ async def _run_all(mode: str, cluster: LocalCluster, tokenizer: Tokenizer,
         for w in cluster.workers]
     num_cores = len({c for w in cluster.workers for c in (w.spec.cpus or ())}) or sum(
         int(w.spec.threads or 1) for w in cluster.workers)
-    config = CoordinatorConfig(worker_timeout_s=opts.worker_timeout_s)
+    config = CoordinatorConfig(worker_timeout_s=opts.worker_timeout_s, deadlines=opts.deadlines)
     results = []
-    async with Coordinator(cluster.addresses(), tokenizer.eos_token_ids, config) as coordinator:
+    async with Coordinator(cluster.addresses(), tokenizer.eos_token_ids, config, cluster.is_gone) as coordinator:
         await coordinator.connect(cluster.check)
         if opts.num_warmups and workloads and workloads[0][1]:
             first = workloads[0][1][0]

@@ -11,8 +11,10 @@ Life of one disaggregated request in `run_request` (`out.state` in quotes):
    (an `Error`, a timeout, a silent worker, Ctrl-C), `Abort` goes to every worker still holding
    the request, so no KV block stays taken.
 A colocated request is `Generate` to one worker, then 4-6. When a worker dies, restarts or shuts
-down mid-request, the request runs again on the workers left (`RETRYABLE`), prefilling its prompt
-plus the tokens produced so far.
+down mid-request, or a stage makes no progress within its deadline ("stalled"), the request runs
+again on the workers left (`RETRYABLE`), prefilling its prompt plus the tokens produced so far.
+While no worker of a role is up, the request waits for one to join or come back. Retries and waits
+are bounded by the request's own deadline (`Deadlines.request_s`), not by a count.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ __all__ = ["Coordinator", "CoordinatorConfig"]
 log = logging.getLogger(__name__)
 
 # Failures another worker can mend: the worker (and the request's KV there) is gone, not the request.
-RETRYABLE = frozenset({"worker-dead", "shutdown", "draining", "truncated", "no-hello", "peer-restarted"})
+RETRYABLE = frozenset({"worker-dead", "shutdown", "draining", "truncated", "no-hello", "peer-restarted",
+                       "peer-unreachable", "stalled"})
+_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pause before retry n, so a failing worker is not hammered
 
 
 class Coordinator(WorkerConnections):
@@ -66,16 +70,18 @@ class Coordinator(WorkerConnections):
         """Drive `out` to the end (done or failed, never an exception but cancellation);
         `on_text` gets each piece of newly printable text.
 
-        When a worker dies or shuts down mid-request, the request is retried on the workers left:
-        prompt plus the tokens already produced are prefilled again (the KV died with the worker),
-        so the text continues where it stopped and nothing is printed twice."""
+        When a worker dies, shuts down or stalls mid-request, the request is retried on the workers
+        left: prompt plus the tokens already produced are prefilled again (the KV died with the
+        worker), so the text continues where it stopped and nothing is printed twice."""
         attempt = 0
+        deadline = time.monotonic() + self.config.deadlines.request_s
+        avoid: set[str] = set()  # workers that stalled this request: others first on a retry
         while True:
             done = len(out.token_ids)
             params = replace(out.params, max_tokens=out.params.max_tokens - done)
             wire_id = out.request_id if attempt == 0 else f"{out.request_id}.retry{attempt}"
             run = _Run(out, on_text, asyncio.Queue(), wire_id, tuple(out.prompt_token_ids) + tuple(out.token_ids),
-                       params)
+                       params, deadline, avoid)
             self._queues[wire_id] = run.queue
             try:
                 if self.router.by_role("colocated"):
@@ -84,15 +90,21 @@ class Coordinator(WorkerConnections):
                     await self._disaggregated(run)
                 return
             except RequestFailed as e:
-                if e.reason in RETRYABLE and attempt < self.config.max_retries and not out.is_finished:
+                pause = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+                if e.reason in RETRYABLE and not out.is_finished and time.monotonic() + pause < deadline:
                     attempt += 1
                     out.kv["retries"] = float(attempt)
                     log.warning("retrying %s (attempt %d) after: %s", out.request_id, attempt, e.message)
+                    await asyncio.sleep(pause)
                     continue
+                if e.reason in RETRYABLE and not out.is_finished:
+                    e.message += f" (after {attempt} retries; --request-timeout {self.config.deadlines.request_s:g} s)"
                 out.fail(e.reason, e.message)
                 return
             except NoWorkerError as e:
-                out.fail("no-worker", str(e) + (f" (after {attempt} retries)" if attempt else ""))
+                out.fail("no-worker", f"{e}, and none came back within --request-timeout "
+                                      f"{self.config.deadlines.request_s:g} s" + (f" (after {attempt} retries)"
+                                                                                if attempt else ""))
                 return
             except asyncio.CancelledError:
                 out.fail("aborted", "interrupted before it finished")
@@ -102,24 +114,29 @@ class Coordinator(WorkerConnections):
 
     async def _disaggregated(self, run: _Run) -> None:
         out = run.out
-        decode = self._take(run, "decode")
+        decode = await self._take(run, "decode")
         self._check_fits(out, decode)
         out.state = "reserving"
         t0 = time.perf_counter()
         eos_ids = () if out.params.ignore_eos else self.eos_ids
         await self._send(decode, Reserve(run.wire_id, run.prompt_ids, run.params, eos_ids))
-        _, reserved = await self._expect(run, Reserved, "a reservation")
+        _, reserved = await self._expect(run, Reserved, "a reservation", self.config.deadlines.reserve_s)
         assert isinstance(reserved, Reserved)
         out.timings.stages_ms["reserve_ms"] = (time.perf_counter() - t0) * 1e3
         out.timings.stages_ms["reserve_queued_ms"] = reserved.queued_ms
         out.kv["reserved_blocks"] = reserved.num_blocks
-        prefill = self._take(run, "prefill")
+        prefill = await self._take(run, "prefill")
         out.workers = {"prefill": prefill.record.address, "decode": decode.record.address}
         out.state = "prefilling"
-        await self._send(prefill, Prefill(run.wire_id, run.prompt_ids, run.params, decode.record.address))
+        instance = decode.ack.instance_id if decode.ack else ""
+        await self._send(prefill, Prefill(run.wire_id, run.prompt_ids, run.params, decode.record.address, instance))
         early: list[Tokens] = []  # decode tokens that overtook the first token on another socket
         while not out.is_finished:
-            src, msg = await self._expect(run, (FirstToken, Tokens), "tokens")
+            if run.got_first:
+                timeout, what = self.config.deadlines.token_s, "tokens"
+            else:
+                timeout, what = self.config.deadlines.first_token_s, "the first token"
+            src, msg = await self._expect(run, (FirstToken, Tokens), what, timeout)
             if isinstance(msg, FirstToken):
                 self._done_with(run, src)
                 out.state = "transferring"
@@ -135,14 +152,18 @@ class Coordinator(WorkerConnections):
 
     async def _colocated(self, run: _Run) -> None:
         out = run.out
-        worker = self._take(run, "colocated")
+        worker = await self._take(run, "colocated")
         self._check_fits(out, worker)
         out.workers = {"colocated": worker.record.address}
         out.state = "prefilling"
         eos_ids = () if out.params.ignore_eos else self.eos_ids
         await self._send(worker, Generate(run.wire_id, run.prompt_ids, run.params, eos_ids))
         while not out.is_finished:
-            src, msg = await self._expect(run, (FirstToken, Tokens), "tokens")
+            if run.got_first:
+                timeout, what = self.config.deadlines.token_s, "tokens"
+            else:
+                timeout, what = self.config.deadlines.first_token_s + self.config.deadlines.reserve_s, "the first token"
+            src, msg = await self._expect(run, (FirstToken, Tokens), what, timeout)
             if isinstance(msg, FirstToken):
                 self._first_token(run, msg)
                 out.state = "decoding"
@@ -150,8 +171,11 @@ class Coordinator(WorkerConnections):
                 assert isinstance(msg, Tokens)
                 self._tokens(run, src, msg)
 
-    def _take(self, run: _Run, role: str) -> Connection:
-        record = self.router.pick(role)
+    async def _take(self, run: _Run, role: str) -> Connection:
+        """A live worker of `role` (waiting for one to join or come back, up to the request's
+        deadline), preferring workers that have not stalled this request."""
+        await self.wait_for_worker(role, run.deadline)
+        record = self.router.pick(role, avoid=run.avoid)
         conn = self._conns[record.address]
         run.active.append(conn)
         conn.request_ids.add(run.wire_id)
@@ -176,13 +200,18 @@ class Coordinator(WorkerConnections):
                           f"{num_blocks} blocks of {block_size} tokens in all; start it with a larger "
                           "--kv-cache-tokens")
 
-    async def _expect(self, run: _Run, kinds: type | tuple[type, ...], what: str) -> tuple[Connection, Message]:
-        timeout = self.config.step_timeout_s
+    async def _expect(self, run: _Run, kinds: type | tuple[type, ...], what: str,
+                      timeout: float) -> tuple[Connection, Message]:
+        """The request's next message; `stalled` when none comes within `timeout` (the stage's
+        progress deadline) or before the request's own deadline."""
+        left = run.deadline - time.monotonic()
         try:
-            src, msg = await asyncio.wait_for(run.queue.get(), timeout)
+            src, msg = await asyncio.wait_for(run.queue.get(), max(0.0, min(timeout, left)))
         except asyncio.TimeoutError:
             names = ", ".join(c.name for c in run.active) or "no worker"
-            raise RequestFailed("timeout", f"no {what} from {names} within {timeout:.0f} s") from None
+            run.avoid.update(c.record.address for c in run.active)
+            within = f"{timeout:g} s" if timeout < left else "the request's deadline"
+            raise RequestFailed("stalled", f"no {what} from {names} within {within}") from None
         if isinstance(msg, WorkerGone):
             raise RequestFailed("worker-dead", msg.reason)
         if isinstance(msg, Error):
@@ -238,6 +267,8 @@ class _Run:
     wire_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    deadline: float  # time.monotonic() by which the whole request (all attempts) must end
+    avoid: set[str]  # addresses that stalled an earlier attempt (shared by all attempts)
     active: list[Connection] = field(default_factory=list)  # workers still holding the request
     got_first: bool = False
 

@@ -162,6 +162,10 @@ class LocalCluster:
         """(role, address) of every worker, in the topology's order."""
         return [(w.spec.role, w.address) for w in self.workers]
 
+    def is_gone(self, address: str) -> bool:
+        """Whether the process serving `address` has exited (a restarted one counts as there)."""
+        return any(w.address == address and w.process.poll() is not None for w in self.workers)
+
     def check(self) -> None:
         """Raise if a worker process has exited (called while waiting for the handshake)."""
         for w in self.workers:

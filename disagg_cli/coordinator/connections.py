@@ -7,8 +7,12 @@ id to that request's queue. Life of a connection:
 2. a heartbeat every second; the answers carry the worker's queues and free KV blocks, which the
    router and the live table read;
 3. a worker silent for `worker_timeout_s` is taken as dead: its requests get `WorkerGone`; it is
-   greeted again every beat, and rejoins when it answers (restarted on the same address);
-4. a worker that answers "no-hello" restarted faster than that: the same, at once.
+   greeted again every beat, and rejoins when it answers (restarted on the same address). Workers
+   answer heartbeats on their I/O thread, so a busy engine does not look silent; and a beat that
+   is only unread here (this loop was late) does not count as silence;
+4. a worker that answers "no-hello", or acks with a new `instance_id`, restarted faster than that:
+   the same, at once. `probe(address)`, when given (a local cluster knows its processes), says
+   at once that a worker's process is gone.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import TypeVar
 import zmq
 import zmq.asyncio
 
+from disagg_cli.config import Deadlines
 from disagg_cli.coordinator.router import Router, WorkerRecord
 from disagg_cli.errors import DisaggError
 from disagg_cli.keys import Keys
@@ -51,10 +56,9 @@ class CoordinatorConfig:
     policy: str = "round-robin"
     worker_timeout_s: float = 10.0  # silence after which a worker is dead
     handshake_timeout_s: float = 120.0  # covers a worker's start-up (loading weights)
-    step_timeout_s: float = 600.0  # longest wait for a request's next message (a queued reservation)
+    deadlines: Deadlines = Deadlines()  # per stage of a request, and in all
     send_timeout_s: float = 10.0
     heartbeat_interval_s: float = 1.0
-    max_retries: int = 2  # attempts after the first when a worker dies or shuts down mid-request
     keys_dir: Path | None = None  # CurveZMQ keys (disagg keys generate); None: plain tcp
 
 
@@ -97,10 +101,14 @@ class WorkerConnections:
     """Connections to a set of workers; see the module docstring for their life."""
 
     def __init__(self, workers: list[tuple[str, str]], eos_ids: frozenset[int],
-                 config: CoordinatorConfig = CoordinatorConfig()) -> None:
+                 config: CoordinatorConfig = CoordinatorConfig(),
+                 probe: Callable[[str], bool] | None = None) -> None:
         """`workers`: (role, address) pairs, addresses as `tcp://host:port` (or `ipc://…`);
-        `eos_ids`: the tokenizer's end-of-sequence ids, which workers stop on."""
+        `eos_ids`: the tokenizer's end-of-sequence ids, which workers stop on; `probe(address)`
+        True means the worker's process is known to be gone (a local cluster's child exited)."""
         self.config = config
+        self._probe = probe
+        self._alive_changed = asyncio.Event()  # set whenever a worker is marked alive
         self.eos_ids = tuple(sorted(eos_ids))
         self.router = Router([WorkerRecord(addr, role) for role, addr in workers], config.policy)
         self._ctx: zmq.asyncio.Context | None = None
@@ -245,6 +253,9 @@ class WorkerConnections:
             if not conn.hello.done():
                 conn.hello.set_result(msg)
             elif isinstance(msg, HelloAck):
+                if conn.record.is_alive and not conn.rehello and conn.ack is not None \
+                        and msg.instance_id != conn.ack.instance_id:
+                    self._mark_dead(conn, f"{conn.name} restarted (a new instance answered) and lost its requests")
                 if not conn.record.is_alive or conn.rehello:
                     self._rejoin(conn, msg)
             elif isinstance(msg, Error) and msg.reason == "no-hello":
@@ -269,6 +280,11 @@ class WorkerConnections:
                     with contextlib.suppress(RequestFailed):
                         await self._send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
                     continue
+                if self._probe is not None and self._probe(conn.record.address):
+                    self._mark_dead(conn, f"{conn.name}'s process is gone")
+                    continue
+                if now - conn.last_seen_s > timeout and conn.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    conn.last_seen_s = now  # answers wait unread: this loop was late, not the worker
                 if now - conn.last_seen_s > timeout:
                     self._mark_dead(conn, f"{conn.name} sent nothing for {now - conn.last_seen_s:.0f} s "
                                           f"(--worker-timeout {timeout:g} s); it is taken as dead")
@@ -288,7 +304,18 @@ class WorkerConnections:
         conn.rehello = False
         conn.last_seen_s = time.monotonic()
         self.router.mark_alive(conn.record.address)
+        self._alive_changed.set()
         log.warning("%s is back and takes requests again", conn.name)
+
+    async def wait_for_worker(self, role: str, deadline: float) -> None:
+        """Return once a worker of `role` is alive; raise `NoWorkerError` at `deadline` (monotonic)."""
+        while not any(w.is_alive for w in self.router.by_role(role)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.router.pick(role)  # raises NoWorkerError naming the role and the known workers
+            self._alive_changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._alive_changed.wait(), min(left, 1.0))
 
     def _restarted(self, conn: Connection) -> None:
         """The worker answered as if it never met us: it restarted faster than the heartbeat noticed.

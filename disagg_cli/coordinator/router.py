@@ -14,6 +14,7 @@ the earliest listed.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from disagg_cli.errors import DisaggError, UsageError
@@ -64,23 +65,26 @@ class Router:
                 return w
         raise KeyError(address)
 
-    def pick(self, role: str) -> WorkerRecord:
-        """A live worker of `role`, counted as having one more request in flight."""
-        candidates = self.by_role(role)
-        live = [w for w in candidates if w.is_alive]
+    def pick(self, role: str, avoid: Collection[str] = ()) -> WorkerRecord:
+        """A live worker of `role`, counted as having one more request in flight; workers whose
+        address is in `avoid` (they stalled this request before) only when no other is alive."""
+        everyone = self.by_role(role)
+        live = [w for w in everyone if w.is_alive]
         if not live:
-            known = ", ".join(w.address for w in candidates) or "none configured"
+            known = ", ".join(w.address for w in everyone) or "none configured"
             raise NoWorkerError(f"no live {role} worker left (known: {known})")
+        if any(w.address not in avoid for w in live):
+            live = [w for w in live if w.address not in avoid]
         if self.policy == "round-robin":
             start = self._next.get(role, 0)
             # Walk from the cursor over the full list so a dead worker's turn passes to the next.
-            for step in range(len(candidates)):
-                w = candidates[(start + step) % len(candidates)]
-                if w.is_alive:
-                    self._next[role] = (start + step + 1) % len(candidates)
+            for step in range(len(everyone)):
+                w = everyone[(start + step) % len(everyone)]
+                if w in live:
+                    self._next[role] = (start + step + 1) % len(everyone)
                     break
         else:
-            w = min(live, key=lambda r: (r.load, -r.free_blocks, candidates.index(r)))
+            w = min(live, key=lambda r: (r.load, -r.free_blocks, everyone.index(r)))
         w.num_inflight += 1
         return w
 

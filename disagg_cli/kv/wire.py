@@ -25,7 +25,8 @@ from disagg_cli.config import SamplingParams
 from disagg_cli.errors import DisaggError
 from disagg_cli.kv.schema import SchemaError, frames_field, from_wire, has_frames, to_wire
 
-PROTOCOL_VERSION = 1
+# 2: HelloAck names the worker's instance and Prefill the decode instance it streams to.
+PROTOCOL_VERSION = 2
 
 # Bytes per element of the float dtypes KV may travel in (names as torch spells them).
 DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -155,6 +156,9 @@ class HelloAck(Message):
     model_fingerprint: str
     kv_layout: KVLayout
     capacity: dict[str, int] = field(default_factory=dict)
+    # Random per worker process: a peer that sees a new one knows the worker restarted and forgot
+    # every greeting, reservation and KV it held.
+    instance_id: str = ""
 
 
 @_message("refuse")
@@ -253,6 +257,9 @@ class Prefill(Message):
     prompt_ids: tuple[int, ...]
     sampling: SamplingParams
     decode_addr: str  # where to stream the KV (the decode worker's ROUTER)
+    # The decode process that holds the reservation (its HelloAck's instance_id): KV goes only to
+    # that process, never to a successor that restarted on the same address and knows nothing.
+    decode_instance: str = ""
 
 
 @_message("generate")

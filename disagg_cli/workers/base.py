@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import os
 import queue
+import secrets
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -47,9 +48,10 @@ from disagg_cli.kv.wire import (
     decode_message,
     encode_message,
 )
+from disagg_cli.workers.peers import PeerLinks
 
-# Where a message goes: ("router", identity) for a peer connected to us, ("peer", address) for a
-# worker we connect to ourselves.
+# Where a message goes: ("router", identity) for a peer connected to us, ("peer", (address,
+# instance)) for one incarnation of a worker we connect to ourselves (`workers/peers.py`).
 Dest = tuple[str, Any]
 
 
@@ -60,6 +62,8 @@ class WorkerIdentity:
     fingerprint: str
     kv_layout: KVLayout
     capacity: dict[str, int]
+    # This process's incarnation, new at every start: peers tell a restart from a reconnect by it.
+    instance_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 def log(role: str, message: str) -> None:
@@ -94,13 +98,13 @@ class WorkerIO:
             self._router.bind(f"tcp://{bind_host}:{port}")
         except zmq.ZMQError as e:
             raise UsageError(f"cannot listen on {bind_host}:{port}: {e}") from None
-        self._peers: dict[str, zmq.Socket] = {}
+        self._poller = zmq.Poller()
+        self._links = PeerLinks(self._ctx, self._hello, lambda lost: self.inbox.put((("peer", lost.address), lost)),
+                                self._register, keys)
         self._greeted: set[bytes] = set()
         # When each coordinator was last heard (coordinators heartbeat every second): the engine
         # thread aborts the requests of one gone silent, so a vanished client holds no blocks.
         self.coordinator_seen: dict[bytes, float] = {}
-        self._regreeted: set[str] = set()  # peers greeted again after they forgot us, until they ack
-        self.peer_refusals: queue.Queue[tuple[str, str]] = queue.Queue()  # (address, message)
         self.stats: dict[str, int | float] = {}  # replaced whole by the engine thread
         self._thread = threading.Thread(target=self._run, name="worker-io", daemon=True)
         self._running = True
@@ -120,25 +124,32 @@ class WorkerIO:
 
     # --- the I/O thread ----------------------------------------------------------------------
 
+    def _register(self, sock: zmq.Socket, on: bool) -> None:
+        if on:
+            self._poller.register(sock, zmq.POLLIN)
+        else:
+            self._poller.unregister(sock)
+
     def _run(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         while self._running:
-            for sock, _ in poller.poll(timeout=1000):
+            for sock, _ in poller.poll(timeout=500):
                 if sock is self._router:
                     self._receive_router()
                 elif sock == self._wake_r:
                     os.read(self._wake_r, 4096)
-                    self._flush_outbox(poller)
-                else:
+                    self._flush_outbox()
+                elif self._links.owns(sock):
                     self._receive_peer(sock)
-        for s in (self._router, *self._peers.values()):
-            s.close()
+            self._links.check()
+        self._links.close()
+        self._router.close()
         if self._auth is not None:
             self._auth.stop()
 
-    def _flush_outbox(self, poller: zmq.Poller) -> None:
+    def _flush_outbox(self) -> None:
         while True:
             try:
                 item = self._outbox.get_nowait()
@@ -153,55 +164,29 @@ class WorkerIO:
                 msg = self._prepare(msg)
                 if msg is None:
                     continue
-            frames = encode_message(msg)
             try:
                 if kind == "router":
-                    self._router.send_multipart([where, *frames], copy=False)
+                    self._router.send_multipart([where, *encode_message(msg)], copy=False)
                 else:
-                    self._peer(where, poller).send_multipart(frames, copy=False)
+                    address, instance = where
+                    self._links.send(address, instance, msg)
             except zmq.ZMQError as e:  # the peer went away; its requests time out on their side
                 log(self.ident.role, f"could not send {msg.kind} to {where!r}: {e}")
-
-    def _peer(self, address: str, poller: zmq.Poller) -> zmq.Socket:
-        sock = self._peers.get(address)
-        if sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 2000)
-            if self._keys:  # the only workers a worker connects to are decode workers
-                self._keys.make_client(sock, "decode")
-            sock.connect(address)
-            # zmq keeps order on a connection: Hello is read before anything sent after it.
-            sock.send_multipart(encode_message(self._hello()))
-            poller.register(sock, zmq.POLLIN)
-            self._peers[address] = sock
-        return sock
 
     def _hello(self) -> Hello:
         i = self.ident
         return Hello(PROTOCOL_VERSION, i.role, i.fingerprint, i.kv_layout, i.capacity)
 
     def _receive_peer(self, sock: zmq.Socket) -> None:
-        address = next(a for a, s in self._peers.items() if s is sock)
         frames = sock.recv_multipart(copy=False)
         try:
             msg = decode_message([f.buffer for f in frames])
         except WireError as e:
-            log(self.ident.role, f"dropped a message from {address}: {e}")
+            log(self.ident.role, f"dropped a message from a peer: {e}")
             return
-        if isinstance(msg, Refuse):
-            log(self.ident.role, f"{address} refused us: {msg.message}")
-            self.peer_refusals.put((address, msg.message))
-        elif isinstance(msg, Error):
-            if msg.reason == "no-hello":  # the peer restarted and forgot us: greet it again
-                if address not in self._regreeted:
-                    log(self.ident.role, f"{address} restarted; saying hello again")
-                    sock.send_multipart(encode_message(self._hello()))
-                    self._regreeted.add(address)
-            else:
-                self._regreeted.discard(address)
-            self.inbox.put((("peer", address), msg))
-        elif isinstance(msg, HelloAck):
-            self._regreeted.discard(address)
+        rest = self._links.receive(sock, msg)
+        if rest is not None:
+            self.inbox.put((("peer", rest[0]), rest[1]))
 
     def _receive_router(self) -> None:
         identity, *frames = self._router.recv_multipart(copy=False)
@@ -247,7 +232,7 @@ class WorkerIO:
             self._reply(who, Refuse("fingerprint-mismatch", text))
             return
         self._greeted.add(who)
-        self._reply(who, HelloAck(i.role, i.fingerprint, i.kv_layout, i.capacity))
+        self._reply(who, HelloAck(i.role, i.fingerprint, i.kv_layout, i.capacity, i.instance_id))
 
     def _reply(self, who: bytes, msg: Message) -> None:
         try:

@@ -22,13 +22,14 @@ from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.kv.codec import KVCodec, get_codec
 from disagg_cli.kv.wire import Error, FirstToken, KVDone, KVLayers, Message, Prefill
 from disagg_cli.workers.base import Dest, log
+from disagg_cli.workers.peers import PeerLost
 from disagg_cli.workers.worker import Worker, WorkerConfig
 
 
 @dataclass
 class _Pending:
     owner: Dest
-    decode_addr: str
+    decode: Dest  # ("peer", (address, instance)) of the decode process holding the reservation
     arrival_s: float
     num_tokens: int
     # Filled on the I/O thread as layers are encoded and sent:
@@ -67,8 +68,9 @@ class PrefillWorker(Worker):
         self._codec_factory = lambda: get_codec(config.kv_codec, link_bytes_per_s=link)
         get_codec(config.kv_codec)  # refuse an unknown name at start, not on the first request
         self.pending: dict[str, _Pending] = {}
-        # Requests whose KV left this worker, by id → (coordinator, decode address); bounded.
-        self.handed_off: dict[str, tuple[Dest, str]] = {}
+        # Requests whose KV left this worker, by id → (coordinator, decode dest); bounded. Kept so a
+        # decode process lost after the hand-off still gets its requests failed over.
+        self.handed_off: dict[str, tuple[Dest, Dest]] = {}
 
     def handle(self, dest: Dest, item: Any) -> None:
         if isinstance(item, Prefill):
@@ -82,23 +84,21 @@ class PrefillWorker(Worker):
                 self.io.send(dest, Error(rid, "rejected", str(e)))
                 return
             self.owners[rid] = dest
-            self.pending[rid] = _Pending(dest, item.decode_addr, time.perf_counter(), len(item.prompt_ids))
+            decode = ("peer", (item.decode_addr, item.decode_instance))
+            self.pending[rid] = _Pending(dest, decode, time.perf_counter(), len(item.prompt_ids))
+        elif isinstance(item, PeerLost):
+            log("prefill", f"{item.message} [{item.reason}]; failing the requests streamed there")
+            for rid in [r for r, (_, decode) in self._streams() if _lost_to(decode, item)]:
+                self._fail(rid, item.reason, item.message)
         elif isinstance(item, Error):
             log("prefill", f"peer error: {item.reason}: {item.message}")
-            lost = item.request_id
-            if lost is not None and lost in self.pending:
-                self.abort(lost, notify=True, reason=item.reason, message=item.message)
-            elif lost is not None and lost in self.handed_off:
-                # The decode worker lost KV we already sent (it restarted): the coordinator must
-                # retry; it would otherwise wait for tokens that will never come.
-                owner, addr = self.handed_off.pop(lost)
-                self.io.send(owner, Error(lost, "peer-restarted", f"decode worker {addr} lost the KV: {item.message}"))
+            if item.request_id is not None:
+                self._fail(item.request_id, item.reason, item.message)
         else:
             self.io.send(dest, Error(getattr(item, "request_id", None), "unexpected",
                                      f"a prefill worker does not take {item.kind}"))
 
     def step(self) -> list[TokenEvent]:
-        self._fail_refused()
         t0 = time.perf_counter()
         waiting = {s.request_id for s in self.engine.scheduler.waiting}
         events = self.engine.step(on_layer=self._on_layer)
@@ -110,7 +110,7 @@ class PrefillWorker(Worker):
         for rid, k, v in fresh:
             p = self.pending.get(rid)
             if p is not None:  # KV leaves the engine thread as views; the I/O thread encodes it
-                self.io.send(("peer", p.decode_addr), _EncodeLayer(rid, layer, k.to("cpu"), v.to("cpu")))
+                self.io.send(p.decode, _EncodeLayer(rid, layer, k.to("cpu"), v.to("cpu")))
 
     def on_events(self, events: list[TokenEvent]) -> None:
         end_unix = time.time()
@@ -128,9 +128,9 @@ class PrefillWorker(Worker):
             queue_ms = (stats["step_start"] - p.arrival_s) * 1e3
             self.io.send(p.owner, FirstToken(rid, ev.token_id, {
                 "queue_ms": queue_ms, "prefill_ms": stats["prefill_ms"], "batch_size": stats["batch_size"]}))
-            self.io.send(("peer", p.decode_addr), _Done(rid, ev.token_id, state, end_unix))
+            self.io.send(p.decode, _Done(rid, ev.token_id, state, end_unix))
             self.owners.pop(rid, None)
-            self.handed_off[rid] = (p.owner, p.decode_addr)
+            self.handed_off[rid] = (p.owner, p.decode)
             if len(self.handed_off) > 10_000:
                 self.handed_off.pop(next(iter(self.handed_off)))
 
@@ -141,7 +141,7 @@ class PrefillWorker(Worker):
             p = self.pending.get(item.request_id)
             if p is None:
                 return None  # aborted while its layers were queued
-            codec = self.codecs.setdefault(p.decode_addr, self._codec_factory())
+            codec = self.codecs.setdefault(p.decode[1][0], self._codec_factory())
             t0 = time.perf_counter()
             enc = codec.encode(item.k[None], item.v[None])
             p.encode_ms += (time.perf_counter() - t0) * 1e3
@@ -169,14 +169,27 @@ class PrefillWorker(Worker):
             "kv_exposed_send_ms": max(0.0, last - item.prefill_end_unix_s) * 1e3,
         })
 
-    def _fail_refused(self) -> None:
-        while not self.io.peer_refusals.empty():
-            addr, message = self.io.peer_refusals.get()
-            for rid, p in list(self.pending.items()):
-                if p.decode_addr == addr:
-                    self.pending.pop(rid, None)
-                    self.abort(rid, notify=True, reason="peer-refused", message=message)
+    def _streams(self) -> list[tuple[str, tuple[Dest, Dest]]]:
+        """(request id, (coordinator, decode dest)) of every request prefilling or handed off."""
+        # `pending` shrinks on the I/O thread (a request's last message out): copy before reading.
+        pending = [(rid, (p.owner, p.decode)) for rid, p in list(self.pending.items())]
+        return pending + list(self.handed_off.items())
+
+    def _fail(self, rid: str, reason: str, message: str) -> None:
+        """The request's KV cannot reach (or was lost by) its decode worker: tell its coordinator,
+        whether or not its first token has gone out, so it retries; free what it holds here."""
+        p = self.pending.get(rid)
+        owner = p.owner if p is not None else self.handed_off.get(rid, (None, None))[0]
+        self.handed_off.pop(rid, None)
+        if owner is not None:
+            self.io.send(owner, Error(rid, reason, message))
+        self.abort(rid, notify=False)
 
     def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
         self.pending.pop(request_id, None)
         super().abort(request_id, notify, reason, message)
+
+
+def _lost_to(decode: Dest, lost: PeerLost) -> bool:
+    address, instance = decode[1]
+    return address == lost.address and (not lost.instance or not instance or instance == lost.instance)

@@ -1,15 +1,21 @@
-"""Dead workers: SIGKILL a decode or prefill worker mid-request and every request is still answered
-(retried elsewhere, re-prefilled since its KV died), or failed with a clear reason when no worker
-of that role is left. Survivors end with every KV block free."""
+"""Dead, stopped and restarted workers: SIGKILL a decode or prefill worker mid-request and every request
+is still answered (retried elsewhere, re-prefilled since its KV died), or failed with a clear reason
+when no worker of that role comes back in time; SIGSTOP one and its requests are retried elsewhere
+once their progress deadline passes; restart one and requests wait for it. Survivors end with every
+KV block free."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from disagg_cli.config import EngineConfig, SamplingParams
+from disagg_cli.config import Deadlines, EngineConfig, SamplingParams
 from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
 from disagg_cli.coordinator.cluster import LocalCluster
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec
@@ -42,13 +48,16 @@ def expected(default_model: LoadedModel, default_tokenizer: Tokenizer) -> list[l
 
 def run_with_kill(topology: ClusterConfig, model: Path, tokenizer: Tokenizer, victim: int,
                   kill_after_tokens: int = 0, kill_while_prefilling: bool = False, prompts: list[str] = PROMPTS,
+                  config: CoordinatorConfig = CoordinatorConfig(worker_timeout_s=2.0, heartbeat_interval_s=0.5),
+                  signum: int = signal.SIGKILL, then: Callable[[LocalCluster], Awaitable[None]] | None = None,
+                  after: Callable[[LocalCluster], None] | None = None,
                   ) -> tuple[list[RequestOutput], dict[str, dict[str, float]]]:
-    """Run every prompt at once; SIGKILL worker `victim` once some request has that many tokens,
-    or (`kill_while_prefilling`) while the victim is prefilling one."""
+    """Run every prompt at once; send `signum` to worker `victim` once some request has that many
+    tokens, or (`kill_while_prefilling`) while the victim is prefilling one; then await `then`;
+    call `after` once every request ended, before the workers' final stats are read."""
     outs = [RequestOutput(f"r{i}", p, tokenizer.encode(p), SAMPLING, tokenizer) for i, p in enumerate(prompts)]
 
     async def run(cluster: LocalCluster) -> dict[str, dict[str, float]]:
-        config = CoordinatorConfig(worker_timeout_s=2.0, heartbeat_interval_s=0.5)
         async with Coordinator(cluster.addresses(), tokenizer.eos_token_ids, config) as coordinator:
             await asyncio.wait_for(coordinator.connect(cluster.check), 150)
             tasks = [asyncio.create_task(coordinator.run_request(o)) for o in outs]
@@ -61,9 +70,13 @@ def run_with_kill(topology: ClusterConfig, model: Path, tokenizer: Tokenizer, vi
 
             while not ready():
                 await asyncio.sleep(0.005)
-            cluster.workers[victim].process.kill()
+            cluster.workers[victim].process.send_signal(signum)
+            if then is not None:
+                await then(cluster)
             await asyncio.wait_for(asyncio.gather(*tasks), 180)
-            return await coordinator.wait_idle()
+            if after is not None:
+                after(cluster)
+            return await coordinator.wait_idle(timeout_s=20)
 
     with LocalCluster(topology, str(model)) as cluster:
         stats = asyncio.run(run(cluster))
@@ -102,11 +115,70 @@ def test_prefill_worker_killed_while_prefilling(default_gguf: Path, default_toke
 
 
 def test_last_decode_worker_killed_fails_with_reason(default_gguf: Path, default_tokenizer: Tokenizer) -> None:
+    """No decode worker comes back within the request deadline: each request fails, saying why."""
     topology = ClusterConfig(str(default_gguf), (PREFILL, DECODE))
-    outs, stats = run_with_kill(topology, default_gguf, default_tokenizer, victim=1, kill_after_tokens=4)
+    config = CoordinatorConfig(worker_timeout_s=2.0, heartbeat_interval_s=0.5, deadlines=Deadlines(request_s=8.0))
+    outs, stats = run_with_kill(topology, default_gguf, default_tokenizer, victim=1, kill_after_tokens=4,
+                                config=config)
     for o in outs:
         assert o.state == "failed" and o.finish_reason == "no-worker", (o.request_id, o.state, o.error)
-        assert "decode" in (o.error or "")
+        assert "no live decode worker" in (o.error or "") and "--request-timeout 8 s" in (o.error or "")
+    assert_free(stats)
+
+
+def test_last_decode_worker_restarted_requests_wait(default_gguf: Path, default_tokenizer: Tokenizer,
+                                                    expected: list[list[int]]) -> None:
+    """The only decode worker dies mid-stream and comes back: requests wait for it instead of
+    failing, and are all answered."""
+    topology = ClusterConfig(str(default_gguf), (PREFILL, DECODE))
+
+    async def restart_later(cluster: LocalCluster) -> None:
+        await asyncio.to_thread(cluster.workers[1].process.wait)
+        await asyncio.sleep(3.0)  # long enough for the coordinator to see it dead
+        cluster.restart(1)
+
+    outs, stats = run_with_kill(topology, default_gguf, default_tokenizer, victim=1, kill_after_tokens=4,
+                                then=restart_later)
+    assert all(o.state == "done" and len(o.token_ids) == NUM_TOKENS for o in outs), \
+        [(o.request_id, o.error) for o in outs]
+    assert all(o.kv.get("retries", 0) >= 1 for o in outs)
+    for o, ref in zip(outs, expected, strict=True):
+        assert sum(a == b for a, b in zip(o.token_ids, ref, strict=True)) >= NUM_TOKENS - 4, o.request_id
+    assert len(stats) == 2
+    assert_free(stats)
+
+
+def test_stopped_worker_stalls_and_requests_move(default_gguf: Path, default_tokenizer: Tokenizer,
+                                                 expected: list[list[int]]) -> None:
+    """A decode worker that stops answering without dying (SIGSTOP), with heartbeats too patient
+    to call it dead: once the token deadline passes, its requests are aborted there and retried on
+    the other decode worker. Resumed, it frees every block the aborts named."""
+    topology = ClusterConfig(str(default_gguf), (PREFILL, DECODE, DECODE))
+    config = CoordinatorConfig(worker_timeout_s=120.0, heartbeat_interval_s=0.5, deadlines=Deadlines(token_s=4.0))
+    pids: list[int] = []
+    survivor: list[str] = []
+
+    async def note(cluster: LocalCluster) -> None:
+        pids.append(cluster.workers[1].process.pid)
+        survivor.append(cluster.workers[2].address)
+
+    def resume(cluster: LocalCluster) -> None:
+        os.kill(cluster.workers[1].process.pid, signal.SIGCONT)
+
+    try:
+        outs, stats = run_with_kill(topology, default_gguf, default_tokenizer, victim=1, kill_after_tokens=6,
+                                    config=config, signum=signal.SIGSTOP, then=note, after=resume)
+    finally:
+        for pid in pids:  # never leave a stopped process behind, whatever failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    assert all(o.state == "done" and len(o.token_ids) == NUM_TOKENS for o in outs), \
+        [(o.request_id, o.error) for o in outs]
+    moved = [o for o in outs if o.kv.get("retries")]
+    assert moved and all(o.workers["decode"] == survivor[0] for o in moved)
+    for o, ref in zip(outs, expected, strict=True):
+        assert sum(a == b for a, b in zip(o.token_ids, ref, strict=True)) >= NUM_TOKENS - 4, o.request_id
+    assert len(stats) == 3  # the stopped worker too, resumed: the aborts it was sent freed its blocks
     assert_free(stats)
 
 
@@ -150,6 +222,10 @@ def test_restarted_worker_rejoins(default_gguf: Path, default_tokenizer: Tokeniz
         before, after = asyncio.run(run())
         assert before.state == after.state == "done", (before.error, after.error)
         assert after.token_ids == before.token_ids
+        # The prefill worker greeted the new decode process before streaming to it: no KV was
+        # refused, so the request needed no retry (it used to be refused, then hang or retry).
+        assert "retries" not in after.kv, after.kv
+        assert "no-hello" not in (tmp_path / "p.log").read_text()
     finally:
         for p in procs:
             p.terminate()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from disagg_cli.config import EngineConfig, SamplingParams
 from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.kv.wire import (
+    PROTOCOL_VERSION,
     Abort,
     Error,
     FirstToken,
@@ -51,6 +52,10 @@ def cluster(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             "prefill16": procs[2].args[procs[2].args.index("--port") + 1], "decode2": f"tcp://127.0.0.1:{dp2}",
             "procs": procs, "logs": logs}
     info["prefill16"] = f"tcp://127.0.0.1:{info['prefill16']}"
+    for role in ("prefill", "decode", "prefill16", "decode2"):  # ready (weights loaded) before any test
+        ready = Peer(info[role])
+        assert isinstance(ready.hello(), HelloAck), role
+        ready.close()
     yield info
     for p in procs:
         if p.poll() is None:
@@ -150,9 +155,9 @@ def test_bad_messages_get_errors_and_the_worker_keeps_serving(cluster: dict, def
     peer.hello()
     peer.send_raw([msgpack.packb({"v": 99, "kind": "reserve"})])
     assert isinstance(err := peer.recv(10), Error) and err.reason == "bad-version"
-    peer.send_raw([msgpack.packb({"v": 1, "kind": "launch_missiles"})])
+    peer.send_raw([msgpack.packb({"v": PROTOCOL_VERSION, "kind": "launch_missiles"})])
     assert isinstance(err := peer.recv(10), Error) and err.reason == "unknown-kind"
-    peer.send_raw([msgpack.packb({"v": 1, "kind": "reserve", "request_id": "x", "prompt_ids": "abc"})])
+    peer.send_raw([msgpack.packb({"v": PROTOCOL_VERSION, "kind": "reserve", "request_id": "x", "prompt_ids": "abc"})])
     assert isinstance(err := peer.recv(10), Error) and err.reason == "bad-field" and err.request_id == "x"
     peer.close()
     params = SamplingParams(max_tokens=4)
