@@ -38,7 +38,8 @@ def _serve(role: str, host: str, port: int, model: str, device: str, dtype: str,
            block_size: int, kv_cache_tokens: int | None, kv_cache_memory_mb: float, max_num_seqs: int,
            max_num_batched_tokens: int, chunked_prefill: bool, kv_codec: str, link_gbps: float | None,
            advertise_host: str | None, keys: Path | None, grace_s: float, client_timeout: float) -> None:
-    from disagg_cli.workers.worker import WorkerConfig, serve_worker
+    from disagg_cli.workers.roles import serve_worker
+    from disagg_cli.workers.worker import WorkerConfig
 
     if not 0 < port < 65536:
         raise UsageError(f"--port must be in 1..65535, got {port}")

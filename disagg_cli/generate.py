@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING
 from disagg_cli import ui
 from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.coordinator.router import POLICIES
-from disagg_cli.coordinator.topology import KV_CODECS, ClusterConfig, WorkerSpec, load_cluster_config, local_topology
+from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
+from disagg_cli.kv.wire import CODEC_NAMES
 from disagg_cli.model.registry import resolve_model
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
 
@@ -63,8 +64,8 @@ class ServeOptions:
             raise UsageError(f"choose one of {' and '.join(chosen)}; they pick different places to run")
         if self.router not in POLICIES:
             raise UsageError(f"--router must be one of {', '.join(POLICIES)}, got {self.router!r}")
-        if self.kv_codec is not None and self.kv_codec not in KV_CODECS:
-            raise UsageError(f"--kv-codec must be one of {', '.join(KV_CODECS)}, got {self.kv_codec!r}")
+        if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
+            raise UsageError(f"--kv-codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
         if not self.worker_timeout_s > 0:
             raise UsageError(f"--worker-timeout must be positive, got {self.worker_timeout_s}")
         if not self.connect_timeout_s > 0:

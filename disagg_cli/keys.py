@@ -21,18 +21,17 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from disagg_cli.errors import UsageError
-
-ROLES = ("coordinator", "prefill", "decode", "colocated")
+from disagg_cli.kv.wire import PEER_ROLES
 
 
 def generate_keys(directory: Path) -> list[Path]:
     """Key pairs for every role, public keys copied into `allowed/`; refuses to overwrite."""
     allowed = directory / "allowed"
-    if any((directory / f"{r}.key_secret").exists() for r in ROLES):
+    if any((directory / f"{r}.key_secret").exists() for r in PEER_ROLES):
         raise UsageError(f"{directory} already holds keys; remove them first or pick another folder")
     allowed.mkdir(parents=True, exist_ok=True)
     written = []
-    for role in ROLES:
+    for role in PEER_ROLES:
         public, secret = zmq.auth.create_certificates(str(directory), role)
         shutil.copy(public, allowed / f"{role}.key")
         Path(secret).chmod(0o600)

@@ -26,9 +26,10 @@ from disagg_cli import ui
 from disagg_cli.bench.metrics import METRICS, RequestRecord, Slo
 from disagg_cli.bench.workload import BenchRequest, interference_workload, random_workload, sharegpt_workload
 from disagg_cli.config import Deadlines, SamplingParams
-from disagg_cli.coordinator.topology import KV_CODECS, ClusterConfig, WorkerSpec, load_cluster_config, local_topology
+from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import UsageError
+from disagg_cli.kv.wire import CODEC_NAMES
 
 if TYPE_CHECKING:
     from disagg_cli.coordinator.client import Coordinator
@@ -121,8 +122,8 @@ class ServeBenchOptions:
             raise UsageError(f"--metric-percentiles must be in (0, 100), got {list(self.metric_percentiles)}")
         if self.sweep_rates and not {"ttft", "tpot"} <= set(self.goodput.limits_ms):
             raise UsageError("--sweep-rates needs both SLOs: --goodput ttft:MS tpot:MS")
-        if self.kv_codec is not None and self.kv_codec not in KV_CODECS:
-            raise UsageError(f"--kv-codec must be one of {', '.join(KV_CODECS)}, got {self.kv_codec!r}")
+        if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
+            raise UsageError(f"--kv-codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
         if not self.worker_timeout_s > 0:
             raise UsageError(f"--worker-timeout must be positive, got {self.worker_timeout_s}")
         if self.chaos_kill_every_s is not None and not self.chaos_kill_every_s > 0:

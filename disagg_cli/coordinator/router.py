@@ -18,9 +18,9 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from disagg_cli.errors import DisaggError, UsageError
+from disagg_cli.kv.wire import WORKER_ROLES
 
 POLICIES = ("round-robin", "least-loaded")
-ROLES = ("prefill", "decode", "colocated")
 
 
 class NoWorkerError(DisaggError):
@@ -49,7 +49,7 @@ class Router:
         if policy not in POLICIES:
             raise UsageError(f"--router must be one of {', '.join(POLICIES)}, got {policy!r}")
         for w in workers:
-            assert w.role in ROLES, w.role
+            assert w.role in WORKER_ROLES, w.role
         addresses = [w.address for w in workers]
         assert len(set(addresses)) == len(addresses), f"duplicate worker addresses in {addresses}"
         self.workers = list(workers)

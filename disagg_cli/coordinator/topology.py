@@ -23,11 +23,7 @@ from typing import Any
 
 from disagg_cli.config import DTYPES
 from disagg_cli.errors import UsageError
-
-WORKER_ROLES = ("prefill", "decode", "colocated")
-# The codecs of `kv/codec.py` (kept here so loading a topology does not import torch; a test
-# checks the two lists agree).
-KV_CODECS = ("none", "lz4", "shuffle-lz4", "auto", "int8", "int4")
+from disagg_cli.kv.wire import CODEC_NAMES, WORKER_ROLES
 
 
 class TopologyError(UsageError):
@@ -60,8 +56,8 @@ class WorkerSpec:
             raise UsageError(f"worker threads must be at least 1, got {self.threads}")
         if self.cpus is not None and (not self.cpus or min(self.cpus) < 0):
             raise UsageError(f"worker cpus must be a non-empty list of CPU numbers, got {list(self.cpus)}")
-        if self.kv_codec is not None and self.kv_codec not in KV_CODECS:
-            raise UsageError(f"worker kv_codec must be one of {', '.join(KV_CODECS)}, got {self.kv_codec!r}")
+        if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
+            raise UsageError(f"worker kv_codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
         if self.kv_codec is not None and self.role == "decode":
             raise UsageError("kv_codec is chosen by the prefill worker (the sender); remove it from the decode worker")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -3,7 +3,7 @@
 The unit is one (k, v) pair in the wire layout: token-major, each a contiguous CPU tensor of
 shape ([layers,] tokens, kv_heads, head_dim) in float32, float16 or bfloat16. A codec turns the
 k stream and the v stream each into a fixed number of payload frames and fills a `KVMeta`
-(sizes, crc32 checksum, per-stream choices in `params`); `decode_kv` reverses any of them from
+(sizes, crc32 checksum, per-stream choices in `params`); `kv/codecs.py`'s `decode_kv` reverses any of them from
 the metadata alone, checking every size and the checksum, and raises `WireError` on a mismatch.
 
 Choices measured on this machine kind (2 shared cores; one layer of bfloat16 KV, 1,024 tokens):
@@ -296,33 +296,3 @@ class AutoCodec(KVCodec):
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 → "bfloat16", the spelling on the wire."""
     return str(dtype).removeprefix("torch.")
-
-
-# Fixed order: the order `disagg bench codec` reports them in.
-CODEC_NAMES = ("none", "lz4", "shuffle-lz4", "auto", "int8", "int4")
-
-
-def _codec_class(name: str) -> type[KVCodec] | None:
-    # The lossy codecs subclass KVCodec, so their module imports this one: import it late.
-    from disagg_cli.kv import quant
-
-    lossless = (NoneCodec, LZ4Codec, ShuffleLZ4Codec, AutoCodec)
-    return {c.name: c for c in (*lossless, quant.Int8Codec, quant.Int4Codec)}.get(name)
-
-
-def get_codec(name: str, *, link_bytes_per_s: float | None = None) -> KVCodec:
-    """The codec called `name` (`--kv-codec`); `link_bytes_per_s` informs `auto` only."""
-    cls = _codec_class(name)
-    if cls is None:
-        raise UsageError(f"unknown KV codec {name!r}; choose one of: {', '.join(CODEC_NAMES)}")
-    if cls is AutoCodec:
-        return AutoCodec(link_bytes_per_s=link_bytes_per_s)
-    return cls()
-
-
-def decode_kv(meta: KVMeta, payloads: Sequence[Frame]) -> tuple[Tensor, Tensor]:
-    """(k, v) from any codec's output; the receiver needs only the metadata, not the sender's codec."""
-    cls = _codec_class(meta.codec)
-    if cls is None:
-        raise WireError("bad-field", f"unknown codec {meta.codec!r}; known: {', '.join(CODEC_NAMES)}")
-    return cls().decode(meta, payloads)

@@ -13,7 +13,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from disagg_cli.kv.codec import KVCodec, decode_kv
+from disagg_cli.kv.codec import KVCodec
+from disagg_cli.kv.codecs import decode_kv
 from disagg_cli.kv.wire import KVLayers, WireError
 
 

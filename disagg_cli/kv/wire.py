@@ -28,6 +28,14 @@ from disagg_cli.kv.schema import SchemaError, frames_field, from_wire, has_frame
 # 2: HelloAck names the worker's instance and Prefill the decode instance it streams to.
 PROTOCOL_VERSION = 2
 
+# Who speaks on the wire (`Hello.role`): the three worker roles, and coordinators.
+WORKER_ROLES = ("prefill", "decode", "colocated")
+PEER_ROLES = ("coordinator", *WORKER_ROLES)
+
+# The KV codecs, by the name `KVMeta.codec` and `--kv-codec` spell them, in the order `disagg bench
+# codec` reports them (`kv/codecs.py` maps each to its class).
+CODEC_NAMES = ("none", "lz4", "shuffle-lz4", "auto", "int8", "int4")
+
 # Bytes per element of the float dtypes KV may travel in (names as torch spells them).
 DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 

@@ -176,13 +176,3 @@ class Worker:
         assert self.engine.pool.num_free == self.engine.pool.num_blocks
         self._publish_stats()
         self.io.stop()
-
-
-def serve_worker(config: WorkerConfig, cache_dir: Any) -> int:
-    """Build the worker of `config.role` and serve until SIGINT/SIGTERM; the exit code."""
-    from disagg_cli.workers.colocated import ColocatedWorker
-    from disagg_cli.workers.decode import DecodeWorker
-    from disagg_cli.workers.prefill import PrefillWorker
-
-    cls = {"prefill": PrefillWorker, "decode": DecodeWorker, "colocated": ColocatedWorker}[config.role]
-    return cls(config, cache_dir).serve()

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from disagg_cli.coordinator.topology import (
-    KV_CODECS,
     ClusterConfig,
     TopologyError,
     WorkerSpec,
@@ -84,9 +83,3 @@ def test_local_topology_is_one_prefill_one_decode() -> None:
     assert local_topology("m", WorkerSpec("prefill"), colocated=True).is_colocated
     with pytest.raises(UsageError):
         ClusterConfig("m", ())
-
-
-def test_codec_names_match_the_codec_module() -> None:
-    from disagg_cli.kv.codec import CODEC_NAMES
-
-    assert sorted(KV_CODECS) == sorted(CODEC_NAMES)

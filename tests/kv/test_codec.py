@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from disagg_cli.errors import UsageError
-from disagg_cli.kv.codec import CODEC_NAMES, AutoCodec, EncodedKV, decode_kv, get_codec
+from disagg_cli.kv.codec import AutoCodec, EncodedKV
+from disagg_cli.kv.codecs import decode_kv, get_codec
 from disagg_cli.kv.quant import Int4Codec
-from disagg_cli.kv.wire import KVMeta, WireError
+from disagg_cli.kv.wire import CODEC_NAMES, KVMeta, WireError
 
 LOSSLESS = ("none", "lz4", "shuffle-lz4", "auto")
 LOSSY = ("int8", "int4")

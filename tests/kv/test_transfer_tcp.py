@@ -18,7 +18,8 @@ import zmq
 
 from disagg_cli.bench.codec import prefill, prompt_ids
 from disagg_cli.config import RuntimeConfig
-from disagg_cli.kv.codec import NoneCodec, get_codec, raw_bytes
+from disagg_cli.kv.codec import NoneCodec, raw_bytes
+from disagg_cli.kv.codecs import get_codec
 from disagg_cli.kv.transfer import decode_kv_layers, encode_request_kv
 from disagg_cli.kv.wire import (
     Error,

@@ -1,0 +1,21 @@
+"""Each worker role by name: the table the worker commands (and anything hosting a worker) use.
+
+Apart from `workers/worker.py`, which the roles subclass, so the base never imports its roles.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from disagg_cli.workers.colocated import ColocatedWorker
+from disagg_cli.workers.decode import DecodeWorker
+from disagg_cli.workers.prefill import PrefillWorker
+from disagg_cli.workers.worker import Worker, WorkerConfig
+
+ROLE_CLASSES: dict[str, type[Worker]] = {"prefill": PrefillWorker, "decode": DecodeWorker,
+                                         "colocated": ColocatedWorker}
+
+
+def serve_worker(config: WorkerConfig, cache_dir: Any) -> int:
+    """Build the worker of `config.role` and serve until SIGINT/SIGTERM; the exit code."""
+    return ROLE_CLASSES[config.role](config, cache_dir).serve()
