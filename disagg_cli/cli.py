@@ -6,6 +6,7 @@ Every expected failure (`DisaggError`, a bad flag) ends as one line on stderr an
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +33,7 @@ from disagg_cli.cli_options import (
     TokenTimeoutOpt,
     cache_dir,
 )
-from disagg_cli.cli_workers import colocated_worker, decode_worker, prefill_worker
+from disagg_cli.cli_workers import colocated_worker, decode_worker, prefill_worker, run_worker
 from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.errors import DisaggError, Interrupted, UsageError
 
@@ -192,10 +193,18 @@ def model_info(
 app.command("prefill-worker")(prefill_worker)
 app.command("decode-worker")(decode_worker)
 app.command("colocated-worker")(colocated_worker)
+app.command("run-worker", hidden=True)(run_worker)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
     """Entry point: run the app and turn expected failures into one line and an exit code."""
+    # SIGTERM ends a front end (generate, bench) as Ctrl-C does: its requests are aborted and the
+    # workers it started are stopped, not orphaned. Worker commands install their own handler.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         app(prog_name="disagg", standalone_mode=False)
     except DisaggError as e:

@@ -23,8 +23,7 @@ from disagg_cli.cli_options import (
     ThreadsOpt,
     cache_dir,
 )
-from disagg_cli.config import EngineConfig, RuntimeConfig
-from disagg_cli.errors import UsageError
+from disagg_cli.config import EngineConfig, RuntimeConfig, WorkerConfig
 
 HostOpt = Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the worker off the network.")]
 AdvertiseOpt = Annotated[str | None, typer.Option(help="Host peers should use to reach this worker.")]
@@ -38,17 +37,6 @@ def _serve(role: str, host: str, port: int, model: str, device: str, dtype: str,
            block_size: int, kv_cache_tokens: int | None, kv_cache_memory_mb: float, max_num_seqs: int,
            max_num_batched_tokens: int, chunked_prefill: bool, kv_codec: str, link_gbps: float | None,
            advertise_host: str | None, keys: Path | None, grace_s: float, client_timeout: float) -> None:
-    from disagg_cli.workers.roles import serve_worker
-    from disagg_cli.workers.worker import WorkerConfig
-
-    if not 0 < port < 65536:
-        raise UsageError(f"--port must be in 1..65535, got {port}")
-    if link_gbps is not None and link_gbps <= 0:
-        raise UsageError(f"--link-gbps must be positive, got {link_gbps}")
-    if grace_s < 0:
-        raise UsageError(f"--grace-s must be >= 0, got {grace_s}")
-    if client_timeout <= 0:
-        raise UsageError(f"--client-timeout must be positive, got {client_timeout}")
     config = WorkerConfig(
         role=role, model=model, host=host, port=port,
         runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads),
@@ -57,7 +45,19 @@ def _serve(role: str, host: str, port: int, model: str, device: str, dtype: str,
                             max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),
         kv_codec=kv_codec, link_gbps=link_gbps, advertise_host=advertise_host, keys_dir=keys, grace_s=grace_s,
         client_timeout_s=client_timeout)
+    run_worker_config(config)
+
+
+def run_worker_config(config: WorkerConfig) -> None:
+    """Serve the worker `config` describes until SIGINT/SIGTERM, then exit with its code."""
+    from disagg_cli.workers.roles import serve_worker
+
     raise typer.Exit(serve_worker(config, cache_dir()))
+
+
+def run_worker(config_json: Annotated[str, typer.Argument(help="A WorkerConfig as JSON.")]) -> None:
+    """Serve a worker from its whole configuration (how local clusters start their workers)."""
+    run_worker_config(WorkerConfig.from_json(config_json))
 
 
 def prefill_worker(

@@ -2,14 +2,18 @@
 
 Owns the model's architecture description (`ModelConfig`, read from a model file's own metadata),
 the runtime choices of one process (`RuntimeConfig`: device, dtype, threads) and the sampling
-settings of one request (`SamplingParams`). Each validates itself in `__post_init__` so a bad value
-fails where it is made, with a message that names the flag.
+settings of one request (`SamplingParams`), a worker's whole configuration (`WorkerConfig`, handed
+whole to the process or thread that runs the worker) and a request's deadlines. Each validates
+itself in `__post_init__` so a bad value fails where it is made, with a message that names the flag.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from disagg_cli.errors import UsageError
 
@@ -152,3 +156,50 @@ class Deadlines:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise UsageError(f"{flag} must be a positive number of seconds, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """Everything one worker runs with, made once at the edge (worker flags, a TOML topology, the
+    options of `generate`/`bench`) and handed whole to wherever it runs: a child process gets it
+    as JSON (`to_json`), so no field can fall out on the way."""
+
+    role: str
+    model: str
+    host: str
+    port: int
+    runtime: RuntimeConfig
+    engine: EngineConfig
+    kv_codec: str = "auto"
+    link_gbps: float | None = None
+    advertise_host: str | None = None  # the address peers reach us at, when binding 0.0.0.0
+    grace_s: float = 10.0  # how long in-flight requests may finish after SIGTERM
+    keys_dir: Path | None = None  # CurveZMQ keys (see keys.py); None: plain tcp, loopback by default
+    client_timeout_s: float = 30.0  # a heartbeating coordinator silent this long has gone away
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise UsageError(f"--port must be in 1..65535, got {self.port}")
+        if self.link_gbps is not None and not self.link_gbps > 0:
+            raise UsageError(f"--link-gbps must be positive, got {self.link_gbps}")
+        if not self.grace_s >= 0:
+            raise UsageError(f"--grace-s must be >= 0, got {self.grace_s}")
+        if not self.client_timeout_s > 0:
+            raise UsageError(f"--client-timeout must be positive, got {self.client_timeout_s}")
+
+    def to_json(self) -> str:
+        data = dataclasses.asdict(self)
+        data["keys_dir"] = None if self.keys_dir is None else str(self.keys_dir)
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerConfig:
+        """The config `to_json` wrote; validated again, as any config is where it is made."""
+        try:
+            data = json.loads(text)
+            data["runtime"] = RuntimeConfig(**data["runtime"])
+            data["engine"] = EngineConfig(**data["engine"])
+            data["keys_dir"] = None if data["keys_dir"] is None else Path(data["keys_dir"])
+            return cls(**data)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"not a worker config (as WorkerConfig.to_json writes): {e}") from None

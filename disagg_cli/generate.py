@@ -221,7 +221,8 @@ def _topology(opts: GenerateOptions) -> ClusterConfig:
                                              for w in config.workers))
     base = WorkerSpec("prefill", device=runtime.device, dtype=runtime.dtype, threads=runtime.threads,
                       kv_codec=serve.kv_codec, block_size=engine.block_size, kv_cache_tokens=engine.kv_cache_tokens,
-                      max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens)
+                      kv_cache_memory_mb=engine.kv_cache_memory_mb, max_num_seqs=engine.max_num_seqs,
+                      max_num_batched_tokens=engine.max_num_batched_tokens, chunked_prefill=engine.chunked_prefill)
     return local_topology(opts.model, base, colocated=serve.colocated)
 
 

@@ -196,9 +196,9 @@ class Coordinator(WorkerConnections):
         need = math.ceil((len(out.prompt_token_ids) + out.params.max_tokens) / block_size)
         if need > num_blocks:
             raise RequestFailed("too-long", f"{len(out.prompt_token_ids)} prompt tokens + --max-tokens "
-                          f"{out.params.max_tokens} need {need} KV blocks, but {conn.name} has only "
-                          f"{num_blocks} blocks of {block_size} tokens in all; start it with a larger "
-                          "--kv-cache-tokens")
+                          f"{out.params.max_tokens} need {need} KV blocks, but the KV pool of {conn.name} "
+                          f"holds only {num_blocks} blocks of {block_size} tokens; give it a larger "
+                          "--kv-cache-memory-mb or --kv-cache-tokens")
 
     async def _expect(self, run: _Run, kinds: type | tuple[type, ...], what: str,
                       timeout: float) -> tuple[Connection, Message]:

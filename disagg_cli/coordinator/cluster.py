@@ -86,16 +86,8 @@ def free_port(host: str) -> int:
 
 
 def worker_command(spec: WorkerSpec, model: str) -> list[str]:
-    cmd = [sys.executable, "-m", "disagg_cli", f"{spec.role}-worker", "--host", spec.host, "--port", str(spec.port),
-           "--model", model, "--device", spec.device, "--dtype", spec.dtype, "--block-size", str(spec.block_size),
-           "--max-num-seqs", str(spec.max_num_seqs), "--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
-    if spec.threads is not None:
-        cmd += ["--threads", str(spec.threads)]
-    if spec.kv_cache_tokens is not None:
-        cmd += ["--kv-cache-tokens", str(spec.kv_cache_tokens)]
-    if spec.kv_codec is not None and spec.role == "prefill":
-        cmd += ["--kv-codec", spec.kv_codec]
-    return cmd
+    """The child's command line: its whole `WorkerConfig` as JSON, not rebuilt flag by flag."""
+    return [sys.executable, "-m", "disagg_cli", "run-worker", spec.worker_config(model).to_json()]
 
 
 def _affinity(cpus: tuple[int, ...] | None) -> Callable[[], None] | None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from disagg_cli.config import DTYPES
+from disagg_cli.config import EngineConfig, RuntimeConfig, WorkerConfig
 from disagg_cli.errors import UsageError
 from disagg_cli.kv.wire import CODEC_NAMES, WORKER_ROLES
 
@@ -32,6 +32,9 @@ class TopologyError(UsageError):
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
+    """One worker of a topology: where it goes (port, cpus) and every setting of its `WorkerConfig`,
+    which `worker_config` makes (and which validates the values, in one place)."""
+
     role: str
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port at start
@@ -41,31 +44,39 @@ class WorkerSpec:
     cpus: tuple[int, ...] | None = None  # CPU affinity; None: a share of the cores, in order
     kv_codec: str | None = None  # prefill (and colocated) only; None: the worker's default
     block_size: int = 16
-    kv_cache_tokens: int | None = None  # None: the worker's default pool size
+    kv_cache_tokens: int | None = None  # None: sized by kv_cache_memory_mb
+    kv_cache_memory_mb: float = 256.0
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
+    chunked_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
             raise UsageError(f"worker role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
         if not 0 <= self.port < 65536:
             raise UsageError(f"worker port must be 0 (pick a free one) or 1-65535, got {self.port}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"worker dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"worker threads must be at least 1, got {self.threads}")
         if self.cpus is not None and (not self.cpus or min(self.cpus) < 0):
             raise UsageError(f"worker cpus must be a non-empty list of CPU numbers, got {list(self.cpus)}")
         if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
             raise UsageError(f"worker kv_codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
         if self.kv_codec is not None and self.role == "decode":
             raise UsageError("kv_codec is chosen by the prefill worker (the sender); remove it from the decode worker")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"worker {name} must be at least 1, got {getattr(self, name)}")
-        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
-            raise UsageError(f"worker kv_cache_tokens must be at least one block ({self.block_size}), "
-                             f"got {self.kv_cache_tokens}")
+        self.runtime()
+        self.engine()
+
+    def runtime(self) -> RuntimeConfig:
+        return RuntimeConfig(device=self.device, dtype=self.dtype, threads=self.threads)
+
+    def engine(self) -> EngineConfig:
+        return EngineConfig(block_size=self.block_size, kv_cache_tokens=self.kv_cache_tokens,
+                            kv_cache_memory_mb=self.kv_cache_memory_mb, max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens, chunked_prefill=self.chunked_prefill)
+
+    def worker_config(self, model: str) -> WorkerConfig:
+        """The whole configuration of this worker, once its port is chosen."""
+        extra = {} if self.kv_codec is None else {"kv_codec": self.kv_codec}
+        return WorkerConfig(role=self.role, model=model, host=self.host, port=self.port, runtime=self.runtime(),
+                            engine=self.engine(), **extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +116,8 @@ _SPEC_FIELDS = {f.name for f in fields(WorkerSpec)}
 _TYPES: dict[str, tuple[type, ...]] = {
     "role": (str,), "host": (str,), "port": (int,), "device": (str,), "dtype": (str,), "threads": (int,),
     "cpus": (list,), "kv_codec": (str,), "block_size": (int,), "kv_cache_tokens": (int,),
-    "max_num_seqs": (int,), "max_num_batched_tokens": (int,),
+    "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "kv_cache_memory_mb": (int, float),
+    "chunked_prefill": (bool,),
 }
 
 
@@ -153,7 +165,7 @@ def _parse(data: dict[str, Any], default_model: str | None) -> ClusterConfig:
             raise UsageError(f"{where}: 'role' is required (prefill, decode or colocated)")
         for key, value in merged.items():
             # bool is an int in Python; a worker count of `true` is a mistake, not 1
-            if not isinstance(value, _TYPES[key]) or isinstance(value, bool):
+            if not isinstance(value, _TYPES[key]) or (isinstance(value, bool) and bool not in _TYPES[key]):
                 raise UsageError(f"{where}: {key} must be a {_TYPES[key][0].__name__}, got {value!r}")
         if "cpus" in merged:
             if not all(isinstance(c, int) and not isinstance(c, bool) for c in merged["cpus"]):

@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
+from disagg_cli.config import WorkerConfig
 from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.kv.codec import KVCodec
 from disagg_cli.kv.codecs import get_codec
 from disagg_cli.kv.wire import Error, FirstToken, KVDone, KVLayers, Message, Prefill
 from disagg_cli.workers.base import Dest, log
 from disagg_cli.workers.peers import PeerLost
-from disagg_cli.workers.worker import Worker, WorkerConfig
+from disagg_cli.workers.worker import Worker
 
 
 @dataclass

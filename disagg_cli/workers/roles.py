@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from disagg_cli.config import WorkerConfig
 from disagg_cli.workers.colocated import ColocatedWorker
 from disagg_cli.workers.decode import DecodeWorker
 from disagg_cli.workers.prefill import PrefillWorker
-from disagg_cli.workers.worker import Worker, WorkerConfig
+from disagg_cli.workers.worker import Worker
 
 ROLE_CLASSES: dict[str, type[Worker]] = {"prefill": PrefillWorker, "decode": DecodeWorker,
                                          "colocated": ColocatedWorker}

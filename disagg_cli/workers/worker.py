@@ -13,33 +13,17 @@ from __future__ import annotations
 
 import queue
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from disagg_cli.config import EngineConfig, RuntimeConfig
+import torch
+
+from disagg_cli.config import WorkerConfig
 from disagg_cli.engine.engine import LLMEngine, TokenEvent
 from disagg_cli.keys import Keys
 from disagg_cli.kv.wire import Abort, Error, Generate, KVLayout, Message, Prefill, Reserve
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.registry import resolve_model
 from disagg_cli.workers.base import Dest, StopFlag, WorkerIdentity, WorkerIO, log
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    role: str
-    model: str
-    host: str
-    port: int
-    runtime: RuntimeConfig
-    engine: EngineConfig
-    kv_codec: str = "auto"
-    link_gbps: float | None = None
-    advertise_host: str | None = None  # the address peers reach us at, when binding 0.0.0.0
-    grace_s: float = 10.0  # how long in-flight requests may finish after SIGTERM
-    keys_dir: Path | None = None  # CurveZMQ keys (see keys.py); None: plain tcp, loopback by default
-    client_timeout_s: float = 30.0  # a heartbeating coordinator silent this long has gone away
 
 
 class Worker:
@@ -56,8 +40,10 @@ class Worker:
         host = config.advertise_host or config.host
         self.address = f"tcp://{host}:{config.port}"
         layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, config.runtime.dtype, config.engine.block_size)
-        capacity = {"num_blocks": self.engine.pool.num_blocks, "block_size": config.engine.block_size,
-                    "max_num_seqs": config.engine.max_num_seqs}
+        e = config.engine
+        capacity = {"num_blocks": self.engine.pool.num_blocks, "block_size": e.block_size,
+                    "max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
+                    "chunked_prefill": int(e.chunked_prefill), "threads": torch.get_num_threads()}
         self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity)
         keys = Keys.load(config.keys_dir, config.role) if config.keys_dir else None
         self.io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare, keys)
