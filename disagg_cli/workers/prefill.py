@@ -23,7 +23,7 @@ from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.kv.codec import KVCodec
 from disagg_cli.kv.codecs import get_codec
 from disagg_cli.kv.wire import Error, FirstToken, KVDone, KVLayers, Message, Prefill
-from disagg_cli.workers.base import Dest, log
+from disagg_cli.workers.base import Dest, StopFlag, log
 from disagg_cli.workers.peers import PeerLost
 from disagg_cli.workers.worker import Worker
 
@@ -63,8 +63,8 @@ class _Done:
 class PrefillWorker(Worker):
     prefill_only = True
 
-    def __init__(self, config: WorkerConfig, cache_dir: Any) -> None:
-        super().__init__(config, cache_dir)
+    def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None) -> None:
+        super().__init__(config, cache_dir, stop)
         link = None if config.link_gbps is None else config.link_gbps * 1e9 / 8
         self.codecs: dict[str, KVCodec] = {}  # one per decode worker: `auto` keeps per-link state
         self._codec_factory = lambda: get_codec(config.kv_codec, link_bytes_per_s=link)

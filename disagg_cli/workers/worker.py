@@ -29,9 +29,9 @@ from disagg_cli.workers.base import Dest, StopFlag, WorkerIdentity, WorkerIO, lo
 class Worker:
     prefill_only = False
 
-    def __init__(self, config: WorkerConfig, cache_dir: Any) -> None:
+    def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None) -> None:
         self.config = config
-        self.stop = StopFlag()
+        self.stop = stop or StopFlag()
         path = resolve_model(config.model, cache_dir)
         log(config.role, f"loading {path.name} ({config.runtime.dtype}, {config.runtime.device})")
         self.lm: LoadedModel = load_model(path, config.runtime)
@@ -101,6 +101,10 @@ class Worker:
                 self._publish_stats()
         self.shutdown()
         return 0
+
+    def request_stop(self) -> None:
+        """Drain and stop, as SIGTERM does (a second call: stop without waiting); any thread."""
+        self.stop.set()
 
     def step(self) -> list[TokenEvent]:
         return self.engine.step()
