@@ -229,13 +229,17 @@ def _topology(opts: GenerateOptions) -> ClusterConfig:
 async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], cluster: LocalCluster | None,
                  tokenizer: Tokenizer, opts: GenerateOptions) -> None:
     from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
+    from disagg_cli.coordinator.connections import JOIN_GRACE_S
 
     config = CoordinatorConfig(policy=opts.serve.router, worker_timeout_s=opts.serve.worker_timeout_s,
                                keys_dir=opts.serve.keys_dir, handshake_timeout_s=opts.serve.connect_timeout_s,
                                deadlines=opts.serve.deadlines)
     probe = cluster.is_gone if cluster is not None else None
     async with Coordinator(workers, tokenizer.eos_token_ids, config, probe) as coordinator:
-        await coordinator.connect(cluster.check if cluster is not None else None)
+        if cluster is not None:
+            await coordinator.connect(cluster.check)
+        else:  # workers started elsewhere: one that is down joins when it comes up
+            await coordinator.connect(join_grace_s=JOIN_GRACE_S)
         await coordinator.poll_stats()  # so the live table's worker rows start filled in
         printer = _OrderedPrinter(requests, opts.json_output)
         start = time.perf_counter()

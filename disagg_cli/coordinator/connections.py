@@ -49,6 +49,7 @@ from disagg_cli.kv.wire import (
 log = logging.getLogger(__name__)
 _Self = TypeVar("_Self", bound="WorkerConnections")
 _SEND_LINGER_MS = 500  # on close, how long queued messages (aborts) may still go out
+JOIN_GRACE_S = 5.0  # for workers started elsewhere: how long connect() waits for stragglers
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,8 @@ class WorkerConnections:
         self._conns: dict[str, Connection] = {}
         self._queues: dict[str, asyncio.Queue[tuple[Connection, Message | WorkerGone]]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
+        self._keys: Keys | None = None
+        self._connected = False  # connect() returned: later hello answers are workers joining
 
     async def __aenter__(self: _Self) -> _Self:
         return self
@@ -124,43 +127,85 @@ class WorkerConnections:
 
     # --- connections ----------------------------------------------------------------------------
 
-    async def connect(self, check: Callable[[], None] | None = None) -> None:
-        """Say hello to every worker and wait for all answers; `check` (called while waiting)
-        may raise to fail early, e.g. when a locally started worker process exited."""
+    async def connect(self, check: Callable[[], None] | None = None, join_grace_s: float | None = None) -> None:
+        """Greet every worker; return once all answered or, with `join_grace_s`, once every role has
+        a worker and the rest had that long more: those are greeted again every beat and join when
+        they answer (a worker down at start). A role with no worker answering within
+        `handshake_timeout_s` is an error naming its addresses. `check` (called while waiting)
+        may raise to fail early, e.g. when a locally started worker process exited. Workers this
+        process started itself are all awaited (None): each is coming, or `check` says why not."""
         self._ctx = zmq.asyncio.Context()
-        loop = asyncio.get_running_loop()
-        keys = Keys.load(self.config.keys_dir, "coordinator") if self.config.keys_dir else None
+        self._keys = Keys.load(self.config.keys_dir, "coordinator") if self.config.keys_dir else None
         for record in self.router.workers:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, _SEND_LINGER_MS)
-            if keys is not None:
-                keys.make_client(sock, record.role)
-            sock.connect(record.address)  # zmq queues the hello until the worker is bound
-            conn = Connection(record, sock, loop.create_future())
-            conn.reader = asyncio.create_task(self._read(conn), name=f"read {record.address}")
-            self._conns[record.address] = conn
-            await self._send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
+            await self._open(record)
         timeout = self.config.handshake_timeout_s
         deadline = time.monotonic() + timeout
-        pending = {c.hello for c in self._conns.values()}
-        while pending:
+        roles = {r.role for r in self.router.workers}
+        all_roles_at: float | None = None
+        while True:
             if check is not None:
                 check()
-            left = deadline - time.monotonic()
-            if left <= 0:
-                silent = [c.name for c in self._conns.values() if not c.hello.done()]
+            for conn in self._conns.values():
+                if conn.ack is None and conn.hello.done():
+                    self._accept(conn, conn.hello.result())  # a refusal is an error at once
+            pending = {c.hello for c in self._conns.values() if not c.hello.done()}
+            if not pending:
+                break
+            now = time.monotonic()
+            have = {c.record.role for c in self._conns.values() if c.ack is not None}
+            if roles <= have:
+                all_roles_at = all_roles_at or now
+                if join_grace_s is not None and now - all_roles_at >= join_grace_s:
+                    break
+            if now >= deadline:
+                if join_grace_s is not None and roles <= have:
+                    break
+                silent = [c.name for c in self._conns.values() if c.ack is None]
                 raise DisaggError(f"no answer to hello from {', '.join(silent)} within {timeout:.0f} s; "
                                   "is a worker of that role listening at that address?")
-            _, pending = await asyncio.wait(pending, timeout=min(0.25, left))
+            await asyncio.wait(pending, timeout=0.25)
         for conn in self._conns.values():
-            self._accept(conn, conn.hello.result())
+            if conn.ack is None:
+                log.warning("%s has not answered yet; it is greeted again and joins when it does", conn.name)
+                self.router.mark_dead(conn.record.address)
         fingerprints = {c.record.address: c.ack.model_fingerprint for c in self._conns.values() if c.ack}
         if len(set(fingerprints.values())) > 1:
             (a, fa), (b, fb) = next(((a, fa), (b, fb)) for a, fa in fingerprints.items()
                                     for b, fb in fingerprints.items() if fa != fb)
             raise DisaggError(f"workers serve different models: {a} has fingerprint {fa}, {b} has {fb}; "
                               "start every worker with the same --model")
+        self._connected = True
         self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
+
+    async def add_worker(self, role: str, address: str) -> None:
+        """Take a worker that started after the service did: greeted now, routed to once it answers."""
+        if address in self._conns:
+            raise DisaggError(f"{address} is already a worker of this coordinator")
+        record = WorkerRecord(address, role, is_alive=False)
+        self.router.add(record)
+        await self._open(record)
+
+    async def remove_worker(self, address: str, reason: str = "removed") -> None:
+        """Stop routing to a worker that left; its requests are retried on the others."""
+        conn = self._conns.pop(address)
+        self._mark_dead(conn, f"{conn.name} left ({reason})")
+        if conn.reader is not None:
+            conn.reader.cancel()
+            await asyncio.gather(conn.reader, return_exceptions=True)
+        conn.sock.close()
+        self.router.remove(address)
+
+    async def _open(self, record: WorkerRecord) -> None:
+        assert self._ctx is not None, "connect() first"
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, _SEND_LINGER_MS)
+        if self._keys is not None:
+            self._keys.make_client(sock, record.role)
+        sock.connect(record.address)  # zmq queues the hello until the worker is bound
+        conn = Connection(record, sock, asyncio.get_running_loop().create_future())
+        conn.reader = asyncio.create_task(self._read(conn), name=f"read {record.address}")
+        self._conns[record.address] = conn
+        await self._send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
 
     def _accept(self, conn: Connection, msg: Message) -> None:
         if isinstance(msg, Refuse):
@@ -252,6 +297,10 @@ class WorkerConnections:
         if isinstance(msg, HelloAck | Refuse) or (isinstance(msg, Error) and rid is None):
             if not conn.hello.done():
                 conn.hello.set_result(msg)
+                if self._connected and isinstance(msg, HelloAck):
+                    self._rejoin(conn, msg)  # down (or not yet added) when connect() returned
+                elif self._connected:
+                    log.warning("%s refused this coordinator: %s", conn.name, msg)
             elif isinstance(msg, HelloAck):
                 if conn.record.is_alive and not conn.rehello and conn.ack is not None \
                         and msg.instance_id != conn.ack.instance_id:

@@ -88,6 +88,14 @@ class Router:
         w.num_inflight += 1
         return w
 
+    def add(self, record: WorkerRecord) -> None:
+        assert record.role in WORKER_ROLES, record.role
+        assert all(w.address != record.address for w in self.workers), record.address
+        self.workers.append(record)
+
+    def remove(self, address: str) -> None:
+        self.workers.remove(self.get(address))
+
     def release(self, record: WorkerRecord) -> None:
         assert record.num_inflight > 0, f"release without pick on {record.address}"
         record.num_inflight -= 1
