@@ -31,6 +31,7 @@ from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import UsageError
 
 if TYPE_CHECKING:
+    from disagg_cli.bench.http_client import HttpTarget
     from disagg_cli.coordinator.client import Coordinator
     from disagg_cli.coordinator.cluster import LocalCluster
     from disagg_cli.model.tokenizer import Tokenizer
@@ -84,8 +85,14 @@ class ServeBenchOptions:
     interference: InterferenceShape = field(default_factory=InterferenceShape)
     sweep_rates: tuple[float, ...] = ()
     chaos_kill_every_s: float | None = None
+    target: HttpTarget | None = None  # --base-url: a running OpenAI-compatible server instead of clusters
+    tokenizer: str | None = None  # for the workload; None: --model
 
     def __post_init__(self) -> None:
+        if self.target is not None and (self.mode != "disagg" or self.config is not None
+                                        or self.chaos_kill_every_s is not None):
+            raise UsageError("--base-url benchmarks a server running elsewhere; --mode, --config and "
+                             "--chaos-kill-every start clusters here, so leave them out")
         if self.mode not in MODES:
             raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.dataset_name not in DATASETS:
@@ -317,11 +324,16 @@ def run_serve_bench(opts: ServeBenchOptions) -> None:
     from disagg_cli.model.registry import resolve_model
     from disagg_cli.model.tokenizer import load_tokenizer
 
-    with ui.pull_progress(opts.model) as on_pull:
-        model_path = resolve_model(opts.model, opts.cache_dir, on_pull)
+    with ui.pull_progress(opts.tokenizer or opts.model) as on_pull:
+        model_path = resolve_model(opts.tokenizer or opts.model, opts.cache_dir, on_pull)
     tokenizer = load_tokenizer(model_path)
     rates = opts.sweep_rates or (opts.request_rate,)
     workloads = [(rate, build_workload(opts, tokenizer, rate)) for rate in rates]
+    if opts.target is not None:
+        from disagg_cli.bench.http_client import run_http
+
+        serve_report.report({opts.target.backend: run_http(opts.target, opts.model, tokenizer, workloads, opts)}, opts)
+        return
     clusters = topologies(opts)
     runs = {mode: run_mode(mode, clusters[mode], model_path, tokenizer, workloads, opts) for mode in opts.modes}
     serve_report.report(runs, opts)

@@ -135,9 +135,13 @@ class RequestStream(AsyncIterator[Delta]):
         self._ended = delta.is_last
         return delta
 
-    async def aclose(self) -> None:
+    def cancel(self) -> None:
+        """Abort the request if it still runs, without waiting (safe inside a cancelled scope)."""
         if not self._task.done():
             self._task.cancel()
+
+    async def aclose(self) -> None:
+        self.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._ended = True

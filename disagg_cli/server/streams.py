@@ -57,11 +57,13 @@ async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta
             left -= delta.is_last
             yield index, delta
     finally:
+        # Cancel before any await: when the client hangs up, Starlette cancels this generator's
+        # scope, and under anyio every later await in it is cancelled again at once.
+        for s in streams:
+            s.cancel()  # the request's own task sends Abort to its workers
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
-        for s in streams:
-            await s.aclose()  # aborts whatever is still running
 
 
 @dataclass
