@@ -27,6 +27,7 @@ from disagg_cli.bench.metrics import METRICS, RequestRecord, Slo
 from disagg_cli.bench.workload import BenchRequest, interference_workload, random_workload, sharegpt_workload
 from disagg_cli.config import SamplingParams
 from disagg_cli.coordinator.topology import KV_CODECS, ClusterConfig, WorkerSpec, load_cluster_config, local_topology
+from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import UsageError
 
@@ -148,9 +149,9 @@ class TimedOutput(RequestOutput):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.token_times_s: list[float] = []
 
-    def append(self, token_id: int) -> str:
+    def append(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
         self.token_times_s.append(time.perf_counter())
-        return super().append(token_id)
+        return super().append(token_id, logprobs)
 
     def record(self) -> RequestRecord:
         t = self.timings

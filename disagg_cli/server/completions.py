@@ -17,10 +17,18 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from disagg_cli.coordinator.service import CoordinatorService, Delta
+from disagg_cli.coordinator.service import CoordinatorService
+from disagg_cli.coordinator.stream import Delta
 from disagg_cli.errors import DisaggError
 from disagg_cli.server.errors import from_failure, from_service_error
-from disagg_cli.server.params import chat_max_tokens, completion_params, prompts_of, sampling_params
+from disagg_cli.server.logprobs import chat_logprobs, completion_logprobs
+from disagg_cli.server.params import (
+    chat_logprobs_count,
+    chat_max_tokens,
+    completion_params,
+    prompts_of,
+    sampling_params,
+)
 from disagg_cli.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -48,6 +56,7 @@ async def create_completion(req: CompletionRequest, model: str, service: Coordin
     head = ResponseHead("cmpl", model)
     num_prompt_tokens = sum(len(p) for p in prompts)
     echoed: set[int] = set()
+    offsets = [len(echo[i // req.n]) for i in range(len(streams))]  # where each choice's next token starts
     _note(request, streams)
 
     def chunk_choice(index: int, delta: Delta) -> dict[str, Any] | None:
@@ -55,9 +64,13 @@ async def create_completion(req: CompletionRequest, model: str, service: Coordin
         if req.echo and index not in echoed:
             echoed.add(index)
             text = echo[index // req.n] + text
-        if not text and not delta.is_last:
+        if not text and not delta.is_last and not delta.logprobs:
             return None
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": delta.finish_reason,
+        logprobs = None
+        if delta.logprobs:
+            logprobs = completion_logprobs(service.detokenize, delta.token_ids, delta.logprobs, offsets[index])
+            offsets[index] += sum(len(t) for t in logprobs["tokens"])
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason,
                 "stop_reason": None}
 
     if req.stream:
@@ -65,7 +78,9 @@ async def create_completion(req: CompletionRequest, model: str, service: Coordin
     choices = await collect(streams, request)
     _raise_failure(choices)
     body = head.body("text_completion", choices=[
-        {"index": i, "text": echo[i // req.n] + "".join(c.text), "logprobs": None,
+        {"index": i, "text": echo[i // req.n] + "".join(c.text),
+         "logprobs": completion_logprobs(service.detokenize, c.token_ids, c.logprobs, len(echo[i // req.n]))
+         if params.logprobs is not None else None,
          "finish_reason": _last(c).finish_reason, "stop_reason": None}
         for i, c in enumerate(choices)])
     return _whole(body, choices, num_prompt_tokens)
@@ -78,7 +93,7 @@ async def create_chat_completion(req: ChatCompletionRequest, model: str, service
         ids = service.tokenize(prompt)
     except DisaggError as e:
         raise from_service_error(e) from None
-    params = sampling_params(req, chat_max_tokens(req, service.context_limit - len(ids)))
+    params = sampling_params(req, chat_max_tokens(req, service.context_limit - len(ids)), chat_logprobs_count(req))
     streams = submit_choices(service, [ids], params, req.n)
     head = ResponseHead("chatcmpl", model)
     started: set[int] = set()
@@ -87,11 +102,12 @@ async def create_chat_completion(req: ChatCompletionRequest, model: str, service
     def chunk_choice(index: int, delta: Delta) -> dict[str, Any] | None:
         if delta.is_last:
             body: dict[str, Any] = {"content": delta.text} if delta.text else {}
-        elif delta.text:
+        elif delta.text or delta.logprobs:
             body = {"content": delta.text}
         else:
             return None
-        return {"index": index, "delta": body, "logprobs": None, "finish_reason": delta.finish_reason}
+        logprobs = chat_logprobs(service.detokenize, delta.token_ids, delta.logprobs) if delta.logprobs else None
+        return {"index": index, "delta": body, "logprobs": logprobs, "finish_reason": delta.finish_reason}
 
     def first_chunks() -> list[dict[str, Any]]:  # vLLM opens every choice with the role
         started.update(range(len(streams)))
@@ -103,7 +119,9 @@ async def create_chat_completion(req: ChatCompletionRequest, model: str, service
     choices = await collect(streams, request)
     _raise_failure(choices)
     body = head.body("chat.completion", choices=[
-        {"index": i, "message": {"role": "assistant", "content": "".join(c.text)}, "logprobs": None,
+        {"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
+         "logprobs": chat_logprobs(service.detokenize, c.token_ids, c.logprobs) if params.logprobs is not None
+         else None,
          "finish_reason": _last(c).finish_reason}
         for i, c in enumerate(choices)])
     return _whole(body, choices, len(ids))

@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from disagg_cli.coordinator.service import CoordinatorService, StreamingOutput
+from disagg_cli.coordinator.service import CoordinatorService
+from disagg_cli.coordinator.stream import StreamingOutput
 
 PREFIX = "disagg:"
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours unchanged.

@@ -18,7 +18,7 @@ MAX_N = 16
 MAX_STOP_STRINGS = 16
 
 
-def sampling_params(req: _Sampling, max_tokens: int) -> SamplingParams:
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None = None) -> SamplingParams:
     if max_tokens < 1:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -36,13 +36,22 @@ def sampling_params(req: _Sampling, max_tokens: int) -> SamplingParams:
     if len(stop) > MAX_STOP_STRINGS or any(s == "" for s in stop):
         raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} non-empty strings, got {stop!r}", "stop")
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=req.seed,
-                          stop=tuple(stop), ignore_eos=req.ignore_eos)
+                          stop=tuple(stop), ignore_eos=req.ignore_eos, logprobs=logprobs)
 
 
 def completion_params(req: CompletionRequest) -> SamplingParams:
     if req.logprobs is not None and not 0 <= req.logprobs <= 20:
         raise APIError(400, f"logprobs must be between 0 and 20, got {req.logprobs}", "logprobs")
-    return sampling_params(req, 16 if req.max_tokens is None else req.max_tokens)
+    return sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+
+
+def chat_logprobs_count(req: ChatCompletionRequest) -> int | None:
+    """`logprobs: true` asks for the sampled token's; `top_logprobs` for that many alternatives too."""
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
+        raise APIError(400, f"top_logprobs must be between 0 and 20, got {req.top_logprobs}", "top_logprobs")
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 def chat_max_tokens(req: ChatCompletionRequest, context_left: int) -> int:

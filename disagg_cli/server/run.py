@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from disagg_cli import ui
-from disagg_cli.coordinator.service import DRAIN_TIMEOUT_S, CoordinatorService, ServiceConfig
+from disagg_cli.coordinator.service import CoordinatorService, ServiceConfig
 from disagg_cli.errors import UsageError
 from disagg_cli.server.app import ServerConfig, create_app
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from disagg_cli.engine.request import RequestOutput
 
 READY_POLL_S = 0.05
+GRACEFUL_SHUTDOWN_S = 30  # how long uvicorn lets in-flight responses finish after SIGINT/SIGTERM
+LEFTOVER_DRAIN_S = 5.0  # then: requests whose client is gone are aborted after this
 
 
 def run_server(service_config: ServiceConfig, config: ServerConfig) -> None:
@@ -89,7 +91,7 @@ async def _serve(service_config: ServiceConfig, config: ServerConfig, sock: sock
         app = create_app(service, config, service_config.model)
         host, port = sock.getsockname()[:2]
         uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=int(DRAIN_TIMEOUT_S))
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         server = _Server(uv, service)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not serving.done():
@@ -105,7 +107,7 @@ async def _serve(service_config: ServiceConfig, config: ServerConfig, sock: sock
             await _live_table(service, serving)
         await serving
     finally:
-        await service.stop()
+        await service.stop(LEFTOVER_DRAIN_S)
 
 
 async def _live_table(service: CoordinatorService, serving: asyncio.Task[None]) -> None:

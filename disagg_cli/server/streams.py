@@ -18,7 +18,9 @@ from typing import Any
 from fastapi import Request
 
 from disagg_cli.config import SamplingParams
-from disagg_cli.coordinator.service import CoordinatorService, Delta, RequestStream
+from disagg_cli.coordinator.service import CoordinatorService
+from disagg_cli.coordinator.stream import Delta, RequestStream
+from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.errors import DisaggError
 from disagg_cli.server.errors import from_service_error
 from disagg_cli.server.params import choice_params
@@ -72,6 +74,7 @@ class Choice:
 
     token_ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
     last: Delta | None = None
 
 
@@ -84,6 +87,7 @@ async def collect(streams: list[RequestStream], request: Request) -> list[Choice
             c = choices[index]
             c.token_ids.extend(delta.token_ids)
             c.text.append(delta.text)
+            c.logprobs.extend(delta.logprobs)
             if delta.is_last:
                 c.last = delta
 

@@ -27,7 +27,7 @@ from disagg_cli.model.tokenizer import Tokenizer
 from tests.workers.peer import free_port
 
 START_TIMEOUT_S = 240.0  # two workers loading weights on a busy 2-core machine
-STOP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 90.0  # past disagg serve's own drain limits (30 s for responses, 5 s for the rest)
 HTTP_TIMEOUT_S = 120.0
 
 

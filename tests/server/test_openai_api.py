@@ -196,3 +196,26 @@ def test_metrics_counters_move_by_exactly_the_requests_and_tokens_sent(server: S
         == sent_prompt_tokens * 2 * 30 * 3 * 64 * 4
     ups = {dict(labels)["role"]: v for (name, labels), v in after.items() if name == "disagg:worker_up"}
     assert ups == {"prefill": 1.0, "decode": 1.0}
+
+
+def test_logprobs_agree_with_the_in_process_engine(client: openai.OpenAI, default_model: LoadedModel,
+                                                   default_tokenizer: Tokenizer) -> None:
+    ids = default_tokenizer.encode(PROMPT)
+    ref = engine_output(default_model, default_tokenizer, ids, SamplingParams(max_tokens=6, ignore_eos=True,
+                                                                             logprobs=3))
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3,
+                                    extra_body={"ignore_eos": True})
+    lp = got.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.token_logprobs is not None and lp.top_logprobs
+    assert lp.tokens == [default_tokenizer.decode([t]) for t in ref.token_ids]
+    assert lp.token_logprobs == pytest.approx([r.logprob for r in ref.logprobs if r], abs=1e-3)
+    for top, r in zip(lp.top_logprobs, ref.logprobs, strict=True):
+        assert r is not None
+        assert list(top) == [default_tokenizer.decode([i]) for i in r.top_ids]
+        assert list(top.values()) == pytest.approx(list(r.top_logprobs), abs=1e-3)
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)  # greedy
