@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -76,6 +77,7 @@ Auth = Annotated[None, Depends(check_key)]
 def create_app(service: CoordinatorService, config: ServerConfig, model_name: str) -> FastAPI:
     """`model_name`: the first name served; requests may use any of `config.served_model_names`."""
     names = config.served_model_names or (model_name,)
+    created = int(time.time())
     metrics = ServerMetrics(service, names[0])
     app = FastAPI(title="disagg", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -104,8 +106,8 @@ def create_app(service: CoordinatorService, config: ServerConfig, model_name: st
     @app.get("/v1/models")
     async def models(_: Auth) -> dict[str, object]:
         return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "disagg", "root": model_name, "parent": None,
-             "max_model_len": service.context_limit, "permission": []} for name in names]}
+            {"id": name, "object": "model", "created": created, "owned_by": "disagg", "root": model_name,
+             "parent": None, "max_model_len": service.context_limit, "permission": []} for name in names]}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, _: Auth) -> dict[str, object]:

@@ -89,5 +89,5 @@ def engine_output(model: LoadedModel, tokenizer: Tokenizer, prompt_ids: list[int
     engine.add_request("ref", prompt_ids, params, tokenizer.eos_token_ids)
     while engine.has_unfinished() and not out.is_finished:
         for event in engine.step():
-            out.append(event.token_id)
+            out.append(event.token_id, event.logprobs)
     return out
