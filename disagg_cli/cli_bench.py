@@ -130,7 +130,7 @@ def bench_serve(
     api_key: Annotated[str | None, typer.Option(help="With --base-url: Bearer key.", envvar="OPENAI_API_KEY")] = None,
 ) -> None:
     """Serving benchmark in vLLM's terms (TTFT, TPOT, ITL, E2EL, goodput), disaggregated vs colocated."""
-    from disagg_cli.bench.http_client import HttpTarget
+    from disagg_cli.bench.http_client import HttpTarget, run_http_bench
     from disagg_cli.bench.metrics import parse_goodput
     from disagg_cli.bench.serve import InterferenceShape, ServeBenchOptions, run_serve_bench
 
@@ -163,6 +163,8 @@ def bench_serve(
         interference=InterferenceShape(short_input_len, short_output_len, long_input_len, long_output_len,
                                        long_interval),
         sweep_rates=floats("--sweep-rates", sweep_rates) if sweep_rates else (),
-        chaos_kill_every_s=chaos_kill_every, tokenizer=tokenizer,
-        target=HttpTarget(base_url, backend, endpoint, api_key) if base_url is not None else None)
-    run_serve_bench(opts)
+        chaos_kill_every_s=chaos_kill_every, tokenizer=tokenizer)
+    if base_url is not None:
+        run_http_bench(HttpTarget(base_url, backend, endpoint, api_key), opts)
+    else:
+        run_serve_bench(opts)

@@ -163,9 +163,17 @@ def _take_figures(out: HttpOutput, figures: dict[str, Any]) -> None:
     out.workers = dict(figures.get("workers") or {})
 
 
-def run_http(target: HttpTarget, model: str, tokenizer: Tokenizer,
-             workloads: list[tuple[float, list[BenchRequest]]], opts: ServeBenchOptions) -> list[RunResult]:
-    return asyncio.run(_run_all(target, model, tokenizer, workloads, opts))
+def run_http_bench(target: HttpTarget, opts: ServeBenchOptions) -> None:
+    """The command with --base-url: the workload(s), each run against the server, the report."""
+    from disagg_cli.bench import serve_report
+    from disagg_cli.bench.serve import prepare_workloads
+
+    if opts.mode != "disagg" or opts.config is not None or opts.chaos_kill_every_s is not None:
+        raise UsageError("--base-url benchmarks a server running elsewhere; --mode, --config and "
+                         "--chaos-kill-every start clusters here, so leave them out")
+    _, tokenizer, workloads = prepare_workloads(opts)
+    runs = asyncio.run(_run_all(target, opts.model, tokenizer, workloads, opts))
+    serve_report.report({target.backend: runs}, opts)
 
 
 async def _run_all(target: HttpTarget, model: str, tokenizer: Tokenizer,
@@ -192,7 +200,7 @@ async def _run_all(target: HttpTarget, model: str, tokenizer: Tokenizer,
             ui.info(f"[{target.backend}] {len(workload)} requests at {rate:g} req/s to {target.url}")
             outputs, duration_s, start_s = await _bench(client, target, model, tokenizer, workload, opts, ignore_eos)
             results.append(RunResult(target.backend, rate, workload, outputs, duration_s,  # type: ignore[arg-type]
-                                     start_s, topology, len(available_cpus())))
+                                     start_s, topology, len(available_cpus()), base_url=target.base_url))
     return results
 
 

@@ -32,7 +32,6 @@ from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    from disagg_cli.bench.http_client import HttpTarget
     from disagg_cli.coordinator.client import Coordinator
     from disagg_cli.coordinator.cluster import LocalCluster
     from disagg_cli.model.tokenizer import Tokenizer
@@ -86,14 +85,9 @@ class ServeBenchOptions:
     interference: InterferenceShape = field(default_factory=InterferenceShape)
     sweep_rates: tuple[float, ...] = ()
     chaos_kill_every_s: float | None = None
-    target: HttpTarget | None = None  # --base-url: a running OpenAI-compatible server instead of clusters
     tokenizer: str | None = None  # for the workload; None: --model
 
     def __post_init__(self) -> None:
-        if self.target is not None and (self.mode != "disagg" or self.config is not None
-                                        or self.chaos_kill_every_s is not None):
-            raise UsageError("--base-url benchmarks a server running elsewhere; --mode, --config and "
-                             "--chaos-kill-every start clusters here, so leave them out")
         if self.mode not in MODES:
             raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.dataset_name not in DATASETS:
@@ -177,6 +171,7 @@ class RunResult:
     topology: list[dict[str, object]]
     num_cores: int
     kills: list[dict[str, object]] = field(default_factory=list)
+    base_url: str | None = None  # a server elsewhere (`bench/http_client.py`), not clusters started here
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -319,9 +314,8 @@ async def _chaos(cluster: LocalCluster, every_s: float | None, seed: int, kills:
         ui.info(f"chaos: killed and restarted {worker.name}")
 
 
-def run_serve_bench(opts: ServeBenchOptions) -> None:
-    """The command: workload(s), each mode's runs, then the report (stdout), saved files and plot."""
-    from disagg_cli.bench import serve_report
+def prepare_workloads(opts: ServeBenchOptions) -> tuple[Path, Tokenizer, list[tuple[float, list[BenchRequest]]]]:
+    """The tokenizer's model file, the tokenizer, and one workload per rate (the same seed for all)."""
     from disagg_cli.model.registry import resolve_model
     from disagg_cli.model.tokenizer import load_tokenizer
 
@@ -329,12 +323,17 @@ def run_serve_bench(opts: ServeBenchOptions) -> None:
         model_path = resolve_model(opts.tokenizer or opts.model, opts.cache_dir, on_pull)
     tokenizer = load_tokenizer(model_path)
     rates = opts.sweep_rates or (opts.request_rate,)
-    workloads = [(rate, build_workload(opts, tokenizer, rate)) for rate in rates]
-    if opts.target is not None:
-        from disagg_cli.bench.http_client import run_http
+    return model_path, tokenizer, [(rate, build_workload(opts, tokenizer, rate)) for rate in rates]
 
-        serve_report.report({opts.target.backend: run_http(opts.target, opts.model, tokenizer, workloads, opts)}, opts)
-        return
+
+def run_serve_bench(opts: ServeBenchOptions) -> None:
+    """The command: workload(s), each mode's runs, then the report (stdout), saved files and plot."""
+    from disagg_cli.bench import serve_report
+    from disagg_cli.model.registry import resolve_model
+
+    model_path, tokenizer, workloads = prepare_workloads(opts)
+    if opts.tokenizer is not None:  # the workers still load --model
+        model_path = resolve_model(opts.model, opts.cache_dir)
     clusters = topologies(opts)
     runs = {mode: run_mode(mode, clusters[mode], model_path, tokenizer, workloads, opts) for mode in opts.modes}
     serve_report.report(runs, opts)

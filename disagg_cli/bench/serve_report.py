@@ -37,8 +37,8 @@ def result_json(run: RunResult, opts: ServeBenchOptions) -> dict[str, Any]:
                               opts.goodput if opts.goodput.limits_ms else None)
     head: dict[str, Any] = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "backend": run.mode if opts.target is not None else f"disagg-{run.mode}",
-        "base_url": opts.target.base_url if opts.target is not None else None,
+        "backend": run.mode if run.base_url is not None else f"disagg-{run.mode}",
+        "base_url": run.base_url,
         "label": opts.label,
         "model_id": opts.model,
         "tokenizer_id": opts.tokenizer or opts.model,

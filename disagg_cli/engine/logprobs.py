@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MAX_LOGPROBS = 20  # OpenAI's limit on top alternatives per token
+from disagg_cli.config import MAX_LOGPROBS
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from disagg_cli.config import SamplingParams
+from disagg_cli.config import MAX_LOGPROBS, SamplingParams
 from disagg_cli.server.errors import APIError
 from disagg_cli.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 
@@ -40,15 +40,16 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None = None
 
 
 def completion_params(req: CompletionRequest) -> SamplingParams:
-    if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-        raise APIError(400, f"logprobs must be between 0 and 20, got {req.logprobs}", "logprobs")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}", "logprobs")
     return sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
 
 
 def chat_logprobs_count(req: ChatCompletionRequest) -> int | None:
     """`logprobs: true` asks for the sampled token's; `top_logprobs` for that many alternatives too."""
-    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= 20:
-        raise APIError(400, f"top_logprobs must be between 0 and 20, got {req.top_logprobs}", "top_logprobs")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}",
+                       "top_logprobs")
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     return (req.top_logprobs or 0) if req.logprobs else None

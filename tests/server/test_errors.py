@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +133,21 @@ def test_queue_past_max_queued_requests_is_503_with_retry_after(server: Server, 
         b_response = b.result(timeout=WAIT_TIMEOUT_S)
     assert b_response.status_code == 200, b_response.text
     assert b_response.json()["usage"] == {"prompt_tokens": 241, "completion_tokens": 1, "total_tokens": 242}
+
+
+def test_health_is_503_and_requests_fail_503_once_no_decode_worker_is_alive(server: Server) -> None:
+    # Last in this module: it kills the server's decode worker (the server still exits 0 afterwards).
+    children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server.process.pid)], capture_output=True,
+                              text=True, check=True).stdout.splitlines()
+    (decode_pid,) = [int(line.split()[0]) for line in children if "decode-worker" in line]
+    os.kill(decode_pid, signal.SIGKILL)
+    with server.client(KEY) as http:
+        deadline = time.monotonic() + WAIT_TIMEOUT_S
+        while (health := http.get("/health")).status_code == 200:
+            assert time.monotonic() < deadline, "the dead decode worker was never noticed"
+            time.sleep(0.2)
+        assert health.status_code == 503 and health.json() == {"status": "no live decode worker"}
+        assert_error(http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}), 503, None,
+                     "no live decode worker")
+    ups = {dict(labels)["role"]: v for (name, labels), v in server.metrics().items() if name == "disagg:worker_up"}
+    assert ups == {"prefill": 1.0, "decode": 0.0}

@@ -4,6 +4,9 @@ mid-stream frees every KV block; /metrics counters move by exactly what was sent
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,3 +222,22 @@ def test_logprobs_agree_with_the_in_process_engine(client: openai.OpenAI, defaul
     assert len(content) == chat.usage.completion_tokens
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
     assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)  # greedy
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-chat"])
+def test_bench_serve_against_the_url_counts_what_the_server_counts(server: Server, default_gguf: Path,
+                                                                   backend: str) -> None:
+    generated = ("disagg:generation_tokens_total", (("model_name", MODEL),))
+    before = server.metrics()[generated]
+    proc = subprocess.run([sys.executable, "-m", "disagg_cli", "bench", "serve", "--base-url", server.url,
+                           "--backend", backend, "--model", MODEL, "--tokenizer", str(default_gguf),
+                           "--num-prompts", "3", "--random-input-len", "16", "--random-output-len", "4",
+                           "--ignore-eos", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert (result["backend"], result["base_url"]) == (backend, server.url)
+    assert (result["completed"], result["total_output_tokens"]) == (3, 12)
+    assert result["output_lens"] == [4, 4, 4] and len(result["ttfts"]) == 3
+    assert all(len(itls) <= 3 for itls in result["itls"])  # a gap between text chunks; 4 tokens at most 4 chunks
+    assert result["disagg"]["kv"]["raw_bytes"] > 0  # from the server's own `disagg` figures
+    assert server.metrics()[generated] - before == 12
