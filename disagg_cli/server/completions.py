@@ -142,10 +142,10 @@ def _stream(head: ResponseHead, obj: str, streams: list[Any], chunk_choice: Chun
             if delta.error is not None:
                 yield sse(from_failure(delta.error, delta.error_message or delta.error).body())
                 break  # leaving `merged` aborts the other choices
-            choice = chunk_choice(index, delta)
-            if choice is None:
+            entry = chunk_choice(index, delta)
+            if entry is None:
                 continue
-            chunk = head.body(obj, choices=[choice])
+            chunk = head.body(obj, choices=[entry])
             if delta.is_last:
                 chunk["disagg"] = disagg_figures(delta.result)
             yield sse(chunk)

@@ -79,5 +79,5 @@ def prompts_of(req: CompletionRequest) -> list[str | list[int]]:
     if not p:
         raise APIError(400, "prompt is empty", "prompt")
     if all(isinstance(x, int) for x in p):
-        return [list(p)]  # type: ignore[arg-type]
-    return [x if isinstance(x, str) else list(x) for x in p]  # type: ignore[union-attr]
+        return [[int(x) for x in p]]  # type: ignore[arg-type]
+    return [x if isinstance(x, str) else [int(t) for t in x] for x in p]  # type: ignore[union-attr]
