@@ -32,7 +32,7 @@ def serve(
     api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 routes.",
                                                 envvar="DISAGG_API_KEY")] = None,
     max_queued_requests: Annotated[int | None, typer.Option(
-        help="Answer 503 (Retry-After) once this many requests wait for decode memory.")] = None,
+        help="Answer 503 (Retry-After) while this many requests wait for decode memory.")] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,

@@ -68,8 +68,9 @@ class ServiceConfig:
     def __post_init__(self) -> None:
         if self.serve.in_process:
             raise UsageError("the service runs requests on workers; --in-process is for `disagg generate` only")
-        if self.max_queued_requests is not None and self.max_queued_requests < 0:
-            raise UsageError(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise UsageError(f"--max-queued-requests must be at least 1 (every request waits a moment), "
+                             f"got {self.max_queued_requests}")
 
 
 class CoordinatorService:

@@ -27,7 +27,7 @@ def test_a_port_in_use_is_refused_before_any_worker_starts() -> None:
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--max-queued-requests", "-1"], "--max-queued-requests must be >= 0"),
+    (["--max-queued-requests", "0"], "--max-queued-requests must be at least 1"),
     (["--api-key", ""], "--api-key must not be empty"),
     (["--prefill", "127.0.0.1:1"], "--prefill and --decode go together"),
 ])
