@@ -33,6 +33,7 @@ from disagg_cli.cli_options import (
     TokenTimeoutOpt,
     cache_dir,
 )
+from disagg_cli.cli_serve import serve
 from disagg_cli.cli_workers import colocated_worker, decode_worker, prefill_worker, run_worker
 from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.errors import DisaggError, Interrupted, UsageError
@@ -190,6 +191,7 @@ def model_info(
 
 
 # After `generate`, so `disagg --help` lists the main job first.
+app.command("serve")(serve)
 app.command("prefill-worker")(prefill_worker)
 app.command("decode-worker")(decode_worker)
 app.command("colocated-worker")(colocated_worker)

@@ -128,8 +128,18 @@ def bench_serve(
     json_output: Annotated[bool, typer.Option("--json", help="The result JSON on stdout instead of the text.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Draw TTFT/TPOT distributions and the ITL timeline (PNG; "
                                               "needs matplotlib).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="Benchmark this running OpenAI-compatible server (e.g. "
+                                                 "http://127.0.0.1:8000) instead of starting clusters; --model "
+                                                 "is then the model name sent.")] = None,
+    backend: Annotated[str, typer.Option(help="With --base-url: openai (/v1/completions) or openai-chat "
+                                         "(/v1/chat/completions).")] = "openai",
+    endpoint: Annotated[str | None, typer.Option(help="With --base-url: the route (default: the backend's).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Model whose tokenizer builds the workload "
+                                                  "(default: --model).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="With --base-url: Bearer key.", envvar="OPENAI_API_KEY")] = None,
 ) -> None:
     """Serving benchmark in vLLM's terms (TTFT, TPOT, ITL, E2EL, goodput), disaggregated vs colocated."""
+    from disagg_cli.bench.http_client import HttpTarget, run_http_bench
     from disagg_cli.bench.metrics import parse_goodput
     from disagg_cli.bench.serve import InterferenceShape, ServeBenchOptions, run_serve_bench
 
@@ -164,5 +174,8 @@ def bench_serve(
         interference=InterferenceShape(short_input_len, short_output_len, long_input_len, long_output_len,
                                        long_interval),
         sweep_rates=floats("--sweep-rates", sweep_rates) if sweep_rates else (),
-        chaos_kill_every_s=chaos_kill_every)
-    run_serve_bench(opts)
+        chaos_kill_every_s=chaos_kill_every, tokenizer=tokenizer)
+    if base_url is not None:
+        run_http_bench(HttpTarget(base_url, backend, endpoint, api_key), opts)
+    else:
+        run_serve_bench(opts)

@@ -19,6 +19,7 @@ from disagg_cli.errors import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+MAX_LOGPROBS = 20  # OpenAI's limit on top alternatives per token
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +90,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None  # report the sampled token's logprob and this many top alternatives
 
     def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise UsageError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
         if self.max_tokens < 1:
             raise UsageError(f"--max-tokens must be at least 1, got {self.max_tokens}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):

@@ -185,7 +185,8 @@ def _run_served(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput
     from disagg_cli.coordinator.cluster import LocalCluster
 
     serve = opts.serve
-    topology = _topology(opts) if not (serve.prefill or serve.colocated_addr) else None
+    local = not (serve.prefill or serve.colocated_addr)
+    topology = build_topology(opts.model, serve, opts.runtime, opts.engine) if local else None
     model_spec = topology.model if topology is not None else opts.model
     with ui.pull_progress(model_spec) as on_pull:
         path = resolve_model(model_spec, opts.cache_dir, on_pull)
@@ -200,8 +201,9 @@ def _run_served(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput
                 f"context of {limit} tokens; shorten the prompt or lower --max-tokens")
         requests.append(RequestOutput(f"req-{i}", prompt, ids, opts.sampling, tokenizer))
     if topology is None:
-        workers = ([("colocated", _tcp(serve.colocated_addr))] if serve.colocated_addr else
-                   [("prefill", _tcp(a)) for a in serve.prefill] + [("decode", _tcp(a)) for a in serve.decode])
+        workers = ([("colocated", worker_address(serve.colocated_addr))] if serve.colocated_addr else
+                   [("prefill", worker_address(a)) for a in serve.prefill]
+                   + [("decode", worker_address(a)) for a in serve.decode])
         asyncio.run(_serve(requests, workers, None, tokenizer, opts))
         return requests
     roles = [w.role for w in topology.workers]
@@ -211,10 +213,10 @@ def _run_served(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput
     return requests
 
 
-def _topology(opts: GenerateOptions) -> ClusterConfig:
-    serve, engine, runtime = opts.serve, opts.engine, opts.runtime
+def build_topology(model: str, serve: ServeOptions, runtime: RuntimeConfig, engine: EngineConfig) -> ClusterConfig:
+    """What to start here: `--config`'s topology, or 1 prefill + 1 decode (or one colocated) worker."""
     if serve.config is not None:
-        config = load_cluster_config(serve.config, default_model=opts.model)
+        config = load_cluster_config(serve.config, default_model=model)
         if serve.kv_codec is None:
             return config
         return replace(config, workers=tuple(replace(w, kv_codec=serve.kv_codec) if w.role == "prefill" else w
@@ -223,7 +225,7 @@ def _topology(opts: GenerateOptions) -> ClusterConfig:
                       kv_codec=serve.kv_codec, block_size=engine.block_size, kv_cache_tokens=engine.kv_cache_tokens,
                       kv_cache_memory_mb=engine.kv_cache_memory_mb, max_num_seqs=engine.max_num_seqs,
                       max_num_batched_tokens=engine.max_num_batched_tokens, chunked_prefill=engine.chunked_prefill)
-    return local_topology(opts.model, base, colocated=serve.colocated)
+    return local_topology(model, base, colocated=serve.colocated)
 
 
 async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], cluster: LocalCluster | None,
@@ -280,7 +282,7 @@ async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], 
             sys.stderr.write(line + "\n")
 
 
-def _tcp(address: str | None) -> str:
+def worker_address(address: str | None) -> str:
     """`host:port` or a full zmq address (`tcp://…`, `ipc://…`)."""
     assert address is not None
     if "://" in address:

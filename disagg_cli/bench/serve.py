@@ -27,6 +27,7 @@ from disagg_cli.bench.metrics import METRICS, RequestRecord, Slo
 from disagg_cli.bench.workload import BenchRequest, interference_workload, random_workload, sharegpt_workload
 from disagg_cli.config import Deadlines, SamplingParams
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
+from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import UsageError
 from disagg_cli.kv.wire import CODEC_NAMES
@@ -86,6 +87,7 @@ class ServeBenchOptions:
     interference: InterferenceShape = field(default_factory=InterferenceShape)
     sweep_rates: tuple[float, ...] = ()
     chaos_kill_every_s: float | None = None
+    tokenizer: str | None = None  # for the workload; None: --model
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -143,9 +145,9 @@ class TimedOutput(RequestOutput):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.token_times_s: list[float] = []
 
-    def append(self, token_id: int) -> str:
+    def append(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
         self.token_times_s.append(time.perf_counter())
-        return super().append(token_id)
+        return super().append(token_id, logprobs)
 
     def record(self) -> RequestRecord:
         t = self.timings
@@ -171,6 +173,7 @@ class RunResult:
     topology: list[dict[str, object]]
     num_cores: int
     kills: list[dict[str, object]] = field(default_factory=list)
+    base_url: str | None = None  # a server elsewhere (`bench/http_client.py`), not clusters started here
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -313,17 +316,26 @@ async def _chaos(cluster: LocalCluster, every_s: float | None, seed: int, kills:
         ui.info(f"chaos: killed and restarted {worker.name}")
 
 
+def prepare_workloads(opts: ServeBenchOptions) -> tuple[Path, Tokenizer, list[tuple[float, list[BenchRequest]]]]:
+    """The tokenizer's model file, the tokenizer, and one workload per rate (the same seed for all)."""
+    from disagg_cli.model.registry import resolve_model
+    from disagg_cli.model.tokenizer import load_tokenizer
+
+    with ui.pull_progress(opts.tokenizer or opts.model) as on_pull:
+        model_path = resolve_model(opts.tokenizer or opts.model, opts.cache_dir, on_pull)
+    tokenizer = load_tokenizer(model_path)
+    rates = opts.sweep_rates or (opts.request_rate,)
+    return model_path, tokenizer, [(rate, build_workload(opts, tokenizer, rate)) for rate in rates]
+
+
 def run_serve_bench(opts: ServeBenchOptions) -> None:
     """The command: workload(s), each mode's runs, then the report (stdout), saved files and plot."""
     from disagg_cli.bench import serve_report
     from disagg_cli.model.registry import resolve_model
-    from disagg_cli.model.tokenizer import load_tokenizer
 
-    with ui.pull_progress(opts.model) as on_pull:
-        model_path = resolve_model(opts.model, opts.cache_dir, on_pull)
-    tokenizer = load_tokenizer(model_path)
-    rates = opts.sweep_rates or (opts.request_rate,)
-    workloads = [(rate, build_workload(opts, tokenizer, rate)) for rate in rates]
+    model_path, tokenizer, workloads = prepare_workloads(opts)
+    if opts.tokenizer is not None:  # the workers still load --model
+        model_path = resolve_model(opts.model, opts.cache_dir)
     clusters = topologies(opts)
     runs = {mode: run_mode(mode, clusters[mode], model_path, tokenizer, workloads, opts) for mode in opts.modes}
     serve_report.report(runs, opts)

@@ -37,10 +37,11 @@ def result_json(run: RunResult, opts: ServeBenchOptions) -> dict[str, Any]:
                               opts.goodput if opts.goodput.limits_ms else None)
     head: dict[str, Any] = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
-        "backend": f"disagg-{run.mode}",
+        "backend": run.mode if run.base_url is not None else f"disagg-{run.mode}",
+        "base_url": run.base_url,
         "label": opts.label,
         "model_id": opts.model,
-        "tokenizer_id": opts.model,
+        "tokenizer_id": opts.tokenizer or opts.model,
         "num_prompts": len(run.workload),
         "request_rate": "inf" if math.isinf(run.rate) else run.rate,
         "burstiness": opts.burstiness,

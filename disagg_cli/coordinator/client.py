@@ -224,17 +224,17 @@ class Coordinator(WorkerConnections):
     def _first_token(self, run: _Run, msg: FirstToken) -> None:
         run.got_first = True
         _copy_stats(run.out, msg.stats)
-        run.emit(run.out.append(msg.token_id))
+        run.emit(run.out.append(msg.token_id, msg.logprobs))
 
     def _tokens(self, run: _Run, src: Connection, msg: Tokens) -> None:
         out = run.out
         if out.state != "decoding":
             out.state = "decoding"
             _copy_stats(out, msg.stats)
-        for token_id in msg.token_ids:
+        for i, token_id in enumerate(msg.token_ids):
             if out.is_finished:
                 break  # a stop string: the rest is discarded and the worker aborted
-            run.emit(out.append(token_id))
+            run.emit(out.append(token_id, msg.logprobs[i] if i < len(msg.logprobs) else None))
         if msg.finish_reason is not None:
             self._done_with(run, src)
             if not out.is_finished:

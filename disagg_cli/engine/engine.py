@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from disagg_cli.config import EngineConfig, SamplingParams
+from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.engine.runner import LayerHook, ModelRunner
 from disagg_cli.engine.scheduler import Scheduler, Sequence, Status
 from disagg_cli.kv.pool import BlockPool
@@ -30,6 +31,7 @@ class TokenEvent:
     request_id: str
     token_id: int
     finish_reason: str | None  # "stop", "length", "prefilled" (prefill_only) or None while running
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass
@@ -134,7 +136,9 @@ class LLMEngine:
             seq.num_computed_tokens += item.num_new_tokens
             if not samples:
                 continue  # a prefill chunk with more of its prompt to come
-            token = self.samplers[seq.request_id](logits[row])
+            sampler = self.samplers[seq.request_id]
+            token = sampler(logits[row])
+            logprobs = sampler.logprobs(logits[row], token)
             row += 1
             seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
@@ -143,7 +147,7 @@ class LLMEngine:
             elif reason:
                 self.scheduler.finish(seq, reason)
                 self._forget(seq.request_id)
-            events.append(TokenEvent(seq.request_id, token, reason))
+            events.append(TokenEvent(seq.request_id, token, reason, logprobs))
         stats.elapsed_ms = (time.perf_counter() - t0) * 1e3
         self.last_step = stats
         return events

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg_cli.config import SamplingParams
+from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -49,6 +50,7 @@ class RequestOutput:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs | None] = []  # beside each token, when the request asked
         self.text = ""  # all text decoded so far, cut at a stop string once one is seen
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -66,13 +68,14 @@ class RequestOutput:
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, token_id: int) -> str:
-        """Add one sampled token; return the newly printable text."""
+    def append(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
+        """Add one sampled token (and its logprobs, if asked for); return the newly printable text."""
         assert self.finish_reason is None, f"request {self.request_id} already finished"
         now = time.perf_counter()
         if self.timings.first_token_s is None:
             self.timings.first_token_s = now
         self.token_ids.append(token_id)
+        self.logprobs.append(logprobs)
         if token_id in self._eos_ids:
             self.text += self._detok.flush()
             return self._finish("stop", now)

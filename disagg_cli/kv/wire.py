@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 import msgpack
 
 from disagg_cli.config import SamplingParams
+from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.errors import DisaggError
 from disagg_cli.kv.schema import SchemaError, frames_field, from_wire, has_frames, to_wire
 
@@ -287,6 +288,7 @@ class FirstToken(Message):
     request_id: str
     token_id: int
     stats: dict[str, float] = field(default_factory=dict)  # queue_ms, prefill_ms, batch_size, …
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @_message("kv_done")
@@ -309,6 +311,7 @@ class Tokens(Message):
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
 
 
 @_message("abort")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from disagg_cli.config import SamplingParams
+from disagg_cli.engine.logprobs import TokenLogprobs
 
 
 class Sampler:
@@ -39,3 +40,13 @@ class Sampler:
             logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def logprobs(self, logits: torch.Tensor, token_id: int) -> TokenLogprobs | None:
+        """The raw distribution's logprob of `token_id` and its top `params.logprobs`; None when not asked."""
+        k = self.params.logprobs
+        if k is None:
+            return None
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        top = torch.topk(lp, k) if k else None
+        return TokenLogprobs(float(lp[token_id]), tuple(top.indices.tolist()) if top is not None else (),
+                             tuple(top.values.tolist()) if top is not None else ())

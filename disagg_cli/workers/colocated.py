@@ -55,11 +55,12 @@ class ColocatedWorker(Worker):
                 arrival = self.arrival_s.pop(rid, self._step_start)
                 self.io.send(owner, FirstToken(rid, ev.token_id, {
                     "queue_ms": max(0.0, self._step_start - arrival) * 1e3,
-                    "prefill_ms": (now - max(arrival, self._step_start)) * 1e3}))
+                    "prefill_ms": (now - max(arrival, self._step_start)) * 1e3}, ev.logprobs))
                 if ev.finish_reason is not None:
                     self.io.send(owner, Tokens(rid, (), ev.finish_reason))
             else:
-                self.io.send(owner, Tokens(rid, (ev.token_id,), ev.finish_reason))
+                self.io.send(owner, Tokens(rid, (ev.token_id,), ev.finish_reason,
+                                           logprobs=(ev.logprobs,) if ev.logprobs else ()))
             if ev.finish_reason is not None:
                 self.owners.pop(rid, None)
                 self.started.discard(rid)

@@ -24,6 +24,7 @@ import torch
 
 from disagg_cli.config import SamplingParams
 from disagg_cli.engine.engine import TokenEvent
+from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.kv.transfer import decode_kv_layers
 from disagg_cli.kv.wire import Error, KVDone, KVLayers, Message, Reserve, Reserved, Tokens
 from disagg_cli.workers.base import Dest, log
@@ -166,17 +167,18 @@ class DecodeWorker(Worker):
 
     def on_events(self, events: list[TokenEvent]) -> None:
         for ev in events:
-            self._send_tokens(ev.request_id, (ev.token_id,), ev.finish_reason)
+            self._send_tokens(ev.request_id, (ev.token_id,), ev.finish_reason, ev.logprobs)
         self._admit_reservations()  # finished requests may have freed blocks
 
-    def _send_tokens(self, rid: str, tokens: tuple[int, ...], finish_reason: str | None) -> None:
+    def _send_tokens(self, rid: str, tokens: tuple[int, ...], finish_reason: str | None,
+                     logprobs: TokenLogprobs | None = None) -> None:
         owner = self.owners.get(rid)
         if owner is None:
             return
         stats = self.first_stats.pop(rid, {})
         if stats and "prefill_end_unix_s" in stats:
             stats["handoff_ms"] = (self._step_start_unix - stats["prefill_end_unix_s"]) * 1e3
-        self.io.send(owner, Tokens(rid, tokens, finish_reason, stats))
+        self.io.send(owner, Tokens(rid, tokens, finish_reason, stats, (logprobs,) if logprobs else ()))
         if finish_reason is not None:
             self.owners.pop(rid, None)
 

@@ -129,7 +129,8 @@ class PrefillWorker(Worker):
             self.engine.release(rid)
             queue_ms = (stats["step_start"] - p.arrival_s) * 1e3
             self.io.send(p.owner, FirstToken(rid, ev.token_id, {
-                "queue_ms": queue_ms, "prefill_ms": stats["prefill_ms"], "batch_size": stats["batch_size"]}))
+                "queue_ms": queue_ms, "prefill_ms": stats["prefill_ms"], "batch_size": stats["batch_size"]},
+                ev.logprobs))
             self.io.send(p.decode, _Done(rid, ev.token_id, state, end_unix))
             self.owners.pop(rid, None)
             self.handed_off[rid] = (p.owner, p.decode)

@@ -1,0 +1,87 @@
+"""`disagg serve`: flags into a ServiceConfig and a ServerConfig; cli.py registers it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from disagg_cli.cli_options import (
+    DEFAULT_DEADLINES,
+    BlockSizeOpt,
+    ChunkedOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FirstTokenTimeoutOpt,
+    KVMemoryOpt,
+    KVTokensOpt,
+    MaxBatchedOpt,
+    MaxSeqsOpt,
+    ModelOpt,
+    RequestTimeoutOpt,
+    ReserveTimeoutOpt,
+    ThreadsOpt,
+    TokenTimeoutOpt,
+    cache_dir,
+)
+from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig
+
+
+def serve(
+    model: ModelOpt = "smollm2-135m-instruct",
+    host: Annotated[str, typer.Option(help="Interface to listen on; beyond loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    served_model_name: Annotated[list[str] | None, typer.Option(
+        help="Name(s) clients use in `model` (repeatable; default: --model).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 routes.",
+                                                envvar="DISAGG_API_KEY")] = None,
+    max_queued_requests: Annotated[int | None, typer.Option(
+        help="Answer 503 (Retry-After) while this many requests wait for decode memory.")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    block_size: BlockSizeOpt = 16,
+    kv_cache_tokens: KVTokensOpt = None,
+    kv_cache_memory_mb: KVMemoryOpt = 512.0,
+    max_num_seqs: MaxSeqsOpt = 32,
+    max_num_batched_tokens: MaxBatchedOpt = 2048,
+    chunked_prefill: ChunkedOpt = False,
+    prefill: Annotated[list[str] | None, typer.Option(help="Address (host:port) of a running prefill worker; "
+                                                      "repeatable. Needs --decode.")] = None,
+    decode: Annotated[list[str] | None, typer.Option(help="Address of a running decode worker; repeatable.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Start this TOML topology (see configs/).")] = None,
+    colocated: Annotated[bool, typer.Option(help="One worker doing both phases (the baseline).")] = False,
+    colocated_addr: Annotated[str | None, typer.Option(help="Address of a running colocated worker.")] = None,
+    router: Annotated[str, typer.Option(help="round-robin or least-loaded.")] = "round-robin",
+    kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers started here: none, lz4, "
+                                                 "shuffle-lz4, int8, int4 or auto.")] = None,
+    worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
+    keys: Annotated[Path | None, typer.Option(help="CurveZMQ keys to reach workers started with --keys.")] = None,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for every worker's hello.")] = 120.0,
+    reserve_timeout: ReserveTimeoutOpt = DEFAULT_DEADLINES.reserve_s,
+    first_token_timeout: FirstTokenTimeoutOpt = DEFAULT_DEADLINES.first_token_s,
+    token_timeout: TokenTimeoutOpt = DEFAULT_DEADLINES.token_s,
+    request_timeout: RequestTimeoutOpt = DEFAULT_DEADLINES.request_s,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (completions, chat, /metrics).
+
+    With no addresses, starts a local 1 prefill + 1 decode cluster and stops it on exit."""
+    from disagg_cli.coordinator.service import ServiceConfig
+    from disagg_cli.generate import ServeOptions
+    from disagg_cli.server.app import ServerConfig
+    from disagg_cli.server.run import run_server
+
+    server = ServerConfig(host=host, port=port, served_model_names=tuple(served_model_name or ()), api_key=api_key)
+    service = ServiceConfig(
+        model=model, cache_dir=cache_dir(),
+        runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads),
+        engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
+                            kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),
+        serve=ServeOptions(prefill=tuple(prefill or ()), decode=tuple(decode or ()), colocated=colocated,
+                           colocated_addr=colocated_addr, config=config, router=router, kv_codec=kv_codec,
+                           worker_timeout_s=worker_timeout, keys_dir=keys, connect_timeout_s=connect_timeout,
+                           deadlines=Deadlines(reserve_timeout, first_token_timeout, token_timeout, request_timeout)),
+        max_queued_requests=max_queued_requests)
+    run_server(service, server)

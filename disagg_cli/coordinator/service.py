@@ -1,0 +1,295 @@
+"""The coordinator service: one long-lived front door to the workers, for every front end.
+
+It owns, for its whole life, the workers it started (or the addresses it was given), the
+`Coordinator` that talks to them and the tokenizer (never the weights). Front ends (the HTTP
+server; later `generate` and `bench serve`) call `tokenize`, `submit` and `abort`, and read
+`health()`, `counts()` and `workers()`; none tokenizes, checks limits or starts clusters itself.
+
+Life of the service:
+1. `start()`: resolve the model, load its tokenizer, start the local cluster (unless addresses
+   were given), say hello to every worker and wait for every answer;
+2. `submit(prompt or ids, params)` checks the prompt against the context and the waiting queue
+   (raising before any work is done), then drives the request in a task of its own and returns
+   a `RequestStream` of `Delta`s; closing the stream early (a client gone) or `abort(id)` cancels
+   that task, and the coordinator sends `Abort` to every worker still holding the request;
+3. `stop()`: refuse new requests (draining), wait for those in flight, close the connections and
+   stop what was started.
+
+What a request's stream carries is in `coordinator/stream.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from disagg_cli import ui
+from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
+from disagg_cli.coordinator.stream import RequestStream, StreamingOutput
+from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
+from disagg_cli.generate import ServeOptions, build_topology, context_length, worker_address
+from disagg_cli.model.registry import resolve_model
+from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from disagg_cli.coordinator.client import Coordinator
+    from disagg_cli.coordinator.cluster import LocalCluster
+
+WAITING_STATES = ("queued", "reserving")  # not yet past the decode worker's memory check
+DRAIN_TIMEOUT_S = 60.0
+
+
+class QueueFullError(DisaggError):
+    """More requests wait than `max_queued_requests` allows; try again later."""
+
+
+class UnavailableError(DisaggError):
+    """A role has no live worker: a new request is refused at once (the client may retry), while
+    requests already in flight wait for a worker to come back, up to their deadline."""
+
+
+class DrainingError(DisaggError):
+    """The service is shutting down and takes no new requests."""
+
+
+class InvalidPromptError(UsageError):
+    """A prompt that cannot be served (empty, or token ids outside the vocabulary)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    model: str
+    cache_dir: Path
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    serve: ServeOptions = field(default_factory=ServeOptions)  # where the workers run
+    max_queued_requests: int | None = None  # None: no limit
+
+    def __post_init__(self) -> None:
+        if self.serve.in_process:
+            raise UsageError("the service runs requests on workers; --in-process is for `disagg generate` only")
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise UsageError(f"--max-queued-requests must be at least 1 (every request waits a moment), "
+                             f"got {self.max_queued_requests}")
+
+
+class CoordinatorService:
+    """See the module docstring. `async with CoordinatorService(config) as service: …`"""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.tokenizer: Tokenizer | None = None
+        self.model_path: Path | None = None
+        self.context_limit = sys.maxsize
+        self.coordinator: Coordinator | None = None
+        self.cluster: LocalCluster | None = None
+        self.draining = False
+        self.in_flight: dict[str, tuple[StreamingOutput, asyncio.Task[None]]] = {}
+        self._listeners: list[Callable[[StreamingOutput], None]] = []
+        self._ids = itertools.count()
+
+    async def __aenter__(self) -> CoordinatorService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- life ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
+        from disagg_cli.coordinator.cluster import LocalCluster
+        from disagg_cli.coordinator.connections import JOIN_GRACE_S
+
+        cfg, serve = self.config, self.config.serve
+        local = not (serve.prefill or serve.colocated_addr)
+        topology = build_topology(cfg.model, serve, cfg.runtime, cfg.engine) if local else None
+        with ui.pull_progress(topology.model if topology else cfg.model) as on_pull:
+            self.model_path = resolve_model(topology.model if topology else cfg.model, cfg.cache_dir, on_pull)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.context_limit = context_length(self.model_path) or sys.maxsize
+        if topology is not None:
+            roles = [w.role for w in topology.workers]
+            ui.info("starting " + ", ".join(f"{roles.count(r)} {r}" for r in dict.fromkeys(roles)) + " worker(s)…")
+            self.cluster = LocalCluster(topology, str(self.model_path))
+            self.cluster.start()
+            workers = self.cluster.addresses()
+        elif serve.colocated_addr:
+            workers = [("colocated", worker_address(serve.colocated_addr))]
+        else:
+            workers = ([("prefill", worker_address(a)) for a in serve.prefill]
+                       + [("decode", worker_address(a)) for a in serve.decode])
+        coord_config = CoordinatorConfig(policy=serve.router, worker_timeout_s=serve.worker_timeout_s,
+                                         keys_dir=serve.keys_dir, handshake_timeout_s=serve.connect_timeout_s,
+                                         deadlines=serve.deadlines)
+        probe = self.cluster.is_gone if self.cluster is not None else None
+        self.coordinator = Coordinator(workers, self.tokenizer.eos_token_ids, coord_config, probe)
+        try:
+            if self.cluster is not None:
+                await self.coordinator.connect(self.cluster.check)
+            else:  # workers started elsewhere: one that is down joins when it comes up
+                await self.coordinator.connect(join_grace_s=JOIN_GRACE_S)
+            await self.coordinator.poll_stats()
+        except BaseException:
+            await self._close()
+            raise
+
+    async def stop(self, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Take no new requests, let those in flight finish (aborting what is left at the timeout),
+        then close the connections and stop the workers started here."""
+        self.draining = True
+        tasks = [task for _, task in self.in_flight.values()]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=drain_timeout_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        await self._close()
+
+    async def _close(self) -> None:
+        if self.coordinator is not None:
+            await self.coordinator.close()
+            self.coordinator = None
+        if self.cluster is not None:
+            await asyncio.to_thread(self.cluster.stop)
+            self.cluster = None
+
+    # --- requests ----------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The model's token ids of `text`; BOS first where the model wants one, unless told not to."""
+        return self._tok.encode(text, add_bos=None if add_special_tokens else False)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        self._check_ids(token_ids)
+        return self._tok.decode(list(token_ids))
+
+    def _check_ids(self, token_ids: Sequence[int]) -> None:
+        vocab = self._tok.vocab_size
+        bad = [i for i in token_ids if not 0 <= i < vocab]
+        if bad:
+            raise InvalidPromptError(f"token id {bad[0]} is outside the vocabulary (0 to {vocab - 1})")
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The model's own chat template applied to `messages`."""
+        return self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def check_context(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        if num_prompt_tokens + max_tokens > self.context_limit:
+            raise ContextLengthError(
+                f"this model's context is {self.context_limit} tokens, but {num_prompt_tokens + max_tokens} were "
+                f"asked for ({num_prompt_tokens} in the prompt, {max_tokens} to generate); shorten the prompt "
+                "or ask for fewer tokens")
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams,
+               request_id: str | None = None) -> RequestStream:
+        """Start a request; raises (before any work) for a prompt too long for the context, an
+        invalid prompt, a full waiting queue or a draining service."""
+        coordinator = self._coordinator
+        if self.draining:
+            raise DrainingError("the server is shutting down and takes no new requests")
+        healthy, why = self.health()
+        if not healthy:
+            raise UnavailableError(f"{why} right now; retry later")
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise InvalidPromptError("the prompt is empty; give at least one token")
+        self._check_ids(ids)
+        self.check_context(len(ids), params.max_tokens)
+        limit = self.config.max_queued_requests
+        waiting = self.counts()["waiting"]
+        if limit is not None and waiting >= limit:
+            raise QueueFullError(f"{waiting} requests are waiting already (--max-queued-requests {limit}); "
+                                 "retry later")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.in_flight:
+            raise UsageError(f"request id {rid!r} is in flight already")
+        text = prompt if isinstance(prompt, str) else ""
+        out = StreamingOutput(rid, text, ids, params, self._tok)
+        task = asyncio.create_task(coordinator.run_request(out), name=f"request {rid}")
+        # A callback, not a `finally`: a task cancelled before its first step never runs its body.
+        task.add_done_callback(lambda _: self._ended(out))
+        self.in_flight[rid] = (out, task)
+        return RequestStream(out, task)
+
+    def _ended(self, out: StreamingOutput) -> None:
+        self.in_flight.pop(out.request_id, None)
+        out.fail("aborted", "interrupted before it finished")  # a no-op unless cancelled before it began
+        out.deltas.put_nowait(out.last_delta())
+        for listener in self._listeners:
+            listener(out)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request in flight (its workers get `Abort`); False if it is not in flight."""
+        entry = self.in_flight.get(request_id)
+        if entry is None:
+            return False
+        entry[1].cancel()
+        return True
+
+    def on_finished(self, listener: Callable[[StreamingOutput], None]) -> None:
+        """Call `listener` with every request's output once it has ended, however it ended."""
+        self._listeners.append(listener)
+
+    # --- what health, metrics and the live table read ----------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        outs = [out for out, _ in self.in_flight.values()]
+        waiting = sum(out.state in WAITING_STATES for out in outs)
+        return {"waiting": waiting, "running": len(outs) - waiting}
+
+    def workers(self) -> list[WorkerView]:
+        if self.coordinator is None:
+            return []
+        return [WorkerView(w.role, w.address, w.is_alive, dict(w.stats)) for w in self.coordinator.router.workers]
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why): unhealthy while draining or while a needed role has no live worker."""
+        if self.draining:
+            return False, "draining"
+        views = self.workers()
+        if not views:
+            return False, "not connected to any worker"
+        roles = {v.role for v in views}
+        needed = ("colocated",) if roles == {"colocated"} else ("prefill", "decode")
+        dead = [role for role in needed if not any(v.is_alive for v in views if v.role == role)]
+        if dead:
+            return False, "no live " + " or ".join(dead) + " worker"
+        return True, "ok"
+
+    async def kv_blocks(self, timeout_s: float = 5.0) -> dict[str, tuple[int, int]]:
+        """(free, total) KV blocks per live worker, freshly asked for, once all are free or at
+        `timeout_s` (a worker frees a request's blocks just after its last token)."""
+        stats = await self._coordinator.wait_idle(timeout_s)
+        return {address: (int(s.get("free_blocks", 0)), int(s.get("num_blocks", 0))) for address, s in stats.items()}
+
+    @property
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise DisaggError("the service has not been started")
+        return self.tokenizer
+
+    @property
+    def _coordinator(self) -> Coordinator:
+        if self.coordinator is None:
+            raise DisaggError("the service is not connected to its workers")
+        return self.coordinator
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    role: str
+    address: str
+    is_alive: bool
+    stats: dict[str, float]  # the last heartbeat's figures: waiting, running, free_blocks, num_blocks, …
+
+    @property
+    def kv_usage(self) -> float | None:
+        num, free = self.stats.get("num_blocks"), self.stats.get("free_blocks")
+        return None if not num or free is None else 1.0 - free / num

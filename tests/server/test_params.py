@@ -1,0 +1,55 @@
+"""OpenAI request fields → SamplingParams with vLLM's defaults; each bad value a 400 naming its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from disagg_cli.config import SamplingParams
+from disagg_cli.server.errors import APIError
+from disagg_cli.server.params import chat_max_tokens, choice_params, completion_params, prompts_of
+from disagg_cli.server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def test_completion_defaults_are_vllms() -> None:
+    params = completion_params(CompletionRequest(prompt="x"))
+    assert params == SamplingParams(max_tokens=16, temperature=1.0, top_p=1.0, top_k=0)
+
+
+def test_fields_map_one_to_one_and_unknown_fields_are_tolerated() -> None:
+    req = CompletionRequest(prompt="x", max_tokens=5, temperature=0, top_p=0.5, top_k=-1, seed=3, stop="\n",
+                            ignore_eos=True, user="someone", frequency_penalty=0.0)
+    assert completion_params(req) == SamplingParams(max_tokens=5, temperature=0.0, top_p=0.5, top_k=0, seed=3,
+                                                    stop=("\n",), ignore_eos=True)
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -0.5}, "temperature"), ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"), ({"n": 0}, "n"), ({"n": 17}, "n"), ({"stop": [""]}, "stop"),
+    ({"logprobs": 21}, "logprobs"),
+])
+def test_bad_values_are_400_naming_the_field(fields: dict, param: str) -> None:
+    with pytest.raises(APIError) as e:
+        completion_params(CompletionRequest(prompt="x", **fields))
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_chat_max_tokens_prefers_max_completion_tokens_then_max_tokens_then_the_context_left() -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    assert chat_max_tokens(ChatCompletionRequest(messages=msgs, max_completion_tokens=7, max_tokens=9), 100) == 7
+    assert chat_max_tokens(ChatCompletionRequest(messages=msgs, max_tokens=9), 100) == 9
+    assert chat_max_tokens(ChatCompletionRequest(messages=msgs), 100) == 100
+
+
+def test_choice_i_of_a_seeded_request_draws_with_seed_plus_i() -> None:
+    params = SamplingParams(seed=10, temperature=1.0)
+    assert [choice_params(params, i).seed for i in range(3)] == [10, 11, 12]
+    assert choice_params(SamplingParams(temperature=1.0), 2).seed is None
+
+
+def test_prompt_shapes() -> None:
+    assert prompts_of(CompletionRequest(prompt="a")) == ["a"]
+    assert prompts_of(CompletionRequest(prompt=["a", "b"])) == ["a", "b"]
+    assert prompts_of(CompletionRequest(prompt=[1, 2])) == [[1, 2]]
+    assert prompts_of(CompletionRequest(prompt=[[1], [2, 3]])) == [[1], [2, 3]]
+    with pytest.raises(APIError):
+        prompts_of(CompletionRequest(prompt=[]))
