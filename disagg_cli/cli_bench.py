@@ -141,7 +141,8 @@ def bench_serve(
     """Serving benchmark in vLLM's terms (TTFT, TPOT, ITL, E2EL, goodput), disaggregated vs colocated."""
     from disagg_cli.bench.http_client import HttpTarget, run_http_bench
     from disagg_cli.bench.metrics import parse_goodput
-    from disagg_cli.bench.serve import InterferenceShape, ServeBenchOptions, run_serve_bench
+    from disagg_cli.bench.runs import InterferenceShape, ServeBenchOptions
+    from disagg_cli.bench.serve import run_serve_bench
 
     def floats(flag: str, text: str) -> tuple[float, ...]:
         try:

@@ -26,7 +26,7 @@ from disagg_cli.engine.request import Timings
 from disagg_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    from disagg_cli.bench.serve import RunResult, ServeBenchOptions
+    from disagg_cli.bench.runs import RunResult, ServeBenchOptions
     from disagg_cli.bench.workload import BenchRequest
     from disagg_cli.model.tokenizer import Tokenizer
 
@@ -178,7 +178,7 @@ def run_http_bench(target: HttpTarget, opts: ServeBenchOptions) -> None:
 
 async def _run_all(target: HttpTarget, model: str, tokenizer: Tokenizer,
                    workloads: list[tuple[float, list[BenchRequest]]], opts: ServeBenchOptions) -> list[RunResult]:
-    from disagg_cli.bench.serve import RunResult
+    from disagg_cli.bench.runs import RunResult
     from disagg_cli.coordinator.cluster import available_cpus
 
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from disagg_cli import ui
 
 if TYPE_CHECKING:
-    from disagg_cli.bench.serve import RunResult
+    from disagg_cli.bench.runs import RunResult
 
 COLORS = {"disagg": "tab:blue", "colocated": "tab:orange"}
 

@@ -14,171 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from disagg_cli import ui
-from disagg_cli.bench.metrics import METRICS, RequestRecord, Slo
+from disagg_cli.bench.runs import RunResult, ServeBenchOptions, TimedOutput
 from disagg_cli.bench.workload import BenchRequest, interference_workload, random_workload, sharegpt_workload
-from disagg_cli.config import Deadlines, SamplingParams
+from disagg_cli.config import SamplingParams
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
-from disagg_cli.engine.logprobs import TokenLogprobs
-from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import UsageError
-from disagg_cli.kv.wire import CODEC_NAMES
 
 if TYPE_CHECKING:
     from disagg_cli.coordinator.client import Coordinator
     from disagg_cli.coordinator.cluster import LocalCluster
     from disagg_cli.model.tokenizer import Tokenizer
-
-MODES = ("disagg", "colocated", "both")
-DATASETS = ("random", "sharegpt")
-WORKLOADS = ("dataset", "interference")
-
-
-@dataclass(frozen=True, slots=True)
-class InterferenceShape:
-    short_input_len: int = 32
-    short_output_len: int = 64
-    long_input_len: int = 1024
-    long_output_len: int = 8
-    long_interval_s: float = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class ServeBenchOptions:
-    model: str
-    cache_dir: Path
-    dataset_name: str = "random"
-    dataset_path: Path | None = None
-    random_input_len: int = 256
-    random_output_len: int = 64
-    random_range_ratio: float = 0.0
-    num_prompts: int = 32
-    request_rate: float = math.inf
-    burstiness: float = 1.0
-    max_concurrency: int | None = None
-    seed: int = 0
-    num_warmups: int = 0
-    ignore_eos: bool = False
-    percentile_metrics: tuple[str, ...] = ("ttft", "tpot", "itl")
-    metric_percentiles: tuple[float, ...] = (99.0,)
-    goodput: Slo = field(default_factory=Slo)
-    save_result: bool = False
-    result_dir: Path | None = None
-    result_filename: str | None = None
-    label: str | None = None
-    metadata: tuple[tuple[str, str], ...] = ()
-    mode: str = "disagg"
-    config: Path | None = None
-    dtype: str = "float32"
-    kv_codec: str | None = None
-    worker_timeout_s: float = 10.0
-    deadlines: Deadlines = field(default_factory=Deadlines)
-    json_output: bool = False
-    plot: Path | None = None
-    workload: str = "dataset"
-    interference: InterferenceShape = field(default_factory=InterferenceShape)
-    sweep_rates: tuple[float, ...] = ()
-    chaos_kill_every_s: float | None = None
-    tokenizer: str | None = None  # for the workload; None: --model
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.dataset_name not in DATASETS:
-            raise UsageError(f"--dataset-name must be one of {', '.join(DATASETS)}, got {self.dataset_name!r}")
-        if self.dataset_name == "sharegpt" and self.dataset_path is None:
-            raise UsageError("--dataset-name sharegpt needs --dataset-path FILE.json (ShareGPT format)")
-        if self.workload not in WORKLOADS:
-            raise UsageError(f"--workload must be one of {', '.join(WORKLOADS)}, got {self.workload!r}")
-        for flag, value in [("--num-prompts", self.num_prompts), ("--random-input-len", self.random_input_len),
-                            ("--random-output-len", self.random_output_len),
-                            ("--short-input-len", self.interference.short_input_len),
-                            ("--short-output-len", self.interference.short_output_len),
-                            ("--long-input-len", self.interference.long_input_len),
-                            ("--long-output-len", self.interference.long_output_len)]:
-            if value < 1:
-                raise UsageError(f"{flag} must be at least 1, got {value}")
-        if not 0 <= self.random_range_ratio < 1:
-            raise UsageError(f"--random-range-ratio must be in [0, 1), got {self.random_range_ratio}")
-        for rate in (self.request_rate, *self.sweep_rates):
-            if not rate > 0:
-                raise UsageError(f"request rates must be positive (or inf), got {rate}")
-        if not (self.burstiness > 0 and math.isfinite(self.burstiness)):
-            raise UsageError(f"--burstiness must be a positive number (1 = Poisson), got {self.burstiness}")
-        if self.max_concurrency is not None and self.max_concurrency < 1:
-            raise UsageError(f"--max-concurrency must be at least 1, got {self.max_concurrency}")
-        if self.num_warmups < 0:
-            raise UsageError(f"--num-warmups must be >= 0, got {self.num_warmups}")
-        bad = [m for m in self.percentile_metrics if m not in METRICS]
-        if bad or not self.percentile_metrics:
-            raise UsageError(f"--percentile-metrics takes a comma list of {','.join(METRICS)}, got {bad or 'none'}")
-        if not self.metric_percentiles or not all(0 < p < 100 for p in self.metric_percentiles):
-            raise UsageError(f"--metric-percentiles must be in (0, 100), got {list(self.metric_percentiles)}")
-        if self.sweep_rates and not {"ttft", "tpot"} <= set(self.goodput.limits_ms):
-            raise UsageError("--sweep-rates needs both SLOs: --goodput ttft:MS tpot:MS")
-        if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
-            raise UsageError(f"--kv-codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
-        if not self.worker_timeout_s > 0:
-            raise UsageError(f"--worker-timeout must be positive, got {self.worker_timeout_s}")
-        if self.chaos_kill_every_s is not None and not self.chaos_kill_every_s > 0:
-            raise UsageError(f"--chaos-kill-every must be a positive number of seconds, got {self.chaos_kill_every_s}")
-        if self.interference.long_interval_s <= 0:
-            raise UsageError(f"--long-interval must be positive, got {self.interference.long_interval_s}")
-
-    @property
-    def modes(self) -> tuple[str, ...]:
-        return ("disagg", "colocated") if self.mode == "both" else (self.mode,)
-
-
-class TimedOutput(RequestOutput):
-    """A RequestOutput that also stamps every token's arrival (for ITL and the token timeline)."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.token_times_s: list[float] = []
-
-    def append(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
-        self.token_times_s.append(time.perf_counter())
-        return super().append(token_id, logprobs)
-
-    def record(self) -> RequestRecord:
-        t = self.timings
-        ok = self.state == "done" and bool(self.token_times_s) and t.finish_s is not None
-        if not ok:
-            return RequestRecord(False, len(self.prompt_token_ids), 0, error=self.error or f"ended {self.state}")
-        assert t.finish_s is not None
-        times = self.token_times_s
-        return RequestRecord(True, len(self.prompt_token_ids), len(self.token_ids), times[0] - t.arrival_s,
-                             t.finish_s - t.arrival_s, tuple(b - a for a, b in zip(times, times[1:], strict=False)))
-
-
-@dataclass
-class RunResult:
-    """One mode at one rate: the outputs in workload order and what happened around them."""
-
-    mode: str
-    rate: float
-    workload: list[BenchRequest]
-    outputs: list[TimedOutput]
-    duration_s: float
-    start_s: float  # perf_counter at the benchmark's start
-    topology: list[dict[str, object]]
-    num_cores: int
-    kills: list[dict[str, object]] = field(default_factory=list)
-    base_url: str | None = None  # a server elsewhere (`bench/http_client.py`), not clusters started here
-
-    @property
-    def records(self) -> list[RequestRecord]:
-        return [o.record() for o in self.outputs]
-
 
 def build_workload(opts: ServeBenchOptions, tokenizer: Tokenizer, rate: float) -> list[BenchRequest]:
     if opts.workload == "interference":

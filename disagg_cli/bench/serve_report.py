@@ -25,7 +25,7 @@ from disagg_cli.bench.metrics import (
 )
 
 if TYPE_CHECKING:
-    from disagg_cli.bench.serve import RunResult, ServeBenchOptions
+    from disagg_cli.bench.runs import RunResult, ServeBenchOptions
 
 SLO_TARGET = 0.9  # DistServe: the share of requests that must meet both SLOs
 

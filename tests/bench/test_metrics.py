@@ -116,7 +116,7 @@ def test_workloads_are_seeded_real_text(default_tokenizer: Tokenizer) -> None:
 
 
 def test_result_json_keys(default_tokenizer: Tokenizer) -> None:
-    from disagg_cli.bench.serve import RunResult, ServeBenchOptions, TimedOutput
+    from disagg_cli.bench.runs import RunResult, ServeBenchOptions, TimedOutput
     from disagg_cli.bench.serve_report import result_json, text_block
     from disagg_cli.bench.workload import BenchRequest
 
