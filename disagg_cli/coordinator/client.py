@@ -77,6 +77,8 @@ class Coordinator(WorkerConnections):
         deadline = time.monotonic() + self.config.deadlines.request_s
         avoid: set[str] = set()  # workers that stalled this request: others first on a retry
         while True:
+            if attempt:  # after the last attempt's workers were told to abort (its `finally`)
+                await asyncio.sleep(_BACKOFF_S[min(attempt - 1, len(_BACKOFF_S) - 1)])
             done = len(out.token_ids)
             params = replace(out.params, max_tokens=out.params.max_tokens - done)
             wire_id = out.request_id if attempt == 0 else f"{out.request_id}.retry{attempt}"
@@ -91,15 +93,14 @@ class Coordinator(WorkerConnections):
                 return
             except RequestFailed as e:
                 pause = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
-                if e.reason in RETRYABLE and not out.is_finished and time.monotonic() + pause < deadline:
+                retryable = e.reason in RETRYABLE and not out.is_finished
+                if retryable and time.monotonic() + pause < deadline:
                     attempt += 1
                     out.kv["retries"] = float(attempt)
                     log.warning("retrying %s (attempt %d) after: %s", out.request_id, attempt, e.message)
-                    await asyncio.sleep(pause)
                     continue
-                if e.reason in RETRYABLE and not out.is_finished:
-                    e.message += f" (after {attempt} retries; --request-timeout {self.config.deadlines.request_s:g} s)"
-                out.fail(e.reason, e.message)
+                spent = f" (after {attempt} retries; --request-timeout {self.config.deadlines.request_s:g} s)"
+                out.fail(e.reason, e.message + (spent if retryable else ""))
                 return
             except NoWorkerError as e:
                 out.fail("no-worker", f"{e}, and none came back within --request-timeout "
