@@ -182,7 +182,6 @@ def test_stopped_worker_stalls_and_requests_move(default_gguf: Path, default_tok
     assert_free(stats)
 
 
-@pytest.mark.timeout(600)
 def test_restarted_worker_rejoins(default_gguf: Path, default_tokenizer: Tokenizer, tmp_path: Path) -> None:
     from tests.workers.peer import free_port, start_worker
 
