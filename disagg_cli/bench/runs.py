@@ -154,6 +154,8 @@ class RunResult:
     topology: list[dict[str, object]]
     num_cores: int
     kills: list[dict[str, object]] = field(default_factory=list)
+    # (free, total) KV blocks per live worker after the run; None when the workers are not ours.
+    blocks_at_end: dict[str, tuple[int, int]] | None = None
     base_url: str | None = None  # a server elsewhere (`bench/http_client.py`), not clusters started here
 
     @property

@@ -105,7 +105,11 @@ async def _run_all(mode: str, cluster: LocalCluster, tokenizer: Tokenizer,
                     chaos.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await chaos
-            results.append(RunResult(mode, rate, workload, outputs, duration_s, start_s, topology, num_cores, kills))
+            # What the workers hold once the run is over: every block should be free again (no leak).
+            blocks = {address: (int(s.get("free_blocks", -1)), int(s.get("num_blocks", -1)))
+                      for address, s in (await coordinator.wait_idle(timeout_s=30)).items()}
+            results.append(RunResult(mode, rate, workload, outputs, duration_s, start_s, topology, num_cores, kills,
+                                     blocks_at_end=blocks))
     return results
 
 

@@ -84,6 +84,8 @@ def disagg_json(run: RunResult, opts: ServeBenchOptions) -> dict[str, Any]:
         "failures": dict(reasons),
         "failure_examples": examples,
         "chaos": {"kill_every_s": opts.chaos_kill_every_s, "kills": run.kills},
+        "kv_blocks_at_end": None if run.blocks_at_end is None else {
+            address: {"free": free, "total": total} for address, (free, total) in run.blocks_at_end.items()},
         "by_kind": _by_kind(run, opts),
         "kinds": [r.kind for r in run.workload],
         "send_times": [round(o.timings.arrival_s - run.start_s, 6) for o in outs],
@@ -161,6 +163,9 @@ def text_block(result: dict[str, Any], opts: ServeBenchOptions) -> str:
         lines.append(f"{f'Failed ({reason}):':<40} {count:<10} {d['failure_examples'][reason][:120]}")
     if d["chaos"]["kills"]:
         lines.append(f"{'Workers killed and restarted:':<40} {len(d['chaos']['kills']):<10}")
+    if d.get("kv_blocks_at_end"):
+        free = all(b["free"] == b["total"] for b in d["kv_blocks_at_end"].values())
+        lines.append(f"{'Every KV block free at the end:':<40} {'yes' if free else 'NO':<10}")
     lines.append("=" * 50)
     return "\n".join(lines)
 

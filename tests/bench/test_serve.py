@@ -33,6 +33,8 @@ def test_both_modes_short_run() -> None:
         assert d["mode"] == mode and d["requests"]["lost"] == 0 and d["requests"]["answered"] == 4
         assert {w["role"] for w in d["topology"]} == ({"colocated"} if mode == "colocated" else {"prefill", "decode"})
         assert d["num_cores"] == doc["runs"]["disagg"]["disagg"]["num_cores"]  # same cores for both modes
+        blocks = d["kv_blocks_at_end"]
+        assert len(blocks) == len(d["topology"]) and all(b["free"] == b["total"] > 0 for b in blocks.values())
     assert doc["runs"]["disagg"]["disagg"]["kv"]["raw_bytes"] > 0
     assert doc["ratios"]["Mean TTFT (ms)"] > 0
 
