@@ -1,0 +1,224 @@
+/* Weight-only quantized matmul for CPUs: y (M, N) = x (M, K) · W (N, K)ᵀ, W in blocks of 32.
+ *
+ * Built at first use by disagg_cli/model/quant/kernels.py with the system compiler
+ * (-O3 -march=native -fopenmp) and called through ctypes on tensors' data pointers.
+ *
+ * Weight formats (row-major by output row n, `nb` = ceil(K / 32) blocks per row, zero-padded):
+ *   int8: qs int8 (N, nb*32), d f32 (N, nb):             w = d · q
+ *   int4: qs u8   (N, nb*16), d f32 (N, nb), m f32 (N, nb): w = d · q + m, q in 0..15; byte j of a
+ *         block holds element j in its low nibble and element j + 16 in its high one (GGUF's Q4_0 /
+ *         Q4_1 layout, so those blocks load without repacking).
+ * The activations are quantized per row and block to int8 (absmax / 127), as llama.cpp's Q8 path
+ * does, so each block is an integer dot product: on AVX2 `maddubs` (u8 × s8 → s16 pairs) then
+ * `madd` (→ s32), or one `dpbusd` where the CPU has VNNI. The int4 min term needs only the sum of
+ * the activation block: Σ (d q + m) x ≈ d dx Σ q xq + m dx Σ xq.
+ * Several activation rows (up to 4) share each unpacked weight block, so batched decode reads the
+ * weights once per tile of rows; OpenMP splits the output rows between threads.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define QK 32
+#define ROW_TILE 4   /* activation rows sharing one unpacked weight block */
+#define N_CHUNK 16   /* output rows per OpenMP work item */
+
+int dq_version(void) { return 3; }
+
+int dq_has_avx2(void) {
+#if defined(__AVX2__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* --- activations → int8 blocks --------------------------------------------------------------- */
+
+/* One row: xq (nb*32) int8, xd (nb) scales, xs (nb) = xd · Σ xq. Elements past K count as 0. */
+static void quantize_row(const float *x, int K, int8_t *xq, float *xd, float *xs) {
+    int nb = (K + QK - 1) / QK;
+    for (int b = 0; b < nb; b++) {
+        float buf[QK];
+        int n = K - b * QK < QK ? K - b * QK : QK;
+        memcpy(buf, x + b * QK, (size_t)n * sizeof(float));
+        for (int i = n; i < QK; i++) buf[i] = 0.0f;
+        float amax = 0.0f;
+        for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(buf[i]));
+        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+#if defined(__AVX2__)
+        __m256 vid = _mm256_set1_ps(id);
+        __m256i q32[4];
+        for (int k = 0; k < 4; k++) {
+            __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(buf + 8 * k), vid),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q32[k] = _mm256_cvtps_epi32(v);
+        }
+        /* packs interleave 128-bit lanes; the permute puts the 32 bytes back in order */
+        __m256i q16a = _mm256_packs_epi32(q32[0], q32[1]), q16b = _mm256_packs_epi32(q32[2], q32[3]);
+        __m256i q8 = _mm256_packs_epi16(q16a, q16b);
+        q8 = _mm256_permutevar8x32_epi32(q8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(xq + b * QK), q8);
+        __m256i s = _mm256_madd_epi16(_mm256_add_epi16(q16a, q16b), _mm256_set1_epi16(1));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        sum = _mm_cvtsi128_si32(s4);
+#else
+        for (int i = 0; i < QK; i++) {
+            int q = (int)lrintf(buf[i] * id);
+            xq[b * QK + i] = (int8_t)q;
+            sum += q;
+        }
+#endif
+        xd[b] = d;
+        xs[b] = d * (float)sum;
+    }
+}
+
+/* --- one weight row against a tile of activation rows ----------------------------------------- */
+
+#if defined(__AVX2__)
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* u8 × s8 dot of 32 bytes into 8 s32 lanes */
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+#endif
+
+static inline __attribute__((always_inline)) void row_int4(
+        const uint8_t *w, const float *wd, const float *wm, int nb, const int8_t *xq, const float *xd,
+        const float *xs, const int mt, float *y, int64_t ldy) {
+    float macc[ROW_TILE] = {0};
+#if defined(__AVX2__)
+    __m256 acc[ROW_TILE];
+    for (int j = 0; j < mt; j++) acc[j] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(w + b * 16));
+        __m256i wv = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), low);
+        for (int j = 0; j < mt; j++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)j * nb * QK + b * QK));
+            __m256 p = _mm256_cvtepi32_ps(dot_u8s8(wv, xv));
+            acc[j] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[b] * xd[j * nb + b]), acc[j]);
+            macc[j] += wm[b] * xs[j * nb + b];
+        }
+    }
+    for (int j = 0; j < mt; j++) y[j * ldy] = hsum8(acc[j]) + macc[j];
+#else
+    float acc[ROW_TILE] = {0};
+    for (int b = 0; b < nb; b++) {
+        for (int j = 0; j < mt; j++) {
+            const int8_t *xb = xq + (int64_t)j * nb * QK + b * QK;
+            int s = 0;
+            for (int i = 0; i < 16; i++) s += (w[b * 16 + i] & 0x0F) * xb[i] + (w[b * 16 + i] >> 4) * xb[i + 16];
+            acc[j] += (float)s * wd[b] * xd[j * nb + b];
+            macc[j] += wm[b] * xs[j * nb + b];
+        }
+    }
+    for (int j = 0; j < mt; j++) y[j * ldy] = acc[j] + macc[j];
+#endif
+}
+
+static inline __attribute__((always_inline)) void row_int8(
+        const int8_t *w, const float *wd, int nb, const int8_t *xq, const float *xd, const int mt,
+        float *y, int64_t ldy) {
+#if defined(__AVX2__)
+    __m256 acc[ROW_TILE];
+    for (int j = 0; j < mt; j++) acc[j] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * QK));
+        __m256i aw = _mm256_sign_epi8(wv, wv);  /* |w| as u8; its sign moves onto x */
+        for (int j = 0; j < mt; j++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)j * nb * QK + b * QK));
+            __m256 p = _mm256_cvtepi32_ps(dot_u8s8(aw, _mm256_sign_epi8(xv, wv)));
+            acc[j] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[b] * xd[j * nb + b]), acc[j]);
+        }
+    }
+    for (int j = 0; j < mt; j++) y[j * ldy] = hsum8(acc[j]);
+#else
+    float acc[ROW_TILE] = {0};
+    for (int b = 0; b < nb; b++) {
+        for (int j = 0; j < mt; j++) {
+            const int8_t *xb = xq + (int64_t)j * nb * QK + b * QK;
+            int s = 0;
+            for (int i = 0; i < QK; i++) s += w[b * QK + i] * xb[i];
+            acc[j] += (float)s * wd[b] * xd[j * nb + b];
+        }
+    }
+    for (int j = 0; j < mt; j++) y[j * ldy] = acc[j];
+#endif
+}
+
+/* The constant `mt` of each case lets the compiler keep the tile's accumulators in registers. */
+#define TILE_CASES(CALL) \
+    switch (mt) { case 4: CALL(4); break; case 3: CALL(3); break; case 2: CALL(2); break; default: CALL(1); }
+
+/* --- entry point ------------------------------------------------------------------------------- */
+
+/* kind 8 or 4; x (M, K) f32 with row stride ldx; y (M, N) f32 with row stride ldy.
+ * Returns 0, or -1 when the scratch buffer could not be allocated. */
+int dq_matmul(int kind, const float *x, int64_t ldx, int M, int K, const void *wq, const float *wd,
+              const float *wm, int N, float *y, int64_t ldy, int nthreads) {
+    int nb = (K + QK - 1) / QK;
+    int64_t row_bytes = kind == 4 ? (int64_t)nb * 16 : (int64_t)nb * QK;
+    int8_t *xq = (int8_t *)malloc((size_t)M * nb * QK + 64);
+    float *xd = (float *)malloc((size_t)M * nb * 2 * sizeof(float));
+    if (!xq || !xd) {
+        free(xq);
+        free(xd);
+        return -1;
+    }
+    float *xs = xd + (size_t)M * nb;
+    int num_chunks = (N + N_CHUNK - 1) / N_CHUNK;
+    /* Quantizing a row costs about what reading one weight row does: a handful of rows is not
+     * worth a second parallel region and its barrier (which a busy machine makes slow). */
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= 16)
+    for (int m = 0; m < M; m++)
+        quantize_row(x + (int64_t)m * ldx, K, xq + (int64_t)m * nb * QK, xd + (int64_t)m * nb, xs + (int64_t)m * nb);
+    int workers = num_chunks < nthreads ? num_chunks : nthreads;
+#pragma omp parallel num_threads(workers)
+    {
+#pragma omp for schedule(static) nowait
+        for (int c = 0; c < num_chunks; c++) {
+            int n0 = c * N_CHUNK, n1 = n0 + N_CHUNK < N ? n0 + N_CHUNK : N;
+            for (int m0 = 0; m0 < M; m0 += ROW_TILE) {
+                int mt = M - m0 < ROW_TILE ? M - m0 : ROW_TILE;
+                const int8_t *xt = xq + (int64_t)m0 * nb * QK;
+                const float *dt = xd + (int64_t)m0 * nb, *st = xs + (int64_t)m0 * nb;
+                for (int n = n0; n < n1; n++) {
+                    float *yt = y + (int64_t)m0 * ldy + n;
+                    if (kind == 4) {
+                        const uint8_t *wr = (const uint8_t *)wq + n * row_bytes;
+#define CALL4(T) row_int4(wr, wd + (int64_t)n * nb, wm + (int64_t)n * nb, nb, xt, dt, st, T, yt, ldy)
+                        TILE_CASES(CALL4)
+                    } else {
+                        const int8_t *wr = (const int8_t *)wq + n * row_bytes;
+#define CALL8(T) row_int8(wr, wd + (int64_t)n * nb, nb, xt, dt, T, yt, ldy)
+                        TILE_CASES(CALL8)
+                    }
+                }
+            }
+        }
+    }
+    free(xq);
+    free(xd);
+    return 0;
+}
