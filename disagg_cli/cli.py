@@ -24,6 +24,7 @@ from disagg_cli.cli_options import (
     MaxBatchedOpt,
     MaxSeqsOpt,
     ModelOpt,
+    QuantizationOpt,
     ThreadsOpt,
     cache_dir,
 )
@@ -50,7 +51,8 @@ def generate(
     file: Annotated[Path | None, typer.Option("--file", "-f", help="One prompt per line; .jsonl: JSON.")] = None,
     model: ModelOpt = "smollm2-135m-instruct",
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
+    quantization: QuantizationOpt = "none",
     threads: ThreadsOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate per prompt.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.0,
@@ -90,7 +92,7 @@ def generate(
     opts = GenerateOptions(
         model=model,
         cache_dir=cache_dir(),
-        runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads),
+        runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads, quantization=quantization),
         sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos),
         engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,

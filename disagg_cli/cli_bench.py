@@ -12,6 +12,7 @@ from disagg_cli.cli_options import (
     BlockSizeOpt,
     DtypeOpt,
     ModelOpt,
+    QuantizationOpt,
     ThreadsOpt,
     cache_dir,
     int_list,
@@ -25,7 +26,8 @@ bench_app = typer.Typer(help="Benchmarks: engine speed, KV codecs, serving.", no
 @bench_app.command("engine")
 def bench_engine(
     model: ModelOpt = "smollm2-135m-instruct",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
+    quantization: QuantizationOpt = "none",
     threads: ThreadsOpt = None,
     prompt_lens: Annotated[str, typer.Option(help="Prefill points: prompt lengths in tokens.")] = "128,512,2048",
     batch_sizes: Annotated[str, typer.Option(help="Decode points: sequences decoding at once.")] = "1,8,32",
@@ -40,7 +42,8 @@ def bench_engine(
     from disagg_cli.bench.engine import EngineBenchOptions, print_table, run_engine_bench
 
     opts = EngineBenchOptions(
-        model=model, cache_dir=cache_dir(), runtime=RuntimeConfig(dtype=dtype, threads=threads),
+        model=model, cache_dir=cache_dir(),
+        runtime=RuntimeConfig(dtype=dtype, threads=threads, quantization=quantization),
         block_size=block_size, prompt_lens=int_list("--prompt-lens", prompt_lens),
         batch_sizes=int_list("--batch-sizes", batch_sizes), decode_context=decode_context,
         decode_tokens=decode_tokens, reps=reps, baseline=baseline, json_output=json_output)

@@ -234,14 +234,14 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
     elem = torch.empty((), dtype=lm.dtype).element_size()
     head = c.vocab_size * c.hidden_size
     cost = ModelCost(sum(p.numel() for p in lm.model.model.layers.parameters()), head, elem,
-                     c.kv_bytes_per_token(opts.runtime.dtype), 4 * c.num_heads * c.head_dim * c.num_layers)
+                     c.kv_bytes_per_token(lm.runtime.dtype), 4 * c.num_heads * c.head_dim * c.num_layers)
     spread = 7  # decode prompts start at different offsets so the B sequences differ
     base = _token_ids(lambda s: tokenizer.encode(s, add_bos=False),
                       max(max(opts.prompt_lens), opts.decode_context + spread * max(opts.batch_sizes)))
     engines: list[Any] = [OurEngine(lm, opts)]
     if opts.baseline:
         try:
-            engines.append(HFEngine(lm.path, opts.runtime.dtype))
+            engines.append(HFEngine(lm.path, lm.runtime.dtype))
         except ImportError as e:
             raise UsageError(f"--baseline needs transformers ({e}); pass --no-baseline") from e
     points: list[Point] = []
@@ -270,7 +270,7 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
                     p.gathered_bytes += eng.gathered_bytes - g0
                     advance(f"{eng.name} {phase} {size}")
             points += row
-    return {"model": opts.model, "path": str(lm.path), "dtype": opts.runtime.dtype,
+    return {"model": opts.model, "path": str(lm.path), "dtype": lm.runtime.dtype,
             "threads": torch.get_num_threads(), "block_size": opts.block_size, "reps": opts.reps,
             "num_parameters": lm.num_parameters, "weight_bytes_per_forward": cost.weight_bytes(),
             "kv_bytes_per_token": cost.kv_bytes_per_token,

@@ -87,7 +87,8 @@ def free_port(host: str) -> int:
 
 def worker_command(spec: WorkerSpec, model: str) -> list[str]:
     cmd = [sys.executable, "-m", "disagg_cli", f"{spec.role}-worker", "--host", spec.host, "--port", str(spec.port),
-           "--model", model, "--device", spec.device, "--dtype", spec.dtype, "--block-size", str(spec.block_size),
+           "--model", model, "--device", spec.device, "--dtype", spec.dtype,
+           "--quantization", spec.quantization, "--block-size", str(spec.block_size),
            "--max-num-seqs", str(spec.max_num_seqs), "--max-num-batched-tokens", str(spec.max_num_batched_tokens)]
     if spec.threads is not None:
         cmd += ["--threads", str(spec.threads)]

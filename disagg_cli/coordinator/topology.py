@@ -5,7 +5,8 @@ default (`local_topology`: 1 prefill + 1 decode). A file looks like:
 
     model = "smollm2-135m-instruct"
     [defaults]            # every worker's values unless the worker sets its own
-    dtype = "float32"
+    dtype = "auto"        # bfloat16 where the CPU computes it natively, else float32
+    quantization = "none" # none, int8, int4 or auto (int4 for decode, float for prefill)
     [[workers]]
     role = "prefill"      # prefill, decode or colocated
     port = 0              # 0: pick a free port
@@ -21,7 +22,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from disagg_cli.config import DTYPES
+from disagg_cli.config import DTYPE_CHOICES, QUANTIZATIONS
 from disagg_cli.errors import UsageError
 
 WORKER_ROLES = ("prefill", "decode", "colocated")
@@ -40,7 +41,8 @@ class WorkerSpec:
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port at start
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
+    quantization: str = "none"  # weight-only: none, int8, int4, auto (resolved by the worker for its role)
     threads: int | None = None  # None: an even share of the cores given to the cluster
     cpus: tuple[int, ...] | None = None  # CPU affinity; None: a share of the cores, in order
     kv_codec: str | None = None  # prefill (and colocated) only; None: the worker's default
@@ -54,8 +56,11 @@ class WorkerSpec:
             raise UsageError(f"worker role must be one of {', '.join(WORKER_ROLES)}, got {self.role!r}")
         if not 0 <= self.port < 65536:
             raise UsageError(f"worker port must be 0 (pick a free one) or 1-65535, got {self.port}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"worker dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise UsageError(f"worker dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise UsageError(f"worker quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                             f"got {self.quantization!r}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"worker threads must be at least 1, got {self.threads}")
         if self.cpus is not None and (not self.cpus or min(self.cpus) < 0):
@@ -107,7 +112,8 @@ def local_topology(model: str, base: WorkerSpec, num_prefill: int = 1, num_decod
 
 _SPEC_FIELDS = {f.name for f in fields(WorkerSpec)}
 _TYPES: dict[str, tuple[type, ...]] = {
-    "role": (str,), "host": (str,), "port": (int,), "device": (str,), "dtype": (str,), "threads": (int,),
+    "role": (str,), "host": (str,), "port": (int,), "device": (str,), "dtype": (str,),
+    "quantization": (str,), "threads": (int,),
     "cpus": (list,), "kv_codec": (str,), "block_size": (int,), "kv_cache_tokens": (int,),
     "max_num_seqs": (int,), "max_num_batched_tokens": (int,),
 }

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
@@ -60,6 +60,7 @@ class WorkerIdentity:
     fingerprint: str
     kv_layout: KVLayout
     capacity: dict[str, int]
+    runtime: dict[str, str] = field(default_factory=dict)  # resolved dtype/quantization and why
 
 
 def log(role: str, message: str) -> None:
@@ -178,7 +179,7 @@ class WorkerIO:
 
     def _hello(self) -> Hello:
         i = self.ident
-        return Hello(PROTOCOL_VERSION, i.role, i.fingerprint, i.kv_layout, i.capacity)
+        return Hello(PROTOCOL_VERSION, i.role, i.fingerprint, i.kv_layout, i.capacity, i.runtime)
 
     def _receive_peer(self, sock: zmq.Socket) -> None:
         address = next(a for a, s in self._peers.items() if s is sock)
@@ -247,7 +248,7 @@ class WorkerIO:
             self._reply(who, Refuse("fingerprint-mismatch", text))
             return
         self._greeted.add(who)
-        self._reply(who, HelloAck(i.role, i.fingerprint, i.kv_layout, i.capacity))
+        self._reply(who, HelloAck(i.role, i.fingerprint, i.kv_layout, i.capacity, i.runtime))
 
     def _reply(self, who: bytes, msg: Message) -> None:
         try:
