@@ -35,6 +35,12 @@ def bench_engine(
     decode_tokens: Annotated[int, typer.Option(help="Timed decode steps per decode point.")] = 32,
     reps: Annotated[int, typer.Option(help="Runs per point; the median is reported.")] = 2,
     baseline: Annotated[bool, typer.Option(help="Also measure plain transformers on the same file.")] = True,
+    against: Annotated[list[str] | None, typer.Option(help="Also measure llama-cpp (llama-cpp-python, when "
+                                                      "importable) on the same GGUF and threads: prefill "
+                                                      "and batch-1 decode.")] = None,
+    perplexity_modes: Annotated[str | None, typer.Option(help="Perplexity of a fixed text for each of "
+                                                         "float32,bfloat16,int8,int4 (default: the loaded "
+                                                         "mode only).")] = None,
     block_size: BlockSizeOpt = 16,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
@@ -46,7 +52,9 @@ def bench_engine(
         runtime=RuntimeConfig(dtype=dtype, threads=threads, quantization=quantization),
         block_size=block_size, prompt_lens=int_list("--prompt-lens", prompt_lens),
         batch_sizes=int_list("--batch-sizes", batch_sizes), decode_context=decode_context,
-        decode_tokens=decode_tokens, reps=reps, baseline=baseline, json_output=json_output)
+        decode_tokens=decode_tokens, reps=reps, baseline=baseline, against=tuple(against or ()),
+        perplexity_modes=tuple(m.strip() for m in perplexity_modes.split(",") if m.strip())
+        if perplexity_modes is not None else None, json_output=json_output)
     result = run_engine_bench(opts)
     if json_output:
         print(json.dumps(result))

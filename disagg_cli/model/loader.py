@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ class LoadedModel:
     dtype_reason: str = ""
     quantization_reason: str = ""
     kernel_reason: str = ""  # whether the quantized C kernel built, and why not
+    kernel: Any = None  # the built `Kernel` (quantized models only): matmuls and paged decode attention
 
     @property
     def dtype(self) -> torch.dtype:
@@ -123,4 +125,4 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
         quantize_model(model, resolved.quantization, ckpt.blocks, kernel, keep_dense)
     model.to(runtime.device).eval()
     return LoadedModel(model, ckpt.config, ckpt.fingerprint, path, ckpt.file_type, resolved, dtype_reason,
-                       quant_reason, kernel.reason if kernel else "")
+                       quant_reason, kernel.reason if kernel else "", kernel if kernel and kernel.available else None)

@@ -13,7 +13,14 @@ import torch
 from disagg_cli.config import RuntimeConfig
 from disagg_cli.model.loader import load_model
 from disagg_cli.model.quant.blocks import QuantizedWeight, concat_rows, from_gguf_blocks, quantize
-from disagg_cli.model.quant.kernels import Kernel, build_kernel, load_kernel, matmul, reference_matmul
+from disagg_cli.model.quant.kernels import (
+    Kernel,
+    build_kernel,
+    decode_attention,
+    load_kernel,
+    matmul,
+    reference_matmul,
+)
 from disagg_cli.model.quant.linear import QuantizedLinear
 from tests.model.test_weights import logits
 from tests.tiny_models import TINY, random_weights, write_gguf
@@ -143,3 +150,25 @@ def test_build_failure_falls_back_to_torch(tmp_path: Path, monkeypatch: pytest.M
 def test_quantized_w_kind_is_checked() -> None:
     with pytest.raises(ValueError, match="int8"):
         QuantizedWeight("int2", 32, torch.zeros(1, 16, dtype=torch.uint8), torch.zeros(1, 1), None)
+
+
+@pytest.mark.parametrize("lens", [[1], [5, 16, 17], [40, 3, 33, 64]])
+def test_decode_attention_reads_fragmented_blocks_in_place(kernel: Kernel, lens: list[int]) -> None:
+    g = torch.Generator().manual_seed(sum(lens))
+    heads, kv, hd, bs, num_blocks = 6, 2, 16, 8, 40
+    keys = torch.randn(num_blocks * bs, kv, hd, generator=g)
+    values = torch.randn(num_blocks * bs, kv, hd, generator=g)
+    q = torch.randn(len(lens), heads, hd, generator=g)
+    order = torch.randperm(num_blocks, generator=g).tolist()  # scattered, out-of-order blocks
+    tables, expected = [], []
+    for i, n in enumerate(lens):
+        ids = [order.pop() for _ in range(-(-n // bs))]
+        tables.append(ids)
+        slots = torch.tensor([ids[t // bs] * bs + t % bs for t in range(n)])
+        k, v = keys[slots].transpose(0, 1), values[slots].transpose(0, 1)  # (KV, n, hd)
+        qi = q[i].view(kv, heads // kv, hd)  # query heads grouped by the KV head they share
+        expected.append(torch.nn.functional.scaled_dot_product_attention(qi, k, v).reshape(heads, hd))
+    width = max(map(len, tables))
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    out = decode_attention(kernel, q, keys, values, table, torch.tensor(lens, dtype=torch.int32), bs)
+    assert torch.allclose(out, torch.stack(expected), atol=1e-5, rtol=1e-5)

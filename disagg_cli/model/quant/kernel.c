@@ -27,7 +27,7 @@
 #define ROW_TILE 4   /* activation rows sharing one unpacked weight block */
 #define N_CHUNK 16   /* output rows per OpenMP work item */
 
-int dq_version(void) { return 3; }
+int dq_version(void) { return 4; }
 
 int dq_has_avx2(void) {
 #if defined(__AVX2__)
@@ -221,4 +221,80 @@ int dq_matmul(int kind, const float *x, int64_t ldx, int M, int K, const void *w
     free(xq);
     free(xd);
     return 0;
+}
+
+/* --- decode attention over the paged KV pool ------------------------------------------------- */
+
+static inline float dot_f32(const float *a, const float *b, int n) {
+    int i = 0;
+    float s = 0.0f;
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    s = hsum8(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline void axpy_f32(float *y, float a, const float *x, int n) {
+    int i = 0;
+#if defined(__AVX2__)
+    __m256 va = _mm256_set1_ps(a);
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* One new query token per sequence, attending over its cached keys where they lie in the pool:
+ * reads each key and value once through the block table, copying nothing.
+ * q, out (B, H, hd); keys, values (num_slots, KV, hd) of one layer; block_table (B, max_blocks);
+ * seq_lens (B): keys each sequence sees (its new one included). The H / KV query heads that share
+ * a KV head are done together, so each K/V row is loaded once for all of them. */
+int dq_decode_attention(const float *q, const float *keys, const float *values, const int32_t *block_table,
+                        int max_blocks, const int32_t *seq_lens, int B, int H, int KV, int hd, int block_size,
+                        float scale, float *out, int nthreads) {
+    int group = H / KV, max_len = 0;
+    for (int b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    int ok = 1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *scores = (float *)malloc((size_t)group * (max_len > 0 ? max_len : 1) * sizeof(float));
+        if (!scores) {
+#pragma omp atomic write
+            ok = 0;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int item = 0; item < B * KV; item++) {
+            if (!scores) continue;
+            int b = item / KV, kvh = item % KV, len = seq_lens[b];
+            const int32_t *table = block_table + (int64_t)b * max_blocks;
+            const float *qb = q + ((int64_t)b * H + (int64_t)kvh * group) * hd;
+            for (int t = 0; t < len; t++) {
+                int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
+                const float *kr = keys + (slot * KV + kvh) * hd;
+                for (int j = 0; j < group; j++) scores[(int64_t)j * len + t] = dot_f32(qb + (int64_t)j * hd, kr, hd) * scale;
+            }
+            for (int j = 0; j < group; j++) {
+                float *s = scores + (int64_t)j * len, mx = -INFINITY, sum = 0.0f;
+                for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
+                for (int t = 0; t < len; t++) {
+                    s[t] = expf(s[t] - mx);
+                    sum += s[t];
+                }
+                float inv = 1.0f / sum;
+                for (int t = 0; t < len; t++) s[t] *= inv;
+                float *o = out + ((int64_t)b * H + (int64_t)kvh * group + j) * hd;
+                for (int i = 0; i < hd; i++) o[i] = 0.0f;
+            }
+            for (int t = 0; t < len; t++) {
+                int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
+                const float *vr = values + (slot * KV + kvh) * hd;
+                for (int j = 0; j < group; j++)
+                    axpy_f32(out + ((int64_t)b * H + (int64_t)kvh * group + j) * hd, scores[(int64_t)j * len + t], vr, hd);
+            }
+        }
+        free(scores);
+    }
+    return ok ? 0 : -1;
 }

@@ -108,6 +108,9 @@ def load_kernel(cache_dir: Path) -> Kernel:
     lib.dq_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                               ctypes.c_int64, ctypes.c_int]
+    lib.dq_decode_attention.restype = ctypes.c_int
+    lib.dq_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 5 + [
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
     simd = "AVX2" if lib.dq_has_avx2() else "scalar"
     return Kernel(lib, f"C kernel built for this CPU ({simd} int8 dot products, -march=native)")
 
@@ -127,6 +130,26 @@ def matmul(kernel: Kernel | None, x: torch.Tensor, w: QuantizedWeight) -> torch.
     if rc != 0:
         raise MemoryError(f"quantized matmul could not allocate its scratch for {m} × {w.in_features}")
     return y
+
+
+def decode_attention(kernel: Kernel, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """One new token per sequence over its pooled KV, read in place through its block table.
+
+    q (B, H, hd) float32; keys/values (slots, KV, hd) float32 of one layer; block_table (B, max
+    blocks) int32; seq_lens (B,) int32 keys per sequence, the new one included → (B, H, hd).
+    """
+    assert kernel.lib is not None and q.dtype == keys.dtype == torch.float32
+    assert block_table.dtype == seq_lens.dtype == torch.int32 and keys.is_contiguous() and values.is_contiguous()
+    q = q.contiguous()
+    b, h, hd = q.shape
+    out = torch.empty_like(q)
+    rc = kernel.lib.dq_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), block_table.data_ptr(),
+                                        block_table.shape[1], seq_lens.data_ptr(), b, h, keys.shape[1], hd,
+                                        block_size, hd ** -0.5, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"decode attention could not allocate scores for {int(seq_lens.max())} keys")
+    return out
 
 
 def reference_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
