@@ -3,15 +3,17 @@
  * Built at first use by disagg_cli/model/quant/kernels.py with the system compiler
  * (-O3 -march=native -fopenmp) and called through ctypes on tensors' data pointers.
  *
- * Weight formats (row-major by output row n, `nb` = ceil(K / 32) blocks per row, zero-padded):
- *   int8: qs int8 (N, nb*32), d f32 (N, nb):             w = d · q
- *   int4: qs u8   (N, nb*16), d f32 (N, nb), m f32 (N, nb): w = d · q + m, q in 0..15; byte j of a
- *         block holds element j in its low nibble and element j + 16 in its high one (GGUF's Q4_0 /
- *         Q4_1 layout, so those blocks load without repacking).
- * The activations are quantized per row and block to int8 (absmax / 127), as llama.cpp's Q8 path
- * does, so each block is an integer dot product: on AVX2 `maddubs` (u8 × s8 → s16 pairs) then
- * `madd` (→ s32), or one `dpbusd` where the CPU has VNNI. The int4 min term needs only the sum of
- * the activation block: Σ (d q + m) x ≈ d dx Σ q xq + m dx Σ xq.
+ * Weight formats (row-major by output row n, `nb` = ceil(K / 32) blocks per row, zero-padded), a
+ * scale d and a min m per block, both f32 (N, nb):
+ *   int8: qs u8 (N, nb*32): w = d · q + m, q in 0..255;
+ *   int4: qs u8 (N, nb*16): w = d · q + m, q in 0..15; byte j of a block holds element j in its
+ *         low nibble and element j + 16 in its high one (GGUF's Q4_0 / Q4_1 layout, so those
+ *         blocks load without repacking).
+ * Two ways to multiply: float activations (weights widened to f32 per block, then FMAs: exact up
+ * to summation order), or, for int4, activations rounded to int8 per block (absmax / 127) as
+ * llama.cpp's Q8 path does, so each block is an integer dot product: AVX2 `maddubs` (u8 × s8 →
+ * s16 pairs) then `madd` (→ s32), or one `dpbusd` where the CPU has VNNI; the min term needs only
+ * the sum of the activation block: Σ (d q + m) x ≈ d dx Σ q xq + m dx Σ xq.
  * Several activation rows (up to 4) share each unpacked weight block, so batched decode reads the
  * weights once per tile of rows; OpenMP splits the output rows between threads.
  */
@@ -27,7 +29,15 @@
 #define ROW_TILE 4   /* activation rows sharing one unpacked weight block */
 #define N_CHUNK 16   /* output rows per OpenMP work item */
 
-int dq_version(void) { return 4; }
+int dq_version(void) { return 6; }
+
+int dq_has_vnni(void) {
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 int dq_has_avx2(void) {
 #if defined(__AVX2__)
@@ -137,33 +147,79 @@ static inline __attribute__((always_inline)) void row_int4(
 #endif
 }
 
-static inline __attribute__((always_inline)) void row_int8(
-        const int8_t *w, const float *wd, int nb, const int8_t *xq, const float *xd, const int mt,
-        float *y, int64_t ldy) {
+/* Float activations: each weight block is widened to float once (scale and min folded in) and
+ * reused by the tile's rows, so the dot products are plain FMAs on x as it is: no activation
+ * rounding, hence closer to the float model. On AVX2 this costs about what maddubs does per block;
+ * the int8-activation path wins where the CPU has VNNI (one dpbusd per 32 products). */
 #if defined(__AVX2__)
-    __m256 acc[ROW_TILE];
-    for (int j = 0; j < mt; j++) acc[j] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++) {
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + b * QK));
-        __m256i aw = _mm256_sign_epi8(wv, wv);  /* |w| as u8; its sign moves onto x */
-        for (int j = 0; j < mt; j++) {
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + (int64_t)j * nb * QK + b * QK));
-            __m256 p = _mm256_cvtepi32_ps(dot_u8s8(aw, _mm256_sign_epi8(xv, wv)));
-            acc[j] = _mm256_fmadd_ps(p, _mm256_set1_ps(wd[b] * xd[j * nb + b]), acc[j]);
-        }
+static inline __attribute__((always_inline)) void fma_block(__m256 acc[][2], const __m256 w[4], const float *x,
+                                                            int64_t ldx, const int mt) {
+    for (int j = 0; j < mt; j++) {
+        const float *xb = x + (int64_t)j * ldx;
+        acc[j][0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xb), acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), acc[j][1]);
+        acc[j][0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), acc[j][0]);
+        acc[j][1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), acc[j][1]);
     }
-    for (int j = 0; j < mt; j++) y[j * ldy] = hsum8(acc[j]);
+}
+#endif
+
+static inline __attribute__((always_inline)) void row_int8_f(const uint8_t *w, const float *wd, const float *wm,
+                                                             int nb, const float *x, int64_t ldx, const int mt,
+                                                             float *y, int64_t ldy) {
+#if defined(__AVX2__)
+    __m256 acc[ROW_TILE][2];
+    for (int j = 0; j < mt; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        __m128i r0 = _mm_loadu_si128((const __m128i *)(w + b * QK));
+        __m128i r1 = _mm_loadu_si128((const __m128i *)(w + b * QK + 16));
+        __m256 d = _mm256_set1_ps(wd[b]), m = _mm256_set1_ps(wm[b]);
+        __m256 wf[4] = {_mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(r0)), m),
+                        _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(r0, 8))), m),
+                        _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(r1)), m),
+                        _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(r1, 8))), m)};
+        fma_block(acc, wf, x + b * QK, ldx, mt);
+    }
+    for (int j = 0; j < mt; j++) y[j * ldy] = hsum8(_mm256_add_ps(acc[j][0], acc[j][1]));
 #else
-    float acc[ROW_TILE] = {0};
-    for (int b = 0; b < nb; b++) {
-        for (int j = 0; j < mt; j++) {
-            const int8_t *xb = xq + (int64_t)j * nb * QK + b * QK;
-            int s = 0;
-            for (int i = 0; i < QK; i++) s += w[b * QK + i] * xb[i];
-            acc[j] += (float)s * wd[b] * xd[j * nb + b];
-        }
+    for (int j = 0; j < mt; j++) {
+        float s = 0.0f;
+        for (int b = 0; b < nb; b++)
+            for (int i = 0; i < QK; i++) s += (wd[b] * (float)w[b * QK + i] + wm[b]) * x[(int64_t)j * ldx + b * QK + i];
+        y[j * ldy] = s;
     }
-    for (int j = 0; j < mt; j++) y[j * ldy] = acc[j];
+#endif
+}
+
+static inline __attribute__((always_inline)) void row_int4_f(const uint8_t *w, const float *wd, const float *wm,
+                                                             int nb, const float *x, int64_t ldx, const int mt,
+                                                             float *y, int64_t ldy) {
+#if defined(__AVX2__)
+    __m256 acc[ROW_TILE][2];
+    for (int j = 0; j < mt; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        __m128i raw = _mm_loadu_si128((const __m128i *)(w + b * 16));
+        __m128i lo = _mm_and_si128(raw, low), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+        __m256 d = _mm256_set1_ps(wd[b]), m = _mm256_set1_ps(wm[b]);
+        __m256 wf[4] = {_mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), m),
+                        _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), m),
+                        _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), m),
+                        _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), m)};
+        fma_block(acc, wf, x + b * QK, ldx, mt);
+    }
+    for (int j = 0; j < mt; j++) y[j * ldy] = hsum8(_mm256_add_ps(acc[j][0], acc[j][1]));
+#else
+    for (int j = 0; j < mt; j++) {
+        float s = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            const float *xb = x + (int64_t)j * ldx + b * QK;
+            for (int i = 0; i < 16; i++)
+                s += (wd[b] * (float)(w[b * 16 + i] & 0x0F) + wm[b]) * xb[i] +
+                     (wd[b] * (float)(w[b * 16 + i] >> 4) + wm[b]) * xb[i + 16];
+        }
+        y[j * ldy] = s;
+    }
 #endif
 }
 
@@ -173,12 +229,51 @@ static inline __attribute__((always_inline)) void row_int8(
 
 /* --- entry point ------------------------------------------------------------------------------- */
 
-/* kind 8 or 4; x (M, K) f32 with row stride ldx; y (M, N) f32 with row stride ldy.
+/* Float activations: x read in place (copied once, zero-padded, only when K is not a multiple of 32). */
+static int matmul_f32_act(int kind, const float *x, int64_t ldx, int M, int K, const void *wq, const float *wd,
+                          const float *wm, int N, float *y, int64_t ldy, int nthreads, int nb, int64_t row_bytes) {
+    float *padded = NULL;
+    if (K % QK) {
+        padded = (float *)calloc((size_t)M * nb * QK, sizeof(float));
+        if (!padded) return -1;
+        for (int m = 0; m < M; m++) memcpy(padded + (int64_t)m * nb * QK, x + (int64_t)m * ldx, (size_t)K * sizeof(float));
+        x = padded;
+        ldx = (int64_t)nb * QK;
+    }
+    int num_chunks = (N + N_CHUNK - 1) / N_CHUNK;
+    int workers = num_chunks < nthreads ? num_chunks : nthreads;
+#pragma omp parallel for schedule(static) num_threads(workers)
+    for (int c = 0; c < num_chunks; c++) {
+        int n0 = c * N_CHUNK, n1 = n0 + N_CHUNK < N ? n0 + N_CHUNK : N;
+        for (int m0 = 0; m0 < M; m0 += ROW_TILE) {
+            int mt = M - m0 < ROW_TILE ? M - m0 : ROW_TILE;
+            const float *xt = x + (int64_t)m0 * ldx;
+            for (int n = n0; n < n1; n++) {
+                float *yt = y + (int64_t)m0 * ldy + n;
+                if (kind == 4) {
+                    const uint8_t *wr = (const uint8_t *)wq + n * row_bytes;
+#define CALL4F(T) row_int4_f(wr, wd + (int64_t)n * nb, wm + (int64_t)n * nb, nb, xt, ldx, T, yt, ldy)
+                    TILE_CASES(CALL4F)
+                } else {
+                    const uint8_t *wr = (const uint8_t *)wq + n * row_bytes;
+#define CALL8F(T) row_int8_f(wr, wd + (int64_t)n * nb, wm + (int64_t)n * nb, nb, xt, ldx, T, yt, ldy)
+                    TILE_CASES(CALL8F)
+                }
+            }
+        }
+    }
+    free(padded);
+    return 0;
+}
+
+/* kind 8 or 4; x (M, K) f32 with row stride ldx; y (M, N) f32 with row stride ldy; act_int8 (int4
+ * only): round the activations to int8 blocks (integer dot products); else keep them float.
  * Returns 0, or -1 when the scratch buffer could not be allocated. */
 int dq_matmul(int kind, const float *x, int64_t ldx, int M, int K, const void *wq, const float *wd,
-              const float *wm, int N, float *y, int64_t ldy, int nthreads) {
+              const float *wm, int N, float *y, int64_t ldy, int nthreads, int act_int8) {
     int nb = (K + QK - 1) / QK;
     int64_t row_bytes = kind == 4 ? (int64_t)nb * 16 : (int64_t)nb * QK;
+    if (!act_int8 || kind != 4) return matmul_f32_act(kind, x, ldx, M, K, wq, wd, wm, N, y, ldy, nthreads, nb, row_bytes);
     int8_t *xq = (int8_t *)malloc((size_t)M * nb * QK + 64);
     float *xd = (float *)malloc((size_t)M * nb * 2 * sizeof(float));
     if (!xq || !xd) {
@@ -205,15 +300,9 @@ int dq_matmul(int kind, const float *x, int64_t ldx, int M, int K, const void *w
                 const float *dt = xd + (int64_t)m0 * nb, *st = xs + (int64_t)m0 * nb;
                 for (int n = n0; n < n1; n++) {
                     float *yt = y + (int64_t)m0 * ldy + n;
-                    if (kind == 4) {
-                        const uint8_t *wr = (const uint8_t *)wq + n * row_bytes;
+                    const uint8_t *wr = (const uint8_t *)wq + n * row_bytes;
 #define CALL4(T) row_int4(wr, wd + (int64_t)n * nb, wm + (int64_t)n * nb, nb, xt, dt, st, T, yt, ldy)
-                        TILE_CASES(CALL4)
-                    } else {
-                        const int8_t *wr = (const int8_t *)wq + n * row_bytes;
-#define CALL8(T) row_int8(wr, wd + (int64_t)n * nb, nb, xt, dt, T, yt, ldy)
-                        TILE_CASES(CALL8)
-                    }
+                    TILE_CASES(CALL4)
                 }
             }
         }

@@ -38,6 +38,7 @@ LIB_NAME = "libdisaggq.so"
 class Kernel:
     lib: ctypes.CDLL | None
     reason: str  # what was built or why nothing was
+    has_vnni: bool = False  # built with AVX-VNNI / AVX512-VNNI integer dot products
 
     @property
     def available(self) -> bool:
@@ -107,16 +108,21 @@ def load_kernel(cache_dir: Path) -> Kernel:
     lib.dq_matmul.restype = ctypes.c_int
     lib.dq_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                              ctypes.c_int64, ctypes.c_int]
+                              ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     lib.dq_decode_attention.restype = ctypes.c_int
     lib.dq_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 5 + [
         ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    vnni = bool(lib.dq_has_vnni())
     simd = "AVX2" if lib.dq_has_avx2() else "scalar"
-    return Kernel(lib, f"C kernel built for this CPU ({simd} int8 dot products, -march=native)")
+    how = "VNNI int8 dot products for int4" if vnni else "float activations"
+    return Kernel(lib, f"C kernel built for this CPU ({simd}, {how}, -march=native)", vnni)
 
 
-def matmul(kernel: Kernel | None, x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
-    """x (M, K) float → x · wᵀ (M, N) float32, with the C kernel when there is one."""
+def matmul(kernel: Kernel | None, x: torch.Tensor, w: QuantizedWeight, act_int8: bool = False) -> torch.Tensor:
+    """x (M, K) float → x · wᵀ (M, N) float32, with the C kernel when there is one.
+
+    act_int8: round x to int8 blocks first and use integer dot products (llama.cpp's way; faster
+    where the CPU has VNNI, less exact); otherwise x stays float32."""
     if kernel is None or kernel.lib is None or x.device.type != "cpu":
         return reference_matmul(x, w)
     if x.dtype != torch.float32 or x.stride(-1) != 1:
@@ -125,8 +131,8 @@ def matmul(kernel: Kernel | None, x: torch.Tensor, w: QuantizedWeight) -> torch.
     y = torch.empty(m, n, dtype=torch.float32)
     kind = 8 if w.kind == "int8" else 4
     rc = kernel.lib.dq_matmul(kind, x.data_ptr(), x.stride(0), m, w.in_features, w.qs.data_ptr(), w.d.data_ptr(),
-                              w.m.data_ptr() if w.m is not None else None, n, y.data_ptr(), n,
-                              torch.get_num_threads())
+                              w.m.data_ptr(), n, y.data_ptr(), n,
+                              torch.get_num_threads(), int(act_int8))
     if rc != 0:
         raise MemoryError(f"quantized matmul could not allocate its scratch for {m} × {w.in_features}")
     return y

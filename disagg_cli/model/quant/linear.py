@@ -2,10 +2,11 @@
 
 `quantize_model` runs after the strict float load and `fuse_projections`: each decoder matmul
 (qkv, o, gate_up, down) and the lm_head become a `QuantizedLinear`. A weight comes straight from
-the GGUF's own blocks when they are of the requested kind (Q4_0 / Q4_1 for int4, Q8_0 for int8)
-or finer (a Q8_0 tensor stays int8 under int4: requantizing it would only lose precision); other
-weights are quantized from their float values. A tied head gets a quantized copy of the
-embedding for the logits; the lookup keeps reading the float embedding (one row per token).
+the GGUF's own blocks when they are of the requested kind (Q4_0 / Q4_1 for int4, Q8_0 for int8),
+finer (a Q8_0 tensor stays int8 under int4: requantizing it would only lose precision) or
+widen exactly (Q4_x under int8); other weights are quantized from their float values. A tied head
+gets a quantized copy of the embedding for the logits; the lookup keeps reading the float
+embedding (one row per token).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disagg_cli.model.hardware import DENSE_MIN_ROWS
-from disagg_cli.model.quant.blocks import GGUF_KINDS, QuantizedWeight, concat_rows, from_gguf_blocks, quantize
+from disagg_cli.model.quant.blocks import QuantizedWeight, concat_rows, from_gguf_blocks, quantize
 from disagg_cli.model.quant.kernels import Kernel, matmul
 
 
@@ -36,11 +37,14 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("dense", dense, persistent=False)
         self.dense_min_rows = dense_min_rows
         self.in_features, self.out_features = weight.in_features, weight.out_features
+        # int8-rounded activations only where integer dot products are one instruction (VNNI);
+        # elsewhere float activations measured as fast and keep greedy output closer to float32.
+        self.act_int8 = bool(weight.kind == "int4" and kernel is not None and kernel.has_vnni)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.shape[0] >= self.dense_min_rows:
             return F.linear(x, self.dense, self.bias)
-        y = matmul(self.kernel, x, self.weight_q)  # (N, out) float32
+        y = matmul(self.kernel, x, self.weight_q, self.act_int8)  # (N, out) float32
         if self.bias is not None:
             y += self.bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -57,16 +61,17 @@ Blocks = Mapping[str, tuple[str, np.ndarray]]
 def _weight(name: str, w: torch.Tensor, kind: str, blocks: Blocks) -> QuantizedWeight:
     if name in blocks:
         qtype, raw = blocks[name]
-        own = GGUF_KINDS.get(qtype)
-        if own == kind or own == "int8":
-            return from_gguf_blocks(raw, qtype, w.shape[1])
+        own = from_gguf_blocks(raw, qtype, w.shape[1])
+        if own.kind == kind or own.kind == "int8":  # as stored, or finer than asked (Q8_0 under int4)
+            return own
+        return own.widened()  # Q4_x asked as int8: the same values, exactly
     return quantize(w, kind)
 
 
 def _group(names: list[str], weights: list[torch.Tensor], kind: str, blocks: Blocks) -> QuantizedWeight:
     parts = [_weight(n, w, kind, blocks) for n, w in zip(names, weights, strict=True)]
-    if len({p.kind for p in parts}) > 1:  # mixed GGUF types in one fused group: one kind for all
-        parts = [quantize(w, kind) for w in weights]
+    if len({p.kind for p in parts}) > 1:  # Q8_0 beside Q4_x in one fused group: all as int8, exactly
+        parts = [p.widened() for p in parts]
     return concat_rows(parts)
 
 
