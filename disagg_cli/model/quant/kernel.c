@@ -1,7 +1,7 @@
 /* Weight-only quantized matmul for CPUs: y (M, N) = x (M, K) · W (N, K)ᵀ, W in blocks of 32.
  *
  * Built at first use by disagg_cli/model/quant/kernels.py with the system compiler
- * (-O3 -march=native -fopenmp) and called through ctypes on tensors' data pointers.
+ * (-O3 -march=native -pthread) and called through ctypes on tensors' data pointers.
  *
  * Weight formats (row-major by output row n, `nb` = ceil(K / 32) blocks per row, zero-padded), a
  * scale d and a min m per block, both f32 (N, nb):
@@ -15,9 +15,12 @@
  * s16 pairs) then `madd` (→ s32), or one `dpbusd` where the CPU has VNNI; the min term needs only
  * the sum of the activation block: Σ (d q + m) x ≈ d dx Σ q xq + m dx Σ xq.
  * Several activation rows (up to 4) share each unpacked weight block, so batched decode reads the
- * weights once per tile of rows; OpenMP splits the output rows between threads.
+ * weights once per tile of rows; a small thread pool (below) splits the output rows between threads.
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -29,7 +32,7 @@
 #define ROW_TILE 4   /* activation rows sharing one unpacked weight block */
 #define N_CHUNK 16   /* output rows per OpenMP work item */
 
-int dq_version(void) { return 6; }
+int dq_version(void) { return 7; }
 
 int dq_has_vnni(void) {
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
@@ -45,6 +48,112 @@ int dq_has_avx2(void) {
 #else
     return 0;
 #endif
+}
+
+/* --- a small thread pool that never waits for a thread that has not started ------------------
+ *
+ * OpenMP's fork/join waits at the end of every parallel region for every thread of the team, so on
+ * a machine whose cores are shared with other work, a region costs up to a scheduler time slice
+ * whenever one thread is descheduled: measured, 2-thread decode ran 20x slower than 1-thread under
+ * load. Here the calling thread and up to nthreads - 1 helpers take chunks from an atomic counter;
+ * the caller waits only for chunks a helper has actually claimed, so a helper that wakes late finds
+ * nothing left and the caller has done the work itself. Helpers spin briefly, then sleep. */
+#define MAX_HELPERS 63
+#define SPIN_ROUNDS 20000
+#define JOB_SLOTS 4
+
+typedef void (*chunk_fn)(void *ctx, int chunk);
+
+/* A job lives in slot gen % JOB_SLOTS; the chunk counter carries its generation in the high 32
+ * bits, so a helper still holding an older generation can never claim (or count) a chunk of a
+ * newer job: its compare-and-swap fails first. */
+typedef struct {
+    chunk_fn fn;
+    void *ctx;
+    int num_chunks, allowed_helpers;
+} pool_job;
+
+static pthread_mutex_t pool_submit = PTHREAD_MUTEX_INITIALIZER;  /* one job at a time */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static int pool_started = 0;
+static uint32_t pool_last_gen = 0;
+static pool_job pool_jobs[JOB_SLOTS];
+static _Atomic uint32_t pool_generation = 0;  /* what sleeping helpers watch */
+static _Atomic uint64_t pool_counter = 0;     /* generation << 32 | next chunk */
+static _Atomic int pool_done = 0;             /* chunks of the current job finished */
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void run_chunks(uint32_t gen) {
+    const pool_job *job = &pool_jobs[gen % JOB_SLOTS];
+    for (;;) {
+        uint64_t v = atomic_load(&pool_counter);
+        do {
+            if ((uint32_t)(v >> 32) != gen || (int)(uint32_t)v >= job->num_chunks) return;
+        } while (!atomic_compare_exchange_weak(&pool_counter, &v, v + 1));
+        job->fn(job->ctx, (int)(uint32_t)v);
+        atomic_fetch_add(&pool_done, 1);
+    }
+}
+
+static void *helper_main(void *arg) {
+    int id = (int)(intptr_t)arg;
+    uint32_t seen = 0;
+    for (;;) {
+        uint32_t gen;
+        int spins = 0;
+        while ((gen = atomic_load(&pool_generation)) == seen) {
+            if (++spins < SPIN_ROUNDS) {
+                cpu_relax();
+                continue;
+            }
+            pthread_mutex_lock(&pool_mu);
+            while (atomic_load(&pool_generation) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+            pthread_mutex_unlock(&pool_mu);
+        }
+        seen = gen;
+        if (id < pool_jobs[gen % JOB_SLOTS].allowed_helpers) run_chunks(gen);
+    }
+    return NULL;
+}
+
+/* Run fn(ctx, 0 .. num_chunks - 1) on the caller and up to nthreads - 1 helpers; returns when all are done. */
+static void parallel_chunks(chunk_fn fn, void *ctx, int num_chunks, int nthreads) {
+    int helpers = nthreads - 1 < num_chunks - 1 ? nthreads - 1 : num_chunks - 1;
+    if (helpers > MAX_HELPERS) helpers = MAX_HELPERS;
+    if (helpers <= 0) {
+        for (int c = 0; c < num_chunks; c++) fn(ctx, c);
+        return;
+    }
+    pthread_mutex_lock(&pool_submit);
+    while (pool_started < helpers) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, helper_main, (void *)(intptr_t)pool_started) != 0) break;
+        pthread_detach(t);
+        pool_started++;
+    }
+    uint32_t gen = ++pool_last_gen;
+    if (gen == 0) gen = ++pool_last_gen;  /* 0 is what a fresh helper has seen */
+    pool_job *job = &pool_jobs[gen % JOB_SLOTS];
+    job->fn = fn, job->ctx = ctx, job->num_chunks = num_chunks;
+    job->allowed_helpers = helpers < pool_started ? helpers : pool_started;
+    atomic_store(&pool_done, 0);
+    atomic_store(&pool_counter, (uint64_t)gen << 32);
+    pthread_mutex_lock(&pool_mu);
+    atomic_store(&pool_generation, gen);
+    pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    run_chunks(gen);
+    for (int spins = 0; atomic_load(&pool_done) < num_chunks; spins++) {
+        if (spins < SPIN_ROUNDS) cpu_relax();
+        else sched_yield();  /* a helper was preempted mid-chunk: let it run */
+    }
+    pthread_mutex_unlock(&pool_submit);
 }
 
 /* --- activations → int8 blocks --------------------------------------------------------------- */
@@ -229,41 +338,46 @@ static inline __attribute__((always_inline)) void row_int4_f(const uint8_t *w, c
 
 /* --- entry point ------------------------------------------------------------------------------- */
 
-/* Float activations: x read in place (copied once, zero-padded, only when K is not a multiple of 32). */
-static int matmul_f32_act(int kind, const float *x, int64_t ldx, int M, int K, const void *wq, const float *wd,
-                          const float *wm, int N, float *y, int64_t ldy, int nthreads, int nb, int64_t row_bytes) {
-    float *padded = NULL;
-    if (K % QK) {
-        padded = (float *)calloc((size_t)M * nb * QK, sizeof(float));
-        if (!padded) return -1;
-        for (int m = 0; m < M; m++) memcpy(padded + (int64_t)m * nb * QK, x + (int64_t)m * ldx, (size_t)K * sizeof(float));
-        x = padded;
-        ldx = (int64_t)nb * QK;
-    }
-    int num_chunks = (N + N_CHUNK - 1) / N_CHUNK;
-    int workers = num_chunks < nthreads ? num_chunks : nthreads;
-#pragma omp parallel for schedule(static) num_threads(workers)
-    for (int c = 0; c < num_chunks; c++) {
-        int n0 = c * N_CHUNK, n1 = n0 + N_CHUNK < N ? n0 + N_CHUNK : N;
-        for (int m0 = 0; m0 < M; m0 += ROW_TILE) {
-            int mt = M - m0 < ROW_TILE ? M - m0 : ROW_TILE;
-            const float *xt = x + (int64_t)m0 * ldx;
-            for (int n = n0; n < n1; n++) {
-                float *yt = y + (int64_t)m0 * ldy + n;
-                if (kind == 4) {
-                    const uint8_t *wr = (const uint8_t *)wq + n * row_bytes;
-#define CALL4F(T) row_int4_f(wr, wd + (int64_t)n * nb, wm + (int64_t)n * nb, nb, xt, ldx, T, yt, ldy)
-                    TILE_CASES(CALL4F)
-                } else {
-                    const uint8_t *wr = (const uint8_t *)wq + n * row_bytes;
-#define CALL8F(T) row_int8_f(wr, wd + (int64_t)n * nb, wm + (int64_t)n * nb, nb, xt, ldx, T, yt, ldy)
-                    TILE_CASES(CALL8F)
-                }
+typedef struct {
+    int kind, M, nb;
+    const float *x;
+    int64_t ldx;
+    const int8_t *xq;  /* int8-activation path: quantized rows, scales, sums */
+    const float *xd, *xs;
+    const void *wq;
+    const float *wd, *wm;
+    int N;
+    int64_t row_bytes;
+    float *y;
+    int64_t ldy;
+} matmul_job;
+
+/* Output rows [16c, 16c + 16) against every activation row, a tile of up to 4 rows at a time. */
+static void matmul_chunk(void *arg, int c) {
+    const matmul_job *j = (const matmul_job *)arg;
+    int nb = j->nb, n0 = c * N_CHUNK, n1 = n0 + N_CHUNK < j->N ? n0 + N_CHUNK : j->N;
+    for (int m0 = 0; m0 < j->M; m0 += ROW_TILE) {
+        int mt = j->M - m0 < ROW_TILE ? j->M - m0 : ROW_TILE;
+        for (int n = n0; n < n1; n++) {
+            float *yt = j->y + (int64_t)m0 * j->ldy + n;
+            const uint8_t *wr = (const uint8_t *)j->wq + n * j->row_bytes;
+            const float *wd = j->wd + (int64_t)n * nb, *wm = j->wm + (int64_t)n * nb;
+            if (j->xq) {
+                const int8_t *xt = j->xq + (int64_t)m0 * nb * QK;
+                const float *dt = j->xd + (int64_t)m0 * nb, *st = j->xs + (int64_t)m0 * nb;
+#define CALL4(T) row_int4(wr, wd, wm, nb, xt, dt, st, T, yt, j->ldy)
+                TILE_CASES(CALL4)
+            } else if (j->kind == 4) {
+                const float *xt = j->x + (int64_t)m0 * j->ldx;
+#define CALL4F(T) row_int4_f(wr, wd, wm, nb, xt, j->ldx, T, yt, j->ldy)
+                TILE_CASES(CALL4F)
+            } else {
+                const float *xt = j->x + (int64_t)m0 * j->ldx;
+#define CALL8F(T) row_int8_f(wr, wd, wm, nb, xt, j->ldx, T, yt, j->ldy)
+                TILE_CASES(CALL8F)
             }
         }
     }
-    free(padded);
-    return 0;
 }
 
 /* kind 8 or 4; x (M, K) f32 with row stride ldx; y (M, N) f32 with row stride ldy; act_int8 (int4
@@ -272,44 +386,34 @@ static int matmul_f32_act(int kind, const float *x, int64_t ldx, int M, int K, c
 int dq_matmul(int kind, const float *x, int64_t ldx, int M, int K, const void *wq, const float *wd,
               const float *wm, int N, float *y, int64_t ldy, int nthreads, int act_int8) {
     int nb = (K + QK - 1) / QK;
-    int64_t row_bytes = kind == 4 ? (int64_t)nb * 16 : (int64_t)nb * QK;
-    if (!act_int8 || kind != 4) return matmul_f32_act(kind, x, ldx, M, K, wq, wd, wm, N, y, ldy, nthreads, nb, row_bytes);
-    int8_t *xq = (int8_t *)malloc((size_t)M * nb * QK + 64);
-    float *xd = (float *)malloc((size_t)M * nb * 2 * sizeof(float));
-    if (!xq || !xd) {
-        free(xq);
-        free(xd);
-        return -1;
+    matmul_job job = {kind, M, nb, x, ldx, NULL, NULL, NULL, wq, wd, wm, N,
+                      kind == 4 ? (int64_t)nb * 16 : (int64_t)nb * QK, y, ldy};
+    float *padded = NULL, *xd = NULL;
+    int8_t *xq = NULL;
+    if (act_int8 && kind == 4) {
+        xq = (int8_t *)malloc((size_t)M * nb * QK + 64);
+        xd = (float *)malloc((size_t)M * nb * 2 * sizeof(float));
+        if (!xq || !xd) goto fail;
+        for (int m = 0; m < M; m++)
+            quantize_row(x + (int64_t)m * ldx, K, xq + (int64_t)m * nb * QK, xd + (int64_t)m * nb,
+                         xd + (size_t)M * nb + (int64_t)m * nb);
+        job.xq = xq, job.xd = xd, job.xs = xd + (size_t)M * nb;
+    } else if (K % QK) {  /* float activations read in place, unless the last block needs padding */
+        padded = (float *)calloc((size_t)M * nb * QK, sizeof(float));
+        if (!padded) goto fail;
+        for (int m = 0; m < M; m++) memcpy(padded + (int64_t)m * nb * QK, x + (int64_t)m * ldx, (size_t)K * sizeof(float));
+        job.x = padded, job.ldx = (int64_t)nb * QK;
     }
-    float *xs = xd + (size_t)M * nb;
-    int num_chunks = (N + N_CHUNK - 1) / N_CHUNK;
-    /* Quantizing a row costs about what reading one weight row does: a handful of rows is not
-     * worth a second parallel region and its barrier (which a busy machine makes slow). */
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (M >= 16)
-    for (int m = 0; m < M; m++)
-        quantize_row(x + (int64_t)m * ldx, K, xq + (int64_t)m * nb * QK, xd + (int64_t)m * nb, xs + (int64_t)m * nb);
-    int workers = num_chunks < nthreads ? num_chunks : nthreads;
-#pragma omp parallel num_threads(workers)
-    {
-#pragma omp for schedule(static) nowait
-        for (int c = 0; c < num_chunks; c++) {
-            int n0 = c * N_CHUNK, n1 = n0 + N_CHUNK < N ? n0 + N_CHUNK : N;
-            for (int m0 = 0; m0 < M; m0 += ROW_TILE) {
-                int mt = M - m0 < ROW_TILE ? M - m0 : ROW_TILE;
-                const int8_t *xt = xq + (int64_t)m0 * nb * QK;
-                const float *dt = xd + (int64_t)m0 * nb, *st = xs + (int64_t)m0 * nb;
-                for (int n = n0; n < n1; n++) {
-                    float *yt = y + (int64_t)m0 * ldy + n;
-                    const uint8_t *wr = (const uint8_t *)wq + n * row_bytes;
-#define CALL4(T) row_int4(wr, wd + (int64_t)n * nb, wm + (int64_t)n * nb, nb, xt, dt, st, T, yt, ldy)
-                    TILE_CASES(CALL4)
-                }
-            }
-        }
-    }
+    parallel_chunks(matmul_chunk, &job, (N + N_CHUNK - 1) / N_CHUNK, nthreads);
+    free(padded);
     free(xq);
     free(xd);
     return 0;
+fail:
+    free(padded);
+    free(xq);
+    free(xd);
+    return -1;
 }
 
 /* --- decode attention over the paged KV pool ------------------------------------------------- */
@@ -340,50 +444,65 @@ static inline void axpy_f32(float *y, float a, const float *x, int n) {
  * q, out (B, H, hd); keys, values (num_slots, KV, hd) of one layer; block_table (B, max_blocks);
  * seq_lens (B): keys each sequence sees (its new one included). The H / KV query heads that share
  * a KV head are done together, so each K/V row is loaded once for all of them. */
+typedef struct {
+    const float *q, *keys, *values;
+    const int32_t *block_table, *seq_lens;
+    int max_blocks, H, KV, hd, block_size;
+    float scale;
+    float *out;
+} attention_job;
+
+static __thread float *scores_buf = NULL;  /* per thread, grown as contexts grow */
+static __thread size_t scores_cap = 0;
+
+/* Sequence b = item / KV, KV head item % KV, with the query heads that share it. */
+static void attention_item(void *arg, int item) {
+    const attention_job *a = (const attention_job *)arg;
+    int KV = a->KV, hd = a->hd, H = a->H, group = H / KV, bs = a->block_size;
+    int b = item / KV, kvh = item % KV, len = a->seq_lens[b];
+    size_t need = (size_t)group * (len > 0 ? len : 1);
+    if (need > scores_cap) {
+        float *grown = (float *)realloc(scores_buf, need * sizeof(float));
+        if (!grown) abort();  /* a few KB per 1k keys; out of memory here is not recoverable */
+        scores_buf = grown, scores_cap = need;
+    }
+    float *scores = scores_buf;
+    const int32_t *table = a->block_table + (int64_t)b * a->max_blocks;
+    const float *qb = a->q + ((int64_t)b * H + (int64_t)kvh * group) * hd;
+    for (int t = 0; t < len; t++) {
+        int64_t slot = (int64_t)table[t / bs] * bs + t % bs;
+        const float *kr = a->keys + (slot * KV + kvh) * hd;
+        for (int j = 0; j < group; j++) scores[(int64_t)j * len + t] = dot_f32(qb + (int64_t)j * hd, kr, hd) * a->scale;
+    }
+    for (int j = 0; j < group; j++) {
+        float *s = scores + (int64_t)j * len, mx = -INFINITY, sum = 0.0f;
+        for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
+        for (int t = 0; t < len; t++) {
+            s[t] = expf(s[t] - mx);
+            sum += s[t];
+        }
+        float inv = 1.0f / sum;
+        for (int t = 0; t < len; t++) s[t] *= inv;
+        float *o = a->out + ((int64_t)b * H + (int64_t)kvh * group + j) * hd;
+        for (int i = 0; i < hd; i++) o[i] = 0.0f;
+    }
+    for (int t = 0; t < len; t++) {
+        int64_t slot = (int64_t)table[t / bs] * bs + t % bs;
+        const float *vr = a->values + (slot * KV + kvh) * hd;
+        for (int j = 0; j < group; j++)
+            axpy_f32(a->out + ((int64_t)b * H + (int64_t)kvh * group + j) * hd, scores[(int64_t)j * len + t], vr, hd);
+    }
+}
+
+/* One new query token per sequence, attending over its cached keys where they lie in the pool:
+ * reads each key and value once through the block table, copying nothing.
+ * q, out (B, H, hd); keys, values (num_slots, KV, hd) of one layer; block_table (B, max_blocks);
+ * seq_lens (B): keys each sequence sees (its new one included). The H / KV query heads that share
+ * a KV head are done together, so each K/V row is loaded once for all of them. */
 int dq_decode_attention(const float *q, const float *keys, const float *values, const int32_t *block_table,
                         int max_blocks, const int32_t *seq_lens, int B, int H, int KV, int hd, int block_size,
                         float scale, float *out, int nthreads) {
-    int group = H / KV, max_len = 0;
-    for (int b = 0; b < B; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
-    int ok = 1;
-#pragma omp parallel num_threads(nthreads)
-    {
-        float *scores = (float *)malloc((size_t)group * (max_len > 0 ? max_len : 1) * sizeof(float));
-        if (!scores) {
-#pragma omp atomic write
-            ok = 0;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int item = 0; item < B * KV; item++) {
-            if (!scores) continue;
-            int b = item / KV, kvh = item % KV, len = seq_lens[b];
-            const int32_t *table = block_table + (int64_t)b * max_blocks;
-            const float *qb = q + ((int64_t)b * H + (int64_t)kvh * group) * hd;
-            for (int t = 0; t < len; t++) {
-                int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
-                const float *kr = keys + (slot * KV + kvh) * hd;
-                for (int j = 0; j < group; j++) scores[(int64_t)j * len + t] = dot_f32(qb + (int64_t)j * hd, kr, hd) * scale;
-            }
-            for (int j = 0; j < group; j++) {
-                float *s = scores + (int64_t)j * len, mx = -INFINITY, sum = 0.0f;
-                for (int t = 0; t < len; t++) mx = s[t] > mx ? s[t] : mx;
-                for (int t = 0; t < len; t++) {
-                    s[t] = expf(s[t] - mx);
-                    sum += s[t];
-                }
-                float inv = 1.0f / sum;
-                for (int t = 0; t < len; t++) s[t] *= inv;
-                float *o = out + ((int64_t)b * H + (int64_t)kvh * group + j) * hd;
-                for (int i = 0; i < hd; i++) o[i] = 0.0f;
-            }
-            for (int t = 0; t < len; t++) {
-                int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
-                const float *vr = values + (slot * KV + kvh) * hd;
-                for (int j = 0; j < group; j++)
-                    axpy_f32(out + ((int64_t)b * H + (int64_t)kvh * group + j) * hd, scores[(int64_t)j * len + t], vr, hd);
-            }
-        }
-        free(scores);
-    }
-    return ok ? 0 : -1;
+    attention_job job = {q, keys, values, block_table, seq_lens, max_blocks, H, KV, hd, block_size, scale, out};
+    parallel_chunks(attention_item, &job, B * KV, nthreads);
+    return 0;
 }

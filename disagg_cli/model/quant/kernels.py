@@ -1,7 +1,7 @@
 """The quantized matmul: `kernel.c` built at first use and called through ctypes, or a torch fallback.
 
 1. `load_kernel(cache_dir)` compiles `kernel.c` with the system C compiler (`-O3 -march=native
-   -fopenmp`) into `<cache>/kernels/<hash>/libdisaggq.so`, the hash covering the source, the
+   -pthread`) into `<cache>/kernels/<hash>/libdisaggq.so`, the hash covering the source, the
    compiler's version and the CPU's flags, so a new CPU or compiler gets its own build and a
    fresh clone needs nothing beyond `pip install -e .`;
 2. the build goes to a temporary name and is renamed into place, so workers starting together
@@ -10,7 +10,8 @@
    returns a `Kernel` whose `lib` is None and whose `reason` says why: `matmul` then dequantizes
    and calls `F.linear`, which gives the same numbers within float rounding (slower, never wrong).
 
-The library links libgomp, which torch already loaded, so both share one OpenMP thread pool.
+The library runs its own small thread pool rather than OpenMP's fork/join, whose end-of-region
+barrier waits for every thread: on cores shared with other work that made 2 threads slower than 1.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def build_kernel(cache_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11", str(SOURCE), "-o", tmp, "-lm"]
+    cmd = [cc, "-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", str(SOURCE), "-o", tmp, "-lm"]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.SubprocessError) as e:
