@@ -14,6 +14,7 @@ from disagg_cli.cli_options import (
     DtypeOpt,
     FirstTokenTimeoutOpt,
     ModelOpt,
+    QuantizationOpt,
     RequestTimeoutOpt,
     ReserveTimeoutOpt,
     ThreadsOpt,
@@ -30,7 +31,8 @@ bench_app = typer.Typer(help="Benchmarks: engine speed, KV codecs, serving.", no
 @bench_app.command("engine")
 def bench_engine(
     model: ModelOpt = "smollm2-135m-instruct",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
+    quantization: QuantizationOpt = "none",
     threads: ThreadsOpt = None,
     prompt_lens: Annotated[str, typer.Option(help="Prefill points: prompt lengths in tokens.")] = "128,512,2048",
     batch_sizes: Annotated[str, typer.Option(help="Decode points: sequences decoding at once.")] = "1,8,32",
@@ -38,6 +40,12 @@ def bench_engine(
     decode_tokens: Annotated[int, typer.Option(help="Timed decode steps per decode point.")] = 32,
     reps: Annotated[int, typer.Option(help="Runs per point; the median is reported.")] = 2,
     baseline: Annotated[bool, typer.Option(help="Also measure plain transformers on the same file.")] = True,
+    against: Annotated[list[str] | None, typer.Option(help="Also measure llama-cpp (llama-cpp-python, when "
+                                                      "importable) on the same GGUF and threads: prefill "
+                                                      "and batch-1 decode.")] = None,
+    perplexity_modes: Annotated[str | None, typer.Option(help="Perplexity of a fixed text for each of "
+                                                         "float32,bfloat16,int8,int4 (default: the loaded "
+                                                         "mode only).")] = None,
     block_size: BlockSizeOpt = 16,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
@@ -45,10 +53,13 @@ def bench_engine(
     from disagg_cli.bench.engine import EngineBenchOptions, print_table, run_engine_bench
 
     opts = EngineBenchOptions(
-        model=model, cache_dir=cache_dir(), runtime=RuntimeConfig(dtype=dtype, threads=threads),
+        model=model, cache_dir=cache_dir(),
+        runtime=RuntimeConfig(dtype=dtype, threads=threads, quantization=quantization),
         block_size=block_size, prompt_lens=int_list("--prompt-lens", prompt_lens),
         batch_sizes=int_list("--batch-sizes", batch_sizes), decode_context=decode_context,
-        decode_tokens=decode_tokens, reps=reps, baseline=baseline, json_output=json_output)
+        decode_tokens=decode_tokens, reps=reps, baseline=baseline, against=tuple(against or ()),
+        perplexity_modes=tuple(m.strip() for m in perplexity_modes.split(",") if m.strip())
+        if perplexity_modes is not None else None, json_output=json_output)
     result = run_engine_bench(opts)
     if json_output:
         print(json.dumps(result))

@@ -7,13 +7,18 @@ from typing import Annotated
 
 import typer
 
-from disagg_cli.config import DTYPES, Deadlines
+from disagg_cli.config import DTYPE_CHOICES, Deadlines
 from disagg_cli.errors import UsageError
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A model name (see `disagg model list`), "
                                        "a .gguf file or a Hugging Face checkpoint folder.")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[str, typer.Option(help=f"Weights and KV dtype: {', '.join(DTYPES)}.")]
+DtypeOpt = Annotated[str, typer.Option(help=f"Weights and KV dtype: {', '.join(DTYPE_CHOICES)} (auto: bfloat16 "
+                                       "where the CPU computes it natively (AVX512-BF16/AMX) or on CUDA, "
+                                       "else float32).")]
+QuantizationOpt = Annotated[str, typer.Option(help="Weight-only quantization: none, int8, int4 or auto (int4 for "
+                                              "decode, float for prefill, both for colocated; the GGUF's own "
+                                              "Q8_0/Q4_0/Q4_1 blocks load as they are).")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="Torch intra-op threads (default: torch's choice).")]
 BlockSizeOpt = Annotated[int, typer.Option(help="Tokens per KV block.")]
 KVTokensOpt = Annotated[int | None, typer.Option(help="KV pool size in tokens (default: sized by memory).")]

@@ -19,6 +19,7 @@ from disagg_cli.cli_options import (
     MaxBatchedOpt,
     MaxSeqsOpt,
     ModelOpt,
+    QuantizationOpt,
     RequestTimeoutOpt,
     ReserveTimeoutOpt,
     ThreadsOpt,
@@ -39,7 +40,8 @@ def serve(
     max_queued_requests: Annotated[int | None, typer.Option(
         help="Answer 503 (Retry-After) while this many requests wait for decode memory.")] = None,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
+    quantization: QuantizationOpt = "none",
     threads: ThreadsOpt = None,
     block_size: BlockSizeOpt = 16,
     kv_cache_tokens: KVTokensOpt = None,
@@ -75,7 +77,7 @@ def serve(
     server = ServerConfig(host=host, port=port, served_model_names=tuple(served_model_name or ()), api_key=api_key)
     service = ServiceConfig(
         model=model, cache_dir=cache_dir(),
-        runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads),
+        runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads, quantization=quantization),
         engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                             kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),

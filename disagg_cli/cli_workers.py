@@ -20,6 +20,7 @@ from disagg_cli.cli_options import (
     MaxBatchedOpt,
     MaxSeqsOpt,
     ModelOpt,
+    QuantizationOpt,
     ThreadsOpt,
     cache_dir,
 )
@@ -33,13 +34,14 @@ ClientTimeoutOpt = Annotated[float, typer.Option(help="Abort a coordinator's req
                                                       "for this many seconds.")]
 
 
-def _serve(role: str, host: str, port: int, model: str, device: str, dtype: str, threads: int | None,
-           block_size: int, kv_cache_tokens: int | None, kv_cache_memory_mb: float, max_num_seqs: int,
+def _serve(role: str, host: str, port: int, model: str, device: str, dtype: str, quantization: str,
+           threads: int | None, block_size: int, kv_cache_tokens: int | None, kv_cache_memory_mb: float,
+           max_num_seqs: int,
            max_num_batched_tokens: int, chunked_prefill: bool, kv_codec: str, link_gbps: float | None,
            advertise_host: str | None, keys: Path | None, grace_s: float, client_timeout: float) -> None:
     config = WorkerConfig(
         role=role, model=model, host=host, port=port,
-        runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads),
+        runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads, quantization=quantization),
         engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                             kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),
@@ -65,7 +67,8 @@ def prefill_worker(
     host: HostOpt = "127.0.0.1",
     model: ModelOpt = "smollm2-135m-instruct",
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
+    quantization: QuantizationOpt = "none",
     threads: ThreadsOpt = None,
     kv_codec: Annotated[str, typer.Option(help="none, lz4, shuffle-lz4, int8, int4 or auto.")] = "auto",
     link_gbps: Annotated[float | None, typer.Option(help="Link speed to decode workers, for --kv-codec auto.")] = None,
@@ -80,9 +83,9 @@ def prefill_worker(
     client_timeout: ClientTimeoutOpt = 30.0,
 ) -> None:
     """Serve prefill: prompts in, KV streamed layer by layer to decode workers."""
-    _serve("prefill", host, port, model, device, dtype, threads, block_size, kv_cache_tokens, kv_cache_memory_mb,
-           max_num_seqs, max_num_batched_tokens, False, kv_codec, link_gbps, advertise_host, keys, grace_s,
-           client_timeout)
+    _serve("prefill", host, port, model, device, dtype, quantization, threads, block_size, kv_cache_tokens,
+           kv_cache_memory_mb, max_num_seqs, max_num_batched_tokens, False, kv_codec, link_gbps, advertise_host,
+           keys, grace_s, client_timeout)
 
 
 def decode_worker(
@@ -90,7 +93,8 @@ def decode_worker(
     host: HostOpt = "127.0.0.1",
     model: ModelOpt = "smollm2-135m-instruct",
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
+    quantization: QuantizationOpt = "none",
     threads: ThreadsOpt = None,
     block_size: BlockSizeOpt = 16,
     kv_cache_tokens: KVTokensOpt = None,
@@ -103,9 +107,9 @@ def decode_worker(
     client_timeout: ClientTimeoutOpt = 30.0,
 ) -> None:
     """Serve decode: KV caches in, tokens streamed to coordinators."""
-    _serve("decode", host, port, model, device, dtype, threads, block_size, kv_cache_tokens, kv_cache_memory_mb,
-           max_num_seqs, max_num_batched_tokens, False, "none", None, advertise_host, keys, grace_s,
-           client_timeout)
+    _serve("decode", host, port, model, device, dtype, quantization, threads, block_size, kv_cache_tokens,
+           kv_cache_memory_mb, max_num_seqs, max_num_batched_tokens, False, "none", None, advertise_host, keys,
+           grace_s, client_timeout)
 
 
 def colocated_worker(
@@ -113,7 +117,8 @@ def colocated_worker(
     host: HostOpt = "127.0.0.1",
     model: ModelOpt = "smollm2-135m-instruct",
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
+    quantization: QuantizationOpt = "none",
     threads: ThreadsOpt = None,
     block_size: BlockSizeOpt = 16,
     kv_cache_tokens: KVTokensOpt = None,
@@ -127,6 +132,6 @@ def colocated_worker(
     client_timeout: ClientTimeoutOpt = 30.0,
 ) -> None:
     """Serve both phases in one process: the baseline disaggregation is compared against."""
-    _serve("colocated", host, port, model, device, dtype, threads, block_size, kv_cache_tokens,
+    _serve("colocated", host, port, model, device, dtype, quantization, threads, block_size, kv_cache_tokens,
            kv_cache_memory_mb, max_num_seqs, max_num_batched_tokens, chunked_prefill, "none", None,
            advertise_host, keys, grace_s, client_timeout)

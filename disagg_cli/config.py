@@ -18,6 +18,8 @@ from pathlib import Path
 from disagg_cli.errors import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bfloat16 where the device computes it natively, else float32
+QUANTIZATIONS = ("none", "int8", "int4", "auto")  # weight-only; auto: what is fastest for the role
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_LOGPROBS = 20  # OpenAI's limit on top alternatives per token
 
@@ -64,15 +66,22 @@ class ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class RuntimeConfig:
-    """Where and how one process runs the model."""
+    """Where and how one process runs the model.
+
+    `dtype` and `quantization` may be "auto" here; `model/loader.py` resolves them for the machine
+    and role it loads on (see `model/hardware.py`), and `LoadedModel.runtime` holds the result.
+    """
 
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     threads: int | None = None
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise UsageError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {self.threads}")
         if not (self.device == "cpu" or self.device == "mps" or self.device.startswith("cuda")):

@@ -132,7 +132,9 @@ def prepare(model_spec: str, cache_dir: Path, runtime: RuntimeConfig) -> tuple[L
         path = resolve_model(model_spec, cache_dir, on_pull)
     tokenizer = load_tokenizer(path)
     with ui.load_progress(path.name) as on_load:
-        loaded = load_model(path, runtime, on_load)
+        loaded = load_model(path, runtime, on_load, cache_dir=cache_dir)
+    ui.info(f"{loaded.runtime.dtype}: {loaded.dtype_reason}; weights {loaded.runtime.quantization}: "
+            f"{loaded.quantization_reason}" + (f"; {loaded.kernel_reason}" if loaded.kernel_reason else ""))
     return loaded, tokenizer
 
 
@@ -222,6 +224,7 @@ def build_topology(model: str, serve: ServeOptions, runtime: RuntimeConfig, engi
         return replace(config, workers=tuple(replace(w, kv_codec=serve.kv_codec) if w.role == "prefill" else w
                                              for w in config.workers))
     base = WorkerSpec("prefill", device=runtime.device, dtype=runtime.dtype, threads=runtime.threads,
+                      quantization=runtime.quantization,
                       kv_codec=serve.kv_codec, block_size=engine.block_size, kv_cache_tokens=engine.kv_cache_tokens,
                       kv_cache_memory_mb=engine.kv_cache_memory_mb, max_num_seqs=engine.max_num_seqs,
                       max_num_batched_tokens=engine.max_num_batched_tokens, chunked_prefill=engine.chunked_prefill)

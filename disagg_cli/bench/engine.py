@@ -5,17 +5,19 @@
    prefills it (schedule, forward, lm_head on the last row, sampling);
 3. decode points: B prompts of `decode_context` tokens are prefilled in one (untimed) step, then
    exactly `decode_tokens` steps of B decodes each are timed (`ignore_eos`, so every step counts);
-4. optionally the same points in plain Hugging Face transformers on the same GGUF file and threads;
-5. each point runs `reps` times and reports the median, as a Rich table or one JSON object.
+4. optionally the same points in plain Hugging Face transformers and/or llama.cpp (`--against
+   llama-cpp`: prefill and batch-1 decode) on the same GGUF file and threads, taking turns rep by rep;
+5. each point runs `reps` times and reports the median, as a Rich table or one JSON object, with
+   the CPU capability, the resolved dtype/quantization and the perplexity of a fixed text per mode.
 
-Derived figures: weight GB/s = weight bytes read per forward (decoder layers + the lm_head matrix)
+Derived figures: weight GB/s = weight bytes read per forward (decoder layers + the lm_head matrix, as
+stored: quantized blocks with their scales)
 × forwards / time; KV GB/s = K/V bytes attention reads / time; GFLOP/s = (2 × layer params × tokens
 + 2 × lm_head params × sampled rows + causal attention 4 × heads × head_dim × keys per query) / time.
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +32,7 @@ from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.engine.single import check_context
 from disagg_cli.errors import UsageError
-from disagg_cli.model.loader import TORCH_DTYPES, LoadedModel
+from disagg_cli.model.loader import LoadedModel
 
 TEXT = ("The history of computing is a story of people who wanted to calculate faster than they could by "
         "hand. Early machines used gears and levers; later ones used relays, vacuum tubes and then "
@@ -50,12 +52,22 @@ class EngineBenchOptions:
     decode_tokens: int = 32
     reps: int = 2
     baseline: bool = True
+    against: tuple[str, ...] = ()  # "llama-cpp"
+    perplexity_modes: tuple[str, ...] | None = None  # None: the loaded mode only; () none
     json_output: bool = False
 
     def __post_init__(self) -> None:
         for name in ("prompt_lens", "batch_sizes"):
             if not getattr(self, name) or min(getattr(self, name)) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive integers, got {getattr(self, name)}")
+        for name in self.against:
+            if name != "llama-cpp":
+                raise UsageError(f"--against takes llama-cpp, got {name!r}")
+        from disagg_cli.bench.perplexity import PPL_MODES
+
+        for mode in self.perplexity_modes or ():
+            if mode not in PPL_MODES:
+                raise UsageError(f"--perplexity-modes takes {', '.join(PPL_MODES)}, got {mode!r}")
         for name in ("decode_context", "decode_tokens", "reps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -67,12 +79,12 @@ class ModelCost:
 
     layer_params: int
     head_params: int  # the lm_head matrix (the embedding itself when tied)
-    elem_bytes: int
+    weight_bytes_read: int  # decoder layers + lm_head as stored (float, or quantized blocks and scales)
     kv_bytes_per_token: int
     attn_flops_per_key: int  # per query token per cached key, all layers: 4 × heads × head_dim × layers
 
     def weight_bytes(self) -> int:
-        return (self.layer_params + self.head_params) * self.elem_bytes
+        return self.weight_bytes_read
 
     def flops(self, num_tokens: int, num_sampled: int, num_keys: int) -> int:
         return (2 * self.layer_params * num_tokens + 2 * self.head_params * num_sampled
@@ -168,49 +180,6 @@ class OurEngine:
             self.engine.add_request(f"bench-{self.n}", ids, params)
 
 
-class HFEngine:
-    """Plain transformers: one `model(...)` forward for prefill, `generate` for decode."""
-
-    name = "transformers"
-    gathered_bytes = 0
-
-    def __init__(self, path: Path, dtype: str) -> None:
-        # Its GGUF loader draws a tqdm bar that ignores transformers' own switch; this one it obeys.
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()  # its tqdm bars would bypass our quiet-off-a-terminal rule
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=TORCH_DTYPES[dtype]).eval()
-
-    @torch.inference_mode()
-    def prefill_s(self, ids: list[int]) -> float:
-        x = torch.tensor([ids])
-        t0 = time.perf_counter()
-        # logits_to_keep=1: the lm_head runs on the last row only, as ours and `generate` do
-        self.model(input_ids=x, use_cache=True, logits_to_keep=1)
-        return time.perf_counter() - t0
-
-    @torch.inference_mode()
-    def decode_s(self, prompts: list[list[int]], steps: int) -> float:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        stamps: list[float] = []
-
-        class Stamp(StoppingCriteria):  # called once after each new token is appended
-            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-                stamps.append(time.perf_counter())
-                return torch.zeros(input_ids.shape[0], dtype=torch.bool)
-
-        x = torch.tensor(prompts)
-        out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=steps + 1,
-                                  min_new_tokens=steps + 1, do_sample=False, pad_token_id=0,
-                                  stopping_criteria=StoppingCriteriaList([Stamp()]))
-        assert out.shape[1] == x.shape[1] + steps + 1 and len(stamps) == steps + 1
-        return stamps[-1] - stamps[0]  # first stamp: after the prefill forward; then `steps` decodes
-
-
 @contextmanager
 def _progress(total: int) -> Iterator[Callable[[str], None]]:
     if not ui.is_interactive():
@@ -224,29 +193,69 @@ def _progress(total: int) -> Iterator[Callable[[str], None]]:
         yield lambda label: bar.update(task, advance=1, description=label)
 
 
+def _weight_bytes(lm: LoadedModel) -> tuple[int, int, int]:
+    """(decoder layer params, lm_head params, bytes one forward reads of both, as stored)."""
+    from disagg_cli.model.quant.linear import QuantizedLinear
+
+    c = lm.config
+    layer_params, nbytes = 0, 0
+    for mod in lm.model.model.layers.modules():
+        for t in mod.parameters(recurse=False):
+            layer_params += t.numel()
+            nbytes += t.numel() * t.element_size()
+        if isinstance(mod, QuantizedLinear):
+            layer_params += mod.in_features * mod.out_features
+            nbytes += mod.weight_q.num_bytes
+    head = lm.model.lm_head
+    head_params = c.vocab_size * c.hidden_size
+    if isinstance(head, QuantizedLinear):
+        nbytes += head.weight_q.num_bytes
+    else:
+        nbytes += head_params * torch.empty((), dtype=lm.dtype).element_size()
+    return layer_params, head_params, nbytes
+
+
 def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
+    from disagg_cli.bench.llama_cpp import INSTALL_HINT, LlamaCppEngine, llama_cpp_available
+    from disagg_cli.bench.perplexity import PPL_TEXT, perplexity, perplexity_per_mode
     from disagg_cli.generate import prepare
+    from disagg_cli.model.hardware import probe_cpu
 
     lm, tokenizer = prepare(opts.model, opts.cache_dir, opts.runtime)
     check_context(lm, max(opts.prompt_lens), 1)
     check_context(lm, opts.decode_context, opts.decode_tokens + 1)
     c = lm.config
-    elem = torch.empty((), dtype=lm.dtype).element_size()
-    head = c.vocab_size * c.hidden_size
-    cost = ModelCost(sum(p.numel() for p in lm.model.model.layers.parameters()), head, elem,
-                     c.kv_bytes_per_token(opts.runtime.dtype), 4 * c.num_heads * c.head_dim * c.num_layers)
+    layer_params, head_params, weight_bytes = _weight_bytes(lm)
+    cost = ModelCost(layer_params, head_params, weight_bytes, c.kv_bytes_per_token(lm.runtime.dtype),
+                     4 * c.num_heads * c.head_dim * c.num_layers)
     spread = 7  # decode prompts start at different offsets so the B sequences differ
     base = _token_ids(lambda s: tokenizer.encode(s, add_bos=False),
                       max(max(opts.prompt_lens), opts.decode_context + spread * max(opts.batch_sizes)))
     engines: list[Any] = [OurEngine(lm, opts)]
+    notes: list[str] = []
     if opts.baseline:
         try:
-            engines.append(HFEngine(lm.path, opts.runtime.dtype))
+            from disagg_cli.bench.transformers_baseline import HFEngine
+
+            engines.append(HFEngine(lm.path, lm.runtime.dtype))
         except ImportError as e:
             raise UsageError(f"--baseline needs transformers ({e}); pass --no-baseline") from e
+    llama_version = None
+    if "llama-cpp" in opts.against:
+        if llama_cpp_available():
+            context = max(max(opts.prompt_lens), opts.decode_context + opts.decode_tokens + 1, 64) + 16
+            llama = LlamaCppEngine(lm.path, torch.get_num_threads(), context)
+            llama_version = llama.version
+            engines.append(llama)
+        else:
+            notes.append(INSTALL_HINT)
+            ui.info(INSTALL_HINT)
     points: list[Point] = []
-    total = len(engines) * (len(opts.prompt_lens) + len(opts.batch_sizes)) * opts.reps
     ctx, steps = opts.decode_context, opts.decode_tokens
+
+    def takes(eng: Any, phase: str, size: int) -> bool:
+        return phase == "prefill" or size <= getattr(eng, "max_batch", size)
+
     def prefill(n: int) -> Callable[[Any], float]:
         return lambda eng: eng.prefill_s(base[:n])
 
@@ -254,6 +263,7 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
         return lambda eng: eng.decode_s([base[i * spread : i * spread + ctx] for i in range(b)], steps)
 
     plan = [("prefill", n, prefill(n)) for n in opts.prompt_lens] + [("decode", b, decode(b)) for b in opts.batch_sizes]
+    total = sum(opts.reps for phase, size, _ in plan for eng in engines if takes(eng, phase, size))
     with _progress(total) as advance:
         for eng in engines:
             eng.prefill_s(base[:16])  # warm-up: first-call allocations and kernel selection
@@ -262,19 +272,28 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
             # the engines take turns rep by rep, so a noisy neighbour slows both alike
             row = [Point(phase, eng.name, 1, size, size, 1, size * (size + 1) // 2) if phase == "prefill"
                    else Point(phase, eng.name, size, ctx, size * steps, steps, _decode_keys(size, ctx, steps))
-                   for eng in engines]
+                   for eng in engines if takes(eng, phase, size)]
+            active = [eng for eng in engines if takes(eng, phase, size)]
             for _ in range(opts.reps):
-                for eng, p in zip(engines, row, strict=True):
+                for eng, p in zip(active, row, strict=True):
                     g0 = eng.gathered_bytes
                     p.times_s.append(run(eng))
                     p.gathered_bytes += eng.gathered_bytes - g0
                     advance(f"{eng.name} {phase} {size}")
             points += row
-    return {"model": opts.model, "path": str(lm.path), "dtype": opts.runtime.dtype,
+    ppl_ids = tokenizer.encode(PPL_TEXT, add_bos=False)
+    if opts.perplexity_modes is None:
+        ppl = {f"{lm.runtime.dtype}+{lm.runtime.quantization}": perplexity(lm, ppl_ids)}
+    else:
+        ppl = perplexity_per_mode(lm.path, ppl_ids, opts.perplexity_modes, opts.runtime.threads, opts.cache_dir)
+    return {"model": opts.model, "path": str(lm.path), "dtype": lm.runtime.dtype,
+            "quantization": lm.runtime.quantization, "runtime": lm.describe_runtime(),
+            "cpu_capability": probe_cpu().capability, "llama_cpp_version": llama_version, "notes": notes,
             "threads": torch.get_num_threads(), "block_size": opts.block_size, "reps": opts.reps,
             "num_parameters": lm.num_parameters, "weight_bytes_per_forward": cost.weight_bytes(),
             "kv_bytes_per_token": cost.kv_bytes_per_token,
             "flops": "2*layer_params*tokens + 2*lm_head_params*sampled_rows + 4*heads*head_dim*layers*keys (causal)",
+            "perplexity": {"tokens": len(ppl_ids), **ppl},
             "points": [p.summary(cost) for p in points]}
 
 
@@ -282,16 +301,27 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("test", "ours tok/s", "ms/tok/seq", "GB/s w", "GB/s kv", "GFLOP/s", "hf tok/s", "ours/hf",
-                  title=f"{result['model']} · {result['dtype']} · {result['threads']} threads · "
-                        f"median of {result['reps']}")
+    others = list(dict.fromkeys(p["engine"] for p in result["points"] if p["engine"] != "disagg"))
+    short = {"transformers": "hf", "llama.cpp": "llama.cpp"}
+    cols = [c for name in others for c in (f"{short.get(name, name)} tok/s", f"ours/{short.get(name, name)}")]
+    table = Table("test", "ours tok/s", "ms/tok/seq", "GB/s w", "GB/s kv", "GFLOP/s", *cols,
+                  title=f"{result['model']} · {result['dtype']} · weights {result['quantization']} · "
+                        f"{result['threads']} threads · CPU {result['cpu_capability']} · median of {result['reps']}")
     ours = [p for p in result["points"] if p["engine"] == "disagg"]
-    hf = {(p["phase"], p["batch_size"], p["context_len"]): p for p in result["points"] if p["engine"] != "disagg"}
+    by = {(p["engine"], p["phase"], p["batch_size"], p["context_len"]): p for p in result["points"]}
     for p in ours:
-        ref = hf.get((p["phase"], p["batch_size"], p["context_len"]))
         label = f"pp{p['context_len']}" if p["phase"] == "prefill" else f"tg{p['num_steps']} b{p['batch_size']}"
+        cells = []
+        for name in others:
+            ref = by.get((name, p["phase"], p["batch_size"], p["context_len"]))
+            cells += [f"{ref['tokens_per_s']:.1f}" if ref else "-",
+                      f"{p['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref else "-"]
         table.add_row(label, f"{p['tokens_per_s']:.1f}", f"{p['ms_per_token_per_seq']:.2f}",
-                      f"{p['weight_gb_per_s']:.2f}", f"{p['kv_gb_per_s']:.2f}", f"{p['gflop_per_s']:.1f}",
-                      f"{ref['tokens_per_s']:.1f}" if ref else "-",
-                      f"{p['tokens_per_s'] / ref['tokens_per_s']:.2f}×" if ref else "-")
-    Console().print(table)
+                      f"{p['weight_gb_per_s']:.2f}", f"{p['kv_gb_per_s']:.2f}", f"{p['gflop_per_s']:.1f}", *cells)
+    console = Console()
+    console.print(table)
+    ppl = result["perplexity"]
+    console.print(f"perplexity on a fixed text of {ppl['tokens']} tokens: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items() if k != "tokens"))
+    for note in result["notes"]:
+        console.print(note)

@@ -5,7 +5,8 @@ default (`local_topology`: 1 prefill + 1 decode). A file looks like:
 
     model = "smollm2-135m-instruct"
     [defaults]            # every worker's values unless the worker sets its own
-    dtype = "float32"
+    dtype = "auto"        # bfloat16 where the CPU computes it natively, else float32
+    quantization = "none" # none, int8, int4 or auto (int4 for decode, float for prefill)
     [[workers]]
     role = "prefill"      # prefill, decode or colocated
     port = 0              # 0: pick a free port
@@ -39,7 +40,8 @@ class WorkerSpec:
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port at start
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
+    quantization: str = "none"  # weight-only: none, int8, int4, auto (resolved by the worker for its role)
     threads: int | None = None  # None: an even share of the cores given to the cluster
     cpus: tuple[int, ...] | None = None  # CPU affinity; None: a share of the cores, in order
     kv_codec: str | None = None  # prefill (and colocated) only; None: the worker's default
@@ -65,7 +67,7 @@ class WorkerSpec:
         self.engine()
 
     def runtime(self) -> RuntimeConfig:
-        return RuntimeConfig(device=self.device, dtype=self.dtype, threads=self.threads)
+        return RuntimeConfig(device=self.device, dtype=self.dtype, threads=self.threads, quantization=self.quantization)
 
     def engine(self) -> EngineConfig:
         return EngineConfig(block_size=self.block_size, kv_cache_tokens=self.kv_cache_tokens,
@@ -114,7 +116,8 @@ def local_topology(model: str, base: WorkerSpec, num_prefill: int = 1, num_decod
 
 _SPEC_FIELDS = {f.name for f in fields(WorkerSpec)}
 _TYPES: dict[str, tuple[type, ...]] = {
-    "role": (str,), "host": (str,), "port": (int,), "device": (str,), "dtype": (str,), "threads": (int,),
+    "role": (str,), "host": (str,), "port": (int,), "device": (str,), "dtype": (str,),
+    "quantization": (str,), "threads": (int,),
     "cpus": (list,), "kv_codec": (str,), "block_size": (int,), "kv_cache_tokens": (int,),
     "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "kv_cache_memory_mb": (int, float),
     "chunked_prefill": (bool,),

@@ -10,12 +10,16 @@ batch; each layer writes its new K/V into their slots (`index_copy_`), then atte
   cheaper than B small attention calls per layer (Python overhead) at the batch sizes we serve;
 - any other sequence whose blocks are consecutive reads its cache as a strided view, copying
   nothing; a fragmented one gathers its slots (`index_select`). The runner counts gathered bytes.
+With the C kernel (quantized float32 models), every decoding sequence instead attends in one
+kernel call per layer that reads its K/V in place through its block table (`decode_attention`):
+no gather, whatever the context length, and one call for the whole batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +28,7 @@ from disagg_cli.engine.scheduler import ScheduledSeq
 from disagg_cli.kv.pool import BlockPool
 from disagg_cli.model.kv_cache import causal_attention
 from disagg_cli.model.loader import LoadedModel
+from disagg_cli.model.quant.kernels import decode_attention
 
 # Called once per layer with the step's fresh K/V of each prompt that starts in this step:
 # (layer, [(request_id, k (T, KV, hd), v (T, KV, hd)), …]). The prefill role streams them out.
@@ -60,12 +65,23 @@ class _DecodeBatch:
     max_len: int
 
 
+@dataclass(frozen=True, slots=True)
+class _PagedDecode:
+    rows: torch.Tensor | None  # (B,) rows of the flat batch; None when the batch is exactly these decodes
+    block_table: torch.Tensor  # (B, max blocks) int32, padded with block 0
+    seq_lens: torch.Tensor  # (B,) int32: keys each sequence attends to, its new one included
+    block_size: int
+
+
 class PagedAttention:
     """The `Attention` of one step: stores new K/V in the pool, attends each sequence."""
 
     def __init__(self, storage: KVStorage, slot_mapping: torch.Tensor, seqs: list[_SeqView],
-                 on_layer: LayerHook | None = None, decode: _DecodeBatch | None = None) -> None:
+                 on_layer: LayerHook | None = None, decode: _DecodeBatch | None = None,
+                 paged: _PagedDecode | None = None, kernel: Any = None) -> None:
         self.storage = storage
+        self.paged = paged
+        self.kernel = kernel
         self.slot_mapping = slot_mapping
         self.seqs = seqs
         self.on_layer = on_layer
@@ -79,9 +95,17 @@ class PagedAttention:
         if self.on_layer is not None:  # views into this step's fresh K/V, no copy
             self.on_layer(layer, [(s.request_id, k[s.start : s.end], v[s.start : s.end])
                                   for s in self.seqs if s.offset == 0])
-        if self.decode is None and len(self.seqs) == 1 and self.seqs[0].offset == 0:
+        if self.decode is None and self.paged is None and len(self.seqs) == 1 and self.seqs[0].offset == 0:
             return causal_attention(q, k, v, 0)  # one fresh prompt: the whole batch is its own
+        p = self.paged
+        if p is not None and p.rows is None:  # a decode-only step: the kernel does all of it
+            return decode_attention(self.kernel, q, keys, values, p.block_table, p.seq_lens, p.block_size)
         out = torch.empty_like(q)
+        if p is not None:
+            assert p.rows is not None
+            ob = decode_attention(self.kernel, q.index_select(0, p.rows), keys, values, p.block_table, p.seq_lens,
+                                  p.block_size)
+            out.index_copy_(0, p.rows, ob)
         if self.decode is not None:
             self._attend_decodes(keys, values, q, out)
         for s in self.seqs:
@@ -115,6 +139,8 @@ class ModelRunner:
         self.pool = pool
         self.storage = KVStorage(lm, pool.num_blocks * pool.block_size)
         self.gathered_bytes = 0  # KV copied for batched decodes and fragmented sequences since start
+        # In-place paged decode attention: the C kernel's, for float32 KV on the CPU.
+        self.kernel = lm.kernel if lm.kernel is not None and lm.dtype == torch.float32 else None
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], on_layer: LayerHook | None = None) -> torch.Tensor:
@@ -126,6 +152,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         decodes: list[tuple[int, list[int]]] = []  # (row, slots) of sequences adding one token
         many_decodes = sum(1 for item in batch if item.num_new_tokens == 1 and item.seq.num_computed_tokens) >= 2
+        paged: list[tuple[int, list[int], int]] = []  # (row, block ids, keys) for the kernel's attention
         for item in batch:
             seq, n = item.seq, item.num_new_tokens
             start, done = len(ids), seq.num_computed_tokens
@@ -134,6 +161,9 @@ class ModelRunner:
             slots += self.pool.slots(seq.request_id, done, done + n)
             if item.samples:
                 sample_rows.append(start + n - 1)
+            if self.kernel is not None and n == 1 and done:
+                paged.append((start, self.pool.tables[seq.request_id].block_ids, done + 1))
+                continue
             if many_decodes and n == 1 and done:
                 decodes.append((start, self.pool.slots(seq.request_id, 0, done + 1)))
                 continue
@@ -144,10 +174,19 @@ class ModelRunner:
             views.append(_SeqView(seq.request_id, start, start + n, done, cache_start, slot_ids))
         device = self.lm.device
         attn = PagedAttention(self.storage, torch.tensor(slots, device=device), views, on_layer,
-                              self._decode_batch(decodes) if decodes else None)
+                              self._decode_batch(decodes) if decodes else None,
+                              self._paged_decode(paged, len(ids)) if paged else None, self.kernel)
         hidden = self.lm.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), attn)
         self.gathered_bytes += attn.gathered_bytes
         return self.lm.model.compute_logits(hidden[sample_rows])
+
+    def _paged_decode(self, paged: list[tuple[int, list[int], int]], num_rows: int) -> _PagedDecode:
+        width = max(len(ids) for _, ids, _ in paged)
+        table = torch.tensor([ids + [0] * (width - len(ids)) for _, ids, _ in paged], dtype=torch.int32)
+        lens = torch.tensor([n for _, _, n in paged], dtype=torch.int32)
+        rows = [r for r, _, _ in paged]
+        in_order = rows == list(range(num_rows))
+        return _PagedDecode(None if in_order else torch.tensor(rows), table, lens, self.pool.block_size)
 
     def _decode_batch(self, decodes: list[tuple[int, list[int]]]) -> _DecodeBatch:
         max_len = max(len(s) for _, s in decodes)

@@ -154,6 +154,8 @@ class Hello(Message):
     model_fingerprint: str  # "" from a coordinator, which holds no weights
     kv_layout: KVLayout | None = None
     capacity: dict[str, int] = field(default_factory=dict)
+    # A worker's resolved dtype and weight quantization, with the reasons (`--dtype auto` etc.).
+    runtime: dict[str, str] = field(default_factory=dict)
 
 
 @_message("hello_ack")
@@ -165,6 +167,7 @@ class HelloAck(Message):
     model_fingerprint: str
     kv_layout: KVLayout
     capacity: dict[str, int] = field(default_factory=dict)
+    runtime: dict[str, str] = field(default_factory=dict)
     # Random per worker process: a peer that sees a new one knows the worker restarted and forgot
     # every greeting, reservation and KV it held.
     instance_id: str = ""

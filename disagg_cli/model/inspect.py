@@ -7,6 +7,7 @@ from typing import Any
 
 from disagg_cli import ui
 from disagg_cli.config import DTYPES
+from disagg_cli.model.hardware import choose_dtype, choose_quantization, probe_cpu
 from disagg_cli.model.registry import resolve_model
 from disagg_cli.model.weights import read_checkpoint
 
@@ -18,6 +19,9 @@ def describe_model(spec: str, cache_dir: Path) -> dict[str, Any]:
         ckpt = read_checkpoint(path, on_load)
     c = ckpt.config
     num_params = sum(t.numel() for t in ckpt.state_dict.values())
+    blocks: dict[str, int] = {}
+    for qtype, _ in ckpt.blocks.values():
+        blocks[qtype] = blocks.get(qtype, 0) + 1
     return {
         "path": str(path),
         "architecture": c.architecture,
@@ -33,4 +37,18 @@ def describe_model(spec: str, cache_dir: Path) -> dict[str, Any]:
         "tied_embeddings": c.tie_word_embeddings,
         **{f"kv_bytes_per_token_{d}": c.kv_bytes_per_token(d) for d in DTYPES},
         "fingerprint": ckpt.fingerprint,
+        **runtime_choices(),
+        "gguf_blocks_loaded_as_is": ", ".join(f"{n} {q}" for q, n in sorted(blocks.items())) or "none",
     }
+
+
+def runtime_choices(device: str = "cpu") -> dict[str, str]:
+    """What `--dtype auto` and `--quantization auto` pick on this machine, per role, and why."""
+    cpu = probe_cpu()
+    d = choose_dtype("auto", device, cpu)
+    out = {"cpu_capability": cpu.capability, "dtype_auto": f"{d.dtype} ({d.reason})"}
+    kernel = "C kernel (built at first use)" if device == "cpu" else None
+    for role in ("prefill", "decode", "colocated"):
+        q = choose_quantization("auto", role, device, kernel)
+        out[f"quantization_auto_{role}"] = f"{q.quantization} ({q.reason})"
+    return out

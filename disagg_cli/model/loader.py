@@ -1,19 +1,26 @@
-"""Build a ready-to-run model from a file: read the checkpoint, cast, place, strict-load.
+"""Build a ready-to-run model from a file: read the checkpoint, cast, place, strict-load, fuse, quantize.
+
+1. resolve `--dtype auto` and `--quantization auto` for this machine and role (`model/hardware.py`);
+2. read the checkpoint, cast to the dtype and load it under its HF names with `strict=True`;
+3. fuse q/k/v and gate/up into one matmul each (`fuse_projections`);
+4. with quantization, replace the matmuls by `QuantizedLinear`s (GGUF blocks taken as they are).
 
 `LoadedModel` is what every role (colocated, prefill, decode) holds: the module, its config and
-fingerprint, and the runtime it was built for.
+fingerprint, and the runtime it was built for (dtype and quantization resolved, with the reasons).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from disagg_cli.config import ModelConfig, RuntimeConfig
 from disagg_cli.errors import ModelFormatError, UsageError
-from disagg_cli.model.llama import LlamaForCausalLM, RotaryEmbedding
+from disagg_cli.model.hardware import CPUInfo, choose_dtype, choose_quantization, probe_cpu
+from disagg_cli.model.llama import LlamaForCausalLM, RotaryEmbedding, fuse_projections
 from disagg_cli.model.weights import Progress, read_checkpoint
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -26,7 +33,11 @@ class LoadedModel:
     fingerprint: str
     path: Path
     file_type: str
-    runtime: RuntimeConfig
+    runtime: RuntimeConfig  # as resolved: a concrete dtype and quantization
+    dtype_reason: str = ""
+    quantization_reason: str = ""
+    kernel_reason: str = ""  # whether the quantized C kernel built, and why not
+    kernel: Any = None  # the built `Kernel` (quantized models only): matmuls and paged decode attention
 
     @property
     def dtype(self) -> torch.dtype:
@@ -38,7 +49,20 @@ class LoadedModel:
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        """Weights of the checkpoint (quantized ones counted by value; a tied head counted once)."""
+        from disagg_cli.model.quant.linear import QuantizedLinear
+
+        n = sum(p.numel() for p in self.model.parameters())
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, QuantizedLinear) and not (name == "lm_head" and self.config.tie_word_embeddings):
+                n += mod.in_features * mod.out_features
+        return n
+
+    def describe_runtime(self) -> dict[str, str]:
+        """The resolved choices and why, as the worker's hello and `disagg model info` show them."""
+        return {"dtype": self.runtime.dtype, "dtype_reason": self.dtype_reason,
+                "quantization": self.runtime.quantization, "quantization_reason": self.quantization_reason,
+                "kernel": self.kernel_reason}
 
 
 def apply_threads(runtime: RuntimeConfig) -> None:
@@ -53,11 +77,30 @@ def check_device(device: str) -> None:
         raise UsageError("--device mps: MPS is not available on this machine")
 
 
-def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = None) -> LoadedModel:
+def resolve_runtime(runtime: RuntimeConfig, role: str, cpu: CPUInfo | None = None,
+                    kernel_reason: str | None = None) -> tuple[RuntimeConfig, str, str, bool]:
+    """(runtime with dtype and quantization made concrete, dtype reason, quantization reason, keep float)."""
+    cpu = cpu or probe_cpu()
+    d = choose_dtype(runtime.dtype, runtime.device, cpu)
+    q = choose_quantization(runtime.quantization, role, runtime.device, kernel_reason)
+    return replace(runtime, dtype=d.dtype, quantization=q.quantization), d.reason, q.reason, q.keep_dense
+
+
+def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = None,
+               role: str = "colocated", cache_dir: Path | None = None) -> LoadedModel:
+    """Load `path` for `role` ("prefill", "decode" or "colocated": what `--quantization auto` weighs)."""
     check_device(runtime.device)
     apply_threads(runtime)
+    kernel = None
+    if runtime.quantization != "none" and runtime.device == "cpu":
+        from disagg_cli.model.quant.kernels import load_kernel
+        from disagg_cli.model.registry import default_cache_dir
+
+        kernel = load_kernel(cache_dir or default_cache_dir())
+    resolved, dtype_reason, quant_reason, keep_dense = resolve_runtime(
+        runtime, role, kernel_reason=kernel.reason if kernel and kernel.available else None)
     ckpt = read_checkpoint(path, progress)
-    dtype = TORCH_DTYPES[runtime.dtype]
+    dtype = TORCH_DTYPES[resolved.dtype]
     with torch.device("meta"):
         model = LlamaForCausalLM(ckpt.config)
     state = {name: t.to(dtype) for name, t in ckpt.state_dict.items()}
@@ -73,6 +116,13 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
     except RuntimeError as e:  # shapes that disagree with the config
         raise ModelFormatError(f"{path}: weights do not fit the model's own config: "
                                f"{str(e).splitlines()[-1].strip()}") from e
+    del state
     model.rotary = RotaryEmbedding(ckpt.config)  # float32 on purpose, whatever the weights' dtype
+    fuse_projections(model)
+    if resolved.quantization != "none":
+        from disagg_cli.model.quant.linear import quantize_model
+
+        quantize_model(model, resolved.quantization, ckpt.blocks, kernel, keep_dense)
     model.to(runtime.device).eval()
-    return LoadedModel(model, ckpt.config, ckpt.fingerprint, path, ckpt.file_type, runtime)
+    return LoadedModel(model, ckpt.config, ckpt.fingerprint, path, ckpt.file_type, resolved, dtype_reason,
+                       quant_reason, kernel.reason if kernel else "", kernel if kernel and kernel.available else None)

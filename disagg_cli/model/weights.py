@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ _GGUF_LAYER_NAMES = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")  # kept raw too, for --quantization to load as they are
 _GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -43,6 +44,9 @@ class Checkpoint:
     fingerprint: str
     path: Path
     file_type: str  # what the weights were stored as, e.g. "gguf Q4_1", "safetensors bfloat16"
+    # GGUF matrices stored as Q8_0 / Q4_0 / Q4_1, under HF names with rows in HF order:
+    # name → (GGML type name, raw rows (N, row bytes)); quantization takes these as they are.
+    blocks: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
 
 
 def read_checkpoint(path: Path, progress: Progress | None = None) -> Checkpoint:
@@ -79,6 +83,7 @@ def _read_gguf(path: Path, progress: Progress | None) -> Checkpoint:
     state: dict[str, torch.Tensor] = {}
     rope_freqs: np.ndarray | None = None
     qtypes: set[str] = set()
+    blocks: dict[str, tuple[str, np.ndarray]] = {}
     for i, (name, t) in enumerate(f.tensors.items()):
         qtype = gguf.GGMLQuantizationType(t.qtype)
         try:
@@ -93,6 +98,8 @@ def _read_gguf(path: Path, progress: Progress | None) -> Checkpoint:
             rope_freqs = data
         else:
             state[_hf_name(path, name)] = torch.from_numpy(data)
+            if qtype.name in _BLOCK_TYPES and data.ndim == 2:
+                blocks[_hf_name(path, name)] = (qtype.name, t.data)
         if progress:
             progress(i + 1, len(f.tensors))
 
@@ -104,8 +111,12 @@ def _read_gguf(path: Path, progress: Progress | None) -> Checkpoint:
                     key = f"model.layers.{i}.self_attn.{proj}.{kind}"
                     if key in state:
                         state[key] = unpermute_rope_rows(state[key], heads)
+                    if key in blocks:  # the same row order for the raw blocks
+                        qname, raw = blocks[key]
+                        rows = unpermute_rope_rows(torch.arange(raw.shape[0]), heads).numpy()
+                        blocks[key] = (qname, raw[rows])
     fingerprint = _fingerprint(config, [(t.name, t.shape, _sample(t.data)) for t in f.tensors.values()])
-    return Checkpoint(config, state, fingerprint, path, "gguf " + "+".join(sorted(qtypes)))
+    return Checkpoint(config, state, fingerprint, path, "gguf " + "+".join(sorted(qtypes)), blocks)
 
 
 def _hf_name(path: Path, name: str) -> str:

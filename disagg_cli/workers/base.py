@@ -62,6 +62,7 @@ class WorkerIdentity:
     fingerprint: str
     kv_layout: KVLayout
     capacity: dict[str, int]
+    runtime: dict[str, str] = field(default_factory=dict)  # resolved dtype/quantization and why
     # This process's incarnation, new at every start: peers tell a restart from a reconnect by it.
     instance_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
@@ -175,7 +176,7 @@ class WorkerIO:
 
     def _hello(self) -> Hello:
         i = self.ident
-        return Hello(PROTOCOL_VERSION, i.role, i.fingerprint, i.kv_layout, i.capacity)
+        return Hello(PROTOCOL_VERSION, i.role, i.fingerprint, i.kv_layout, i.capacity, i.runtime)
 
     def _receive_peer(self, sock: zmq.Socket) -> None:
         frames = sock.recv_multipart(copy=False)
@@ -232,7 +233,7 @@ class WorkerIO:
             self._reply(who, Refuse("fingerprint-mismatch", text))
             return
         self._greeted.add(who)
-        self._reply(who, HelloAck(i.role, i.fingerprint, i.kv_layout, i.capacity, i.instance_id))
+        self._reply(who, HelloAck(i.role, i.fingerprint, i.kv_layout, i.capacity, i.runtime, i.instance_id))
 
     def _reply(self, who: bytes, msg: Message) -> None:
         try:

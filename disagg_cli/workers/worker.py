@@ -33,18 +33,24 @@ class Worker:
         self.config = config
         self.stop = stop or StopFlag()
         path = resolve_model(config.model, cache_dir)
-        log(config.role, f"loading {path.name} ({config.runtime.dtype}, {config.runtime.device})")
-        self.lm: LoadedModel = load_model(path, config.runtime)
+        r = config.runtime
+        log(config.role, f"loading {path.name} (dtype {r.dtype}, quantization {r.quantization}, {r.device})")
+        self.lm: LoadedModel = load_model(path, r, role=config.role, cache_dir=cache_dir)
+        lr = self.lm.runtime
+        log(config.role, f"dtype {lr.dtype} ({self.lm.dtype_reason}); weights {lr.quantization} "
+                         f"({self.lm.quantization_reason})" + (f"; {self.lm.kernel_reason}" if self.lm.kernel_reason
+                                                                else ""))
         self.engine = LLMEngine(self.lm, config.engine, prefill_only=self.prefill_only)
         c = self.lm.config
         host = config.advertise_host or config.host
         self.address = f"tcp://{host}:{config.port}"
-        layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, config.runtime.dtype, config.engine.block_size)
+        layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, lr.dtype, config.engine.block_size)
         e = config.engine
         capacity = {"num_blocks": self.engine.pool.num_blocks, "block_size": e.block_size,
                     "max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
                     "chunked_prefill": int(e.chunked_prefill), "threads": torch.get_num_threads()}
-        self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity)
+        self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity,
+                                    self.lm.describe_runtime())
         keys = Keys.load(config.keys_dir, config.role) if config.keys_dir else None
         self.io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare, keys)
         self.owners: dict[str, Dest] = {}  # request id → the coordinator to answer

@@ -31,7 +31,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], fragment: str)
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
     (["--top-k", "-2"], "--top-k must be >= 0"),
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
-    (["--dtype", "float64"], "--dtype must be one of float32, bfloat16, float16"),
+    (["--dtype", "float64"], "--dtype must be one of auto, float32, bfloat16, float16"),
+    (["--quantization", "int3"], "--quantization must be one of none, int8, int4, auto"),
     (["--threads", "0"], "--threads must be at least 1"),
     (["--device", "tpu"], "--device must be"),
     (["--stop", ""], "--stop strings must not be empty"),
@@ -96,6 +97,17 @@ def test_generate_streams_plain_text_with_stop(default_gguf: Path) -> None:
     assert proc.stdout == " Paris\n"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("where", [["--in-process"], []])  # this process's engine; a local 1P+1D cluster
+def test_generate_with_int8_weights(default_gguf: Path, where: list[str]) -> None:
+    proc = disagg("generate", "--model", str(default_gguf), "--max-tokens", "6", "--json", "--dtype", "float32",
+                  "--quantization", "int8", *where, stdin="The capital of France is\n")
+    assert proc.returncode == 0, proc.stderr
+    (record,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert record["token_ids"][:2] == [7042, 30]  # " Paris", "." as in float32
+    assert record["finish_reason"] == "length" and len(record["token_ids"]) == 6
+
+
 def test_model_list_json() -> None:
     proc = disagg("model", "list", "--json")
     assert proc.returncode == 0
@@ -111,4 +123,7 @@ def test_model_info(default_gguf: Path) -> None:
     assert info["architecture"] == "llama" and info["layers"] == 30 and info["kv_heads"] == 3
     assert info["parameters"] == 134_515_008
     assert info["kv_bytes_per_token_bfloat16"] == 2 * 30 * 3 * 64 * 2
+    assert info["gguf_blocks_loaded_as_is"] == "210 Q4_1, 1 Q8_0"
+    assert info["dtype_auto"].split()[0] in ("float32", "bfloat16") and info["cpu_capability"]
+    assert info["quantization_auto_prefill"].startswith("none ")
     assert len(info["fingerprint"]) == 16

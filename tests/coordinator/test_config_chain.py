@@ -21,8 +21,8 @@ from disagg_cli.errors import UsageError
 from tests.tiny_models import random_weights, write_gguf
 
 # A value other than the default for every setting a WorkerSpec hands on (placement aside).
-NON_DEFAULT = {"host": "127.0.0.2", "port": 7123, "device": "cuda", "dtype": "bfloat16", "threads": 3,
-               "kv_codec": "int8", "block_size": 8, "kv_cache_tokens": 64, "kv_cache_memory_mb": 7.5,
+NON_DEFAULT = {"host": "127.0.0.2", "port": 7123, "device": "cuda", "dtype": "bfloat16", "quantization": "int8",
+               "threads": 3, "kv_codec": "int8", "block_size": 8, "kv_cache_tokens": 64, "kv_cache_memory_mb": 7.5,
                "max_num_seqs": 5, "max_num_batched_tokens": 99, "chunked_prefill": True}
 
 
@@ -42,7 +42,7 @@ def test_worker_config_round_trips_as_json() -> None:
     assert again == made
     assert again.engine == EngineConfig(block_size=8, kv_cache_tokens=64, kv_cache_memory_mb=7.5, max_num_seqs=5,
                                         max_num_batched_tokens=99, chunked_prefill=True)
-    assert again.runtime == RuntimeConfig(device="cuda", dtype="bfloat16", threads=3)
+    assert again.runtime == RuntimeConfig(device="cuda", dtype="bfloat16", threads=3, quantization="int8")
     # The child's command line carries that JSON, not a flag list rebuilt field by field.
     cmd = worker_command(config, "/models/x.gguf")
     assert cmd[-2] == "run-worker" and WorkerConfig.from_json(cmd[-1]) == made

@@ -23,8 +23,11 @@ def free_port() -> int:
 
 def start_worker(role: str, port: int, model: Path, *extra: str, log: Path | None = None) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the process
+    # float32 unless a test asks otherwise: `--dtype auto` would pick bfloat16 on a CPU with native
+    # bf16, and the golden tests compare against float32 references.
+    dtype = () if "--dtype" in extra else ("--dtype", "float32")
     return subprocess.Popen([sys.executable, "-m", "disagg_cli", f"{role}-worker", "--port", str(port),
-                             "--model", str(model), "--threads", "1", *extra],
+                             "--model", str(model), "--threads", "1", *dtype, *extra],
                             stdout=out, stderr=out, env={**os.environ})
 
 

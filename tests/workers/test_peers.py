@@ -57,7 +57,7 @@ class ScriptedDecode:
             self.seen.append(msg)
             if isinstance(msg, Hello):
                 self.greeted.add(who)
-                reply: Message = HelloAck("decode", "fp", LAYOUT, {}, self.instance)
+                reply: Message = HelloAck("decode", "fp", LAYOUT, {}, instance_id=self.instance)
             elif who not in self.greeted:
                 reply = Error(getattr(msg, "request_id", None), "no-hello", f"{msg.kind} before hello")
             else:

@@ -139,6 +139,14 @@ def test_bfloat16_prefill_into_float32_decode_with_other_block_size_and_backpres
     assert stats["free_blocks"] == stats["num_blocks"] == 20 and stats["queued_reservations"] == 0
 
 
+def test_hello_says_the_resolved_dtype_and_quantization(cluster: dict) -> None:
+    ack = Peer(cluster["decode"]).hello()
+    assert isinstance(ack, HelloAck) and ack.kv_layout.dtype == "float32"
+    assert ack.runtime["dtype"] == "float32" and ack.runtime["quantization"] == "none"
+    assert ack.runtime["dtype_reason"] == "--dtype float32 as asked"
+    assert "decode" not in ack.runtime["quantization_reason"]  # asked for none, not chosen for the role
+
+
 def test_wrong_fingerprint_is_refused_naming_both(cluster: dict) -> None:
     peer = Peer(cluster["decode"], role="prefill", fingerprint="0123456789abcdef")
     reply = peer.hello()

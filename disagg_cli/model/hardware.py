@@ -1,0 +1,99 @@
+"""What this machine computes well, and the `--dtype auto` / `--quantization auto` choices that follow.
+
+The decisions are pure functions of what was probed (torch's CPU capability string, the CPU's
+flags, the device, whether the quantized kernel built), so each case is a unit test; `probe_cpu`
+is the one impure part. Measured on the machines this runs on (see DESIGN.md):
+- bf16 is 2–3× faster than f32 where the CPU has AVX512-BF16 or AMX, and hundreds of times slower
+  in matmuls where it has not (torch emulates it), so bf16 only where it is native, or on CUDA;
+- decode reads every weight once per token, so it goes as fast as the weights are small: int4
+  blocks (the default GGUF's own Q4_1) with the C kernel; prefill is compute-bound and float GEMM
+  beats the integer kernel at prompt sizes, so a prefill worker keeps float weights and a
+  colocated one keeps both, using float for steps of many rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# torch.backends.cpu.get_cpu_capability() names, and /proc/cpuinfo flags, that mean native bf16.
+_BF16_CAPABILITY_WORDS = ("BF16", "AMX")
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# A step with at least this many rows runs on the float weights when they are kept (colocated):
+# float32 GEMM overtook the int8/int4 kernel between 32 and 128 rows on the AVX2 machine.
+DENSE_MIN_ROWS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class CPUInfo:
+    capability: str  # torch's, e.g. "AVX2", "AVX512", "AVX512_BF16", "AMX_BF16"
+    flags: frozenset[str]
+
+    @property
+    def has_native_bf16(self) -> bool:
+        return any(w in self.capability.upper() for w in _BF16_CAPABILITY_WORDS) or any(
+            f in self.flags for f in _BF16_FLAGS)
+
+
+@dataclass(frozen=True, slots=True)
+class DtypeChoice:
+    dtype: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class QuantChoice:
+    quantization: str  # "none", "int8" or "int4"
+    keep_dense: bool  # also hold float weights, for steps of DENSE_MIN_ROWS rows or more
+    reason: str
+
+
+def probe_cpu() -> CPUInfo:
+    import torch
+
+    from disagg_cli.model.quant.kernels import cpu_flags
+
+    return CPUInfo(torch.backends.cpu.get_cpu_capability(), frozenset(cpu_flags().split()))
+
+
+def choose_dtype(requested: str, device: str, cpu: CPUInfo) -> DtypeChoice:
+    """The weights' and KV's dtype for `--dtype requested` on this device and CPU."""
+    native = cpu.has_native_bf16
+    if requested != "auto":
+        if requested == "bfloat16" and device == "cpu" and not native:
+            return DtypeChoice(requested, f"--dtype bfloat16 as asked, but this CPU ({cpu.capability}) has no "
+                                          "native bf16: its matmuls are emulated, far slower than float32")
+        return DtypeChoice(requested, f"--dtype {requested} as asked")
+    if device.startswith("cuda"):
+        return DtypeChoice("bfloat16", "auto: CUDA computes bfloat16 natively")
+    if device != "cpu":
+        return DtypeChoice("float32", f"auto: float32 on {device}")
+    if native:
+        return DtypeChoice("bfloat16", f"auto: this CPU computes bfloat16 natively ({cpu.capability}"
+                                       f"{', avx512_bf16' if 'avx512_bf16' in cpu.flags else ''})")
+    return DtypeChoice("float32", f"auto: this CPU ({cpu.capability}) has no native bfloat16 "
+                                  "(no AVX512-BF16 or AMX), where float32 is the fast dtype")
+
+
+def choose_quantization(requested: str, role: str, device: str, kernel_reason: str | None) -> QuantChoice:
+    """Weight quantization for `--quantization requested` in this role; kernel_reason None: no kernel."""
+    if requested != "auto":
+        if requested != "none" and device != "cpu":
+            from disagg_cli.errors import UsageError
+
+            raise UsageError(f"--quantization {requested} runs on the CPU only; use --device cpu or "
+                             "--quantization none")
+        note = "" if requested == "none" or kernel_reason else " (no C kernel: the slower torch fallback)"
+        return QuantChoice(requested, False, f"--quantization {requested} as asked{note}")
+    if device != "cpu":
+        return QuantChoice("none", False, f"auto: float weights on {device} (the quantized kernel is CPU-only)")
+    if kernel_reason is None:
+        return QuantChoice("none", False, "auto: float weights (no C kernel built, and the torch fallback "
+                                          "is slower than float matmuls)")
+    if role == "prefill":
+        return QuantChoice("none", False, "auto: float weights for prefill (compute-bound: float GEMM beats "
+                                          "the integer kernel at prompt sizes)")
+    if role == "decode":
+        return QuantChoice("int4", False, "auto: int4 weights for decode (bandwidth-bound: the fewest bytes "
+                                          "per token)")
+    return QuantChoice("int4", True, f"auto: int4 weights for decode steps, float weights kept for steps of "
+                                     f"{DENSE_MIN_ROWS}+ rows (prefill)")

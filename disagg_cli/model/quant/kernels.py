@@ -1,0 +1,164 @@
+"""The quantized matmul: `kernel.c` built at first use and called through ctypes, or a torch fallback.
+
+1. `load_kernel(cache_dir)` compiles `kernel.c` with the system C compiler (`-O3 -march=native
+   -pthread`) into `<cache>/kernels/<hash>/libdisaggq.so`, the hash covering the source, the
+   compiler's version and the CPU's flags, so a new CPU or compiler gets its own build and a
+   fresh clone needs nothing beyond `pip install -e .`;
+2. the build goes to a temporary name and is renamed into place, so workers starting together
+   never load a half-written file;
+3. when there is no compiler, the build fails, or the library will not load, `load_kernel`
+   returns a `Kernel` whose `lib` is None and whose `reason` says why: `matmul` then dequantizes
+   and calls `F.linear`, which gives the same numbers within float rounding (slower, never wrong).
+
+The library runs its own small thread pool rather than OpenMP's fork/join, whose end-of-region
+barrier waits for every thread: on cores shared with other work that made 2 threads slower than 1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from disagg_cli.model.quant.blocks import QuantizedWeight
+
+SOURCE = Path(__file__).with_name("kernel.c")
+LIB_NAME = "libdisaggq.so"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    lib: ctypes.CDLL | None
+    reason: str  # what was built or why nothing was
+    has_vnni: bool = False  # built with AVX-VNNI / AVX512-VNNI integer dot products
+
+    @property
+    def available(self) -> bool:
+        return self.lib is not None
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (Linux /proc/cpuinfo), or the machine name where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _build_key(cc: str, source: bytes) -> str:
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    h = hashlib.sha256(source)
+    for part in (version, cpu_flags(), platform.machine()):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def build_kernel(cache_dir: Path) -> Path:
+    """Compile (or find the cached build of) the kernel library; raise RuntimeError with the reason."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (gcc or cc) on PATH")
+    source = SOURCE.read_bytes()
+    out_dir = cache_dir / "kernels" / _build_key(cc, source)
+    lib = out_dir / LIB_NAME
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    cmd = [cc, "-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", str(SOURCE), "-o", tmp, "-lm"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        os.unlink(tmp)
+        raise RuntimeError(f"{cc} failed to run: {e}") from e
+    if done.returncode != 0:
+        os.unlink(tmp)
+        first = (done.stderr.strip().splitlines() or ["no output"])[0]
+        raise RuntimeError(f"{' '.join(cmd[:5])} … exited {done.returncode}: {first}")
+    os.replace(tmp, lib)
+    return lib
+
+
+def load_kernel(cache_dir: Path) -> Kernel:
+    """The compiled kernel, or a `Kernel` without one that says why (the torch fallback runs then)."""
+    try:
+        path = build_kernel(cache_dir)
+        lib = ctypes.CDLL(str(path))
+    except (RuntimeError, OSError) as e:
+        return Kernel(None, f"C kernel unavailable ({e}); using the torch dequantize fallback")
+    lib.dq_matmul.restype = ctypes.c_int
+    lib.dq_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                              ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    lib.dq_decode_attention.restype = ctypes.c_int
+    lib.dq_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 5 + [
+        ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    vnni = bool(lib.dq_has_vnni())
+    simd = "AVX2" if lib.dq_has_avx2() else "scalar"
+    how = "VNNI int8 dot products for int4" if vnni else "float activations"
+    return Kernel(lib, f"C kernel built for this CPU ({simd}, {how}, -march=native)", vnni)
+
+
+def matmul(kernel: Kernel | None, x: torch.Tensor, w: QuantizedWeight, act_int8: bool = False) -> torch.Tensor:
+    """x (M, K) float → x · wᵀ (M, N) float32, with the C kernel when there is one.
+
+    act_int8: round x to int8 blocks first and use integer dot products (llama.cpp's way; faster
+    where the CPU has VNNI, less exact); otherwise x stays float32."""
+    if kernel is None or kernel.lib is None or x.device.type != "cpu":
+        return reference_matmul(x, w)
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        x = x.float().contiguous()
+    m, n = x.shape[0], w.out_features
+    y = torch.empty(m, n, dtype=torch.float32)
+    kind = 8 if w.kind == "int8" else 4
+    rc = kernel.lib.dq_matmul(kind, x.data_ptr(), x.stride(0), m, w.in_features, w.qs.data_ptr(), w.d.data_ptr(),
+                              w.m.data_ptr(), n, y.data_ptr(), n,
+                              torch.get_num_threads(), int(act_int8))
+    if rc != 0:
+        raise MemoryError(f"quantized matmul could not allocate its scratch for {m} × {w.in_features}")
+    return y
+
+
+def decode_attention(kernel: Kernel, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """One new token per sequence over its pooled KV, read in place through its block table.
+
+    q (B, H, hd) float32; keys/values (slots, KV, hd) float32 of one layer; block_table (B, max
+    blocks) int32; seq_lens (B,) int32 keys per sequence, the new one included → (B, H, hd).
+    """
+    assert kernel.lib is not None and q.dtype == keys.dtype == torch.float32
+    assert block_table.dtype == seq_lens.dtype == torch.int32 and keys.is_contiguous() and values.is_contiguous()
+    q = q.contiguous()
+    b, h, hd = q.shape
+    out = torch.empty_like(q)
+    rc = kernel.lib.dq_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), block_table.data_ptr(),
+                                        block_table.shape[1], seq_lens.data_ptr(), b, h, keys.shape[1], hd,
+                                        block_size, hd ** -0.5, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"decode attention could not allocate scores for {int(seq_lens.max())} keys")
+    return out
+
+
+def reference_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """The fallback and the tests' reference: dequantize, then one float32 matmul."""
+    return F.linear(x.float(), w.dequantize().to(x.device))

@@ -1,0 +1,68 @@
+"""`--dtype auto` and `--quantization auto`: one exact case per CPU capability, device and role."""
+
+from __future__ import annotations
+
+import pytest
+
+from disagg_cli.config import RuntimeConfig
+from disagg_cli.errors import UsageError
+from disagg_cli.model.hardware import CPUInfo, choose_dtype, choose_quantization
+from disagg_cli.model.loader import resolve_runtime
+
+NO_FLAGS: frozenset[str] = frozenset()
+
+
+@pytest.mark.parametrize("capability,flags,expected", [
+    ("DEFAULT", NO_FLAGS, "float32"),
+    ("NO AVX", NO_FLAGS, "float32"),
+    ("AVX2", frozenset({"avx2", "fma"}), "float32"),
+    ("AVX512", frozenset({"avx512f", "avx512bw"}), "float32"),  # AVX-512 without its BF16 extension
+    ("AVX512", frozenset({"avx512f", "avx512_bf16"}), "bfloat16"),  # torch says AVX512, the flags say bf16
+    ("AVX512_BF16", NO_FLAGS, "bfloat16"),
+    ("AMX_BF16", NO_FLAGS, "bfloat16"),
+    ("AMX", NO_FLAGS, "bfloat16"),
+    ("AVX2", frozenset({"amx_bf16"}), "bfloat16"),
+    ("SVE256", NO_FLAGS, "float32"),
+])
+def test_dtype_auto_per_cpu_capability(capability: str, flags: frozenset[str], expected: str) -> None:
+    choice = choose_dtype("auto", "cpu", CPUInfo(capability, flags))
+    assert choice.dtype == expected
+    assert choice.reason.startswith("auto: ") and capability in choice.reason
+
+
+def test_dtype_auto_on_gpus_and_as_asked() -> None:
+    avx2 = CPUInfo("AVX2", NO_FLAGS)
+    assert choose_dtype("auto", "cuda", avx2).dtype == "bfloat16"
+    assert choose_dtype("auto", "cuda:1", avx2).dtype == "bfloat16"
+    assert choose_dtype("auto", "mps", avx2).dtype == "float32"
+    asked = choose_dtype("bfloat16", "cpu", avx2)
+    assert asked.dtype == "bfloat16" and "no native bf16" in asked.reason  # obeyed, with a warning
+    assert choose_dtype("float16", "cpu", avx2).reason == "--dtype float16 as asked"
+
+
+@pytest.mark.parametrize("role,expected,keep_dense", [
+    ("prefill", "none", False), ("decode", "int4", False), ("colocated", "int4", True)])
+def test_quantization_auto_per_role(role: str, expected: str, keep_dense: bool) -> None:
+    choice = choose_quantization("auto", role, "cpu", "C kernel built")
+    assert (choice.quantization, choice.keep_dense) == (expected, keep_dense)
+
+
+def test_quantization_auto_without_kernel_or_cpu_and_as_asked() -> None:
+    assert choose_quantization("auto", "decode", "cpu", None).quantization == "none"
+    assert choose_quantization("auto", "decode", "cuda", "built").quantization == "none"
+    asked = choose_quantization("int8", "prefill", "cpu", None)
+    assert (asked.quantization, asked.keep_dense) == ("int8", False) and "fallback" in asked.reason
+    with pytest.raises(UsageError, match="CPU only"):
+        choose_quantization("int4", "decode", "cuda", "built")
+
+
+def test_runtime_config_validates_and_resolves() -> None:
+    assert RuntimeConfig().dtype == "auto" and RuntimeConfig().quantization == "none"
+    with pytest.raises(UsageError, match="--quantization must be one of none, int8, int4, auto"):
+        RuntimeConfig(quantization="int3")
+    with pytest.raises(UsageError, match="--dtype must be one of auto, float32"):
+        RuntimeConfig(dtype="fp8")
+    resolved, dtype_reason, quant_reason, keep = resolve_runtime(
+        RuntimeConfig(quantization="auto"), "decode", CPUInfo("AVX2", NO_FLAGS), "built")
+    assert (resolved.dtype, resolved.quantization, keep) == ("float32", "int4", False)
+    assert "AVX2" in dtype_reason and "decode" in quant_reason
