@@ -130,6 +130,7 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     chunked_prefill: bool = False
+    enable_prefix_caching: bool = True  # full blocks kept after their request, shared by equal prefixes
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

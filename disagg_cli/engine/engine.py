@@ -4,7 +4,8 @@ Life of a request in the engine:
 1. `add_request` (a prompt) or `add_imported` (a prompt whose KV and first token came from a
    prefill engine) puts a `Sequence` in the scheduler's waiting queue;
 2. each `step()` schedules a batch, runs it, samples one token for every sequence whose known
-   tokens are now all cached, and reports `TokenEvent`s;
+   tokens are now all cached, publishes the full blocks it computed to the prefix cache (with
+   `enable_prefix_caching`), and reports `TokenEvent`s;
 3. a sequence finishes on EOS, `max_tokens`, `abort()` (a stop string seen by the caller, a client
    gone), or, in a `prefill_only` engine, right after its first token, where the caller may
    `export_kv` before `release`; its blocks return to the pool.
@@ -48,7 +49,7 @@ class LLMEngine:
         self.config = config
         self.prefill_only = prefill_only
         num_blocks = config.num_blocks(lm.config.kv_bytes_per_token(lm.runtime.dtype))
-        self.pool = BlockPool(num_blocks, config.block_size)
+        self.pool = BlockPool(num_blocks, config.block_size, enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.chunked_prefill)
         self.runner = ModelRunner(lm, self.pool)
@@ -70,12 +71,18 @@ class LLMEngine:
         self.seqs[request_id] = seq
         self.samplers[request_id] = Sampler(params)
 
-    def reserve_imported(self, request_id: str, num_prompt_tokens: int) -> bool:
-        """Set aside blocks for a prompt's KV that another engine will send; False if none free."""
-        if not self.pool.can_allocate(num_prompt_tokens + 1):
-            return False
-        self.pool.reserve(request_id, num_prompt_tokens)
-        return True
+    def reserve_imported(self, request_id: str, prompt_ids: list[int]) -> int | None:
+        """Set aside blocks for a prompt's KV that another engine will send, sharing the longest
+        cached prefix of it (never the whole prompt: at least one token's KV must come); returns
+        how many leading prompt tokens are already cached here, or None if there is no room yet."""
+        bs = self.pool.block_size
+        prefix = self.pool.match_prefix(prompt_ids, (len(prompt_ids) - 1) // bs)
+        if not self.pool.can_allocate(len(prompt_ids) + 1, prefix):
+            return None
+        self.pool.reserve(request_id, len(prompt_ids), prefix)
+        if self.pool.enable_caching:
+            self.pool.count_query(len(prompt_ids), len(prefix) * bs)
+        return len(prefix) * bs
 
     def add_imported(self, request_id: str, prompt_ids: list[int], first_token: int, params: SamplingParams,
                      kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -100,8 +107,37 @@ class LLMEngine:
         self.scheduler.waiting.append(seq)
         return None
 
-    def import_kv_layer(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.runner.import_kv_layer(request_id, layer, k, v)
+    def import_kv_layer(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """One layer of a reserved request's KV for prompt tokens start.. (the ones before it were
+        cached here)."""
+        self.runner.import_kv_layer(request_id, layer, k, v, start)
+
+    def prefill_reserved(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                         eos_ids: frozenset[int] = frozenset()) -> None:
+        """Compute here, in its reserved blocks, the prompt of a request reserved for imported KV
+        (selective disaggregation: a short prompt is not worth a transfer); the cached leading
+        tokens of the reservation are not computed again."""
+        if request_id in self.seqs:
+            raise ValueError(f"request {request_id} is already in the engine")
+        table = self.pool.tables[request_id]
+        cached = table.num_shared * self.pool.block_size
+        self.pool.rewind(request_id, cached)
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params,
+                       frozenset() if params.ignore_eos else eos_ids, num_computed_tokens=cached,
+                       num_cached_tokens=cached)
+        self.scheduler.add(seq)
+        self.seqs[request_id] = seq
+        self.samplers[request_id] = Sampler(params)
+
+    def read_kv(self, request_id: str, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer` of tokens start..end-1 of a request's KV in the pool (e.g. its cached prefix)."""
+        return self.runner.read_kv(request_id, layer, start, end)
+
+    def cache_stats(self) -> dict[str, float]:
+        """The prefix cache's figures for heartbeats and /metrics (zeros with caching off)."""
+        c = self.pool.counters
+        return {"cached_blocks": self.pool.num_cached, "prefix_queried_tokens": c.queried_tokens,
+                "prefix_hit_tokens": c.hit_tokens, "prefix_evicted_blocks": c.evicted_blocks}
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is and free its blocks (reserved ones too); idempotent."""
@@ -129,11 +165,12 @@ class LLMEngine:
         for item in out.scheduled:
             seq = item.seq
             samples = item.samples  # read before num_computed_tokens moves
-            if seq.num_computed_tokens == 0 or item.num_new_tokens > 1:
+            if item.num_new_tokens > 1 or seq.num_output_tokens == 0:
                 stats.num_prefill_tokens += item.num_new_tokens
             else:
                 stats.num_decode_seqs += 1
             seq.num_computed_tokens += item.num_new_tokens
+            self.pool.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
             if not samples:
                 continue  # a prefill chunk with more of its prompt to come
             sampler = self.samplers[seq.request_id]

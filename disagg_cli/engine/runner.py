@@ -30,9 +30,10 @@ from disagg_cli.model.kv_cache import causal_attention
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.quant.kernels import decode_attention
 
-# Called once per layer with the step's fresh K/V of each prompt that starts in this step:
-# (layer, [(request_id, k (T, KV, hd), v (T, KV, hd)), …]). The prefill role streams them out.
-LayerHook = Callable[[int, list[tuple[str, torch.Tensor, torch.Tensor]]], None]
+# Called once per layer with the step's fresh K/V of each prompt (or prompt chunk) in this step:
+# (layer, [(request_id, position of its first new token, k (T, KV, hd), v (T, KV, hd)), …]).
+# The prefill role streams them out.
+LayerHook = Callable[[int, list[tuple[str, int, torch.Tensor, torch.Tensor]]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +52,6 @@ class KVStorage:
         shape = (c.num_layers, num_slots, c.num_kv_heads, c.head_dim)
         self.keys = torch.zeros(shape, dtype=lm.dtype, device=lm.device)  # (layers, slots, KV, hd)
         self.values = torch.zeros(shape, dtype=lm.dtype, device=lm.device)
-
-    @property
-    def num_bytes(self) -> int:
-        return 2 * self.keys.numel() * self.keys.element_size()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +90,8 @@ class PagedAttention:
         keys.index_copy_(0, self.slot_mapping, k)
         values.index_copy_(0, self.slot_mapping, v)
         if self.on_layer is not None:  # views into this step's fresh K/V, no copy
-            self.on_layer(layer, [(s.request_id, k[s.start : s.end], v[s.start : s.end])
-                                  for s in self.seqs if s.offset == 0])
+            self.on_layer(layer, [(s.request_id, s.offset, k[s.start : s.end], v[s.start : s.end])
+                                  for s in self.seqs])
         if self.decode is None and self.paged is None and len(self.seqs) == 1 and self.seqs[0].offset == 0:
             return causal_attention(q, k, v, 0)  # one fresh prompt: the whole batch is its own
         p = self.paged
@@ -203,9 +200,15 @@ class ModelRunner:
         return [(self.storage.keys[layer].index_select(0, slots), self.storage.values[layer].index_select(0, slots))
                 for layer in range(self.lm.config.num_layers)]
 
-    def import_kv_layer(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Place one layer of a request's KV (token-major, any dtype/device) into its reserved slots."""
-        slots = torch.tensor(self.pool.slots(request_id, 0, k.shape[0]), device=self.lm.device)
+    def read_kv(self, request_id: str, layer: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer of tokens start..end-1 of a request's cached KV: (T, KV, hd) copies."""
+        slots = torch.tensor(self.pool.slots(request_id, start, end), device=self.lm.device)
+        return self.storage.keys[layer].index_select(0, slots), self.storage.values[layer].index_select(0, slots)
+
+    def import_kv_layer(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor, start: int = 0) -> None:
+        """Place one layer of a request's KV for tokens start.. (token-major, any dtype/device)
+        into its reserved slots."""
+        slots = torch.tensor(self.pool.slots(request_id, start, start + k.shape[0]), device=self.lm.device)
         dtype = self.storage.keys.dtype
         self.storage.keys[layer].index_copy_(0, slots, k.to(device=self.lm.device, dtype=dtype))
         self.storage.values[layer].index_copy_(0, slots, v.to(device=self.lm.device, dtype=dtype))

@@ -11,6 +11,9 @@ Policy (one unified step, as vLLM's V1 scheduler does):
    prompt are free, so a prompt rarely stalls half-way for memory. Without chunked prefill a prompt
    goes in whole (alone if it exceeds the budget); with it, a prompt takes what budget is left.
 3. A request that can never fit (prompt + max_tokens beyond the pool) is refused at `add`.
+4. With prefix caching, a sequence admitted from the waiting queue first takes the longest cached
+   run of its leading full blocks (never its last token, whose logits it needs) and computes only
+   the rest; the budget and the free-block check count only what it computes and newly holds.
 `decode_only` engines (the decode role) admit sequences whose KV was imported, never prompts;
 `prefill_only` engines (the prefill role) finish a sequence after its first token.
 """
@@ -43,6 +46,7 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     kv_imported: bool = False  # its prompt's KV came from elsewhere (a prefill worker)
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its last admission
 
     @property
     def num_output_tokens(self) -> int:
@@ -116,24 +120,31 @@ class Scheduler:
         # 2. waiting sequences, in arrival order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            remaining = seq.num_tokens - seq.num_computed_tokens
+            imported = seq.request_id in self.pool.tables  # its KV arrived into reserved blocks
+            prefix: list[int] = []
+            if not imported:
+                prefix = self.pool.match_prefix(seq.token_ids, (seq.num_tokens - 1) // self.pool.block_size)
+            start = seq.num_computed_tokens if imported else len(prefix) * self.pool.block_size
+            remaining = seq.num_tokens - start
             if self.chunked_prefill:
                 n = min(remaining, budget)
             elif remaining <= budget or not out.scheduled:
                 n = remaining  # a prompt longer than the budget runs whole, alone
             else:
                 break
-            imported = seq.request_id in self.pool.tables  # its KV arrived into reserved blocks
             if imported:
                 if self.pool.num_new_blocks(seq.request_id, n) > self.pool.num_free:
                     break
-            elif not self.pool.can_allocate(seq.num_tokens):
+            elif not self.pool.can_allocate(seq.num_tokens, prefix):
                 break  # backpressure: wait for blocks for the whole prompt, never over-commit
             self.waiting.popleft()
             if imported:
                 self.pool.commit(seq.request_id)
             else:
-                self.pool.allocate(seq.request_id, 0)
+                self.pool.allocate(seq.request_id, start, prefix)
+                seq.num_computed_tokens = seq.num_cached_tokens = start
+                if self.pool.enable_caching:
+                    self.pool.count_query(seq.num_tokens, start)
             self.pool.append_slots(seq.request_id, n)
             seq.status = Status.RUNNING
             self.running.append(seq)

@@ -88,7 +88,7 @@ def test_abort_frees_blocks_in_every_state(tiny: LoadedModel) -> None:
         engine.add_request(rid, ids, params)
     engine.step()
     assert engine.is_running("r0") and not engine.is_running("r1")
-    assert engine.reserve_imported("incoming", 10)
+    assert engine.reserve_imported("incoming", list(range(10))) == 0
     assert engine.pool.num_reserved == 3
     for rid in ("r0", "r1", "incoming", "r0"):
         engine.abort(rid)
@@ -131,7 +131,7 @@ def test_export_import_continues_exactly(default_model: LoadedModel, default_tok
 
     # A decode engine with another block size continues where prefill stopped.
     decode = LLMEngine(default_model, EngineConfig(block_size=5, kv_cache_tokens=512))
-    assert decode.reserve_imported("x", len(ids))
+    assert decode.reserve_imported("x", ids) == 0
     for layer, (k, v) in enumerate(kv):
         decode.import_kv_layer("x", layer, k, v)
     assert decode.add_imported("x", ids, first.token_id, params) is None
