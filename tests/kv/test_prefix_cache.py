@@ -3,6 +3,7 @@ eviction order (tail before head), and accounting in which every block is free a
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -134,10 +135,8 @@ def test_can_allocate_counts_free_cached_prefix_blocks_as_taken() -> None:
     assert len(prefix) == 3
     assert pool.can_allocate(3, prefix)
     assert not pool.can_allocate(4, prefix), "the prefix blocks are the only free ones"
-    try:
+    with pytest.raises(OutOfBlocks):
         pool.allocate("b", 4, prefix)
-    except OutOfBlocks:
-        pass
     assert "b" not in pool.tables and pool.num_cached == 3
 
 
