@@ -20,6 +20,7 @@ from disagg_cli.cli_options import (
     BlockSizeOpt,
     ChunkedOpt,
     DeviceOpt,
+    DisaggThresholdOpt,
     DtypeOpt,
     FirstTokenTimeoutOpt,
     KVMemoryOpt,
@@ -27,13 +28,16 @@ from disagg_cli.cli_options import (
     MaxBatchedOpt,
     MaxSeqsOpt,
     ModelOpt,
+    PrefixCachingOpt,
     QuantizationOpt,
     RequestTimeoutOpt,
     ReserveTimeoutOpt,
+    RouterOpt,
     ThreadsOpt,
     TokenTimeoutOpt,
     cache_dir,
 )
+from disagg_cli.cli_options import disagg_threshold as parse_threshold
 from disagg_cli.cli_serve import serve
 from disagg_cli.cli_workers import colocated_worker, decode_worker, prefill_worker, run_worker
 from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig, SamplingParams
@@ -77,6 +81,8 @@ def generate(
     max_num_seqs: MaxSeqsOpt = 32,
     max_num_batched_tokens: MaxBatchedOpt = 2048,
     chunked_prefill: ChunkedOpt = False,
+    enable_prefix_caching: PrefixCachingOpt = True,
+    disagg_threshold: DisaggThresholdOpt = "0",
     prefill: Annotated[list[str] | None, typer.Option(help="Address (host:port) of a running prefill worker; "
                                                       "repeatable. Needs --decode.")] = None,
     decode: Annotated[list[str] | None, typer.Option(help="Address of a running decode worker; repeatable.")] = None,
@@ -84,7 +90,7 @@ def generate(
     colocated: Annotated[bool, typer.Option(help="One worker doing both phases (the baseline).")] = False,
     colocated_addr: Annotated[str | None, typer.Option(help="Address of a running colocated worker.")] = None,
     in_process: Annotated[bool, typer.Option(help="Run in this process's own engine, no workers.")] = False,
-    router: Annotated[str, typer.Option(help="round-robin or least-loaded.")] = "round-robin",
+    router: RouterOpt = "round-robin",
     kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers started here: none, lz4, "
                                                  "shuffle-lz4, int8, int4 or auto.")] = None,
     worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
@@ -108,14 +114,15 @@ def generate(
                                 seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos),
         engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                             kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),
+                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill,
+                            enable_prefix_caching=enable_prefix_caching),
         chat=chat,
         system=system,
         json_output=json_output,
         serve=ServeOptions(in_process=in_process, prefill=tuple(prefill or ()), decode=tuple(decode or ()),
                            colocated=colocated, colocated_addr=colocated_addr, config=config, router=router,
                            kv_codec=kv_codec, worker_timeout_s=worker_timeout, keys_dir=keys,
-                           connect_timeout_s=connect_timeout,
+                           connect_timeout_s=connect_timeout, disagg_threshold=parse_threshold(disagg_threshold),
                            deadlines=Deadlines(reserve_timeout, first_token_timeout, token_timeout, request_timeout)),
     )
     if system is not None and not chat:

@@ -26,6 +26,29 @@ KVMemoryOpt = Annotated[float, typer.Option(help="KV pool size in MiB when --kv-
 MaxSeqsOpt = Annotated[int, typer.Option(help="Most sequences decoding at once.")]
 MaxBatchedOpt = Annotated[int, typer.Option(help="Token budget of one engine step.")]
 ChunkedOpt = Annotated[bool, typer.Option(help="Split long prompts into chunks that share steps with decodes.")]
+PrefixCachingOpt = Annotated[bool, typer.Option("--enable-prefix-caching/--no-enable-prefix-caching",
+                                                help="Keep full KV blocks after their request and reuse them for "
+                                                     "prompts that start with the same tokens.")]
+DisaggThresholdOpt = Annotated[str, typer.Option(
+    "--disagg-threshold", help="Selective disaggregation: prompts whose part not cached on their decode worker is "
+                               "at most this many tokens are prefilled there, with no transfer; 0: never; auto: "
+                               "when that is sooner than a prefill worker and stalls decoding at most a few steps "
+                               "(from the workers' measured speeds).")]
+RouterOpt = Annotated[str, typer.Option(help="round-robin, least-loaded, or cache-aware (the longest cached prefix "
+                                             "weighed against queued work).")]
+
+
+def disagg_threshold(text: str) -> int | str:
+    """`--disagg-threshold`: a token count >= 0, or auto."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(f"--disagg-threshold takes a token count >= 0 or auto, got {text!r}")
+    return value
 
 
 def cache_dir() -> Path:

@@ -12,6 +12,7 @@ from disagg_cli.cli_options import (
     BlockSizeOpt,
     ChunkedOpt,
     DeviceOpt,
+    DisaggThresholdOpt,
     DtypeOpt,
     FirstTokenTimeoutOpt,
     KVMemoryOpt,
@@ -19,13 +20,16 @@ from disagg_cli.cli_options import (
     MaxBatchedOpt,
     MaxSeqsOpt,
     ModelOpt,
+    PrefixCachingOpt,
     QuantizationOpt,
     RequestTimeoutOpt,
     ReserveTimeoutOpt,
+    RouterOpt,
     ThreadsOpt,
     TokenTimeoutOpt,
     cache_dir,
 )
+from disagg_cli.cli_options import disagg_threshold as parse_threshold
 from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig
 
 
@@ -49,13 +53,15 @@ def serve(
     max_num_seqs: MaxSeqsOpt = 32,
     max_num_batched_tokens: MaxBatchedOpt = 2048,
     chunked_prefill: ChunkedOpt = False,
+    enable_prefix_caching: PrefixCachingOpt = True,
+    disagg_threshold: DisaggThresholdOpt = "0",
     prefill: Annotated[list[str] | None, typer.Option(help="Address (host:port) of a running prefill worker; "
                                                       "repeatable. Needs --decode.")] = None,
     decode: Annotated[list[str] | None, typer.Option(help="Address of a running decode worker; repeatable.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Start this TOML topology (see configs/).")] = None,
     colocated: Annotated[bool, typer.Option(help="One worker doing both phases (the baseline).")] = False,
     colocated_addr: Annotated[str | None, typer.Option(help="Address of a running colocated worker.")] = None,
-    router: Annotated[str, typer.Option(help="round-robin or least-loaded.")] = "round-robin",
+    router: RouterOpt = "round-robin",
     kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers started here: none, lz4, "
                                                  "shuffle-lz4, int8, int4 or auto.")] = None,
     worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
@@ -80,10 +86,12 @@ def serve(
         runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads, quantization=quantization),
         engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                             kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),
+                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill,
+                            enable_prefix_caching=enable_prefix_caching),
         serve=ServeOptions(prefill=tuple(prefill or ()), decode=tuple(decode or ()), colocated=colocated,
                            colocated_addr=colocated_addr, config=config, router=router, kv_codec=kv_codec,
                            worker_timeout_s=worker_timeout, keys_dir=keys, connect_timeout_s=connect_timeout,
+                           disagg_threshold=parse_threshold(disagg_threshold),
                            deadlines=Deadlines(reserve_timeout, first_token_timeout, token_timeout, request_timeout)),
         max_queued_requests=max_queued_requests)
     run_server(service, server)

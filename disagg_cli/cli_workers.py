@@ -20,6 +20,7 @@ from disagg_cli.cli_options import (
     MaxBatchedOpt,
     MaxSeqsOpt,
     ModelOpt,
+    PrefixCachingOpt,
     QuantizationOpt,
     ThreadsOpt,
     cache_dir,
@@ -38,13 +39,15 @@ def _serve(role: str, host: str, port: int, model: str, device: str, dtype: str,
            threads: int | None, block_size: int, kv_cache_tokens: int | None, kv_cache_memory_mb: float,
            max_num_seqs: int,
            max_num_batched_tokens: int, chunked_prefill: bool, kv_codec: str, link_gbps: float | None,
-           advertise_host: str | None, keys: Path | None, grace_s: float, client_timeout: float) -> None:
+           advertise_host: str | None, keys: Path | None, grace_s: float, client_timeout: float,
+           enable_prefix_caching: bool) -> None:
     config = WorkerConfig(
         role=role, model=model, host=host, port=port,
         runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads, quantization=quantization),
         engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
                             kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill),
+                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill,
+                            enable_prefix_caching=enable_prefix_caching),
         kv_codec=kv_codec, link_gbps=link_gbps, advertise_host=advertise_host, keys_dir=keys, grace_s=grace_s,
         client_timeout_s=client_timeout)
     run_worker_config(config)
@@ -80,12 +83,13 @@ def prefill_worker(
     advertise_host: AdvertiseOpt = None,
     keys: KeysOpt = None,
     grace_s: GraceOpt = 10.0,
+    enable_prefix_caching: PrefixCachingOpt = True,
     client_timeout: ClientTimeoutOpt = 30.0,
 ) -> None:
     """Serve prefill: prompts in, KV streamed layer by layer to decode workers."""
     _serve("prefill", host, port, model, device, dtype, quantization, threads, block_size, kv_cache_tokens,
            kv_cache_memory_mb, max_num_seqs, max_num_batched_tokens, False, kv_codec, link_gbps, advertise_host,
-           keys, grace_s, client_timeout)
+           keys, grace_s, client_timeout, enable_prefix_caching)
 
 
 def decode_worker(
@@ -104,12 +108,13 @@ def decode_worker(
     advertise_host: AdvertiseOpt = None,
     keys: KeysOpt = None,
     grace_s: GraceOpt = 10.0,
+    enable_prefix_caching: PrefixCachingOpt = True,
     client_timeout: ClientTimeoutOpt = 30.0,
 ) -> None:
     """Serve decode: KV caches in, tokens streamed to coordinators."""
     _serve("decode", host, port, model, device, dtype, quantization, threads, block_size, kv_cache_tokens,
            kv_cache_memory_mb, max_num_seqs, max_num_batched_tokens, False, "none", None, advertise_host, keys,
-           grace_s, client_timeout)
+           grace_s, client_timeout, enable_prefix_caching)
 
 
 def colocated_worker(
@@ -129,9 +134,10 @@ def colocated_worker(
     advertise_host: AdvertiseOpt = None,
     keys: KeysOpt = None,
     grace_s: GraceOpt = 10.0,
+    enable_prefix_caching: PrefixCachingOpt = True,
     client_timeout: ClientTimeoutOpt = 30.0,
 ) -> None:
     """Serve both phases in one process: the baseline disaggregation is compared against."""
     _serve("colocated", host, port, model, device, dtype, quantization, threads, block_size, kv_cache_tokens,
            kv_cache_memory_mb, max_num_seqs, max_num_batched_tokens, chunked_prefill, "none", None,
-           advertise_host, keys, grace_s, client_timeout)
+           advertise_host, keys, grace_s, client_timeout, enable_prefix_caching)

@@ -32,6 +32,7 @@ from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:  # torch stays out of the coordinator's process unless --in-process
     from disagg_cli.coordinator.cluster import LocalCluster
+    from disagg_cli.coordinator.connections import CoordinatorConfig
     from disagg_cli.model.loader import LoadedModel
 
 
@@ -51,8 +52,12 @@ class ServeOptions:
     keys_dir: Path | None = None  # CurveZMQ keys for workers started elsewhere with --keys
     connect_timeout_s: float = 120.0  # for every worker's hello answer (covers loading weights)
     deadlines: Deadlines = field(default_factory=Deadlines)
+    disagg_threshold: int | str = 0  # selective disaggregation (see CoordinatorConfig)
 
     def __post_init__(self) -> None:
+        if self.disagg_threshold != "auto" and not (isinstance(self.disagg_threshold, int)
+                                                    and self.disagg_threshold >= 0):
+            raise UsageError(f"--disagg-threshold takes a token count >= 0 or auto, got {self.disagg_threshold!r}")
         if bool(self.prefill) != bool(self.decode):
             raise UsageError("--prefill and --decode go together: give at least one address of each")
         if self.colocated_addr is not None and (self.prefill or self.config is not None):
@@ -73,6 +78,13 @@ class ServeOptions:
         if self.keys_dir is not None and not (self.prefill or self.colocated_addr):
             raise UsageError("--keys is for workers started elsewhere: use it with --prefill/--decode or "
                              "--colocated-addr")
+
+    def coordinator_config(self) -> CoordinatorConfig:
+        from disagg_cli.coordinator.connections import CoordinatorConfig
+
+        return CoordinatorConfig(policy=self.router, worker_timeout_s=self.worker_timeout_s, keys_dir=self.keys_dir,
+                                 handshake_timeout_s=self.connect_timeout_s, deadlines=self.deadlines,
+                                 disagg_threshold=self.disagg_threshold)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,18 +239,17 @@ def build_topology(model: str, serve: ServeOptions, runtime: RuntimeConfig, engi
                       quantization=runtime.quantization,
                       kv_codec=serve.kv_codec, block_size=engine.block_size, kv_cache_tokens=engine.kv_cache_tokens,
                       kv_cache_memory_mb=engine.kv_cache_memory_mb, max_num_seqs=engine.max_num_seqs,
-                      max_num_batched_tokens=engine.max_num_batched_tokens, chunked_prefill=engine.chunked_prefill)
+                      max_num_batched_tokens=engine.max_num_batched_tokens, chunked_prefill=engine.chunked_prefill,
+                      enable_prefix_caching=engine.enable_prefix_caching)
     return local_topology(model, base, colocated=serve.colocated)
 
 
 async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], cluster: LocalCluster | None,
                  tokenizer: Tokenizer, opts: GenerateOptions) -> None:
-    from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
+    from disagg_cli.coordinator.client import Coordinator
     from disagg_cli.coordinator.connections import JOIN_GRACE_S
 
-    config = CoordinatorConfig(policy=opts.serve.router, worker_timeout_s=opts.serve.worker_timeout_s,
-                               keys_dir=opts.serve.keys_dir, handshake_timeout_s=opts.serve.connect_timeout_s,
-                               deadlines=opts.serve.deadlines)
+    config = opts.serve.coordinator_config()
     probe = cluster.is_gone if cluster is not None else None
     async with Coordinator(workers, tokenizer.eos_token_ids, config, probe) as coordinator:
         if cluster is not None:

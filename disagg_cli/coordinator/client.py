@@ -2,8 +2,12 @@
 
 Life of one disaggregated request in `run_request` (`out.state` in quotes):
 1. "queued": the router picks a decode and a prefill worker;
-2. "reserving": `Reserve` to the decode worker, wait for `Reserved` (it may queue for memory);
-3. "prefilling": `Prefill` (with the decode worker's address) to the prefill worker;
+2. "reserving": `Reserve` to the decode worker, wait for `Reserved` (it may queue for memory;
+   it says how many leading prompt tokens the decode worker's prefix cache holds);
+3. "prefilling": `Prefill` (with the decode worker's address and cached token count) to the
+   prefill worker; or, when the part of the prompt the decode worker lacks is short enough
+   (`disagg_threshold`: selective disaggregation), `PrefillHere` to the decode worker, which
+   computes it itself and sends the first token (no prefill worker, no transfer);
 4. "transferring": `FirstToken` came from the prefill worker (TTFT); the KV is on its way;
 5. "decoding": `Tokens` stream from the decode worker (any that overtook the first token wait for
    it); each is appended to `out`, which detokenizes and spots stop strings;
@@ -36,7 +40,7 @@ from disagg_cli.coordinator.connections import (
     WorkerConnections,
     WorkerGone,
 )
-from disagg_cli.coordinator.router import NoWorkerError
+from disagg_cli.coordinator.router import NoWorkerError, WorkerRecord, local_prefill_pays
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.kv.wire import (
     Abort,
@@ -45,6 +49,7 @@ from disagg_cli.kv.wire import (
     Generate,
     Message,
     Prefill,
+    PrefillHere,
     Reserve,
     Reserved,
     Tokens,
@@ -116,6 +121,7 @@ class Coordinator(WorkerConnections):
     async def _disaggregated(self, run: _Run) -> None:
         out = run.out
         decode = await self._take(run, "decode")
+        run.decode = decode.record
         self._check_fits(out, decode)
         out.state = "reserving"
         t0 = time.perf_counter()
@@ -126,11 +132,25 @@ class Coordinator(WorkerConnections):
         out.timings.stages_ms["reserve_ms"] = (time.perf_counter() - t0) * 1e3
         out.timings.stages_ms["reserve_queued_ms"] = reserved.queued_ms
         out.kv["reserved_blocks"] = reserved.num_blocks
+        out.kv["decode_cached_tokens"] = float(reserved.cached_tokens)
+        if self._prefill_here(run, decode, reserved.cached_tokens):
+            out.workers = {"decode": decode.record.address}
+            out.kv["local_prefill"] = 1.0
+            out.state = "prefilling"
+            await self._send(decode, PrefillHere(run.wire_id))
+            await self._receive(run, self.config.deadlines.first_token_s)
+            return
         prefill = await self._take(run, "prefill")
+        view = prefill.record.prefix
+        hashes = view.hashes(run.prompt_ids[:-1])
+        run.queued = (prefill.record, len(run.prompt_ids) - view.match_tokens(hashes))
+        prefill.record.queued_tokens += run.queued[1]
+        view.insert(hashes)
         out.workers = {"prefill": prefill.record.address, "decode": decode.record.address}
         out.state = "prefilling"
         instance = decode.ack.instance_id if decode.ack else ""
-        await self._send(prefill, Prefill(run.wire_id, run.prompt_ids, run.params, decode.record.address, instance))
+        await self._send(prefill, Prefill(run.wire_id, run.prompt_ids, run.params, decode.record.address, instance,
+                                          reserved.cached_tokens))
         early: list[Tokens] = []  # decode tokens that overtook the first token on another socket
         while not out.is_finished:
             if run.got_first:
@@ -159,11 +179,17 @@ class Coordinator(WorkerConnections):
         out.state = "prefilling"
         eos_ids = () if out.params.ignore_eos else self.eos_ids
         await self._send(worker, Generate(run.wire_id, run.prompt_ids, run.params, eos_ids))
+        await self._receive(run, self.config.deadlines.first_token_s + self.config.deadlines.reserve_s)
+        worker.record.prefix.insert(worker.record.prefix.hashes(run.prompt_ids))
+
+    async def _receive(self, run: _Run, first_token_s: float) -> None:
+        """The first token, then tokens, from the one worker that computes the whole request."""
+        out = run.out
         while not out.is_finished:
             if run.got_first:
                 timeout, what = self.config.deadlines.token_s, "tokens"
             else:
-                timeout, what = self.config.deadlines.first_token_s + self.config.deadlines.reserve_s, "the first token"
+                timeout, what = first_token_s, "the first token"
             src, msg = await self._expect(run, (FirstToken, Tokens), what, timeout)
             if isinstance(msg, FirstToken):
                 self._first_token(run, msg)
@@ -172,11 +198,19 @@ class Coordinator(WorkerConnections):
                 assert isinstance(msg, Tokens)
                 self._tokens(run, src, msg)
 
+    def _prefill_here(self, run: _Run, decode: Connection, cached_tokens: int) -> bool:
+        """Selective disaggregation: whether the decode worker computes this prompt itself."""
+        uncached = len(run.prompt_ids) - cached_tokens
+        threshold = self.config.disagg_threshold
+        if threshold != "auto":
+            return uncached <= int(threshold)
+        return local_prefill_pays(uncached, decode.record, [r for r in self.router.by_role("prefill") if r.is_alive])
+
     async def _take(self, run: _Run, role: str) -> Connection:
         """A live worker of `role` (waiting for one to join or come back, up to the request's
         deadline), preferring workers that have not stalled this request."""
         await self.wait_for_worker(role, run.deadline)
-        record = self.router.pick(role, avoid=run.avoid)
+        record = self.router.pick(role, avoid=run.avoid, prompt_ids=run.prompt_ids)
         conn = self._conns[record.address]
         run.active.append(conn)
         conn.request_ids.add(run.wire_id)
@@ -224,6 +258,7 @@ class Coordinator(WorkerConnections):
 
     def _first_token(self, run: _Run, msg: FirstToken) -> None:
         run.got_first = True
+        run.unqueue()
         _copy_stats(run.out, msg.stats)
         run.emit(run.out.append(msg.token_id, msg.logprobs))
 
@@ -245,6 +280,11 @@ class Coordinator(WorkerConnections):
     async def _end(self, run: _Run) -> None:
         rid = run.wire_id
         self._queues.pop(rid, None)
+        run.unqueue()
+        if run.decode is not None and run.out.finish_reason in ("stop", "length"):
+            # The decode worker computed the prompt and all but the last token: its cache holds them.
+            computed = (*run.out.prompt_token_ids, *run.out.token_ids)[:-1]
+            run.decode.prefix.insert(run.decode.prefix.hashes(computed))
         for conn in list(run.active):
             if conn.record.is_alive:
                 try:
@@ -272,6 +312,14 @@ class _Run:
     avoid: set[str]  # addresses that stalled an earlier attempt (shared by all attempts)
     active: list[Connection] = field(default_factory=list)  # workers still holding the request
     got_first: bool = False
+    decode: WorkerRecord | None = None  # the decode worker of a disaggregated attempt
+    queued: tuple[WorkerRecord, int] | None = None  # prompt tokens counted as queued at a prefill worker
+
+    def unqueue(self) -> None:
+        if self.queued is not None:
+            record, tokens = self.queued
+            record.queued_tokens -= tokens
+            self.queued = None
 
     def emit(self, text: str) -> None:
         if text and self.on_text is not None:

@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 
 from disagg_cli.config import Deadlines
-from disagg_cli.coordinator.router import Router, WorkerRecord
+from disagg_cli.coordinator.router import PrefixView, Router, WorkerRecord
 from disagg_cli.errors import DisaggError
 from disagg_cli.keys import Keys
 from disagg_cli.kv.wire import (
@@ -61,6 +61,9 @@ class CoordinatorConfig:
     send_timeout_s: float = 10.0
     heartbeat_interval_s: float = 1.0
     keys_dir: Path | None = None  # CurveZMQ keys (disagg keys generate); None: plain tcp
+    # Selective disaggregation: a prompt whose part uncached on its decode worker is at most this
+    # many tokens is computed there, with no transfer; 0: never; "auto": from measured speeds.
+    disagg_threshold: int | str = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +221,10 @@ class WorkerConnections:
                               f"{conn.record.role} worker")
         conn.ack = msg
         conn.last_seen_s = time.monotonic()
+        cap = msg.capacity
+        # What its prefix cache can hold: nothing with caching off (or from a worker that predates it).
+        capacity = cap.get("num_blocks", 0) if cap.get("prefix_caching") else 0
+        conn.record.prefix = PrefixView(cap.get("block_size", 16) or 16, capacity)
 
     def capacity(self, address: str) -> dict[str, int]:
         ack = self._conns[address].ack

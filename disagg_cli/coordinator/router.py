@@ -9,22 +9,96 @@ life cycle:
 
 Policies: `round-robin` cycles through live workers of the role in the order given;
 `least-loaded` takes the smallest in-flight + waiting count, then the most free KV blocks, then
-the earliest listed.
+the earliest listed; `cache-aware` weighs each worker's cached prefix of the prompt against its
+load (as SGLang's cache_aware router and Dynamo's KV router do):
+- a prefill worker's cost is the prompt tokens it has yet to compute for requests routed there
+  (queued work) plus the tokens of this prompt it does not hold: the shortest time to first token;
+- decode workers are balanced first (those within one request of the least loaded), then the one
+  holding the longest prefix wins (fewer KV bytes cross the wire).
+What a worker holds is this coordinator's own view (`PrefixView`): the block hashes of what it
+routed there, bounded by the worker's pool and forgotten oldest first, as the worker's LRU does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections import OrderedDict
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from disagg_cli.errors import DisaggError, UsageError
+from disagg_cli.kv.pool import BlockHash, hash_blocks
 from disagg_cli.kv.wire import WORKER_ROLES
 
-POLICIES = ("round-robin", "least-loaded")
+POLICIES = ("round-robin", "least-loaded", "cache-aware")
+_BALANCE_SLACK = 1  # cache-aware decode: workers this close to the least loaded compete on prefix
+
+
+# `--disagg-threshold auto` before any worker has measured its speed: a few blocks' worth.
+AUTO_THRESHOLD_FALLBACK = 64
+_ITL_BUDGET_STEPS = 4  # a local prefill may stall the decode batch this many of its steps…
+_ITL_BUDGET_MIN_S = 0.1  # …or this long, whichever is more
+_HOP_S = 0.02  # what the disaggregated path adds beyond compute: two extra hops and a transfer
+
+
+def local_prefill_pays(uncached: int, decode: WorkerRecord, prefills: Sequence[WorkerRecord]) -> bool:
+    """`--disagg-threshold auto`: compute a prompt's uncached part on its decode worker when that is
+    both sooner than the first token could come from a prefill worker (its queued work plus this
+    prompt, at its measured speed, plus the hops) and short enough not to stall the decode batch
+    for more than a few of its steps; from the workers' heartbeat figures (`prefill_tokens_per_s`,
+    `decode_step_ms`)."""
+    rates = [float(w.stats.get("prefill_tokens_per_s", 0)) for w in prefills]
+    rate_p = max(rates, default=0.0)
+    rate_d = float(decode.stats.get("prefill_tokens_per_s", 0))
+    if rate_d <= 0 and rate_p > 0:  # not measured here yet: a prefill worker's, per thread
+        threads_p = max(1.0, float(prefills[rates.index(rate_p)].stats.get("threads", 1)))
+        rate_d = rate_p * max(1.0, float(decode.stats.get("threads", 1))) / threads_p
+    if rate_d <= 0:
+        return uncached <= AUTO_THRESHOLD_FALLBACK
+    stall_s = uncached / rate_d
+    budget_s = max(_ITL_BUDGET_MIN_S, _ITL_BUDGET_STEPS * float(decode.stats.get("decode_step_ms", 0)) / 1e3)
+    if not prefills:
+        return stall_s <= budget_s
+    remote_s = min((w.queued_tokens + uncached) / r if r > 0 else float("inf")
+                   for w, r in zip(prefills, rates, strict=True)) + _HOP_S
+    return stall_s <= budget_s and stall_s <= remote_s
 
 
 class NoWorkerError(DisaggError):
     """No live worker of a role is left to take a request."""
+
+
+class PrefixView:
+    """The block hashes this coordinator believes a worker's prefix cache holds, LRU-bounded."""
+
+    def __init__(self, block_size: int = 16, capacity: int = 1 << 16) -> None:
+        self.block_size = block_size
+        self.capacity = capacity
+        self._blocks: OrderedDict[BlockHash, None] = OrderedDict()
+
+    def hashes(self, token_ids: Sequence[int]) -> list[BlockHash]:
+        return hash_blocks(token_ids, self.block_size)
+
+    def match_tokens(self, hashes: Sequence[BlockHash]) -> int:
+        """Leading prompt tokens held, by the view (full blocks only)."""
+        n = 0
+        for h in hashes:
+            if h not in self._blocks:
+                break
+            n += 1
+        return n * self.block_size
+
+    def insert(self, hashes: Sequence[BlockHash]) -> None:
+        for h in hashes:
+            self._blocks[h] = None
+            self._blocks.move_to_end(h)
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
 
 
 @dataclass
@@ -34,6 +108,8 @@ class WorkerRecord:
     num_inflight: int = 0  # requests this coordinator has routed here and not yet seen end
     stats: dict[str, float] = field(default_factory=dict)  # the last heartbeat's figures
     is_alive: bool = True
+    prefix: PrefixView = field(default_factory=PrefixView)  # what its prefix cache holds, as we think
+    queued_tokens: int = 0  # prompt tokens routed here to compute whose first token has not come
 
     @property
     def load(self) -> float:
@@ -65,9 +141,10 @@ class Router:
                 return w
         raise KeyError(address)
 
-    def pick(self, role: str, avoid: Collection[str] = ()) -> WorkerRecord:
+    def pick(self, role: str, avoid: Collection[str] = (), prompt_ids: Sequence[int] = ()) -> WorkerRecord:
         """A live worker of `role`, counted as having one more request in flight; workers whose
-        address is in `avoid` (they stalled this request before) only when no other is alive."""
+        address is in `avoid` (they stalled this request before) only when no other is alive;
+        `prompt_ids` is what the cache-aware policy matches against each worker's cached prefix."""
         everyone = self.by_role(role)
         live = [w for w in everyone if w.is_alive]
         if not live:
@@ -83,10 +160,22 @@ class Router:
                 if w in live:
                     self._next[role] = (start + step + 1) % len(everyone)
                     break
-        else:
+        elif self.policy == "least-loaded":
             w = min(live, key=lambda r: (r.load, -r.free_blocks, everyone.index(r)))
+        else:
+            w = self._cache_aware(role, live, everyone, prompt_ids)
         w.num_inflight += 1
         return w
+
+    def _cache_aware(self, role: str, live: list[WorkerRecord], everyone: list[WorkerRecord],
+                     prompt_ids: Sequence[int]) -> WorkerRecord:
+        held = {w.address: w.prefix.match_tokens(w.prefix.hashes(prompt_ids)) for w in live}
+        if role == "decode":
+            least = min(w.load for w in live)
+            close = [w for w in live if w.load <= least + _BALANCE_SLACK]
+            return min(close, key=lambda r: (-held[r.address], r.load, everyone.index(r)))
+        return min(live, key=lambda r: (r.queued_tokens + len(prompt_ids) - held[r.address], r.load,
+                                        everyone.index(r)))
 
     def add(self, record: WorkerRecord) -> None:
         assert record.role in WORKER_ROLES, record.role
@@ -111,3 +200,4 @@ class Router:
         w = self.get(address)
         w.is_alive = True
         w.stats = {}
+        w.prefix.clear()  # a restarted worker starts with an empty cache

@@ -103,7 +103,7 @@ class CoordinatorService:
     # --- life ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
+        from disagg_cli.coordinator.client import Coordinator
         from disagg_cli.coordinator.cluster import LocalCluster
         from disagg_cli.coordinator.connections import JOIN_GRACE_S
 
@@ -125,9 +125,7 @@ class CoordinatorService:
         else:
             workers = ([("prefill", worker_address(a)) for a in serve.prefill]
                        + [("decode", worker_address(a)) for a in serve.decode])
-        coord_config = CoordinatorConfig(policy=serve.router, worker_timeout_s=serve.worker_timeout_s,
-                                         keys_dir=serve.keys_dir, handshake_timeout_s=serve.connect_timeout_s,
-                                         deadlines=serve.deadlines)
+        coord_config = serve.coordinator_config()
         probe = self.cluster.is_gone if self.cluster is not None else None
         self.coordinator = Coordinator(workers, self.tokenizer.eos_token_ids, coord_config, probe)
         try:

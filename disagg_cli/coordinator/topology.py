@@ -11,6 +11,7 @@ default (`local_topology`: 1 prefill + 1 decode). A file looks like:
     role = "prefill"      # prefill, decode or colocated
     port = 0              # 0: pick a free port
     cpus = [0]            # CPU affinity (Linux); omitted: the cores are split between workers
+    enable_prefix_caching = true  # keep and share full KV blocks of equal prompt prefixes
 
 Pure: no sockets, no processes (`coordinator/cluster.py` starts them).
 """
@@ -51,6 +52,7 @@ class WorkerSpec:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     chunked_prefill: bool = False
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
@@ -72,7 +74,8 @@ class WorkerSpec:
     def engine(self) -> EngineConfig:
         return EngineConfig(block_size=self.block_size, kv_cache_tokens=self.kv_cache_tokens,
                             kv_cache_memory_mb=self.kv_cache_memory_mb, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens, chunked_prefill=self.chunked_prefill)
+                            max_num_batched_tokens=self.max_num_batched_tokens, chunked_prefill=self.chunked_prefill,
+                            enable_prefix_caching=self.enable_prefix_caching)
 
     def worker_config(self, model: str) -> WorkerConfig:
         """The whole configuration of this worker, once its port is chosen."""
@@ -120,7 +123,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "quantization": (str,), "threads": (int,),
     "cpus": (list,), "kv_codec": (str,), "block_size": (int,), "kv_cache_tokens": (int,),
     "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "kv_cache_memory_mb": (int, float),
-    "chunked_prefill": (bool,),
+    "chunked_prefill": (bool,), "enable_prefix_caching": (bool,),
 }
 
 

@@ -27,7 +27,10 @@ from disagg_cli.errors import DisaggError
 from disagg_cli.kv.schema import SchemaError, frames_field, from_wire, has_frames, to_wire
 
 # 2: HelloAck names the worker's instance and Prefill the decode instance it streams to.
-PROTOCOL_VERSION = 2
+# 3: prefix caching: `Reserved` says how many leading prompt tokens the decode worker holds,
+#    `Prefill` passes that on, `KVLayers` carry the position of their first token, and
+#    `PrefillHere` has a decode worker compute a short prompt itself (selective disaggregation).
+PROTOCOL_VERSION = 3
 
 # Who speaks on the wire (`Hello.role`): the three worker roles, and coordinators.
 WORKER_ROLES = ("prefill", "decode", "colocated")
@@ -185,7 +188,8 @@ class Refuse(Message):
 @_message("kv_layers")
 @dataclass(frozen=True, slots=True)
 class KVLayers(Message):
-    """KV of layers [layer_start, layer_end) of one request, shape (layers, tokens, heads, dim)."""
+    """KV of layers [layer_start, layer_end) of one request's tokens token_start.. (the ones
+    before were cached on the receiver), shape (layers, tokens, heads, dim)."""
 
     request_id: str
     model_fingerprint: str
@@ -194,11 +198,14 @@ class KVLayers(Message):
     num_tokens: int
     kv: KVMeta
     payloads: tuple[Frame, ...] = frames_field()
+    token_start: int = 0
 
     def __post_init__(self) -> None:
         rid = self.request_id
         if not 0 <= self.layer_start < self.layer_end:
             _bad(f"layer range [{self.layer_start}, {self.layer_end}) is empty or negative", rid)
+        if self.token_start < 0:
+            _bad(f"token_start {self.token_start} is negative", rid)
         want = (self.layer_end - self.layer_start, self.num_tokens)
         if len(self.kv.shape) != 4 or tuple(self.kv.shape[:2]) != want:
             _bad(f"KV shape {self.kv.shape} does not start with (layers, tokens) = {want}", rid)
@@ -233,11 +240,16 @@ class Heartbeat(Message):
 # Every worker binds one ROUTER socket; coordinators and prefill workers connect DEALERs to it and
 # say `Hello` first. Then, per request:
 # 1. coordinator → decode worker: `Reserve` (prompt, sampling). The decode worker sets blocks aside
-#    for the prompt's KV, or queues the reservation until blocks free up, then answers `Reserved`.
-# 2. coordinator → prefill worker: `Prefill` (prompt, sampling, the decode worker's address).
-#    The prefill worker batches prompts; as each layer is computed it sends `KVLayers` straight to
-#    the decode worker; then `FirstToken` to the coordinator (the user's TTFT) and `KVDone` (first
-#    token, sampler state, timings) to the decode worker.
+#    for the prompt's KV (sharing the leading blocks its prefix cache holds), or queues the
+#    reservation until blocks free up, then answers `Reserved` (with the cached token count).
+# 2. coordinator → prefill worker: `Prefill` (prompt, sampling, the decode worker's address and
+#    cached token count). The prefill worker batches prompts, computing only what its own prefix
+#    cache lacks; as each layer is computed it sends `KVLayers` of the tokens the decode worker
+#    lacks straight to it; then `FirstToken` to the coordinator (the user's TTFT) and `KVDone`
+#    (first token, sampler state, timings) to the decode worker.
+#    Or, for a prompt whose uncached part is short (selective disaggregation), coordinator →
+#    decode worker: `PrefillHere`; the decode worker computes it in the reserved blocks and
+#    answers `FirstToken` itself.
 # 3. decode worker: places each layer into the reserved blocks, joins the request to its running
 #    batch on `KVDone`, and streams `Tokens` to the coordinator until EOS or max_tokens.
 # 4. coordinator → any worker: `Abort` (a stop string, Ctrl-C, a client gone) frees the request's
@@ -260,6 +272,7 @@ class Reserved(Message):
     request_id: str
     num_blocks: int
     queued_ms: float  # how long the reservation waited for free blocks
+    cached_tokens: int = 0  # leading prompt tokens whose KV the decode worker already holds
 
 
 @_message("prefill")
@@ -272,6 +285,15 @@ class Prefill(Message):
     # The decode process that holds the reservation (its HelloAck's instance_id): KV goes only to
     # that process, never to a successor that restarted on the same address and knows nothing.
     decode_instance: str = ""
+    decode_cached_tokens: int = 0  # from `Reserved`: send the KV of prompt tokens from here on
+
+
+@_message("prefill_here")
+@dataclass(frozen=True, slots=True)
+class PrefillHere(Message):
+    """To a decode worker holding a reservation: compute its prompt yourself (no transfer)."""
+
+    request_id: str
 
 
 @_message("generate")

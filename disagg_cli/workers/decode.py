@@ -2,12 +2,16 @@
 
 Life of a request here:
 1. `Reserve` (prompt, sampling) from a coordinator: blocks for the prompt's KV are set aside at
-   once, or the reservation waits in FIFO order until finished requests free enough (backpressure;
-   the pool never over-commits); `Reserved` answers when they are;
-2. `KVLayers` from the prefill worker: decoded on the I/O thread (checksum, decompression), cast to
-   this worker's dtype and placed into the reserved blocks by the engine thread, layer by layer;
-3. `KVDone`: every layer must have arrived; the request joins the running batch (continuous
+   once (the leading ones shared from this worker's prefix cache when it holds them), or the
+   reservation waits in FIFO order until finished requests free enough (backpressure; the pool
+   never over-commits); `Reserved` answers when they are, with how many prompt tokens are cached;
+2. `KVLayers` from the prefill worker, for the prompt tokens past the cached ones: decoded on the
+   I/O thread (checksum, decompression), cast to this worker's dtype and placed into the reserved
+   blocks by the engine thread, layer by layer (a layer may come in chunks, in order);
+3. `KVDone`: every layer must have arrived whole; the request joins the running batch (continuous
    batching) with the prefill's first token and sampler state;
+   or instead of 2-3, `PrefillHere` (selective disaggregation: a short uncached part): the prompt
+   is computed here, in the reserved blocks, and `FirstToken` goes to the coordinator from here;
 4. each engine step streams `Tokens` to the coordinator until EOS or max_tokens; `Abort` at any
    point frees the blocks.
 """
@@ -26,7 +30,7 @@ from disagg_cli.config import SamplingParams
 from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.kv.transfer import decode_kv_layers
-from disagg_cli.kv.wire import Error, KVDone, KVLayers, Message, Reserve, Reserved, Tokens
+from disagg_cli.kv.wire import Error, FirstToken, KVDone, KVLayers, Message, PrefillHere, Reserve, Reserved, Tokens
 from disagg_cli.workers.base import Dest, log
 from disagg_cli.workers.worker import Worker
 
@@ -38,7 +42,8 @@ class _Incoming:
     sampling: SamplingParams
     eos_ids: frozenset[int]
     asked_s: float
-    layers: set[int] = field(default_factory=set)
+    cached_tokens: int = 0  # leading prompt tokens held here before the reservation
+    next_pos: list[int] = field(default_factory=list)  # per layer: KV present up to this position
     first_arrival_s: float | None = None
     last_arrival_s: float | None = None
     decode_ms: float = 0.0
@@ -49,6 +54,7 @@ class _Incoming:
 class _DecodedKV:
     request_id: str
     layer_start: int
+    token_start: int
     k: torch.Tensor  # (layers, T, KV, hd)
     v: torch.Tensor
     arrival_s: float
@@ -61,6 +67,7 @@ class DecodeWorker(Worker):
         self.queued: deque[tuple[str, _Incoming]] = deque()  # reservations waiting for blocks
         self.incoming: dict[str, _Incoming] = {}  # reserved, KV on its way
         self.first_stats: dict[str, dict[str, float]] = {}  # sent with a request's first Tokens
+        self.local: dict[str, tuple[float, float]] = {}  # prefilled here: id → (asked, cached tokens)
         self._step_start_unix = 0.0
 
     # --- the I/O thread ----------------------------------------------------------------------------
@@ -70,7 +77,8 @@ class DecodeWorker(Worker):
             return msg
         arrival = time.perf_counter()
         k, v = decode_kv_layers(msg)  # raises WireError (bad checksum, …) naming the request
-        return _DecodedKV(msg.request_id, msg.layer_start, k, v, arrival, (time.perf_counter() - arrival) * 1e3)
+        return _DecodedKV(msg.request_id, msg.layer_start, msg.token_start, k, v, arrival,
+                          (time.perf_counter() - arrival) * 1e3)
 
     # --- the engine thread ---------------------------------------------------------------------------
 
@@ -81,6 +89,8 @@ class DecodeWorker(Worker):
             self._place(item)
         elif isinstance(item, KVDone):
             self._join(item)
+        elif isinstance(item, PrefillHere):
+            self._prefill_here(dest, item)
         elif isinstance(item, Error):
             log("decode", f"peer error: {item.reason}: {item.message}")
             if item.request_id is not None and item.request_id in self.incoming:
@@ -109,26 +119,32 @@ class DecodeWorker(Worker):
         # FIFO: a large reservation at the head is not overtaken, so it cannot starve.
         while self.queued:
             rid, inc = self.queued[0]
-            if not self.engine.reserve_imported(rid, len(inc.prompt_ids)):
+            cached = self.engine.reserve_imported(rid, inc.prompt_ids)
+            if cached is None:
                 return
             self.queued.popleft()
+            inc.cached_tokens = cached
+            inc.next_pos = [cached] * self.lm.config.num_layers
             self.incoming[rid] = inc
             queued_ms = (time.perf_counter() - inc.asked_s) * 1e3
-            self.io.send(inc.owner, Reserved(rid, len(self.engine.pool.tables[rid].block_ids), queued_ms))
+            self.io.send(inc.owner, Reserved(rid, len(self.engine.pool.tables[rid].block_ids), queued_ms, cached))
 
     def _place(self, kv: _DecodedKV) -> None:
         inc = self.incoming.get(kv.request_id)
         if inc is None:
             return  # aborted, or never reserved here: nothing to place it in
-        n = kv.k.shape[1]
-        if n != len(inc.prompt_ids):
-            self.abort(kv.request_id, notify=True, reason="bad-field",
-                       message=f"KV of {n} tokens for a prompt of {len(inc.prompt_ids)}")
+        n, layers = kv.k.shape[1], range(kv.layer_start, kv.layer_start + kv.k.shape[0])
+        bad = next((f"layer {i} continues at token {inc.next_pos[i]}, not {kv.token_start}" for i in layers
+                    if i >= len(inc.next_pos) or inc.next_pos[i] != kv.token_start), None)
+        if bad is None and kv.token_start + n > len(inc.prompt_ids):
+            bad = f"KV of tokens {kv.token_start}..{kv.token_start + n - 1} for a prompt of {len(inc.prompt_ids)}"
+        if bad is not None:
+            self.abort(kv.request_id, notify=True, reason="bad-field", message=bad)
             return
         t0 = time.perf_counter()
-        for i in range(kv.k.shape[0]):
-            self.engine.import_kv_layer(kv.request_id, kv.layer_start + i, kv.k[i], kv.v[i])
-            inc.layers.add(kv.layer_start + i)
+        for i, layer in enumerate(layers):
+            self.engine.import_kv_layer(kv.request_id, layer, kv.k[i], kv.v[i], start=kv.token_start)
+            inc.next_pos[layer] += n
         inc.decode_ms += kv.decode_ms + (time.perf_counter() - t0) * 1e3
         inc.first_arrival_s = inc.first_arrival_s or kv.arrival_s
         inc.last_arrival_s = kv.arrival_s
@@ -138,9 +154,8 @@ class DecodeWorker(Worker):
         inc = self.incoming.pop(rid, None)
         if inc is None:
             return
-        num_layers = self.lm.config.num_layers
-        if len(inc.layers) != num_layers or done.num_tokens != len(inc.prompt_ids):
-            missing = sorted(set(range(num_layers)) - inc.layers)
+        if done.num_tokens != len(inc.prompt_ids) or any(n != len(inc.prompt_ids) for n in inc.next_pos):
+            missing = [i for i, n in enumerate(inc.next_pos) if n != len(inc.prompt_ids)]
             self.incoming[rid] = inc  # so abort below finds and frees it
             self.abort(rid, notify=True, reason="truncated", message=f"KV of layers {missing[:5]} never arrived")
             self.incoming.pop(rid, None)
@@ -156,17 +171,44 @@ class DecodeWorker(Worker):
             "kv_transfer_ms": (last - first) * 1e3,
             "kv_decode_ms": inc.decode_ms,
             "reserve_to_kv_done_ms": (time.perf_counter() - inc.asked_s) * 1e3,
+            "decode_cached_tokens": float(inc.cached_tokens),
         }
         if event is not None:  # the first token already ended it (EOS, max_tokens 1)
             self._step_start_unix = time.time()
             self._send_tokens(rid, (), event.finish_reason)
 
+    def _prefill_here(self, dest: Dest, msg: PrefillHere) -> None:
+        rid = msg.request_id
+        inc = self.incoming.pop(rid, None)
+        if inc is None:
+            self.io.send(dest, Error(rid, "unknown", f"request {rid} holds no reservation here"))
+            return
+        if inc.next_pos and any(n != inc.cached_tokens for n in inc.next_pos):
+            self.incoming[rid] = inc
+            self.abort(rid, notify=True, reason="bad-field", message="PrefillHere after KV began to arrive")
+            return
+        self.engine.prefill_reserved(rid, inc.prompt_ids, inc.sampling, inc.eos_ids)
+        self.local[rid] = (time.perf_counter(), float(inc.cached_tokens))
+
     def step(self) -> list[TokenEvent]:
         self._step_start_unix = time.time()
+        self._step_start = time.perf_counter()
         return self.engine.step()
 
     def on_events(self, events: list[TokenEvent]) -> None:
+        now = time.perf_counter()
         for ev in events:
+            local = self.local.pop(ev.request_id, None)
+            owner = self.owners.get(ev.request_id)
+            if local is not None and owner is not None:  # the first token of a prompt computed here
+                asked, cached = local
+                self.io.send(owner, FirstToken(ev.request_id, ev.token_id, {
+                    "queue_ms": max(0.0, self._step_start - asked) * 1e3,
+                    "prefill_ms": (now - max(asked, self._step_start)) * 1e3,
+                    "prefix_cached_tokens": cached, "decode_cached_tokens": cached}, ev.logprobs))
+                if ev.finish_reason is not None:
+                    self._send_tokens(ev.request_id, (), ev.finish_reason)
+                continue
             self._send_tokens(ev.request_id, (ev.token_id,), ev.finish_reason, ev.logprobs)
         self._admit_reservations()  # finished requests may have freed blocks
 
@@ -184,6 +226,7 @@ class DecodeWorker(Worker):
 
     def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
         self.incoming.pop(request_id, None)
+        self.local.pop(request_id, None)
         self.first_stats.pop(request_id, None)
         self.queued = deque((r, i) for r, i in self.queued if r != request_id)
         super().abort(request_id, notify, reason, message)

@@ -1,11 +1,13 @@
 """`disagg prefill-worker`: turns prompts into KV caches and streams them to decode workers.
 
 Life of a request here:
-1. `Prefill` arrives (prompt ids, sampling, the decode worker's address); it waits in the engine
-   with other prompts, which are batched up to the token budget;
+1. `Prefill` arrives (prompt ids, sampling, the decode worker's address and how many leading
+   prompt tokens it already holds); it waits in the engine with other prompts, which are batched
+   up to the token budget; the engine computes only what its prefix cache lacks;
 2. during the step's forward pass, as each layer's K/V is computed, the engine hands it to the
    I/O thread, which encodes it (`--kv-codec`) and sends it straight to the decode worker while the
-   engine computes the next layer;
+   engine computes the next layer: the KV of the prompt tokens the decode worker lacks, that is
+   the fresh tokens plus any cached here but not there (read from this worker's pool);
 3. after the step: `FirstToken` to the coordinator (its TTFT), then `KVDone` (first token, sampler
    state, timings) to the decode worker; the request's blocks are freed at once.
 """
@@ -34,6 +36,7 @@ class _Pending:
     decode: Dest  # ("peer", (address, instance)) of the decode process holding the reservation
     arrival_s: float
     num_tokens: int
+    sent_upto: list[int]  # per layer: the prompt position up to which the decode worker has the KV
     # Filled on the I/O thread as layers are encoded and sent:
     encode_ms: float = 0.0
     raw_bytes: int = 0
@@ -48,6 +51,7 @@ class _Pending:
 class _EncodeLayer:
     request_id: str
     layer: int
+    token_start: int
     k: torch.Tensor
     v: torch.Tensor
 
@@ -87,7 +91,8 @@ class PrefillWorker(Worker):
                 return
             self.owners[rid] = dest
             decode = ("peer", (item.decode_addr, item.decode_instance))
-            self.pending[rid] = _Pending(dest, decode, time.perf_counter(), len(item.prompt_ids))
+            held = [item.decode_cached_tokens] * self.lm.config.num_layers
+            self.pending[rid] = _Pending(dest, decode, time.perf_counter(), len(item.prompt_ids), held)
         elif isinstance(item, PeerLost):
             log("prefill", f"{item.message} [{item.reason}]; failing the requests streamed there")
             for rid in [r for r, (_, decode) in self._streams() if _lost_to(decode, item)]:
@@ -102,17 +107,27 @@ class PrefillWorker(Worker):
 
     def step(self) -> list[TokenEvent]:
         t0 = time.perf_counter()
-        waiting = {s.request_id for s in self.engine.scheduler.waiting}
         events = self.engine.step(on_layer=self._on_layer)
         self._step_stats = {"prefill_ms": (time.perf_counter() - t0) * 1e3, "step_start": t0,
-                            "batch_size": float(len(events)), "was_waiting": float(len(waiting))}
+                            "batch_size": float(len(events))}
         return events
 
-    def _on_layer(self, layer: int, fresh: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
-        for rid, k, v in fresh:
+    def _on_layer(self, layer: int, fresh: list[tuple[str, int, torch.Tensor, torch.Tensor]]) -> None:
+        for rid, start, k, v in fresh:
             p = self.pending.get(rid)
-            if p is not None:  # KV leaves the engine thread as views; the I/O thread encodes it
-                self.io.send(p.decode, _EncodeLayer(rid, layer, k.to("cpu"), v.to("cpu")))
+            if p is None:
+                continue
+            end, held = start + k.shape[0], p.sent_upto[layer]
+            if end <= held:
+                continue  # the decode worker holds all of this chunk already
+            if held < start:  # cached here, not there: read it from the pool, before the fresh part
+                ck, cv = self.engine.read_kv(rid, layer, held, start)
+                k, v = torch.cat([ck, k]), torch.cat([cv, v])
+            elif held > start:
+                k, v = k[held - start :], v[held - start :]
+            p.sent_upto[layer] = end
+            # KV leaves the engine thread as views; the I/O thread encodes it
+            self.io.send(p.decode, _EncodeLayer(rid, layer, held, k.to("cpu"), v.to("cpu")))
 
     def on_events(self, events: list[TokenEvent]) -> None:
         end_unix = time.time()
@@ -126,11 +141,13 @@ class PrefillWorker(Worker):
             state = None
             if sampler is not None and sampler.generator is not None:
                 state = bytes(sampler.generator.get_state().numpy().tobytes())
+            seq = self.engine.seqs.get(rid)
+            cached = float(seq.num_cached_tokens) if seq is not None else 0.0
             self.engine.release(rid)
             queue_ms = (stats["step_start"] - p.arrival_s) * 1e3
             self.io.send(p.owner, FirstToken(rid, ev.token_id, {
-                "queue_ms": queue_ms, "prefill_ms": stats["prefill_ms"], "batch_size": stats["batch_size"]},
-                ev.logprobs))
+                "queue_ms": queue_ms, "prefill_ms": stats["prefill_ms"], "batch_size": stats["batch_size"],
+                "prefix_cached_tokens": cached}, ev.logprobs))
             self.io.send(p.decode, _Done(rid, ev.token_id, state, end_unix))
             self.owners.pop(rid, None)
             self.handed_off[rid] = (p.owner, p.decode)
@@ -155,7 +172,7 @@ class PrefillWorker(Worker):
             p.last_send_unix_s = now
             p.layers_sent += 1
             return KVLayers(item.request_id, self.lm.fingerprint, item.layer, item.layer + 1,
-                            item.k.shape[0], enc.meta, tuple(enc.payloads))
+                            item.k.shape[0], enc.meta, tuple(enc.payloads), token_start=item.token_start)
         assert isinstance(item, _Done)
         p = self.pending.pop(item.request_id, None)
         if p is None:

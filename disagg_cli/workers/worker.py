@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from disagg_cli.config import WorkerConfig
-from disagg_cli.engine.engine import LLMEngine, TokenEvent
+from disagg_cli.engine.engine import LLMEngine, StepStats, TokenEvent
 from disagg_cli.keys import Keys
 from disagg_cli.kv.wire import Abort, Error, Generate, KVLayout, Message, Prefill, Reserve
 from disagg_cli.model.loader import LoadedModel, load_model
@@ -48,12 +48,15 @@ class Worker:
         e = config.engine
         capacity = {"num_blocks": self.engine.pool.num_blocks, "block_size": e.block_size,
                     "max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
-                    "chunked_prefill": int(e.chunked_prefill), "threads": torch.get_num_threads()}
+                    "chunked_prefill": int(e.chunked_prefill), "prefix_caching": int(e.enable_prefix_caching),
+                    "threads": torch.get_num_threads()}
         self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity,
                                     self.lm.describe_runtime())
         keys = Keys.load(config.keys_dir, config.role) if config.keys_dir else None
         self.io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare, keys)
         self.owners: dict[str, Dest] = {}  # request id → the coordinator to answer
+        # Measured speeds (moving averages) for `--disagg-threshold auto`, sent in heartbeats.
+        self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0, "threads": float(torch.get_num_threads())}
 
     # --- role hooks -----------------------------------------------------------------------------
 
@@ -104,6 +107,7 @@ class Worker:
             self._drain(block=not busy)
             if self.engine.has_unfinished():
                 self.on_events(self.step())
+                self._measure(self.engine.last_step)
                 self._publish_stats()
         self.shutdown()
         return 0
@@ -155,11 +159,27 @@ class Worker:
         if notify and owner is not None:
             self.io.send(owner, Error(request_id, reason, message or f"{self.config.role} worker: {reason}"))
 
+    def _measure(self, step: StepStats) -> None:
+        """Fold one step into the speed averages: prefill-heavy steps give tokens/s, decode-only
+        steps the step time."""
+        if step.elapsed_ms <= 0:
+            return
+        if step.num_prefill_tokens >= 16:
+            key, value = "prefill_tokens_per_s", step.num_prefill_tokens / step.elapsed_ms * 1e3
+        elif step.num_decode_seqs and not step.num_prefill_tokens:
+            key, value = "decode_step_ms", step.elapsed_ms
+        else:
+            return
+        old = self.speed[key]
+        self.speed[key] = value if old == 0 else 0.8 * old + 0.2 * value
+
     def _publish_stats(self) -> None:
         pool, sched = self.engine.pool, self.engine.scheduler
         self.io.stats = {"waiting": len(sched.waiting), "running": len(sched.running), "free_blocks": pool.num_free,
                          "num_blocks": pool.num_blocks, "reserved_blocks": pool.num_reserved,
-                         "used_blocks": pool.num_used, "time_unix_s": time.time(), **self.extra_stats()}
+                         "used_blocks": pool.num_used, "time_unix_s": time.time(), **self.engine.cache_stats(),
+                         **self.speed,
+                         **self.extra_stats()}
 
     def shutdown(self) -> None:
         in_flight = list(self.owners)
