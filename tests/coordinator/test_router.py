@@ -63,3 +63,72 @@ def test_no_live_worker_names_the_role() -> None:
 def test_unknown_policy_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="--router must be one of round-robin, least-loaded"):
         Router([], "random")
+
+
+def _with_views(role: str, n: int, block_size: int = 4) -> list[WorkerRecord]:
+    from disagg_cli.coordinator.router import PrefixView
+
+    ws = workers(role, n)
+    for w in ws:
+        w.prefix = PrefixView(block_size, capacity=64)
+    return ws
+
+
+def test_cache_aware_prefill_weighs_cached_prefix_against_queued_work() -> None:
+    router = Router(_with_views("prefill", 3), "cache-aware")
+    a, b, c = router.by_role("prefill")
+    prompt = list(range(40))
+    b.prefix.insert(b.prefix.hashes(prompt[:32]))  # b holds 32 of the 40 tokens
+    assert router.pick("prefill", prompt_ids=prompt) is b  # cost 8 against 40
+    b.queued_tokens = 33  # b is busy: 33 + 8 = 41 > 40 at the idle a
+    assert router.pick("prefill", prompt_ids=prompt) is a
+    a.queued_tokens, c.queued_tokens = 100, 100
+    assert router.pick("prefill", prompt_ids=prompt) is b
+    # No overlap anywhere: the least queued work wins, as least-loaded would.
+    assert router.pick("prefill", prompt_ids=list(range(500, 540))) is b
+
+
+def test_cache_aware_decode_balances_first_then_prefers_the_longest_prefix() -> None:
+    router = Router(_with_views("decode", 3), "cache-aware")
+    a, b, c = router.by_role("decode")
+    prompt = list(range(20))
+    c.prefix.insert(c.prefix.hashes(prompt[:16]))
+    c.num_inflight = 1  # within one request of the least loaded: still wins on its prefix
+    assert router.pick("decode", prompt_ids=prompt) is c
+    assert c.num_inflight == 2
+    assert router.pick("decode", prompt_ids=prompt) is a  # c is now two ahead: balance wins
+
+
+def test_prefix_view_forgets_oldest_beyond_capacity_and_on_restart() -> None:
+    from disagg_cli.coordinator.router import PrefixView
+
+    view = PrefixView(block_size=2, capacity=3)
+    view.insert(view.hashes([1, 2, 3, 4, 5, 6]))
+    assert view.match_tokens(view.hashes([1, 2, 3, 4, 5, 6, 7])) == 6
+    view.insert(view.hashes([9, 9]))  # a fourth block: the oldest (the head [1, 2]) goes
+    assert len(view) == 3 and view.match_tokens(view.hashes([1, 2, 3, 4])) == 0
+    router = Router(_with_views("prefill", 1), "cache-aware")
+    (w,) = router.by_role("prefill")
+    w.prefix.insert(w.prefix.hashes([1, 2, 3, 4]))
+    router.mark_dead(w.address)
+    router.mark_alive(w.address)
+    assert len(w.prefix) == 0
+
+
+def test_auto_threshold_prefills_locally_only_when_sooner_and_short() -> None:
+    from disagg_cli.coordinator.router import AUTO_THRESHOLD_FALLBACK, local_prefill_pays
+
+    (decode,) = workers("decode", 1)
+    prefill = WorkerRecord("tcp://p:1", "prefill")
+    # Nothing measured yet: the fallback threshold.
+    assert local_prefill_pays(AUTO_THRESHOLD_FALLBACK, decode, [prefill])
+    assert not local_prefill_pays(AUTO_THRESHOLD_FALLBACK + 1, decode, [prefill])
+    prefill.stats = {"prefill_tokens_per_s": 200.0, "threads": 1}
+    decode.stats = {"decode_step_ms": 50.0, "threads": 1}  # budget: max(0.1, 4 x 0.05) = 0.2 s
+    assert local_prefill_pays(40, decode, [prefill])  # 0.2 s here, 0.22 s there
+    assert not local_prefill_pays(41, decode, [prefill])  # 0.205 s: past the stall budget
+    prefill.queued_tokens = 1000  # the prefill worker is 5 s behind: still only a short stall here
+    assert local_prefill_pays(40, decode, [prefill]) and not local_prefill_pays(60, decode, [prefill])
+    decode.stats["prefill_tokens_per_s"] = 1000.0  # measured on the decode worker itself
+    assert local_prefill_pays(200, decode, [prefill]) and not local_prefill_pays(201, decode, [prefill])
+    assert local_prefill_pays(100, decode, [])  # no prefill worker alive: the budget alone decides
