@@ -61,10 +61,19 @@ class ServerMetrics:
         self.failure = count("request_failure", "Count of requests that failed, by reason.", ("reason",))
         self.kv_bytes = count("kv_transfer_bytes", "KV bytes sent from prefill to decode workers.", ("kind",))
         self.retries = count("request_retries", "Requests run again after a worker died or shut down.")
+        self.cache_queries = count("prefix_cache_queries", "Prompt tokens looked up in the prefix cache of the "
+                                   "worker that prefilled them.")
+        self.cache_hits = count("prefix_cache_hits", "Prompt tokens found there (not computed again).")
+        self.decode_hits = count("decode_prefix_cache_hits", "Prompt tokens whose KV the decode worker already "
+                                 "held (not sent over the wire).")
+        self.local_prefills = count("local_prefill_requests", "Requests prefilled on their decode worker "
+                                    "(selective disaggregation).")
         for reason in FINISHED_REASONS:  # present at zero from the start, as vLLM's are
             self.success.labels(model_name, reason)
         for kind in ("raw", "wire"):
             self.kv_bytes.labels(model_name, kind)
+        for counter in (self.cache_queries, self.cache_hits, self.decode_hits, self.local_prefills, self.retries):
+            counter.labels(model_name)
         r.register(_LiveGauges(service, model_name))
         service.on_finished(self.observe)
 
@@ -99,6 +108,11 @@ class ServerMetrics:
                 self.kv_hidden.labels(m).observe(min(1.0, kv.get("hidden_ms", 0.0) / kv["transfer_ms"]))
         if kv.get("retries"):
             self.retries.labels(m).inc(kv["retries"])
+        if t.first_token_s is not None:
+            self.cache_queries.labels(m).inc(len(out.prompt_token_ids))
+            self.cache_hits.labels(m).inc(kv.get("prefix_cached_tokens", 0))
+            self.decode_hits.labels(m).inc(kv.get("decode_cached_tokens", 0))
+            self.local_prefills.labels(m).inc(kv.get("local_prefill", 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -124,8 +138,12 @@ class _LiveGauges(Collector):
                                   "heartbeat. 1 means 100 percent usage.", labels=["model_name", "role", "address"])
         up = GaugeMetricFamily(PREFIX + "worker_up", "1 while the worker answers heartbeats.",
                                labels=["model_name", "role", "address"])
+        cached = GaugeMetricFamily(PREFIX + "prefix_cache_blocks", "Free KV blocks per worker that keep a cached "
+                                   "prefix, from its last heartbeat.", labels=["model_name", "role", "address"])
         for w in self.service.workers():
             up.add_metric([m, w.role, w.address], 1.0 if w.is_alive else 0.0)
+            if "cached_blocks" in w.stats:
+                cached.add_metric([m, w.role, w.address], float(w.stats["cached_blocks"]))
             if w.kv_usage is not None:
                 usage.add_metric([m, w.role, w.address], w.kv_usage)
-        yield from (running, waiting, usage, up)
+        yield from (running, waiting, usage, up, cached)

@@ -111,6 +111,11 @@ def disagg_figures(result: dict[str, Any] | None) -> dict[str, Any]:
         "kv_transfer_ms": transfer,
         "kv_hidden_share": round(hidden / transfer, 4) if transfer and hidden is not None else None,
         "retries": int(kv.get("retries", 0)),
+        # Prompt tokens served from the prefix cache of the worker that prefilled, and of the
+        # decode worker (whose KV did not cross the wire); whether the decode worker prefilled.
+        "prefix_cached_tokens": int(kv.get("prefix_cached_tokens", 0)),
+        "decode_cached_tokens": int(kv.get("decode_cached_tokens", 0)),
+        "local_prefill": bool(kv.get("local_prefill", 0)),
         "stages_ms": stages, "workers": result.get("workers", {}),
     }
 

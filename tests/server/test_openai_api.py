@@ -180,9 +180,13 @@ def test_metrics_counters_move_by_exactly_the_requests_and_tokens_sent(server: S
 
     prompts = [PROMPT, "Hello there"]
     before = server.metrics()
+    figures = []
     for p in prompts:
-        client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+        done = client.completions.create(model=MODEL, prompt=p, max_tokens=5, temperature=0,
+                                         extra_body={"ignore_eos": True})
+        figures += done.model_extra["disagg"]
     after = server.metrics()
+    assert len(figures) == 2
     sent_prompt_tokens = sum(len(default_tokenizer.encode(p)) for p in prompts)
     assert value(after, "disagg:prompt_tokens_total") - value(before, "disagg:prompt_tokens_total") \
         == sent_prompt_tokens
@@ -196,7 +200,12 @@ def test_metrics_counters_move_by_exactly_the_requests_and_tokens_sent(server: S
         assert value(after, name) - value(before, name) == 2 * per_request, name
     raw = (("kind", "raw"), ("model_name", MODEL))
     assert value(after, "disagg:kv_transfer_bytes_total", raw) - value(before, "disagg:kv_transfer_bytes_total", raw) \
-        == sent_prompt_tokens * 2 * 30 * 3 * 64 * 4
+        == (sent_prompt_tokens - sum(f["decode_cached_tokens"] for f in figures)) * 2 * 30 * 3 * 64 * 4
+    for name, key in [("disagg:prefix_cache_hits_total", "prefix_cached_tokens"),
+                      ("disagg:decode_prefix_cache_hits_total", "decode_cached_tokens")]:
+        assert value(after, name) - value(before, name) == sum(f[key] for f in figures), name
+    assert value(after, "disagg:prefix_cache_queries_total") - value(before, "disagg:prefix_cache_queries_total") \
+        == sent_prompt_tokens
     ups = {dict(labels)["role"]: v for (name, labels), v in after.items() if name == "disagg:worker_up"}
     assert ups == {"prefill": 1.0, "decode": 1.0}
 
