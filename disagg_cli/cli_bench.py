@@ -101,7 +101,8 @@ def bench_serve(
                                                   "so a run fits a small CPU).")] = 256,
     random_output_len: Annotated[int, typer.Option(help="Output tokens (vLLM: 128).")] = 64,
     random_range_ratio: Annotated[float, typer.Option(help="Lengths uniform in len·[1−r, 1+r].")] = 0.0,
-    num_prompts: Annotated[int, typer.Option(help="Requests (short ones, for --workload interference).")] = 32,
+    num_prompts: Annotated[int, typer.Option(help="Requests (short ones, for --workload interference; "
+                                             "conversations, for --workload multi-turn).")] = 32,
     request_rate: Annotated[float, typer.Option(help="Requests/s (Poisson); inf sends all at once.")] = float("inf"),
     burstiness: Annotated[float, typer.Option(help="Gamma shape of the intervals; 1 = Poisson, <1 burstier.")] = 1.0,
     max_concurrency: Annotated[int | None, typer.Option(help="Most requests in flight.")] = None,
@@ -117,14 +118,23 @@ def bench_serve(
     result_filename: Annotated[str | None, typer.Option(help="File name for --save-result.")] = None,
     label: Annotated[str | None, typer.Option(help="Label stored in the result.")] = None,
     metadata: Annotated[list[str] | None, typer.Option(help="KEY=VALUE stored in the result; repeatable.")] = None,
-    workload: Annotated[str, typer.Option(help="dataset (--dataset-name) or interference: short requests at "
-                                          "--request-rate with a long prompt every --long-interval s "
-                                          "(EOS ignored).")] = "dataset",
+    workload: Annotated[str, typer.Option(help="dataset (--dataset-name); interference: short requests at "
+                                          "--request-rate with a long prompt every --long-interval s; "
+                                          "prefix: --prefix-len shared tokens + --random-input-len own ones; "
+                                          "multi-turn: --num-turns turns per conversation, each adding the "
+                                          "last answer and --random-input-len new tokens to the history "
+                                          "(EOS ignored but for dataset).")] = "dataset",
     short_input_len: Annotated[int, typer.Option(help="Interference: short prompts' tokens.")] = 32,
     short_output_len: Annotated[int, typer.Option(help="Interference: short requests' output tokens.")] = 64,
     long_input_len: Annotated[int, typer.Option(help="Interference: long prompts' tokens.")] = 1024,
     long_output_len: Annotated[int, typer.Option(help="Interference: long requests' output tokens.")] = 8,
     long_interval: Annotated[float, typer.Option(help="Interference: seconds between long prompts.")] = 5.0,
+    num_turns: Annotated[int, typer.Option(help="Multi-turn: turns per conversation, each sent when the one "
+                                           "before is answered.")] = 4,
+    prefix_len: Annotated[int, typer.Option(help="Multi-turn: tokens of the system prompt all conversations "
+                                            "share; prefix: tokens of each shared prefix.")] = 256,
+    num_prefixes: Annotated[int, typer.Option(help="Prefix: distinct shared prefixes, given out "
+                                              "round-robin.")] = 1,
     sweep_rates: Annotated[str | None, typer.Option(help="Goodput sweep over these rates, e.g. 0.5,1,2 "
                                                     "(needs --goodput ttft:MS tpot:MS).")] = None,
     chaos_kill_every: Annotated[float | None, typer.Option(help="Soak: SIGKILL a random worker every S seconds "
@@ -186,7 +196,8 @@ def bench_serve(
         interference=InterferenceShape(short_input_len, short_output_len, long_input_len, long_output_len,
                                        long_interval),
         sweep_rates=floats("--sweep-rates", sweep_rates) if sweep_rates else (),
-        chaos_kill_every_s=chaos_kill_every, tokenizer=tokenizer)
+        chaos_kill_every_s=chaos_kill_every, tokenizer=tokenizer, num_turns=num_turns, prefix_len=prefix_len,
+        num_prefixes=num_prefixes)
     if base_url is not None:
         run_http_bench(HttpTarget(base_url, backend, endpoint, api_key), opts)
     else:

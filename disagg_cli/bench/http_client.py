@@ -5,14 +5,17 @@ Measured as `vllm bench serve` measures it (`--backend openai` → `/v1/completi
 SSE chunk carrying text, ITL every gap between later text chunks, E2EL the last chunk's time, all
 from the moment the request was sent; output tokens come from the final usage chunk (counted by
 our tokenizer when a server sends none). Prompts are sent as text (the workload's token ids
-decoded), so any server takes them. A `disagg serve` answer's `disagg` figures (KV bytes, transfer
-time, stages) fill the same KV and stage sections the in-process benchmark prints.
+decoded), so any server takes them; the prefix and multi-turn workloads send token-id lists instead
+(`/v1/completions` only), so a later turn's prompt is exactly the history's ids. A turn's generated
+ids are the `token_ids` a server streams when asked (`return_token_ids`, as vLLM does), else its
+text tokenized again. A `disagg serve` answer's `disagg` figures (KV bytes, transfer time, stages,
+prefix-cache hits) fill the same sections the in-process benchmark prints; a server's
+`usage.prompt_tokens_details.cached_tokens` (OpenAI's, vLLM's) counts as prefix-cache hits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 BACKENDS = {"openai": "/v1/completions", "openai-chat": "/v1/chat/completions"}
 REQUEST_TIMEOUT_S = 6 * 3600.0  # vLLM's AIOHTTP_TIMEOUT: a benchmark request may wait long in a queue
 CONNECT_TIMEOUT_S = 30.0
+TOKEN_ID_WORKLOADS = ("multi-turn", "prefix")  # prompts sent as token ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +69,18 @@ class HttpOutput:
     timings: Timings = field(default_factory=Timings)
     token_times_s: list[float] = field(default_factory=list)  # arrival of every chunk with text
     num_output_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)  # what it generated (the next turn's history)
     state: str = "queued"
     finish_reason: str | None = None
     error: str | None = None
     kv: dict[str, float] = field(default_factory=dict)
     workers: dict[str, str] = field(default_factory=dict)
+
+    def fail(self, reason: str, message: str) -> None:
+        self.state = "failed"
+        self.finish_reason = reason
+        self.error = message
+        self.timings.finish_s = time.perf_counter()
 
     def record(self) -> RequestRecord:
         t = self.timings
@@ -80,15 +91,21 @@ class HttpOutput:
                              t.finish_s - t.arrival_s, tuple(b - a for a, b in zip(times, times[1:], strict=False)))
 
 
-def payload(target: HttpTarget, model: str, prompt: str, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
+def payload(target: HttpTarget, model: str, prompt: str | list[int], max_tokens: int, ignore_eos: bool,
+            token_ids: bool = False) -> dict[str, Any]:
+    """One streamed request; `prompt` as text, or as token ids (`/v1/completions` only), and with
+    `token_ids` asking for the generated ids too."""
     body: dict[str, Any] = {"model": model, "temperature": 0.0, "stream": True,
                             "stream_options": {"include_usage": True}}
     if target.backend == "openai-chat":
+        assert isinstance(prompt, str), "chat messages are text"
         body |= {"messages": [{"role": "user", "content": prompt}], "max_completion_tokens": max_tokens}
     else:
         body |= {"prompt": prompt, "max_tokens": max_tokens}
     if ignore_eos:
         body["ignore_eos"] = True
+    if token_ids:
+        body["return_token_ids"] = True
     return body
 
 
@@ -119,6 +136,7 @@ async def send(client: httpx.AsyncClient, target: HttpTarget, body: dict[str, An
                 if chunk.get("disagg"):
                     _take_figures(out, chunk["disagg"])
                 for choice in chunk.get("choices") or []:
+                    out.token_ids.extend(int(t) for t in choice.get("token_ids") or ())
                     piece = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
                     if piece:
                         out.token_times_s.append(time.perf_counter())
@@ -128,13 +146,18 @@ async def send(client: httpx.AsyncClient, target: HttpTarget, body: dict[str, An
             raise _Failed("empty", "the server streamed no text")
         out.timings.first_token_s = out.token_times_s[0]
         out.timings.finish_s = out.token_times_s[-1]
+        if not out.token_ids:  # the server sent no ids: the text's, tokenized again
+            out.token_ids = tokenizer.encode("".join(text), add_bos=False)
         out.num_output_tokens = int(usage["completion_tokens"]) if usage and "completion_tokens" in usage else \
-            len(tokenizer.encode("".join(text), add_bos=False))
+            len(out.token_ids)
+        cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+        if cached is not None and "prefix_cached_tokens" not in out.kv:
+            out.kv["prefix_cached_tokens"] = float(cached)
         out.state = "done"
     except _Failed as e:
-        _fail(out, e.reason, e.message)
-    except (httpx.HTTPError, json.JSONDecodeError, KeyError, ValueError) as e:
-        _fail(out, "http", f"{type(e).__name__}: {e}")
+        out.fail(e.reason, e.message)
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        out.fail("http", f"{type(e).__name__}: {e}")
 
 
 class _Failed(Exception):
@@ -144,17 +167,12 @@ class _Failed(Exception):
         self.message = message
 
 
-def _fail(out: HttpOutput, reason: str, message: str) -> None:
-    out.state = "failed"
-    out.finish_reason = reason
-    out.error = message
-    out.timings.finish_s = time.perf_counter()
-
-
 def _take_figures(out: HttpOutput, figures: dict[str, Any]) -> None:
     """`disagg serve`'s per-request figures → the fields the in-process benchmark fills."""
     for ours, theirs in [("raw_bytes", "kv_raw_bytes"), ("wire_bytes", "kv_wire_bytes"),
-                         ("transfer_ms", "kv_transfer_ms"), ("retries", "retries")]:
+                         ("transfer_ms", "kv_transfer_ms"), ("retries", "retries"),
+                         ("prefix_cached_tokens", "prefix_cached_tokens"),
+                         ("decode_cached_tokens", "decode_cached_tokens")]:
         if figures.get(theirs) is not None:
             out.kv[ours] = float(figures[theirs])
     if figures.get("kv_transfer_ms") and figures.get("kv_hidden_share") is not None:
@@ -171,6 +189,9 @@ def run_http_bench(target: HttpTarget, opts: ServeBenchOptions) -> None:
     if opts.mode != "disagg" or opts.config is not None or opts.chaos_kill_every_s is not None:
         raise UsageError("--base-url benchmarks a server running elsewhere; --mode, --config and "
                          "--chaos-kill-every start clusters here, so leave them out")
+    if opts.workload in TOKEN_ID_WORKLOADS and target.backend != "openai":
+        raise UsageError(f"--workload {opts.workload} sends token-id prompts, which only /v1/completions "
+                         f"takes: use --backend openai, not {target.backend}")
     _, tokenizer, workloads = prepare_workloads(opts)
     runs = asyncio.run(_run_all(target, opts.model, tokenizer, workloads, opts))
     serve_report.report({target.backend: runs}, opts)
@@ -184,7 +205,6 @@ async def _run_all(target: HttpTarget, model: str, tokenizer: Tokenizer,
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     limits = httpx.Limits(max_connections=opts.max_concurrency or 10_000, max_keepalive_connections=None)
     timeout = httpx.Timeout(REQUEST_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
-    ignore_eos = opts.ignore_eos or opts.workload == "interference"
     topology: list[dict[str, object]] = [{"role": target.backend, "address": target.url}]
     results = []
     async with httpx.AsyncClient(headers=headers, limits=limits, timeout=timeout) as client:
@@ -192,37 +212,36 @@ async def _run_all(target: HttpTarget, model: str, tokenizer: Tokenizer,
             first = workloads[0][1][0]
             warm = [HttpOutput(f"warmup-{i}", list(first.prompt_ids), first.output_len)
                     for i in range(opts.num_warmups)]
-            body = payload(target, model, tokenizer.decode(list(first.prompt_ids)), first.output_len, ignore_eos)
+            body = _body(target, model, tokenizer, warm[0], opts)
             await asyncio.gather(*(send(client, target, body, o, tokenizer) for o in warm))
             if any(o.state != "done" for o in warm):
                 raise UsageError(f"warm-up request to {target.url} failed: {next(o.error for o in warm if o.error)}")
         for rate, workload in workloads:
             ui.info(f"[{target.backend}] {len(workload)} requests at {rate:g} req/s to {target.url}")
-            outputs, duration_s, start_s = await _bench(client, target, model, tokenizer, workload, opts, ignore_eos)
+            outputs, duration_s, start_s = await _bench(client, target, model, tokenizer, workload, opts)
             results.append(RunResult(target.backend, rate, workload, outputs, duration_s,  # type: ignore[arg-type]
                                      start_s, topology, len(available_cpus()), base_url=target.base_url))
     return results
 
 
+def _body(target: HttpTarget, model: str, tokenizer: Tokenizer, out: HttpOutput,
+          opts: ServeBenchOptions) -> dict[str, Any]:
+    # The cache workloads send ids: decoding and re-encoding a history need not give the same ids.
+    as_ids = opts.workload in TOKEN_ID_WORKLOADS
+    prompt = out.prompt_token_ids if as_ids else tokenizer.decode(out.prompt_token_ids)
+    return payload(target, model, prompt, out.output_len, opts.ignores_eos, token_ids=opts.workload == "multi-turn")
+
+
 async def _bench(client: httpx.AsyncClient, target: HttpTarget, model: str, tokenizer: Tokenizer,
-                 workload: list[BenchRequest], opts: ServeBenchOptions,
-                 ignore_eos: bool) -> tuple[list[HttpOutput], float, float]:
-    """Each request at its send time (at most --max-concurrency in flight): outputs, duration, start."""
-    from disagg_cli.bench.serve import ui_progress
+                 workload: list[BenchRequest], opts: ServeBenchOptions) -> tuple[list[HttpOutput], float, float]:
+    """Each request at its send time, a conversation's turns in order (`bench/replay.py`): outputs,
+    duration, start."""
+    from disagg_cli.bench.replay import replay
 
-    outputs = [HttpOutput(f"{target.backend}-{i}", list(r.prompt_ids), r.output_len) for i, r in enumerate(workload)]
-    limit = asyncio.Semaphore(opts.max_concurrency) if opts.max_concurrency else None
-    with ui_progress(len(workload), f"{target.backend} requests", enabled=ui.is_interactive()) as advance:
-        start_s = time.perf_counter()
+    def make(index: int, prompt_ids: list[int]) -> HttpOutput:
+        return HttpOutput(f"{target.backend}-{index}", prompt_ids, workload[index].output_len)
 
-        async def one(req: BenchRequest, out: HttpOutput) -> None:
-            delay = start_s + req.send_s - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            body = payload(target, model, tokenizer.decode(list(req.prompt_ids)), req.output_len, ignore_eos)
-            async with limit if limit is not None else contextlib.nullcontext():
-                await send(client, target, body, out, tokenizer)
-            advance()
+    async def one(out: HttpOutput) -> None:
+        await send(client, target, _body(target, model, tokenizer, out, opts), out, tokenizer)
 
-        await asyncio.gather(*(one(r, o) for r, o in zip(workload, outputs, strict=True)))
-        return outputs, time.perf_counter() - start_s, start_s
+    return await replay(workload, make, one, f"{target.backend} requests", opts.max_concurrency)

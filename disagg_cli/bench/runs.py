@@ -20,7 +20,9 @@ from disagg_cli.kv.wire import CODEC_NAMES
 
 MODES = ("disagg", "colocated", "both")
 DATASETS = ("random", "sharegpt")
-WORKLOADS = ("dataset", "interference")
+WORKLOADS = ("dataset", "interference", "multi-turn", "prefix")
+# Workloads whose shapes are token counts by design: their requests never stop at EOS.
+FIXED_LENGTH_WORKLOADS = ("interference", "multi-turn", "prefix")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,9 @@ class ServeBenchOptions:
     sweep_rates: tuple[float, ...] = ()
     chaos_kill_every_s: float | None = None
     tokenizer: str | None = None  # for the workload; None: --model
+    num_turns: int = 4  # multi-turn: turns per conversation
+    prefix_len: int = 256  # multi-turn: shared system prompt; prefix: each shared prefix (tokens)
+    num_prefixes: int = 1  # prefix: distinct prefixes, assigned round-robin
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -84,7 +89,8 @@ class ServeBenchOptions:
                             ("--short-input-len", self.interference.short_input_len),
                             ("--short-output-len", self.interference.short_output_len),
                             ("--long-input-len", self.interference.long_input_len),
-                            ("--long-output-len", self.interference.long_output_len)]:
+                            ("--long-output-len", self.interference.long_output_len),
+                            ("--num-turns", self.num_turns), ("--num-prefixes", self.num_prefixes)]:
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1, got {value}")
         if not 0 <= self.random_range_ratio < 1:
@@ -111,8 +117,15 @@ class ServeBenchOptions:
             raise UsageError(f"--worker-timeout must be positive, got {self.worker_timeout_s}")
         if self.chaos_kill_every_s is not None and not self.chaos_kill_every_s > 0:
             raise UsageError(f"--chaos-kill-every must be a positive number of seconds, got {self.chaos_kill_every_s}")
+        if self.prefix_len < (1 if self.workload == "prefix" else 0):
+            raise UsageError(f"--prefix-len must be at least {1 if self.workload == 'prefix' else 0} "
+                             f"for --workload {self.workload}, got {self.prefix_len}")
         if self.interference.long_interval_s <= 0:
             raise UsageError(f"--long-interval must be positive, got {self.interference.long_interval_s}")
+
+    @property
+    def ignores_eos(self) -> bool:
+        return self.ignore_eos or self.workload in FIXED_LENGTH_WORKLOADS
 
     @property
     def modes(self) -> tuple[str, ...]:

@@ -4,8 +4,9 @@
    tokenizer (the coordinator never loads weights);
 2. per mode: start a local cluster (the same total cores for both modes), connect a coordinator,
    send the warm-up requests, then each request at its send time (at most `max_concurrency` in
-   flight), recording every token's arrival time; with `--chaos-kill-every`, SIGKILL a random
-   worker every so often and restart it on its port;
+   flight; a conversation's turns one after the other, `bench/replay.py`), recording every token's
+   arrival time; with `--chaos-kill-every`, SIGKILL a random worker every so often and restart it
+   on its port;
 3. per mode and rate: vLLM's metrics (`bench/metrics.py`) plus the disaggregation figures, printed
    and saved by `bench/serve_report.py`; the cluster is stopped.
 """
@@ -22,8 +23,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from disagg_cli import ui
+from disagg_cli.bench.replay import replay
 from disagg_cli.bench.runs import RunResult, ServeBenchOptions, TimedOutput
-from disagg_cli.bench.workload import BenchRequest, interference_workload, random_workload, sharegpt_workload
+from disagg_cli.bench.workload import (
+    BenchRequest,
+    interference_workload,
+    multi_turn_workload,
+    prefix_workload,
+    random_workload,
+    sharegpt_workload,
+)
 from disagg_cli.config import SamplingParams
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.errors import UsageError
@@ -39,6 +48,12 @@ def build_workload(opts: ServeBenchOptions, tokenizer: Tokenizer, rate: float) -
         return interference_workload(tokenizer, opts.num_prompts, s.short_input_len, s.short_output_len,
                                      s.long_input_len, s.long_output_len, s.long_interval_s, rate,
                                      opts.burstiness, opts.seed)
+    if opts.workload == "multi-turn":
+        return multi_turn_workload(tokenizer, opts.num_prompts, opts.num_turns, opts.prefix_len,
+                                   opts.random_input_len, opts.random_output_len, rate, opts.burstiness, opts.seed)
+    if opts.workload == "prefix":
+        return prefix_workload(tokenizer, opts.num_prompts, opts.num_prefixes, opts.prefix_len, opts.random_input_len,
+                               opts.random_output_len, rate, opts.burstiness, opts.seed)
     if opts.dataset_name == "sharegpt":
         assert opts.dataset_path is not None
         return sharegpt_workload(tokenizer, opts.dataset_path, opts.num_prompts, rate, opts.burstiness, opts.seed)
@@ -91,7 +106,8 @@ async def _run_all(mode: str, cluster: LocalCluster, tokenizer: Tokenizer,
         await coordinator.connect(cluster.check)
         if opts.num_warmups and workloads and workloads[0][1]:
             first = workloads[0][1][0]
-            warm = [_output(f"warmup-{i}", first, tokenizer, opts) for i in range(opts.num_warmups)]
+            warm = [_output(f"warmup-{i}", list(first.prompt_ids), first.output_len, tokenizer, opts)
+                    for i in range(opts.num_warmups)]
             await asyncio.gather(*(coordinator.run_request(o) for o in warm))
         for rate, workload in workloads:
             ui.info(f"[{mode}] {len(workload)} requests at {rate:g} req/s")
@@ -113,46 +129,18 @@ async def _run_all(mode: str, cluster: LocalCluster, tokenizer: Tokenizer,
     return results
 
 
-def _output(request_id: str, req: BenchRequest, tokenizer: Tokenizer, opts: ServeBenchOptions) -> TimedOutput:
-    # The interference shapes are token counts by design, so those requests never stop at EOS.
-    ignore_eos = opts.ignore_eos or opts.workload == "interference"
-    params = SamplingParams(max_tokens=req.output_len, ignore_eos=ignore_eos)
-    return TimedOutput(request_id, "", list(req.prompt_ids), params, tokenizer)
+def _output(request_id: str, prompt_ids: list[int], output_len: int, tokenizer: Tokenizer,
+            opts: ServeBenchOptions) -> TimedOutput:
+    params = SamplingParams(max_tokens=output_len, ignore_eos=opts.ignores_eos)
+    return TimedOutput(request_id, "", prompt_ids, params, tokenizer)
 
 
 async def _bench(coordinator: Coordinator, workload: list[BenchRequest], tokenizer: Tokenizer,
                  opts: ServeBenchOptions, mode: str) -> tuple[list[TimedOutput], float, float]:
-    outputs = [_output(f"{mode}-{i}", req, tokenizer, opts) for i, req in enumerate(workload)]
-    limit = asyncio.Semaphore(opts.max_concurrency) if opts.max_concurrency else None
-    with ui_progress(len(workload), f"{mode} requests", enabled=ui.is_interactive()) as advance:
-        start_s = time.perf_counter()
+    def make(index: int, prompt_ids: list[int]) -> TimedOutput:
+        return _output(f"{mode}-{index}", prompt_ids, workload[index].output_len, tokenizer, opts)
 
-        async def one(req: BenchRequest, out: TimedOutput) -> None:
-            delay = start_s + req.send_s - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            async with limit if limit is not None else contextlib.nullcontext():
-                out.timings.arrival_s = time.perf_counter()  # vLLM's clock starts when the request is sent
-                await coordinator.run_request(out)
-            advance()
-
-        await asyncio.gather(*(one(req, out) for req, out in zip(workload, outputs, strict=True)))
-        duration_s = time.perf_counter() - start_s
-    return outputs, duration_s, start_s
-
-
-@contextlib.contextmanager
-def ui_progress(total: int, label: str, enabled: bool):  # type: ignore[no-untyped-def]
-    """A requests-done bar on stderr (a terminal only); yields the function that advances it."""
-    if not enabled:
-        yield lambda: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=ui.err_console, transient=True) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda: bar.advance(task)
+    return await replay(workload, make, coordinator.run_request, f"{mode} requests", opts.max_concurrency)
 
 
 async def _chaos(cluster: LocalCluster, every_s: float | None, seed: int, kills: list[dict[str, object]]) -> None:

@@ -1,6 +1,7 @@
 """What `disagg bench serve` prints and saves: vLLM's result block and flat JSON keys, plus the
 disaggregation figures (KV transfer, per-stage means, retries and failures, short vs long requests),
-the side-by-side comparison of modes, and the goodput sweep table.
+the side-by-side comparison of modes, and the goodput sweep table; the prefix-cache figures are
+`bench/cache_report.py`'s.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from disagg_cli import ui
+from disagg_cli.bench.cache_report import cache_json, cache_lines, cache_rows, shows_cache
 from disagg_cli.bench.metrics import (
     METRIC_HEADERS,
     METRIC_NAMES,
@@ -23,6 +25,7 @@ from disagg_cli.bench.metrics import (
     percentile_key,
     slo_attainment,
 )
+from disagg_cli.bench.workload import conversations
 
 if TYPE_CHECKING:
     from disagg_cli.bench.runs import RunResult, ServeBenchOptions
@@ -70,12 +73,14 @@ def disagg_json(run: RunResult, opts: ServeBenchOptions) -> dict[str, Any]:
         "topology": run.topology,
         "num_workers": len(run.topology),
         "num_cores": run.num_cores,
+        "num_conversations": len(conversations(run.workload)),
         "kv": {
             "raw_bytes": raw, "wire_bytes": wire, "ratio": raw / wire if wire else None,
             "transfer_ms": _summary(transfer, opts.metric_percentiles),
             # Share of the transfer time that overlapped prefill compute (not on the critical path).
             "hidden_share": sum(hidden) / sum(transfer) if transfer and sum(transfer) else None,
         },
+        "cache": cache_json(run),
         "stages_ms": {key: mean([o.timings.stages_ms[key] for o in outs if key in o.timings.stages_ms])
                       for key in stage_keys},
         "requests": {"sent": len(outs), "answered": answered, "failed": len(failed),
@@ -146,6 +151,8 @@ def text_block(result: dict[str, Any], opts: ServeBenchOptions) -> str:
             label = "Mean" if key == "mean" else "Median" if key == "median" else f"P{key[1:]}"
             lines.append(f"{f'{label} KV transfer (ms):':<40} {value:<10.2f}")
         lines.append(f"{'Transfer hidden behind prefill (%):':<40} {hidden:<10}")
+    if shows_cache(d):
+        lines += cache_lines(d)
     if d["stages_ms"]:
         lines.append(f"{'Per-stage means (ms)':-^50}")
         lines += [f"{key + ':':<40} {value:<10.2f}" for key, value in d["stages_ms"].items()]
@@ -188,7 +195,7 @@ def ratios(results: dict[str, dict[str, Any]], opts: ServeBenchOptions) -> list[
             for q in ("p50", "p99"):
                 rows.append((f"short {METRIC_NAMES[m]} {q} (ms)", kinds_d["short"][f"{m}_ms"][q],
                              kinds_c["short"][f"{m}_ms"][q]))
-    return rows
+    return rows + cache_rows(dis["disagg"], col["disagg"])
 
 
 def compare_block(results: dict[str, dict[str, Any]], opts: ServeBenchOptions) -> str:

@@ -8,7 +8,13 @@ start, kind) built once from a seed, so every mode of one run replays exactly th
   length; too short (< 4 tokens) or too long (prompt > 1024, or prompt + output > 2048) pairs are
   skipped, as vLLM does;
 - interference: a steady stream of short decode-heavy requests, with a long prompt arriving every
-  `long_interval_s` seconds, the case where a colocated prefill stalls running decodes.
+  `long_interval_s` seconds, the case where a colocated prefill stalls running decodes;
+- prefix: requests opening with one of K shared prefixes (round-robin), then a random suffix;
+- multi-turn: conversations that share one system prompt and grow turn by turn. A later turn's
+  prompt is only known once the turn before it is answered, so its `prompt_ids` hold just the new
+  user message and `follows` names the previous turn: the driver (`bench/replay.py`) sends the
+  previous turn's prompt ids + the ids it generated + that message (no retokenizing, so a prefix
+  cache can reuse the history exactly).
 Send times follow vLLM: intervals gamma-distributed with shape `burstiness` and mean 1/rate
 (burstiness 1 is a Poisson process); rate `inf` sends everything at once.
 """
@@ -37,7 +43,10 @@ class BenchRequest:
     prompt_ids: tuple[int, ...]
     output_len: int
     send_s: float  # seconds after the benchmark starts
-    kind: str = "main"  # "short" / "long" in the interference workload
+    kind: str = "main"  # "short" / "long" (interference), "turn1", "turn2", … (multi-turn)
+    # Multi-turn: index of the previous turn in the workload; `prompt_ids` are then only the new
+    # message, appended to that turn's prompt and output (`next_prompt`).
+    follows: int | None = None
 
 
 def arrival_offsets(num: int, rate: float, burstiness: float, rng: random.Random) -> list[float]:
@@ -66,7 +75,11 @@ def text_token_ids(tokenizer: Tokenizer) -> list[int]:
 
 def random_prompts(tokenizer: Tokenizer, input_lens: list[int], rng: random.Random) -> list[tuple[int, ...]]:
     pool = text_token_ids(tokenizer)
-    return [tuple(rng.choice(pool) for _ in range(n)) for n in input_lens]
+    return [_draw(pool, n, rng) for n in input_lens]
+
+
+def _draw(pool: list[int], n: int, rng: random.Random) -> tuple[int, ...]:
+    return tuple(rng.choice(pool) for _ in range(n))
 
 
 def random_workload(tokenizer: Tokenizer, num: int, input_len: int, output_len: int, range_ratio: float,
@@ -130,3 +143,59 @@ def interference_workload(tokenizer: Tokenizer, num_short: int, short_input_len:
     longs = random_prompts(tokenizer, [long_input_len] * num_long, rng)
     requests += [BenchRequest(p, long_output_len, (i + 1) * long_interval_s, "long") for i, p in enumerate(longs)]
     return sorted(requests, key=lambda r: r.send_s)
+
+
+def prefix_workload(tokenizer: Tokenizer, num: int, num_prefixes: int, prefix_len: int, input_len: int,
+                    output_len: int, rate: float, burstiness: float, seed: int) -> list[BenchRequest]:
+    """`num` requests at `rate`: request i opens with prefix i mod `num_prefixes` (`prefix_len`
+    tokens each), then `input_len` tokens of its own."""
+    rng = random.Random(seed)
+    pool = text_token_ids(tokenizer)
+    prefixes = [_draw(pool, prefix_len, rng) for _ in range(num_prefixes)]
+    suffixes = [_draw(pool, input_len, rng) for _ in range(num)]
+    sends = arrival_offsets(num, rate, burstiness, rng)
+    return [BenchRequest(prefixes[i % num_prefixes] + suffix, output_len, send)
+            for i, (suffix, send) in enumerate(zip(suffixes, sends, strict=True))]
+
+
+def multi_turn_workload(tokenizer: Tokenizer, num_conversations: int, num_turns: int, prefix_len: int,
+                        input_len: int, output_len: int, rate: float, burstiness: float,
+                        seed: int) -> list[BenchRequest]:
+    """`num_conversations` chats arriving at `rate`, `num_turns` turns each, conversation by
+    conversation: turn 1 is the shared system prompt (`prefix_len` tokens) + a user message of
+    `input_len` tokens; every later turn adds the previous answer and a new message of `input_len`
+    tokens, and is sent once that answer is complete (its `send_s` is its conversation's arrival)."""
+    rng = random.Random(seed)
+    pool = text_token_ids(tokenizer)
+    system = _draw(pool, prefix_len, rng)
+    sends = arrival_offsets(num_conversations, rate, burstiness, rng)
+    requests: list[BenchRequest] = []
+    for send in sends:
+        requests.append(BenchRequest(system + _draw(pool, input_len, rng), output_len, send, "turn1"))
+        for turn in range(2, num_turns + 1):
+            requests.append(BenchRequest(_draw(pool, input_len, rng), output_len, send, f"turn{turn}",
+                                         follows=len(requests) - 1))
+    return requests
+
+
+def conversations(workload: list[BenchRequest]) -> list[list[int]]:
+    """The workload's indices in chains that must be sent in order: a request with no `follows`
+    starts one, every follow-up joins the chain of the turn it follows (a single request is a chain
+    of one)."""
+    chains: list[list[int]] = []
+    chain_of: dict[int, int] = {}
+    for i, req in enumerate(workload):
+        if req.follows is None:
+            chain_of[i] = len(chains)
+            chains.append([i])
+            continue
+        assert req.follows < i and chains[chain_of[req.follows]][-1] == req.follows, \
+            f"request {i} must follow the last turn of its conversation, not request {req.follows}"
+        chain_of[i] = chain_of[req.follows]
+        chains[chain_of[i]].append(i)
+    return chains
+
+
+def next_prompt(prompt_ids: list[int], generated_ids: list[int], req: BenchRequest) -> list[int]:
+    """A follow-up turn's prompt: the previous turn's prompt, what it generated, the new message."""
+    return [*prompt_ids, *generated_ids, *req.prompt_ids]

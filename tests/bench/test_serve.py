@@ -44,3 +44,29 @@ def test_bad_flags_are_one_line() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert done.stderr.strip() == "error: --sweep-rates needs both SLOs: --goodput ttft:MS tpot:MS"
+
+
+@pytest.mark.timeout(300)
+def test_multi_turn_conversations_send_their_turns_in_order() -> None:
+    cmd = [sys.executable, "-m", "disagg_cli", "bench", "serve", "--workload", "multi-turn", "--num-prompts", "2",
+           "--num-turns", "2", "--random-input-len", "8", "--random-output-len", "4", "--prefix-len", "32", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    # Two conversations of two turns, each turn one request: 32 + 8 tokens, then 40 + 4 (the answer) + 8.
+    assert (doc["num_prompts"], doc["completed"]) == (4, 4)
+    assert doc["input_lens"] == [40, 52, 40, 52] and doc["output_lens"] == [4] * 4  # EOS ignored
+    d = doc["disagg"]
+    assert d["workload"] == "multi-turn" and d["num_conversations"] == 2
+    assert d["kinds"] == ["turn1", "turn2", "turn1", "turn2"]
+    assert {kind: k["completed"] for kind, k in d["by_kind"].items()} == {"turn1": 2, "turn2": 2}
+    # A later turn is sent only once the turn before it has answered.
+    for first, later in ((0, 1), (2, 3)):
+        assert d["send_times"][later] >= d["send_times"][first] + doc["ttfts"][first] + sum(doc["itls"][first])
+    c = d["cache"]
+    assert (c["requests"], c["prompt_tokens"], c["first_turns"]["prompt_tokens"]) == (4, 184, 80)
+    later = c["later_turns"]
+    assert (later["requests"], later["prompt_tokens"], later["new_tokens"]) == (2, 104, 24)
+    assert 0 <= c["prefix_hit_rate"] <= 1 and 0 <= later["kv_sent_per_prompt_token"] <= 1
+    assert c["wire_bytes"] == d["kv"]["wire_bytes"] > 0
+    assert d["requests"]["lost"] == 0 and all(b["free"] == b["total"] for b in d["kv_blocks_at_end"].values())
