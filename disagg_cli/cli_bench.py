@@ -11,17 +11,20 @@ import typer
 from disagg_cli.cli_options import (
     DEFAULT_DEADLINES,
     BlockSizeOpt,
+    DisaggThresholdOpt,
     DtypeOpt,
     FirstTokenTimeoutOpt,
     ModelOpt,
     QuantizationOpt,
     RequestTimeoutOpt,
     ReserveTimeoutOpt,
+    RouterOpt,
     ThreadsOpt,
     TokenTimeoutOpt,
     cache_dir,
     int_list,
 )
+from disagg_cli.cli_options import disagg_threshold as parse_threshold
 from disagg_cli.config import Deadlines, RuntimeConfig
 from disagg_cli.errors import UsageError
 
@@ -103,7 +106,8 @@ def bench_serve(
     random_range_ratio: Annotated[float, typer.Option(help="Lengths uniform in len·[1−r, 1+r].")] = 0.0,
     num_prompts: Annotated[int, typer.Option(help="Requests (short ones, for --workload interference; "
                                              "conversations, for --workload multi-turn).")] = 32,
-    request_rate: Annotated[float, typer.Option(help="Requests/s (Poisson); inf sends all at once.")] = float("inf"),
+    request_rate: Annotated[float | None, typer.Option(help="Requests/s (Poisson); inf sends all at once "
+                                                       "(default: inf; 1 for --workload interference).")] = None,
     burstiness: Annotated[float, typer.Option(help="Gamma shape of the intervals; 1 = Poisson, <1 burstier.")] = 1.0,
     max_concurrency: Annotated[int | None, typer.Option(help="Most requests in flight.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the workload (prompts, lengths, arrivals).")] = 0,
@@ -141,6 +145,11 @@ def bench_serve(
                                                            "and restart it.")] = None,
     dtype: DtypeOpt = "float32",
     kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers (default topology).")] = None,
+    enable_prefix_caching: Annotated[bool | None, typer.Option(
+        "--enable-prefix-caching/--no-enable-prefix-caching", help="Prefix caching on every worker started, in "
+        "both modes (default: on, or as --config says).")] = None,
+    disagg_threshold: DisaggThresholdOpt = "0",
+    router: RouterOpt = "round-robin",
     worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
     reserve_timeout: ReserveTimeoutOpt = DEFAULT_DEADLINES.reserve_s,
     first_token_timeout: FirstTokenTimeoutOpt = DEFAULT_DEADLINES.first_token_s,
@@ -184,7 +193,8 @@ def bench_serve(
     opts = ServeBenchOptions(
         model=model, cache_dir=cache_dir(), dataset_name=dataset_name, dataset_path=dataset_path,
         random_input_len=random_input_len, random_output_len=random_output_len,
-        random_range_ratio=random_range_ratio, num_prompts=num_prompts, request_rate=request_rate,
+        random_range_ratio=random_range_ratio, num_prompts=num_prompts,
+        request_rate=request_rate if request_rate is not None else 1.0 if workload == "interference" else float("inf"),
         burstiness=burstiness, max_concurrency=max_concurrency, seed=seed, num_warmups=num_warmups,
         ignore_eos=ignore_eos, percentile_metrics=tuple(m.strip() for m in percentile_metrics.split(",") if m.strip()),
         metric_percentiles=floats("--metric-percentiles", metric_percentiles), goodput=slo,
@@ -197,7 +207,8 @@ def bench_serve(
                                        long_interval),
         sweep_rates=floats("--sweep-rates", sweep_rates) if sweep_rates else (),
         chaos_kill_every_s=chaos_kill_every, tokenizer=tokenizer, num_turns=num_turns, prefix_len=prefix_len,
-        num_prefixes=num_prefixes)
+        num_prefixes=num_prefixes, enable_prefix_caching=enable_prefix_caching,
+        disagg_threshold=parse_threshold(disagg_threshold), router=router)
     if base_url is not None:
         run_http_bench(HttpTarget(base_url, backend, endpoint, api_key), opts)
     else:

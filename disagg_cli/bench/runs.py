@@ -74,8 +74,15 @@ class ServeBenchOptions:
     num_turns: int = 4  # multi-turn: turns per conversation
     prefix_len: int = 256  # multi-turn: shared system prompt; prefix: each shared prefix (tokens)
     num_prefixes: int = 1  # prefix: distinct prefixes, assigned round-robin
+    enable_prefix_caching: bool | None = None  # every worker started, both modes; None: as configured (on)
+    disagg_threshold: int | str = 0  # selective disaggregation (CoordinatorConfig)
+    router: str = "round-robin"
 
     def __post_init__(self) -> None:
+        from disagg_cli.coordinator.router import POLICIES
+
+        if self.router not in POLICIES:
+            raise UsageError(f"--router must be one of {', '.join(POLICIES)}, got {self.router!r}")
         if self.mode not in MODES:
             raise UsageError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.dataset_name not in DATASETS:

@@ -72,6 +72,9 @@ def topologies(opts: ServeBenchOptions) -> dict[str, ClusterConfig]:
     else:
         base = WorkerSpec("prefill", dtype=opts.dtype, kv_codec=opts.kv_codec)
         disagg = local_topology(opts.model, base)
+    if opts.enable_prefix_caching is not None:
+        disagg = replace(disagg, workers=tuple(replace(w, enable_prefix_caching=opts.enable_prefix_caching)
+                                               for w in disagg.workers))
     placed = place(disagg.workers, available_cpus())
     threads = sum(w.threads or 1 for w in placed)
     cpus = tuple(sorted({c for w in placed for c in (w.cpus or ())})) or None
@@ -100,7 +103,8 @@ async def _run_all(mode: str, cluster: LocalCluster, tokenizer: Tokenizer,
         for w in cluster.workers]
     num_cores = len({c for w in cluster.workers for c in (w.spec.cpus or ())}) or sum(
         int(w.spec.threads or 1) for w in cluster.workers)
-    config = CoordinatorConfig(worker_timeout_s=opts.worker_timeout_s, deadlines=opts.deadlines)
+    config = CoordinatorConfig(policy=opts.router, worker_timeout_s=opts.worker_timeout_s, deadlines=opts.deadlines,
+                               disagg_threshold=opts.disagg_threshold)
     results = []
     async with Coordinator(cluster.addresses(), tokenizer.eos_token_ids, config, cluster.is_gone) as coordinator:
         await coordinator.connect(cluster.check)
