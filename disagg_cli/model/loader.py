@@ -37,7 +37,7 @@ class LoadedModel:
     dtype_reason: str = ""
     quantization_reason: str = ""
     kernel_reason: str = ""  # whether the quantized C kernel built, and why not
-    kernel: Any = None  # the built `Kernel` (quantized models only): matmuls and paged decode attention
+    kernel: Any = None  # the built `Kernel` (CPU): paged decode attention (float32 KV), quantized matmuls
 
     @property
     def dtype(self) -> torch.dtype:
@@ -92,7 +92,9 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
     check_device(runtime.device)
     apply_threads(runtime)
     kernel = None
-    if runtime.quantization != "none" and runtime.device == "cpu":
+    # The C kernel also serves float weights: its paged decode attention reads each sequence's KV in
+    # place through its block table, where torch would gather a padded copy of every decode's KV.
+    if runtime.device == "cpu":
         from disagg_cli.model.quant.kernels import load_kernel
         from disagg_cli.model.registry import default_cache_dir
 
