@@ -75,8 +75,10 @@ class PagedAttention:
 
     def __init__(self, storage: KVStorage, slot_mapping: torch.Tensor, seqs: list[_SeqView],
                  on_layer: LayerHook | None = None, decode: _DecodeBatch | None = None,
-                 paged: _PagedDecode | None = None, kernel: Any = None) -> None:
+                 paged: _PagedDecode | None = None, kernel: Any = None,
+                 fresh: list[tuple[str, int, int, int]] = ()) -> None:
         self.storage = storage
+        self.fresh = fresh  # (request id, first row, end row, position of the first row) of every sequence
         self.paged = paged
         self.kernel = kernel
         self.slot_mapping = slot_mapping
@@ -90,8 +92,7 @@ class PagedAttention:
         keys.index_copy_(0, self.slot_mapping, k)
         values.index_copy_(0, self.slot_mapping, v)
         if self.on_layer is not None:  # views into this step's fresh K/V, no copy
-            self.on_layer(layer, [(s.request_id, s.offset, k[s.start : s.end], v[s.start : s.end])
-                                  for s in self.seqs])
+            self.on_layer(layer, [(rid, pos, k[a:b], v[a:b]) for rid, a, b, pos in self.fresh])
         if self.decode is None and self.paged is None and len(self.seqs) == 1 and self.seqs[0].offset == 0:
             return causal_attention(q, k, v, 0)  # one fresh prompt: the whole batch is its own
         p = self.paged
@@ -150,9 +151,11 @@ class ModelRunner:
         decodes: list[tuple[int, list[int]]] = []  # (row, slots) of sequences adding one token
         many_decodes = sum(1 for item in batch if item.num_new_tokens == 1 and item.seq.num_computed_tokens) >= 2
         paged: list[tuple[int, list[int], int]] = []  # (row, block ids, keys) for the kernel's attention
+        fresh: list[tuple[str, int, int, int]] = []
         for item in batch:
             seq, n = item.seq, item.num_new_tokens
             start, done = len(ids), seq.num_computed_tokens
+            fresh.append((seq.request_id, start, start + n, done))
             ids += seq.token_ids[done : done + n]
             positions += range(done, done + n)
             slots += self.pool.slots(seq.request_id, done, done + n)
@@ -172,7 +175,7 @@ class ModelRunner:
         device = self.lm.device
         attn = PagedAttention(self.storage, torch.tensor(slots, device=device), views, on_layer,
                               self._decode_batch(decodes) if decodes else None,
-                              self._paged_decode(paged, len(ids)) if paged else None, self.kernel)
+                              self._paged_decode(paged, len(ids)) if paged else None, self.kernel, fresh)
         hidden = self.lm.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), attn)
         self.gathered_bytes += attn.gathered_bytes
         return self.lm.model.compute_logits(hidden[sample_rows])

@@ -1,6 +1,7 @@
 """Prefix caching across real worker processes: a chat's next turn reuses the KV both workers hold,
 only the KV the decode worker lacks crosses the wire (exact bytes), an evicted prefix is computed
-again with the same tokens, and a short prompt is prefilled on its decode worker (selective
+again with the same tokens, a prompt prefilled in chunks streams each chunk's KV at its position,
+and a short prompt is prefilled on its decode worker (selective
 disaggregation); greedy output equals this process's engine with caching off, token for token."""
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ def test_turns_reuse_both_caches_and_short_prompts_stay_on_decode(
     turn1 = system + tok.encode(" What is the capital of France?", add_bos=False)
     flood = tok.encode("Tell me a long story about a lighthouse keeper and the sea. " * 12)
     # A decode pool of 12 blocks: the ~170-token flood request evicts what the turns left cached.
+    # Chunked prefill of 24 tokens a step: a prompt's KV leaves in chunks, each at its position.
     topology = ClusterConfig(str(default_gguf), (
-        WorkerSpec("prefill", dtype="float32", kv_cache_tokens=2048, kv_codec="none", threads=1),
+        WorkerSpec("prefill", dtype="float32", kv_cache_tokens=2048, kv_codec="none", threads=1,
+                   chunked_prefill=True, max_num_batched_tokens=24),
         WorkerSpec("decode", dtype="float32", kv_cache_tokens=192, threads=1)))
     results: dict[str, RequestOutput] = {}
 
