@@ -6,7 +6,6 @@ Progress and status go to stderr and only when stderr is a terminal, so stdout s
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +26,8 @@ from rich.progress import (
 )
 from rich.table import Table
 from rich.text import Text
+
+from disagg_cli.stats import percentile
 
 if TYPE_CHECKING:  # only attribute access at run time; keeps tokenizers out of CLI start-up
     from disagg_cli.engine.request import RequestOutput
@@ -273,17 +274,6 @@ def live_table(requests: list[RequestOutput], enabled: bool, *, console: Console
                 sys.stdout = real_stdout
                 if table._stdout.partial:  # above the final table, not after it
                     table._stdout.write("\n")
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between closest ranks: numpy's default, which vLLM's benchmarks use."""
-    if not values:
-        return None
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def _mean(values: list[float]) -> float | None:

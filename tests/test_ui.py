@@ -16,10 +16,10 @@ from tokenizers import models, pre_tokenizers, trainers
 from disagg_cli.config import SamplingParams
 from disagg_cli.engine.request import RequestOutput, Timings
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
+from disagg_cli.stats import percentile
 from disagg_cli.ui import (
     human_bytes,
     live_table,
-    percentile,
     plain_summary_lines,
     request_table,
     summarize,

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from disagg_cli import stats
+
 METRICS = ("ttft", "tpot", "itl", "e2el")
 METRIC_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
 METRIC_HEADERS = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
@@ -76,14 +78,9 @@ def parse_goodput(items: Sequence[str]) -> Slo:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """numpy.percentile's linear method; 0 for no values, as vLLM's `np.percentile(xs or 0, q)`."""
-    if not values:
-        return 0.0
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    """`stats.percentile`, but 0 for no values, as vLLM's `np.percentile(xs or 0, q)`."""
+    value = stats.percentile(values, q)
+    return 0.0 if value is None else value
 
 
 def mean(values: Sequence[float]) -> float:
