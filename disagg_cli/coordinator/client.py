@@ -337,8 +337,11 @@ def _copy_stats(out: RequestOutput, stats: dict[str, float]) -> None:
                 out.kv[key] = float(value)
         else:
             out.kv[key] = float(value)
-    # The decode side saw layers land over `kv_transfer_ms`; whatever of that came after prefill
-    # compute ended is in `handoff_ms` (prefill end → first decode step). The rest was hidden.
-    if "kv_transfer_ms" in stats and "handoff_ms" in stats:
+    # Each worker measures on its own clock only. The decode side saw the layers land over
+    # `kv_transfer_ms`; the prefill side streamed them over `kv_stream_ms`, of which
+    # `kv_exposed_send_ms` came after its forward pass ended: the rest was hidden behind compute.
+    if "kv_transfer_ms" in stats:
         out.kv["transfer_ms"] = float(stats["kv_transfer_ms"])
-        out.kv["hidden_ms"] = max(0.0, float(stats["kv_transfer_ms"]) - float(stats["handoff_ms"]))
+        if "kv_stream_ms" in stats and "kv_exposed_send_ms" in stats:
+            out.kv["hidden_ms"] = min(float(stats["kv_transfer_ms"]),
+                                      max(0.0, float(stats["kv_stream_ms"]) - float(stats["kv_exposed_send_ms"])))

@@ -326,7 +326,7 @@ class KVDone(Message):
     num_tokens: int
     num_layers: int
     sampler_state: bytes | None = None  # the sampler's RNG state after drawing the first token
-    stats: dict[str, float] = field(default_factory=dict)  # prefill_end_unix_s, kv_encode_ms, bytes
+    stats: dict[str, float] = field(default_factory=dict)  # kv_encode_ms, bytes, kv_stream_ms, …
 
 
 @_message("tokens")

@@ -68,7 +68,8 @@ class DecodeWorker(Worker):
         self.incoming: dict[str, _Incoming] = {}  # reserved, KV on its way
         self.first_stats: dict[str, dict[str, float]] = {}  # sent with a request's first Tokens
         self.local: dict[str, tuple[float, float]] = {}  # prefilled here: id → (asked, cached tokens)
-        self._step_start_unix = 0.0
+        self._step_start = 0.0
+        self.kv_done_s: dict[str, float] = {}  # when each request's KVDone arrived (this clock)
 
     # --- the I/O thread ----------------------------------------------------------------------------
 
@@ -165,6 +166,7 @@ class DecodeWorker(Worker):
         if done.sampler_state and sampler is not None and sampler.generator is not None:
             state = torch.from_numpy(np.frombuffer(done.sampler_state, dtype=np.uint8).copy())
             sampler.generator.set_state(state)
+        self.kv_done_s[rid] = time.perf_counter()
         first, last = inc.first_arrival_s or time.perf_counter(), inc.last_arrival_s or time.perf_counter()
         self.first_stats[rid] = {
             **done.stats,
@@ -174,7 +176,7 @@ class DecodeWorker(Worker):
             "decode_cached_tokens": float(inc.cached_tokens),
         }
         if event is not None:  # the first token already ended it (EOS, max_tokens 1)
-            self._step_start_unix = time.time()
+            self._step_start = time.perf_counter()
             self._send_tokens(rid, (), event.finish_reason)
 
     def _prefill_here(self, dest: Dest, msg: PrefillHere) -> None:
@@ -191,7 +193,6 @@ class DecodeWorker(Worker):
         self.local[rid] = (time.perf_counter(), float(inc.cached_tokens))
 
     def step(self) -> list[TokenEvent]:
-        self._step_start_unix = time.time()
         self._step_start = time.perf_counter()
         return self.engine.step()
 
@@ -218,8 +219,9 @@ class DecodeWorker(Worker):
         if owner is None:
             return
         stats = self.first_stats.pop(rid, {})
-        if stats and "prefill_end_unix_s" in stats:
-            stats["handoff_ms"] = (self._step_start_unix - stats["prefill_end_unix_s"]) * 1e3
+        done_s = self.kv_done_s.pop(rid, None)
+        if stats and done_s is not None:  # KVDone → the step that decoded its first token, on this clock
+            stats["handoff_ms"] = max(0.0, self._step_start - done_s) * 1e3
         self.io.send(owner, Tokens(rid, tokens, finish_reason, stats, (logprobs,) if logprobs else ()))
         if finish_reason is not None:
             self.owners.pop(rid, None)
@@ -228,6 +230,7 @@ class DecodeWorker(Worker):
         self.incoming.pop(request_id, None)
         self.local.pop(request_id, None)
         self.first_stats.pop(request_id, None)
+        self.kv_done_s.pop(request_id, None)
         self.queued = deque((r, i) for r, i in self.queued if r != request_id)
         super().abort(request_id, notify, reason, message)
         self._admit_reservations()

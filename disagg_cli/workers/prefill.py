@@ -179,7 +179,6 @@ class PrefillWorker(Worker):
             return None
         first, last = p.first_send_unix_s or item.prefill_end_unix_s, p.last_send_unix_s or item.prefill_end_unix_s
         return KVDone(item.request_id, item.first_token, p.num_tokens, p.layers_sent, item.sampler_state, {
-            "prefill_end_unix_s": item.prefill_end_unix_s,
             "kv_encode_ms": p.encode_ms,
             "raw_bytes": float(p.raw_bytes),
             "wire_bytes": float(p.wire_bytes),
