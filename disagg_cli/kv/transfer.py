@@ -40,8 +40,16 @@ def encode_request_kv(
             k, v = k_layers[start][None], v_layers[start][None]  # (1, T, n_kv, hd), no copy
         else:
             k, v = torch.stack(list(k_layers[start:end])), torch.stack(list(v_layers[start:end]))
-        enc = codec.encode(k, v)
-        yield KVLayers(request_id, model_fingerprint, start, end, k.shape[1], enc.meta, tuple(enc.payloads))
+        yield encode_kv_message(codec, request_id, model_fingerprint, start, k, v)
+
+
+def encode_kv_message(codec: KVCodec, request_id: str, model_fingerprint: str, layer_start: int, k: Tensor,
+                      v: Tensor, token_start: int = 0) -> KVLayers:
+    """One `KVLayers`: layers layer_start.. of tokens token_start.. of a request, k and v each
+    (layers, T, n_kv, hd). The one path KV takes onto the wire, for workers and benchmarks alike."""
+    enc = codec.encode(k, v)
+    return KVLayers(request_id, model_fingerprint, layer_start, layer_start + k.shape[0], k.shape[1], enc.meta,
+                    tuple(enc.payloads), token_start=token_start)
 
 
 def decode_kv_layers(msg: KVLayers) -> tuple[Tensor, Tensor]:

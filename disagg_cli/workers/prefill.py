@@ -24,7 +24,8 @@ from disagg_cli.config import WorkerConfig
 from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.kv.codec import KVCodec
 from disagg_cli.kv.codecs import get_codec
-from disagg_cli.kv.wire import Error, FirstToken, KVDone, KVLayers, Message, Prefill
+from disagg_cli.kv.transfer import encode_kv_message
+from disagg_cli.kv.wire import Error, FirstToken, KVDone, Message, Prefill
 from disagg_cli.workers.base import Dest, StopFlag, log
 from disagg_cli.workers.peers import PeerLost
 from disagg_cli.workers.worker import Worker
@@ -163,16 +164,16 @@ class PrefillWorker(Worker):
                 return None  # aborted while its layers were queued
             codec = self.codecs.setdefault(p.decode[1][0], self._codec_factory())
             t0 = time.perf_counter()
-            enc = codec.encode(item.k[None], item.v[None])
+            msg = encode_kv_message(codec, item.request_id, self.lm.fingerprint, item.layer, item.k[None],
+                                    item.v[None], item.token_start)
             p.encode_ms += (time.perf_counter() - t0) * 1e3
-            p.raw_bytes += enc.meta.raw_bytes
-            p.wire_bytes += enc.meta.wire_bytes
+            p.raw_bytes += msg.kv.raw_bytes
+            p.wire_bytes += msg.kv.wire_bytes
             now = time.time()
             p.first_send_unix_s = p.first_send_unix_s or now
             p.last_send_unix_s = now
             p.layers_sent += 1
-            return KVLayers(item.request_id, self.lm.fingerprint, item.layer, item.layer + 1,
-                            item.k.shape[0], enc.meta, tuple(enc.payloads), token_start=item.token_start)
+            return msg
         assert isinstance(item, _Done)
         p = self.pending.pop(item.request_id, None)
         if p is None:
