@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -42,6 +41,7 @@ from disagg_cli.coordinator.connections import (
 )
 from disagg_cli.coordinator.router import NoWorkerError, WorkerRecord, local_prefill_pays
 from disagg_cli.engine.request import RequestOutput
+from disagg_cli.kv.pool import pool_misfit
 from disagg_cli.kv.wire import (
     Abort,
     Error,
@@ -228,12 +228,11 @@ class Coordinator(WorkerConnections):
         num_blocks, block_size = cap.get("num_blocks"), cap.get("block_size")
         if not num_blocks or not block_size:
             return
-        need = math.ceil((len(out.prompt_token_ids) + out.params.max_tokens) / block_size)
-        if need > num_blocks:
+        misfit = pool_misfit(len(out.prompt_token_ids) + out.params.max_tokens, num_blocks, block_size)
+        if misfit:
             raise RequestFailed("too-long", f"{len(out.prompt_token_ids)} prompt tokens + --max-tokens "
-                          f"{out.params.max_tokens} need {need} KV blocks, but the KV pool of {conn.name} "
-                          f"holds only {num_blocks} blocks of {block_size} tokens; give it a larger "
-                          "--kv-cache-memory-mb or --kv-cache-tokens")
+                                f"{out.params.max_tokens} {misfit.replace('the pool', f'the KV pool of {conn.name}')}; "
+                                "give it a larger --kv-cache-memory-mb or --kv-cache-tokens")
 
     async def _expect(self, run: _Run, kinds: type | tuple[type, ...], what: str,
                       timeout: float) -> tuple[Connection, Message]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from disagg_cli.config import SamplingParams
-from disagg_cli.kv.pool import BlockPool
+from disagg_cli.kv.pool import BlockPool, pool_misfit
 
 
 class Status(Enum):
@@ -89,10 +89,10 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        limit = self.pool.num_blocks * self.pool.block_size
-        if seq.num_prompt_tokens + seq.params.max_tokens > limit:
-            raise ValueError(f"request {seq.request_id} needs {seq.num_prompt_tokens + seq.params.max_tokens} "
-                             f"tokens of KV; the pool holds {limit}")
+        misfit = pool_misfit(seq.num_prompt_tokens + seq.params.max_tokens, self.pool.num_blocks,
+                             self.pool.block_size)
+        if misfit:
+            raise ValueError(f"request {seq.request_id} {misfit}")
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:

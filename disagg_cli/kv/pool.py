@@ -48,6 +48,16 @@ class OutOfBlocks(Exception):
 BlockHash = bytes
 
 
+def pool_misfit(num_tokens: int, num_blocks: int, block_size: int) -> str | None:
+    """The one rule for whether a request can ever fit a pool: its prompt plus max_tokens in
+    blocks, against all of the pool. None when it fits, else the shortfall in words."""
+    need = -(-num_tokens // block_size)
+    if need <= num_blocks:
+        return None
+    return (f"needs {num_tokens} tokens of KV ({need} blocks of {block_size}), but the pool holds only "
+            f"{num_blocks} blocks ({num_blocks * block_size} tokens)")
+
+
 def hash_blocks(token_ids: Sequence[int], block_size: int, num_blocks: int | None = None,
                 parent: BlockHash = b"") -> list[BlockHash]:
     """The chained hashes of the full blocks of `token_ids` (the first `num_blocks` of them)."""

@@ -29,6 +29,7 @@ import torch
 from disagg_cli.config import SamplingParams
 from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.engine.logprobs import TokenLogprobs
+from disagg_cli.kv.pool import pool_misfit
 from disagg_cli.kv.transfer import decode_kv_layers
 from disagg_cli.kv.wire import Error, FirstToken, KVDone, KVLayers, Message, PrefillHere, Reserve, Reserved, Tokens
 from disagg_cli.workers.base import Dest, log
@@ -105,11 +106,10 @@ class DecodeWorker(Worker):
         if rid in self.incoming or rid in self.engine.seqs or any(r == rid for r, _ in self.queued):
             self.io.send(dest, Error(rid, "duplicate", f"request {rid} is already reserved here"))
             return
-        limit = self.engine.pool.num_blocks * self.engine.pool.block_size
-        if len(msg.prompt_ids) + msg.sampling.max_tokens > limit:
-            need = len(msg.prompt_ids) + msg.sampling.max_tokens
-            text = f"request {rid} needs {need} tokens of KV; this pool holds {limit}"
-            self.io.send(dest, Error(rid, "rejected", text))
+        pool = self.engine.pool
+        misfit = pool_misfit(len(msg.prompt_ids) + msg.sampling.max_tokens, pool.num_blocks, pool.block_size)
+        if misfit:
+            self.io.send(dest, Error(rid, "rejected", f"request {rid} {misfit}"))
             return
         self.owners[rid] = dest
         self.queued.append((rid, _Incoming(dest, list(msg.prompt_ids), msg.sampling, frozenset(msg.eos_ids),

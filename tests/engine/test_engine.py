@@ -98,7 +98,7 @@ def test_abort_frees_blocks_in_every_state(tiny: LoadedModel) -> None:
 
 def test_request_larger_than_pool_is_refused(tiny: LoadedModel) -> None:
     engine = LLMEngine(tiny, EngineConfig(block_size=4, kv_cache_tokens=32))
-    with pytest.raises(ValueError, match="the pool holds 32"):
+    with pytest.raises(ValueError, match=r"the pool holds only 8 blocks \(32 tokens\)"):
         engine.add_request("big", list(range(30)), SamplingParams(max_tokens=8))
 
 
