@@ -84,7 +84,7 @@ def bench_codec(
 ) -> None:
     """Measure every KV codec on real KV: size, speed, error, token agreement, time over a real link."""
     from disagg_cli.bench.codec import CodecBenchOptions, run
-    from disagg_cli.kv.wire import CODEC_NAMES
+    from disagg_cli.protocol import CODEC_NAMES
 
     names = tuple(c.strip() for c in codecs.split(",") if c.strip()) or CODEC_NAMES
     run(CodecBenchOptions(model=model, cache_dir=cache_dir(), runtime=RuntimeConfig(dtype=dtype, threads=threads),

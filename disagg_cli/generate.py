@@ -26,9 +26,9 @@ from disagg_cli.coordinator.router import POLICIES
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
-from disagg_cli.kv.wire import CODEC_NAMES
 from disagg_cli.model.registry import resolve_model
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
+from disagg_cli.protocol import CODEC_NAMES
 
 if TYPE_CHECKING:  # torch stays out of the coordinator's process unless --in-process
     from disagg_cli.coordinator.cluster import LocalCluster

@@ -21,7 +21,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from disagg_cli.errors import UsageError
-from disagg_cli.kv.wire import PEER_ROLES
+from disagg_cli.protocol import PEER_ROLES
 
 
 def generate_keys(directory: Path) -> list[Path]:

@@ -39,7 +39,7 @@ from disagg_cli.errors import UsageError
 from disagg_cli.kv.codec import KVCodec
 from disagg_cli.kv.codecs import get_codec
 from disagg_cli.kv.transfer import assemble_request_kv, encode_request_kv
-from disagg_cli.kv.wire import CODEC_NAMES
+from disagg_cli.protocol import CODEC_NAMES
 
 REPS = 3
 LINK_REPS = 7

@@ -23,7 +23,7 @@ from torch import Tensor
 from disagg_cli.errors import DisaggError
 from disagg_cli.kv.codec import KVCodec
 from disagg_cli.kv.transfer import decode_kv_layers, encode_request_kv
-from disagg_cli.kv.wire import Error, Heartbeat, KVLayers, WireError, decode_message, encode_message
+from disagg_cli.protocol import Error, Heartbeat, KVLayers, WireError, decode_message, encode_message
 
 HOST = "tcp://127.0.0.1"
 TIMEOUT_MS = 60_000

@@ -16,7 +16,7 @@ from disagg_cli.config import Deadlines
 from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import UsageError
-from disagg_cli.kv.wire import CODEC_NAMES
+from disagg_cli.protocol import CODEC_NAMES
 
 MODES = ("disagg", "colocated", "both")
 DATASETS = ("random", "sharegpt")

@@ -42,7 +42,7 @@ from disagg_cli.coordinator.connections import (
 from disagg_cli.coordinator.router import NoWorkerError, WorkerRecord, local_prefill_pays
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.kv.pool import pool_misfit
-from disagg_cli.kv.wire import (
+from disagg_cli.protocol import (
     Abort,
     Error,
     FirstToken,

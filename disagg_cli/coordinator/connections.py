@@ -33,7 +33,7 @@ from disagg_cli.config import Deadlines
 from disagg_cli.coordinator.router import PrefixView, Router, WorkerRecord
 from disagg_cli.errors import DisaggError
 from disagg_cli.keys import Keys
-from disagg_cli.kv.wire import (
+from disagg_cli.protocol import (
     PROTOCOL_VERSION,
     Error,
     Heartbeat,

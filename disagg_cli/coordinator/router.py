@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from disagg_cli.errors import DisaggError, UsageError
 from disagg_cli.kv.pool import BlockHash, hash_blocks
-from disagg_cli.kv.wire import WORKER_ROLES
+from disagg_cli.protocol import WORKER_ROLES
 
 POLICIES = ("round-robin", "least-loaded", "cache-aware")
 _BALANCE_SLACK = 1  # cache-aware decode: workers this close to the least loaded compete on prefix

@@ -25,7 +25,7 @@ from typing import Any
 
 from disagg_cli.config import EngineConfig, RuntimeConfig, WorkerConfig
 from disagg_cli.errors import UsageError
-from disagg_cli.kv.wire import CODEC_NAMES, WORKER_ROLES
+from disagg_cli.protocol import CODEC_NAMES, WORKER_ROLES
 
 
 class TopologyError(UsageError):

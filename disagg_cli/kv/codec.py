@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from disagg_cli.errors import UsageError
-from disagg_cli.kv.wire import Frame, KVMeta, WireError
+from disagg_cli.protocol import Frame, KVMeta, WireError
 
 assert sys.byteorder == "little", "the KV wire format is little-endian"
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from disagg_cli.errors import UsageError
 from disagg_cli.kv.codec import AutoCodec, KVCodec, LZ4Codec, NoneCodec, ShuffleLZ4Codec
 from disagg_cli.kv.quant import Int4Codec, Int8Codec
-from disagg_cli.kv.wire import CODEC_NAMES, Frame, KVMeta, WireError
+from disagg_cli.protocol import CODEC_NAMES, Frame, KVMeta, WireError
 
 _CLASSES: dict[str, type[KVCodec]] = {
     c.name: c for c in (NoneCodec, LZ4Codec, ShuffleLZ4Codec, AutoCodec, Int8Codec, Int4Codec)}

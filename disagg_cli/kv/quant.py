@@ -34,7 +34,7 @@ from disagg_cli.kv.codec import (
     raw_bytes,
     tensor_from,
 )
-from disagg_cli.kv.wire import WireError
+from disagg_cli.protocol import WireError
 
 INT4_GROUP_SIZE = 64  # 64 codes share 4 bytes of scale + zero point: ~3.56x smaller than 16-bit
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from disagg_cli.kv.codec import KVCodec
 from disagg_cli.kv.codecs import decode_kv
-from disagg_cli.kv.wire import KVLayers, WireError
+from disagg_cli.protocol import KVLayers, WireError
 
 
 def encode_request_kv(

@@ -35,7 +35,7 @@ import zmq
 
 from disagg_cli.errors import UsageError
 from disagg_cli.keys import Keys
-from disagg_cli.kv.wire import (
+from disagg_cli.protocol import (
     PROTOCOL_VERSION,
     Error,
     Heartbeat,

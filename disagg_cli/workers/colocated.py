@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from disagg_cli.engine.engine import TokenEvent
-from disagg_cli.kv.wire import Error, FirstToken, Generate, Tokens
+from disagg_cli.protocol import Error, FirstToken, Generate, Tokens
 from disagg_cli.workers.base import Dest
 from disagg_cli.workers.worker import Worker
 

@@ -31,7 +31,7 @@ from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.kv.pool import pool_misfit
 from disagg_cli.kv.transfer import decode_kv_layers
-from disagg_cli.kv.wire import Error, FirstToken, KVDone, KVLayers, Message, PrefillHere, Reserve, Reserved, Tokens
+from disagg_cli.protocol import Error, FirstToken, KVDone, KVLayers, Message, PrefillHere, Reserve, Reserved, Tokens
 from disagg_cli.workers.base import Dest, log
 from disagg_cli.workers.worker import Worker
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from disagg_cli.keys import Keys
-from disagg_cli.kv.wire import Error, Hello, HelloAck, Message, Refuse, encode_message
+from disagg_cli.protocol import Error, Hello, HelloAck, Message, Refuse, encode_message
 
 GREET_TIMEOUT_S = 10.0
 _LINGER_MS = 2000

@@ -20,9 +20,9 @@ import torch
 from disagg_cli.config import WorkerConfig
 from disagg_cli.engine.engine import LLMEngine, StepStats, TokenEvent
 from disagg_cli.keys import Keys
-from disagg_cli.kv.wire import Abort, Error, Generate, KVLayout, Message, Prefill, Reserve
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.registry import resolve_model
+from disagg_cli.protocol import Abort, Error, Generate, KVLayout, Message, Prefill, Reserve
 from disagg_cli.workers.base import Dest, StopFlag, WorkerIdentity, WorkerIO, log
 
 

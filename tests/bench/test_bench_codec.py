@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from disagg_cli.kv.wire import CODEC_NAMES
+from disagg_cli.protocol import CODEC_NAMES
 
 LOSSLESS = ("none", "lz4", "shuffle-lz4", "auto")
 

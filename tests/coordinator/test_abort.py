@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from disagg_cli.kv.wire import Heartbeat
+from disagg_cli.protocol import Heartbeat
 from tests.workers.peer import Peer, free_port, start_worker
 
 pytestmark = pytest.mark.slow

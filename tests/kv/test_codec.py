@@ -13,7 +13,7 @@ from disagg_cli.errors import UsageError
 from disagg_cli.kv.codec import AutoCodec, EncodedKV
 from disagg_cli.kv.codecs import decode_kv, get_codec
 from disagg_cli.kv.quant import Int4Codec
-from disagg_cli.kv.wire import CODEC_NAMES, KVMeta, WireError
+from disagg_cli.protocol import CODEC_NAMES, KVMeta, WireError
 
 LOSSLESS = ("none", "lz4", "shuffle-lz4", "auto")
 LOSSY = ("int8", "int4")

@@ -21,7 +21,9 @@ from disagg_cli.config import RuntimeConfig
 from disagg_cli.kv.codec import NoneCodec, raw_bytes
 from disagg_cli.kv.codecs import get_codec
 from disagg_cli.kv.transfer import decode_kv_layers, encode_request_kv
-from disagg_cli.kv.wire import (
+from disagg_cli.model.loader import LoadedModel, load_model
+from disagg_cli.model.tokenizer import Tokenizer
+from disagg_cli.protocol import (
     Error,
     Frame,
     Heartbeat,
@@ -31,8 +33,6 @@ from disagg_cli.kv.wire import (
     decode_message,
     encode_message,
 )
-from disagg_cli.model.loader import LoadedModel, load_model
-from disagg_cli.model.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 

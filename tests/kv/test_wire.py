@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from disagg_cli.kv.codecs import get_codec
 from disagg_cli.kv.transfer import assemble_request_kv, decode_kv_layers, encode_request_kv
-from disagg_cli.kv.wire import (
+from disagg_cli.protocol import (
     PROTOCOL_VERSION,
     Error,
     Heartbeat,

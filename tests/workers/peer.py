@@ -12,7 +12,7 @@ from pathlib import Path
 import zmq
 
 from disagg_cli.keys import Keys
-from disagg_cli.kv.wire import PROTOCOL_VERSION, Hello, Message, decode_message, encode_message
+from disagg_cli.protocol import PROTOCOL_VERSION, Hello, Message, decode_message, encode_message
 
 
 def free_port() -> int:

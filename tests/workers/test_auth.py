@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from disagg_cli.keys import Keys, generate_keys
-from disagg_cli.kv.wire import HelloAck
+from disagg_cli.protocol import HelloAck
 from tests.workers.peer import Peer, free_port, start_worker
 
 pytestmark = pytest.mark.slow

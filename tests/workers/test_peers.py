@@ -9,7 +9,7 @@ import time
 import pytest
 import zmq
 
-from disagg_cli.kv.wire import (
+from disagg_cli.protocol import (
     PROTOCOL_VERSION,
     Abort,
     Error,

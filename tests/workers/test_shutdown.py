@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from disagg_cli.config import SamplingParams
-from disagg_cli.kv.wire import Error, FirstToken, HelloAck, Prefill, Reserve, Reserved, Tokens
 from disagg_cli.model.tokenizer import Tokenizer
+from disagg_cli.protocol import Error, FirstToken, HelloAck, Prefill, Reserve, Reserved, Tokens
 from tests.workers.peer import Peer, free_port, start_worker
 
 pytestmark = pytest.mark.slow

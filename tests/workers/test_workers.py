@@ -13,7 +13,9 @@ from hypothesis import strategies as st
 
 from disagg_cli.config import EngineConfig, SamplingParams
 from disagg_cli.engine.engine import LLMEngine
-from disagg_cli.kv.wire import (
+from disagg_cli.model.loader import LoadedModel
+from disagg_cli.model.tokenizer import Tokenizer
+from disagg_cli.protocol import (
     PROTOCOL_VERSION,
     Abort,
     Error,
@@ -26,8 +28,6 @@ from disagg_cli.kv.wire import (
     Reserved,
     Tokens,
 )
-from disagg_cli.model.loader import LoadedModel
-from disagg_cli.model.tokenizer import Tokenizer
 from tests.workers.peer import Peer, free_port, start_worker
 
 pytestmark = pytest.mark.slow

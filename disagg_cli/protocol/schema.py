@@ -1,6 +1,6 @@
 """Frozen dataclasses ⇄ plain msgpack-ready maps, each value checked against its type hint.
 
-The message kinds in `kv/wire.py` are declared as dataclasses; this module is what makes their
+The message kinds in `protocol/` are declared as dataclasses; this module is what makes their
 type hints the schema: `to_wire` turns a message into dicts/lists/scalars, `from_wire` builds one
 back from an untrusted map, checking every field (str, int, float, bool, None, unions,
 `tuple[X, ...]`, `dict[str, X]`, nested dataclasses) and refusing missing or unknown fields.

@@ -1,0 +1,83 @@
+"""The wire protocol: what crosses a process boundary and how.
+
+- `names.py`: worker roles, codec names, KV dtypes, finish reasons (defined once);
+- `messages.py`: every message kind, as frozen dataclasses, and `WireError`;
+- `frames.py`: messages ⇄ zmq frames, trusting nothing on the way in;
+- `schema.py`: type hints as the schema (dataclasses ⇄ msgpack-ready maps, checked).
+"""
+
+from disagg_cli.protocol.frames import (
+    MAX_FRAME_BYTES,
+    MAX_FRAMES,
+    MAX_HEADER_BYTES,
+    MAX_RAW_BYTES,
+    decode_message,
+    encode_message,
+)
+from disagg_cli.protocol.messages import (
+    PROTOCOL_VERSION,
+    REASONS,
+    Abort,
+    Error,
+    FirstToken,
+    Frame,
+    Generate,
+    Heartbeat,
+    Hello,
+    HelloAck,
+    KVDone,
+    KVLayers,
+    KVLayout,
+    KVMeta,
+    Message,
+    Prefill,
+    PrefillHere,
+    Refuse,
+    Reserve,
+    Reserved,
+    Tokens,
+    WireError,
+)
+from disagg_cli.protocol.names import (
+    CODEC_NAMES,
+    DTYPE_ITEMSIZE,
+    FINISH_REASONS,
+    PEER_ROLES,
+    WORKER_ROLES,
+)
+
+__all__ = [
+    "Abort",
+    "CODEC_NAMES",
+    "DTYPE_ITEMSIZE",
+    "Error",
+    "FINISH_REASONS",
+    "FirstToken",
+    "Frame",
+    "Generate",
+    "Heartbeat",
+    "Hello",
+    "HelloAck",
+    "KVDone",
+    "KVLayers",
+    "KVLayout",
+    "KVMeta",
+    "MAX_FRAMES",
+    "MAX_FRAME_BYTES",
+    "MAX_HEADER_BYTES",
+    "MAX_RAW_BYTES",
+    "Message",
+    "PEER_ROLES",
+    "PROTOCOL_VERSION",
+    "Prefill",
+    "PrefillHere",
+    "REASONS",
+    "Refuse",
+    "Reserve",
+    "Reserved",
+    "Tokens",
+    "WORKER_ROLES",
+    "WireError",
+    "decode_message",
+    "encode_message",
+]
