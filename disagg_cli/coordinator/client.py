@@ -43,6 +43,7 @@ from disagg_cli.coordinator.router import NoWorkerError, WorkerRecord, local_pre
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.kv.pool import pool_misfit
 from disagg_cli.protocol import (
+    COMPLETED_REASONS,
     Abort,
     Error,
     FirstToken,
@@ -280,7 +281,7 @@ class Coordinator(WorkerConnections):
         rid = run.wire_id
         self._queues.pop(rid, None)
         run.unqueue()
-        if run.decode is not None and run.out.finish_reason in ("stop", "length"):
+        if run.decode is not None and run.out.finish_reason in COMPLETED_REASONS:
             # The decode worker computed the prompt and all but the last token: its cache holds them.
             computed = (*run.out.prompt_token_ids, *run.out.token_ids)[:-1]
             run.decode.prefix.insert(run.decode.prefix.hashes(computed))

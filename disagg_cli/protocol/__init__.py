@@ -40,6 +40,7 @@ from disagg_cli.protocol.messages import (
 )
 from disagg_cli.protocol.names import (
     CODEC_NAMES,
+    COMPLETED_REASONS,
     DTYPE_ITEMSIZE,
     FINISH_REASONS,
     PEER_ROLES,
@@ -47,6 +48,7 @@ from disagg_cli.protocol.names import (
 )
 
 __all__ = [
+    "COMPLETED_REASONS",
     "Abort",
     "CODEC_NAMES",
     "DTYPE_ITEMSIZE",

@@ -16,4 +16,5 @@ DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Why a request ended, as workers report it and the OpenAI API spells it ("prefilled": a prefill
 # engine's request after its first token; "abort": stopped by the caller).
-FINISH_REASONS = ("stop", "length", "prefilled", "abort")
+COMPLETED_REASONS = ("stop", "length")  # ended by the model: EOS or a stop string, or max_tokens
+FINISH_REASONS = (*COMPLETED_REASONS, "prefilled", "abort")

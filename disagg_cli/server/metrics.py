@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from disagg_cli.coordinator.service import CoordinatorService
 from disagg_cli.coordinator.stream import StreamingOutput
+from disagg_cli.protocol import COMPLETED_REASONS
 
 PREFIX = "disagg:"
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours unchanged.
@@ -29,7 +30,7 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 KV_TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # vLLM's `finished_reason` label values; a failure other than an abort is counted by reason apart.
-FINISHED_REASONS = ("stop", "length", "abort")
+FINISHED_REASONS = (*COMPLETED_REASONS, "abort")
 
 
 class ServerMetrics:
