@@ -100,7 +100,7 @@ def prompt_ids(tokenize: Any, num_tokens: int) -> list[int]:
 
 def _engine_config(num_tokens: int) -> EngineConfig:
     return EngineConfig(kv_cache_tokens=num_tokens + 64, max_num_seqs=1,
-                        max_num_batched_tokens=max(2048, num_tokens))
+                        max_num_batched_tokens=max(2048, num_tokens), enable_prefix_caching=False)
 
 
 def prefill(lm: Any, ids: list[int]) -> tuple[KV, int]:

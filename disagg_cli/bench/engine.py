@@ -141,7 +141,9 @@ class OurEngine:
         self.config = EngineConfig(block_size=opts.block_size, kv_cache_tokens=max(2 * need, default_tokens),
                                    max_num_seqs=max(opts.batch_sizes),
                                    max_num_batched_tokens=max(max(opts.prompt_lens),
-                                                              max(opts.batch_sizes) * opts.decode_context))
+                                                              max(opts.batch_sizes) * opts.decode_context),
+                                   # Every repetition computes its prompts: a speed figure, not a cache's.
+                                   enable_prefix_caching=False)
         from disagg_cli.engine.engine import LLMEngine
 
         self.engine = LLMEngine(lm, self.config)
