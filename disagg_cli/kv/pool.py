@@ -54,7 +54,7 @@ def pool_misfit(num_tokens: int, num_blocks: int, block_size: int) -> str | None
     need = -(-num_tokens // block_size)
     if need <= num_blocks:
         return None
-    return (f"needs {num_tokens} tokens of KV ({need} blocks of {block_size}), but the pool holds only "
+    return (f"needs {num_tokens} tokens of KV, {need} KV blocks of {block_size}, but the pool holds only "
             f"{num_blocks} blocks ({num_blocks * block_size} tokens)")
 
 
