@@ -12,7 +12,6 @@ import asyncio
 from pathlib import Path
 
 import pytest
-import torch
 
 from disagg_cli.config import EngineConfig, SamplingParams
 from disagg_cli.coordinator.client import Coordinator
@@ -22,7 +21,7 @@ from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.tokenizer import Tokenizer
-from tests.model.test_golden import PROMPTS
+from tests.reference import PROMPTS, REFERENCE_TOKENS
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +37,14 @@ def prompt_ids(default_tokenizer: Tokenizer) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def hf_ids(default_gguf: Path, prompt_ids: dict[str, list[int]]) -> dict[str, list[int]]:
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32).eval()
+def hf_ids(hf_greedy, prompt_ids: dict[str, list[int]]) -> dict[str, list[int]]:
+    """transformers' greedy continuations (the session's, REFERENCE_TOKENS long), cut to NUM_TOKENS."""
+    assert NUM_TOKENS <= REFERENCE_TOKENS
     out = {}
-    with torch.no_grad():
-        for name, ids in prompt_ids.items():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS,
-                                 do_sample=False, pad_token_id=0)
-            out[name] = gen[0, len(ids):].tolist()
+    for name, ids in prompt_ids.items():
+        hf_prompt, continuation = hf_greedy[name]
+        assert ids == hf_prompt, name  # the reference continues the very prompt served here
+        out[name] = continuation[:NUM_TOKENS]
     return out
 
 
