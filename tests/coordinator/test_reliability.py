@@ -2,7 +2,10 @@
 is still answered (retried elsewhere, re-prefilled since its KV died), or failed with a clear reason
 when no worker of that role comes back in time; SIGSTOP one and its requests are retried elsewhere
 once their progress deadline passes; restart one and requests wait for it. Survivors end with every
-KV block free."""
+KV block free.
+
+Tests on the same topology share its cluster (`clusters`): a worker a test killed is restarted
+before the next test on that topology, a model load instead of a whole cluster's."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,7 +49,30 @@ def expected(default_model: LoadedModel, default_tokenizer: Tokenizer) -> list[l
     return [got[str(i)] for i in range(len(PROMPTS))]
 
 
-def run_with_kill(topology: ClusterConfig, model: Path, tokenizer: Tokenizer, victim: int,
+@pytest.fixture(scope="module")
+def clusters(default_gguf: Path) -> Iterator[Callable[[ClusterConfig], LocalCluster]]:
+    """`clusters(topology)`: that topology's running cluster, started the first time, and with every worker
+    that exited since (killed by the test before) started again on its port."""
+    running: dict[ClusterConfig, LocalCluster] = {}
+
+    def get(topology: ClusterConfig) -> LocalCluster:
+        cluster = running.get(topology)
+        if cluster is None:
+            cluster = running[topology] = LocalCluster(topology, str(default_gguf))
+            cluster.start()
+        for i, worker in enumerate(cluster.workers):
+            if worker.process.poll() is not None:
+                cluster.restart(i)
+        return cluster
+
+    try:
+        yield get
+    finally:
+        for cluster in running.values():
+            cluster.stop()
+
+
+def run_with_kill(cluster: LocalCluster, tokenizer: Tokenizer, victim: int,
                   kill_after_tokens: int = 0, kill_while_prefilling: bool = False, prompts: list[str] = PROMPTS,
                   config: CoordinatorConfig = CoordinatorConfig(worker_timeout_s=2.0, heartbeat_interval_s=0.5),
                   signum: int = signal.SIGKILL, then: Callable[[LocalCluster], Awaitable[None]] | None = None,
@@ -78,9 +104,7 @@ def run_with_kill(topology: ClusterConfig, model: Path, tokenizer: Tokenizer, vi
                 after(cluster)
             return await coordinator.wait_idle(timeout_s=20)
 
-    with LocalCluster(topology, str(model)) as cluster:
-        stats = asyncio.run(run(cluster))
-    return outs, stats
+    return outs, asyncio.run(run(cluster))
 
 
 def assert_free(stats: dict[str, dict[str, float]]) -> None:
@@ -88,9 +112,9 @@ def assert_free(stats: dict[str, dict[str, float]]) -> None:
         assert s["free_blocks"] == s["num_blocks"] and s["reserved_blocks"] == 0, (address, s)
 
 
-def test_decode_worker_killed_mid_stream(default_gguf: Path, default_tokenizer: Tokenizer, expected) -> None:
-    topology = ClusterConfig(str(default_gguf), (PREFILL, DECODE, DECODE))
-    outs, stats = run_with_kill(topology, default_gguf, default_tokenizer, victim=1, kill_after_tokens=8)
+def test_decode_worker_killed_mid_stream(default_gguf: Path, default_tokenizer: Tokenizer, expected, clusters) -> None:
+    cluster = clusters(ClusterConfig(str(default_gguf), (PREFILL, DECODE, DECODE)))
+    outs, stats = run_with_kill(cluster, default_tokenizer, victim=1, kill_after_tokens=8)
     assert all(o.state == "done" for o in outs), [(o.request_id, o.error) for o in outs]
     assert sum(o.kv.get("retries", 0) for o in outs) >= 1  # the victim held some of them
     for o, ref in zip(outs, expected, strict=True):
@@ -104,8 +128,9 @@ def test_decode_worker_killed_mid_stream(default_gguf: Path, default_tokenizer: 
 def test_prefill_worker_killed_while_prefilling(default_gguf: Path, default_tokenizer: Tokenizer) -> None:
     topology = ClusterConfig(str(default_gguf), (PREFILL, PREFILL, DECODE))
     long_prompts = [f"{p} " + "and so the story goes on, " * 40 for p in PROMPTS]  # ~300 tokens: slow prefill
-    outs, stats = run_with_kill(topology, default_gguf, default_tokenizer, victim=0, kill_while_prefilling=True,
-                                prompts=long_prompts)
+    with LocalCluster(topology, str(default_gguf)) as cluster:  # the only test on this topology
+        outs, stats = run_with_kill(cluster, default_tokenizer, victim=0, kill_while_prefilling=True,
+                                    prompts=long_prompts)
     assert all(o.state == "done" and len(o.token_ids) == NUM_TOKENS for o in outs), \
         [(o.request_id, o.error) for o in outs]
     retried = [o for o in outs if o.kv.get("retries")]
@@ -114,12 +139,12 @@ def test_prefill_worker_killed_while_prefilling(default_gguf: Path, default_toke
     assert_free(stats)
 
 
-def test_last_decode_worker_killed_fails_with_reason(default_gguf: Path, default_tokenizer: Tokenizer) -> None:
+def test_last_decode_worker_killed_fails_with_reason(default_gguf: Path, default_tokenizer: Tokenizer,
+                                                    clusters) -> None:
     """No decode worker comes back within the request deadline: each request fails, saying why."""
-    topology = ClusterConfig(str(default_gguf), (PREFILL, DECODE))
+    cluster = clusters(ClusterConfig(str(default_gguf), (PREFILL, DECODE)))
     config = CoordinatorConfig(worker_timeout_s=2.0, heartbeat_interval_s=0.5, deadlines=Deadlines(request_s=8.0))
-    outs, stats = run_with_kill(topology, default_gguf, default_tokenizer, victim=1, kill_after_tokens=4,
-                                config=config)
+    outs, stats = run_with_kill(cluster, default_tokenizer, victim=1, kill_after_tokens=4, config=config)
     for o in outs:
         assert o.state == "failed" and o.finish_reason == "no-worker", (o.request_id, o.state, o.error)
         assert "no live decode worker" in (o.error or "") and "--request-timeout 8 s" in (o.error or "")
@@ -127,18 +152,17 @@ def test_last_decode_worker_killed_fails_with_reason(default_gguf: Path, default
 
 
 def test_last_decode_worker_restarted_requests_wait(default_gguf: Path, default_tokenizer: Tokenizer,
-                                                    expected: list[list[int]]) -> None:
+                                                    expected: list[list[int]], clusters) -> None:
     """The only decode worker dies mid-stream and comes back: requests wait for it instead of
     failing, and are all answered."""
-    topology = ClusterConfig(str(default_gguf), (PREFILL, DECODE))
+    cluster = clusters(ClusterConfig(str(default_gguf), (PREFILL, DECODE)))
 
     async def restart_later(cluster: LocalCluster) -> None:
         await asyncio.to_thread(cluster.workers[1].process.wait)
         await asyncio.sleep(3.0)  # long enough for the coordinator to see it dead
         cluster.restart(1)
 
-    outs, stats = run_with_kill(topology, default_gguf, default_tokenizer, victim=1, kill_after_tokens=4,
-                                then=restart_later)
+    outs, stats = run_with_kill(cluster, default_tokenizer, victim=1, kill_after_tokens=4, then=restart_later)
     assert all(o.state == "done" and len(o.token_ids) == NUM_TOKENS for o in outs), \
         [(o.request_id, o.error) for o in outs]
     assert all(o.kv.get("retries", 0) >= 1 for o in outs)
@@ -149,11 +173,11 @@ def test_last_decode_worker_restarted_requests_wait(default_gguf: Path, default_
 
 
 def test_stopped_worker_stalls_and_requests_move(default_gguf: Path, default_tokenizer: Tokenizer,
-                                                 expected: list[list[int]]) -> None:
+                                                 expected: list[list[int]], clusters) -> None:
     """A decode worker that stops answering without dying (SIGSTOP), with heartbeats too patient
     to call it dead: once the token deadline passes, its requests are aborted there and retried on
     the other decode worker. Resumed, it frees every block the aborts named."""
-    topology = ClusterConfig(str(default_gguf), (PREFILL, DECODE, DECODE))
+    cluster = clusters(ClusterConfig(str(default_gguf), (PREFILL, DECODE, DECODE)))
     config = CoordinatorConfig(worker_timeout_s=120.0, heartbeat_interval_s=0.5, deadlines=Deadlines(token_s=4.0))
     pids: list[int] = []
     survivor: list[str] = []
@@ -166,8 +190,8 @@ def test_stopped_worker_stalls_and_requests_move(default_gguf: Path, default_tok
         os.kill(cluster.workers[1].process.pid, signal.SIGCONT)
 
     try:
-        outs, stats = run_with_kill(topology, default_gguf, default_tokenizer, victim=1, kill_after_tokens=6,
-                                    config=config, signum=signal.SIGSTOP, then=note, after=resume)
+        outs, stats = run_with_kill(cluster, default_tokenizer, victim=1, kill_after_tokens=6, config=config,
+                                    signum=signal.SIGSTOP, then=note, after=resume)
     finally:
         for pid in pids:  # never leave a stopped process behind, whatever failed
             with contextlib.suppress(ProcessLookupError):
@@ -182,13 +206,11 @@ def test_stopped_worker_stalls_and_requests_move(default_gguf: Path, default_tok
     assert_free(stats)
 
 
-def test_restarted_worker_rejoins(default_gguf: Path, default_tokenizer: Tokenizer, tmp_path: Path) -> None:
-    from tests.workers.peer import free_port, start_worker
-
-    pp, dp = free_port(), free_port()
-    paddr, daddr = f"tcp://127.0.0.1:{pp}", f"tcp://127.0.0.1:{dp}"
-    procs = [start_worker("prefill", pp, default_gguf, log=tmp_path / "p.log"),
-             start_worker("decode", dp, default_gguf, log=tmp_path / "d.log")]
+def test_restarted_worker_rejoins(default_gguf: Path, default_tokenizer: Tokenizer, clusters) -> None:
+    cluster = clusters(ClusterConfig(str(default_gguf), (PREFILL, DECODE)))
+    (_, paddr), (_, daddr) = cluster.addresses()
+    prefill_log = cluster.workers[0].log_path
+    log_start = prefill_log.stat().st_size  # what this test adds to the shared prefill worker's log
     params = SamplingParams(max_tokens=6, ignore_eos=True)
 
     def request(rid: str) -> RequestOutput:
@@ -205,29 +227,25 @@ def test_restarted_worker_rejoins(default_gguf: Path, default_tokenizer: Tokeniz
         config = CoordinatorConfig(worker_timeout_s=2.0, heartbeat_interval_s=0.3)
         async with Coordinator([("prefill", paddr), ("decode", daddr)], default_tokenizer.eos_token_ids,
                                config) as coordinator:
-            await asyncio.wait_for(coordinator.connect(), 150)
+            await asyncio.wait_for(coordinator.connect(cluster.check), 150)
             before = request("before")
             await coordinator.run_request(before)
-            procs[1].kill()
-            procs[1].wait()
+            cluster.workers[1].process.kill()
+            cluster.workers[1].process.wait()
             record = coordinator.router.get(daddr)
             await until(lambda: not record.is_alive, 15)
-            procs[1] = start_worker("decode", dp, default_gguf, log=tmp_path / "d2.log")
+            cluster.restart(1)  # a new process on the same port
             await until(lambda: record.is_alive, 240)  # a fresh process loads the model: slow on a loaded box
             after = request("after")
             await coordinator.run_request(after)
             return before, after
 
-    try:
-        before, after = asyncio.run(run())
-        assert before.state == after.state == "done", (before.error, after.error)
-        assert after.token_ids == before.token_ids
-        # The prefill worker greeted the new decode process before streaming to it: no KV was
-        # refused, so the request needed no retry (it used to be refused, then hang or retry).
-        assert "retries" not in after.kv, after.kv
-        assert "no-hello" not in (tmp_path / "p.log").read_text()
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+    before, after = asyncio.run(run())
+    assert before.state == after.state == "done", (before.error, after.error)
+    assert after.token_ids == before.token_ids
+    # The prefill worker greeted the new decode process before streaming to it: no KV was
+    # refused, so the request needed no retry (it used to be refused, then hang or retry).
+    assert "retries" not in after.kv, after.kv
+    with prefill_log.open("rb") as log:
+        log.seek(log_start)
+        assert b"no-hello" not in log.read()

@@ -4,15 +4,18 @@ Greedy output through the coordinator must equal this process's own engine and H
 transformers token for token (float32, lossless codec), with every prompt in flight at once, on
 1 prefill + 1 decode and on 2 + 2; a bfloat16 prefill feeding a float32 decode with another block
 size must stay sensible and leave every block free.
+
+The three topologies are subsets of one module cluster of five workers (2 float32 prefill, 1 bfloat16
+prefill, 2 float32 decode): each test's coordinator connects only to its own.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from disagg_cli.config import EngineConfig, SamplingParams
 from disagg_cli.coordinator.client import Coordinator
@@ -22,7 +25,7 @@ from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.tokenizer import Tokenizer
-from tests.model.test_golden import PROMPTS
+from tests.reference import PROMPTS, REFERENCE_TOKENS
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +33,16 @@ NUM_TOKENS = 16
 NAMES = ["prose", "code", "long", "chat"]  # a subset of the golden prompts, to keep the file fast
 SAMPLING = SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True)
 F32 = WorkerSpec("prefill", dtype="float32", kv_cache_tokens=2048, kv_codec="none")
+# The module's workers by name. "decode" is what local_topology makes of F32: float32, 16-token blocks.
+WORKERS = {
+    "f32": F32,
+    "f32b": F32,
+    "bf16": WorkerSpec("prefill", dtype="bfloat16", block_size=32, kv_cache_tokens=2048, kv_codec="none"),
+    "decode": local_topology("", F32).workers[1],
+    "decodeb": local_topology("", F32).workers[1],
+}
+TOPOLOGY = tuple(WORKERS.values())
+assert WORKERS["decode"] == WorkerSpec("decode", dtype="float32", block_size=16, kv_cache_tokens=2048)
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +51,14 @@ def prompt_ids(default_tokenizer: Tokenizer) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def hf_ids(default_gguf: Path, prompt_ids: dict[str, list[int]]) -> dict[str, list[int]]:
-    transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32).eval()
+def hf_ids(hf_greedy, prompt_ids: dict[str, list[int]]) -> dict[str, list[int]]:
+    """transformers' greedy continuations (the session's, REFERENCE_TOKENS long), cut to NUM_TOKENS."""
+    assert NUM_TOKENS <= REFERENCE_TOKENS
     out = {}
-    with torch.no_grad():
-        for name, ids in prompt_ids.items():
-            gen = model.generate(torch.tensor([ids]), max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS,
-                                 do_sample=False, pad_token_id=0)
-            out[name] = gen[0, len(ids):].tolist()
+    for name, ids in prompt_ids.items():
+        hf_prompt, continuation = hf_greedy[name]
+        assert ids == hf_prompt, name  # the reference continues the very prompt served here
+        out[name] = continuation[:NUM_TOKENS]
     return out
 
 
@@ -63,21 +74,30 @@ def in_process_ids(default_model: LoadedModel, prompt_ids: dict[str, list[int]])
     return got
 
 
-def serve(topology: ClusterConfig, default_gguf: Path, tokenizer: Tokenizer,
-          prompt_ids: dict[str, list[int]], policy: str = "round-robin",
-          ) -> tuple[dict[str, RequestOutput], dict[str, dict[str, float]]]:
-    """Start `topology`, run every prompt at once, return the outputs and the workers' final stats."""
-    outs = {name: RequestOutput(name, PROMPTS[name], ids, SAMPLING, tokenizer) for name, ids in prompt_ids.items()}
+@pytest.fixture(scope="module")
+def cluster(default_gguf: Path) -> Iterator[LocalCluster]:
+    """One set of workers for the module; each test's coordinator connects to the ones it names (`WORKERS`),
+    so no worker is started twice for the same spec."""
+    with LocalCluster(ClusterConfig(str(default_gguf), TOPOLOGY), str(default_gguf)) as c:
+        yield c
 
-    async def run(cluster: LocalCluster) -> dict[str, dict[str, float]]:
-        async with Coordinator(cluster.addresses(), tokenizer.eos_token_ids) as coordinator:
+
+def serve(cluster: LocalCluster, names: tuple[str, ...], tokenizer: Tokenizer, prompt_ids: dict[str, list[int]],
+          policy: str = "round-robin") -> tuple[dict[str, RequestOutput], dict[str, dict[str, float]]]:
+    """Connect to the workers `names` of the cluster only, run every prompt at once, return the outputs and
+    those workers' final stats."""
+    outs = {name: RequestOutput(name, PROMPTS[name], ids, SAMPLING, tokenizer) for name, ids in prompt_ids.items()}
+    workers = [cluster.addresses()[list(WORKERS).index(n)] for n in names]
+
+    async def run() -> dict[str, dict[str, float]]:
+        async with Coordinator(workers, tokenizer.eos_token_ids) as coordinator:
             coordinator.router.policy = policy
             await asyncio.wait_for(coordinator.connect(cluster.check), 150)
             await asyncio.wait_for(asyncio.gather(*(coordinator.run_request(o) for o in outs.values())), 120)
             return await coordinator.wait_idle()
 
-    with LocalCluster(topology, str(default_gguf)) as cluster:
-        stats = asyncio.run(run(cluster))
+    stats = asyncio.run(run())
+    assert set(stats) == {address for _, address in workers}
     for out in outs.values():
         assert out.state == "done", (out.request_id, out.error)
     return outs, stats
@@ -90,8 +110,8 @@ def assert_all_blocks_free(stats: dict[str, dict[str, float]]) -> None:
 
 
 def test_one_prefill_one_decode_equals_in_process_and_transformers(
-        default_gguf: Path, default_tokenizer: Tokenizer, prompt_ids, hf_ids, in_process_ids) -> None:
-    outs, stats = serve(local_topology(str(default_gguf), F32), default_gguf, default_tokenizer, prompt_ids)
+        cluster: LocalCluster, default_tokenizer: Tokenizer, prompt_ids, hf_ids, in_process_ids) -> None:
+    outs, stats = serve(cluster, ("f32", "decode"), default_tokenizer, prompt_ids)  # local_topology(model, F32)
     for name in NAMES:
         assert in_process_ids[name] == hf_ids[name], name
         assert outs[name].token_ids == hf_ids[name], name
@@ -103,9 +123,9 @@ def test_one_prefill_one_decode_equals_in_process_and_transformers(
 
 
 def test_two_prefill_two_decode_equals_transformers(
-        default_gguf: Path, default_tokenizer: Tokenizer, prompt_ids, hf_ids) -> None:
-    topology = ClusterConfig(str(default_gguf), (F32, F32, *(WorkerSpec("decode", kv_cache_tokens=2048),) * 2))
-    outs, stats = serve(topology, default_gguf, default_tokenizer, prompt_ids, policy="least-loaded")
+        cluster: LocalCluster, default_tokenizer: Tokenizer, prompt_ids, hf_ids) -> None:
+    outs, stats = serve(cluster, ("f32", "f32b", "decode", "decodeb"), default_tokenizer, prompt_ids,
+                        policy="least-loaded")
     for name in NAMES:
         assert outs[name].token_ids == hf_ids[name], name
     used = {(o.workers["prefill"], o.workers["decode"]) for o in outs.values()}
@@ -114,12 +134,8 @@ def test_two_prefill_two_decode_equals_transformers(
 
 
 def test_bfloat16_prefill_into_float32_decode_with_other_block_size(
-        default_gguf: Path, default_tokenizer: Tokenizer, prompt_ids, hf_ids) -> None:
-    topology = ClusterConfig(str(default_gguf), (
-        WorkerSpec("prefill", dtype="bfloat16", block_size=32, kv_cache_tokens=2048, kv_codec="none"),
-        WorkerSpec("decode", dtype="float32", block_size=16, kv_cache_tokens=2048),
-    ))
-    outs, stats = serve(topology, default_gguf, default_tokenizer, prompt_ids)
+        cluster: LocalCluster, default_tokenizer: Tokenizer, prompt_ids, hf_ids) -> None:
+    outs, stats = serve(cluster, ("bf16", "decode"), default_tokenizer, prompt_ids)
     same = sum(a == b for name in NAMES for a, b in zip(outs[name].token_ids, hf_ids[name], strict=True))
     assert same >= 0.6 * NUM_TOKENS * len(NAMES), same
     assert all(outs[name].text.strip() for name in NAMES)

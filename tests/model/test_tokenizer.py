@@ -48,10 +48,9 @@ def smollm(default_tokenizer: Tokenizer) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def reference(default_gguf: Path):  # a transformers tokenizer
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    return transformers.AutoTokenizer.from_pretrained(default_gguf.parent, gguf_file=default_gguf.name)
+def reference(hf_tokenizer):  # type: ignore[no-untyped-def]
+    """The transformers tokenizer (conftest loads it once per session, for the golden tests too)."""
+    return hf_tokenizer
 
 
 # --- the real default model ------------------------------------------------------------------

@@ -4,7 +4,10 @@ mid-stream frees every KV block; /metrics counters move by exactly what was sent
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +21,7 @@ import pytest
 from disagg_cli.config import SamplingParams
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.tokenizer import Tokenizer
-from tests.server.conftest import Server, engine_output, running_server
+from tests.server.conftest import HTTP_TIMEOUT_S, STOP_TIMEOUT_S, Server, engine_output, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -250,3 +253,60 @@ def test_bench_serve_against_the_url_counts_what_the_server_counts(server: Serve
     assert all(len(itls) <= 3 for itls in result["itls"])  # a gap between text chunks; 4 tokens at most 4 chunks
     assert result["disagg"]["kv"]["raw_bytes"] > 0  # from the server's own `disagg` figures
     assert server.metrics()[generated] - before == 12
+
+
+def _rx_queued(server_port: int, client_port: int) -> int:
+    """Bytes the kernel holds unread on the server's end of one 127.0.0.1 connection (/proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1].split(":"), fields[2].split(":")
+        if int(local[1], 16) == server_port and int(remote[1], 16) == client_port:
+            return int(fields[4].split(":")[1], 16)
+    return 0
+
+
+def test_health_is_503_while_draining_after_sigterm_with_a_request_in_flight(server: Server) -> None:
+    """Last in this module: it stops the server. SIGTERM makes the service drain (its health turns
+    503) and uvicorn close the listening socket within its 0.1 s tick, so a /health sent afterwards
+    cannot get in; a request that reached the server before that tick is still answered. To ask at
+    that moment without a race, the server is stopped (SIGSTOP) while SIGTERM and a keep-alive
+    /health are queued for it; once continued, its signal handler runs before its event loop reads
+    the request, which it then answers while draining. The streamed request in flight finishes."""
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs Linux's /proc/net/tcp to see the request queued at the server")
+    port = int(server.url.rsplit(":", 1)[1])
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 32, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    probe = http.client.HTTPConnection("127.0.0.1", port, timeout=HTTP_TIMEOUT_S)
+    with httpx.Client(base_url=server.url, timeout=HTTP_TIMEOUT_S) as http_client, \
+            http_client.stream("POST", "/v1/completions", json=body) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        events = [next(line for line in lines if line.startswith("data: "))]  # decoding: in flight
+        probe.request("GET", "/health")  # a kept-alive connection, known to the server
+        first = probe.getresponse()
+        assert first.status == 200 and not first.will_close, first.status
+        first.read()
+        client_port = probe.sock.getsockname()[1]
+        request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            os.kill(server.process.pid, signal.SIGTERM)
+            probe.sock.sendall(request)
+            deadline = time.monotonic() + 10
+            while _rx_queued(port, client_port) < len(request):
+                assert time.monotonic() < deadline, "the probe request never reached the server's socket"
+                time.sleep(0.01)
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        draining = http.client.HTTPResponse(probe.sock, method="GET")
+        draining.begin()
+        status, answer = draining.status, draining.read()
+        probe.close()
+        events += [line for line in lines if line.startswith("data: ")]
+    assert status == 503, (status, answer)
+    assert json.loads(answer) == {"status": "draining"}
+    assert events[-1] == "data: [DONE]"
+    usage = json.loads(events[-2].removeprefix("data: "))["usage"]
+    assert usage["completion_tokens"] == 32, events[-3:]  # the request in flight was finished, not cut
+    assert server.process.wait(STOP_TIMEOUT_S) == 0, server.log_text()
