@@ -107,7 +107,15 @@ async def _serve(service_config: ServiceConfig, config: ServerConfig, sock: sock
             await _live_table(service, serving)
         await serving
     finally:
-        await service.stop(LEFTOVER_DRAIN_S)
+        # uvicorn has put the default handlers back by now: a second SIGTERM/SIGINT while the
+        # service stops must not kill this process and orphan the workers it started.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: None)
+        try:
+            await service.stop(LEFTOVER_DRAIN_S)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
 
 
 async def _live_table(service: CoordinatorService, serving: asyncio.Task[None]) -> None:
