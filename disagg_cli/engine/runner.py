@@ -10,9 +10,11 @@ batch; each layer writes its new K/V into their slots (`index_copy_`), then atte
   cheaper than B small attention calls per layer (Python overhead) at the batch sizes we serve;
 - any other sequence whose blocks are consecutive reads its cache as a strided view, copying
   nothing; a fragmented one gathers its slots (`index_select`). The runner counts gathered bytes.
-With the C kernel (quantized float32 models), every decoding sequence instead attends in one
-kernel call per layer that reads its K/V in place through its block table (`decode_attention`):
-no gather, whatever the context length, and one call for the whole batch.
+With the C kernel (float32 models), every decoding sequence instead attends in one kernel call
+per layer that reads its K/V in place through its block table (`decode_attention`): no gather,
+whatever the context length, and one call for the whole batch. A quantized float32 model runs a
+step made only of decodes as one call into the kernel (`quant/fused.py`): every layer, the K/V
+writes, attention and the head, with no torch op in between.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import torch.nn.functional as F
 
 from disagg_cli.engine.scheduler import ScheduledSeq
 from disagg_cli.kv.pool import BlockPool
+from disagg_cli.model.hardware import DENSE_MIN_ROWS
 from disagg_cli.model.kv_cache import causal_attention
 from disagg_cli.model.loader import LoadedModel
+from disagg_cli.model.quant.fused import FusedDecoder, fused_decoder
 from disagg_cli.model.quant.kernels import decode_attention
+from disagg_cli.model.quant.linear import QuantizedLinear
 
 # Called once per layer with the step's fresh K/V of each prompt (or prompt chunk) in this step:
 # (layer, [(request_id, position of its first new token, k (T, KV, hd), v (T, KV, hd)), …]).
@@ -139,10 +144,21 @@ class ModelRunner:
         self.gathered_bytes = 0  # KV copied for batched decodes and fragmented sequences since start
         # In-place paged decode attention: the C kernel's, for float32 KV on the CPU.
         self.kernel = lm.kernel if lm.kernel is not None and lm.dtype == torch.float32 else None
+        # Decode-only steps of a quantized float32 model: one kernel call for the whole step.
+        self.fused: FusedDecoder | None = None
+        self.fused_reason = "the model is not quantized"
+        if self.kernel is not None and lm.runtime.quantization != "none":
+            self.fused, self.fused_reason = fused_decoder(lm.model, self.kernel)
+        # Where float weights are kept too (colocated), steps of that many rows run on them instead.
+        dense = any(isinstance(m, QuantizedLinear) and m.dense is not None for m in lm.model.modules())
+        self.fused_max_rows = DENSE_MIN_ROWS - 1 if dense else 1 << 30
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq], on_layer: LayerHook | None = None) -> torch.Tensor:
         """Run one step; return logits (S, V) float32 for the sequences that sample, in batch order."""
+        if (self.fused is not None and on_layer is None and 0 < len(batch) <= self.fused_max_rows
+                and all(item.num_new_tokens == 1 and item.seq.num_computed_tokens for item in batch)):
+            return self._fused_step(batch)
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -179,6 +195,18 @@ class ModelRunner:
         hidden = self.lm.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device), attn)
         self.gathered_bytes += attn.gathered_bytes
         return self.lm.model.compute_logits(hidden[sample_rows])
+
+    def _fused_step(self, batch: list[ScheduledSeq]) -> torch.Tensor:
+        tables = [self.pool.tables[item.seq.request_id].block_ids for item in batch]
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        positions = [item.seq.num_computed_tokens for item in batch]
+        tokens = [item.seq.token_ids[p] for item, p in zip(batch, positions, strict=True)]
+        assert self.fused is not None
+        logits = self.fused.step(tokens, positions, table, self.pool.block_size, self.storage.keys,
+                                 self.storage.values)
+        rows = [i for i, item in enumerate(batch) if item.samples]
+        return logits if len(rows) == len(batch) else logits[rows]
 
     def _paged_decode(self, paged: list[tuple[int, list[int], int]], num_rows: int) -> _PagedDecode:
         width = max(len(ids) for _, ids, _ in paged)

@@ -67,9 +67,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_table", emb.cos(), persistent=False)
         self.register_buffer("sin_table", emb.sin(), persistent=False)
 
+    def ensure(self, max_position: int) -> None:
+        """Grow the tables (to twice the need) when a position runs past them."""
+        if max_position >= self.cos_table.shape[0]:
+            self._build(2 * max_position + 1)
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.numel() and int(positions.max()) >= self.cos_table.shape[0]:
-            self._build(2 * int(positions.max()) + 1)
+        if positions.numel():
+            self.ensure(int(positions.max()))
         cos, sin = self.cos_table[positions], self.sin_table[positions]  # (N, hd)
         if dtype != cos.dtype:
             cos, sin = cos.to(dtype), sin.to(dtype)

@@ -113,10 +113,28 @@ def load_kernel(cache_dir: Path) -> Kernel:
     lib.dq_decode_attention.restype = ctypes.c_int
     lib.dq_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 5 + [
         ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    _declare_fused_step(lib)
     vnni = bool(lib.dq_has_vnni())
     simd = "AVX2" if lib.dq_has_avx2() else "scalar"
-    how = "VNNI int8 dot products for int4" if vnni else "float activations"
-    return Kernel(lib, f"C kernel built for this CPU ({simd}, {how}, -march=native)", vnni)
+    how = "VNNI" if vnni else ("maddubs" if simd == "AVX2" else "scalar")
+    return Kernel(lib, f"C kernel built for this CPU ({simd}, int8 dot products by {how}, -march=native)", vnni)
+
+
+def _declare_fused_step(lib: ctypes.CDLL) -> None:
+    """The ctypes signatures of the whole-step entry points (`fused.py` calls them)."""
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.dq_model_new.restype = p
+    lib.dq_model_new.argtypes = [i] * 7 + [f, p, p]
+    lib.dq_model_free.restype = None
+    lib.dq_model_free.argtypes = [p]
+    lib.dq_model_set_weight.restype = i
+    lib.dq_model_set_weight.argtypes = [p, i, i, i, i, i, p, p, p, p]
+    lib.dq_model_set_norms.restype = i
+    lib.dq_model_set_norms.argtypes = [p, i, p, p]
+    lib.dq_model_matmul.restype = i
+    lib.dq_model_matmul.argtypes = [p, i, i, p, i, p, i]
+    lib.dq_decode_step.restype = i
+    lib.dq_decode_step.argtypes = [p, i, p, p, p, i, i, p, p, ctypes.c_int64, p, p, i, p, p]
 
 
 def matmul(kernel: Kernel | None, x: torch.Tensor, w: QuantizedWeight, act_int8: bool = False) -> torch.Tensor:

@@ -1,0 +1,135 @@
+"""A whole decode step of a quantized model in one call into the C kernel (`dq_decode_step`).
+
+Eager torch runs some twenty small ops per layer in a decode step; at batch 1 their dispatch and
+allocations cost more than the matmuls themselves. `FusedDecoder` hands the kernel pointers to the
+model's weights once (they stay owned by the model's tensors, which it keeps referenced) and then
+runs each decode-only step of B sequences, one token each, as a single call: every layer, the KV
+writes into the pool, paged attention, the final norm and the head.
+
+It takes the model as `quantize_model` left it: float32 on the CPU, every decoder matmul and the
+head a `QuantizedLinear` with the C kernel. Its matmuls round activations to int8 blocks, as the
+`QuantizedLinear`s of that model do, so the two paths give the same numbers up to summation order.
+`fused_decoder(model, kernel)` says why not when the model is not of that shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from disagg_cli.model.llama import LlamaForCausalLM
+from disagg_cli.model.quant.blocks import QuantizedWeight
+from disagg_cli.model.quant.kernels import Kernel
+from disagg_cli.model.quant.linear import QuantizedLinear
+
+_WHICH = {"qkv": 0, "o": 1, "gate_up": 2, "down": 3, "head": 4}
+
+
+def fused_decoder(model: LlamaForCausalLM, kernel: Kernel | None) -> tuple[FusedDecoder | None, str]:
+    """The fused step for this model, or None and the reason it cannot have one."""
+    if kernel is None or kernel.lib is None:
+        return None, "no C kernel"
+    emb = model.model.embed_tokens.weight
+    if emb.dtype != torch.float32 or emb.device.type != "cpu":
+        return None, "the fused decode step needs float32 weights on the CPU"
+    mods = [model.lm_head]
+    for layer in model.model.layers:
+        mods += [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+    if not all(isinstance(m, QuantizedLinear) and m.kernel is kernel for m in mods):
+        return None, "the fused decode step needs every matmul quantized (--quantization int8/int4)"
+    return FusedDecoder(model, kernel), "fused C decode step"
+
+
+class FusedDecoder:
+    def __init__(self, model: LlamaForCausalLM, kernel: Kernel) -> None:
+        assert kernel.lib is not None
+        self.lib = kernel.lib
+        self.model = model
+        c = model.config
+        self.vocab_size = c.vocab_size
+        self.hidden_size = c.hidden_size
+        self._handle = self.lib.dq_model_new(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+                                             c.intermediate_size, c.vocab_size, c.rms_norm_eps,
+                                             model.model.embed_tokens.weight.data_ptr(),
+                                             model.model.norm.weight.data_ptr())
+        if not self._handle:
+            raise MemoryError("the fused decode step could not allocate its model")
+        self._keep: list[torch.Tensor] = []  # every tensor whose memory the kernel reads
+        for i, layer in enumerate(model.model.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            self._norms(i, layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            for which, mod in (("qkv", a.qkv_proj), ("o", a.o_proj), ("gate_up", mlp.gate_up_proj),
+                               ("down", mlp.down_proj)):
+                self._weight(i, which, mod)
+        self._weight(-1, "head", model.lm_head)
+
+    def _norms(self, layer: int, norm_in: torch.Tensor, norm_post: torch.Tensor) -> None:
+        for t in (norm_in, norm_post):
+            assert t.dtype == torch.float32 and t.is_contiguous()
+        self._keep += [norm_in, norm_post]
+        self.lib.dq_model_set_norms(self._handle, layer, norm_in.data_ptr(), norm_post.data_ptr())
+
+    def _weight(self, layer: int, which: str, mod: QuantizedLinear) -> None:
+        w = mod.weight_q
+        bias = mod.bias
+        if bias is not None:
+            bias = bias.float().contiguous()
+        self._keep += [w.qs, w.d, w.m] + ([bias] if bias is not None else [])
+        rc = self.lib.dq_model_set_weight(self._handle, layer, _WHICH[which], 8 if w.kind == "int8" else 4,
+                                          w.out_features, w.in_features, w.qs.data_ptr(), w.d.data_ptr(),
+                                          w.m.data_ptr(), None if bias is None else bias.data_ptr())
+        if rc != 0:
+            raise ValueError(f"the fused decode step refused the {which} weight of layer {layer}")
+
+    def __del__(self) -> None:
+        handle, self._handle = getattr(self, "_handle", None), None
+        if handle:
+            self.lib.dq_model_free(handle)
+
+    def step(self, tokens: list[int], positions: list[int], block_table: torch.Tensor, block_size: int,
+             keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """One decode step of B sequences → logits (B, V) float32.
+
+        tokens, positions: each sequence's new token and its position; block_table (B, max blocks)
+        int32 of block ids; keys/values the pool, (layers, slots, KV, hd) float32 and contiguous:
+        each new K/V lands in slot table[pos // block_size] · block_size + pos % block_size."""
+        b = len(tokens)
+        assert keys.dtype == values.dtype == torch.float32 and keys.is_contiguous() and values.is_contiguous()
+        assert block_table.dtype == torch.int32 and block_table.is_contiguous() and block_table.shape[0] == b
+        rotary = self.model.rotary
+        rotary.ensure(max(positions))
+        tok = torch.tensor(tokens, dtype=torch.int32)
+        pos = torch.tensor(positions, dtype=torch.int32)
+        logits = torch.empty(b, self.vocab_size, dtype=torch.float32)
+        rc = self.lib.dq_decode_step(self._handle, b, tok.data_ptr(), pos.data_ptr(), block_table.data_ptr(),
+                                     block_table.shape[1], block_size, keys.data_ptr(), values.data_ptr(),
+                                     keys[0].numel(), rotary.cos_table.data_ptr(), rotary.sin_table.data_ptr(),
+                                     torch.get_num_threads(), logits.data_ptr(), None)
+        if rc == -2:
+            raise ValueError(f"a token id is outside the vocabulary of {self.vocab_size}")
+        if rc != 0:
+            raise MemoryError(f"the fused decode step could not allocate its scratch for {b} sequences")
+        return logits
+
+
+
+def step_matmul(kernel: Kernel, x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    """x (M, K) · wᵀ as the fused step computes it (its repacked weight, int16-rounded activations
+    below FLOAT_MIN_ROWS rows, float tiles from there): for tests and measurements."""
+    assert kernel.lib is not None
+    lib = kernel.lib
+    x = x.float().contiguous()
+    m, k = x.shape
+    handle = lib.dq_model_new(1, k, 1, 1, k, k, w.out_features, 1e-5, None, None)
+    if not handle:
+        raise MemoryError("could not allocate a model for the step's matmul")
+    try:
+        rc = lib.dq_model_set_weight(handle, 0, _WHICH["qkv"], 8 if w.kind == "int8" else 4, w.out_features,
+                                     w.in_features, w.qs.data_ptr(), w.d.data_ptr(), w.m.data_ptr(), None)
+        y = torch.empty(m, w.out_features, dtype=torch.float32)
+        if rc == 0:
+            rc = lib.dq_model_matmul(handle, 0, _WHICH["qkv"], x.data_ptr(), m, y.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"the step's matmul could not allocate for {m} × {k}")
+        return y
+    finally:
+        lib.dq_model_free(handle)

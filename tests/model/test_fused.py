@@ -1,0 +1,149 @@
+"""The fused decode step (one C call per step for quantized float32 models) against the torch path.
+
+Its matmul equals the dequantized reference (int16-rounded activations below FLOAT_MIN_ROWS rows,
+exact float tiles from there); a whole engine run through it gives the torch path's logits and
+tokens, on tiny checkpoints (with and without q/k/v bias, tied and untied heads) whose batches
+shrink from 5 sequences to 1 across both kernels, and on the real model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from disagg_cli.bench.agreement import AGREEMENT_PROMPTS
+from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
+from disagg_cli.engine.engine import LLMEngine
+from disagg_cli.model.loader import LoadedModel, load_model
+from disagg_cli.model.quant.blocks import quantize
+from disagg_cli.model.quant.fused import FusedDecoder, fused_decoder, step_matmul
+from disagg_cli.model.quant.kernels import Kernel, load_kernel, reference_matmul
+from disagg_cli.model.tokenizer import Tokenizer
+from tests.tiny_models import random_weights, write_gguf
+
+FLOAT_MIN_ROWS = 4  # kernel.c: from this many rows the step multiplies float tiles
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Kernel:
+    k = load_kernel(tmp_path_factory.mktemp("cache"))
+    if not k.available:
+        pytest.skip(k.reason)
+    return k
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 7, 33), (2, 5, 100), (3, 13, 576), (4, 9, 40), (5, 3, 95),
+                                   (7, 17, 64), (32, 30, 576), (9, 6, 1536)])
+def test_step_matmul_matches_dequantized_reference(kernel: Kernel, kind: str, m: int, n: int, k: int) -> None:
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+    q = quantize(w, kind)
+    ours, ref = step_matmul(kernel, x, q), reference_matmul(x, q)
+    assert ours.shape == (m, n)
+    # Float tiles: the same products in another order. int16 activations (absmax / 32767 per block
+    # of 32): ~1e-4 of the largest output at most. K not a multiple of 8 takes the integer path.
+    exact = m >= FLOAT_MIN_ROWS and k % 8 == 0
+    assert _relative_error(ours, ref) < (1e-5 if exact else 3e-4), (m, n, k)
+
+
+def _tiny(tmp_path: Path, qtype: str, **weights: bool) -> LoadedModel:
+    path = write_gguf(tmp_path / f"{qtype}.gguf", random_weights(seed=11, **weights), qtype=qtype,
+                      arch="qwen2" if weights.get("bias") else "llama")
+    kind = "int8" if qtype == "Q8_0" else "int4"
+    return load_model(path, RuntimeConfig(dtype="float32", quantization=kind, threads=2), cache_dir=tmp_path,
+                      role="decode")
+
+
+def _run(lm: LoadedModel, prompts: list[list[int]], max_tokens: list[int], fused: bool,
+         on_logits: Callable[[str, torch.Tensor], None] | None = None,
+         block_size: int = 4) -> tuple[dict[str, list[int]], LLMEngine]:
+    engine = LLMEngine(lm, EngineConfig(block_size=block_size, kv_cache_tokens=2048, max_num_seqs=8,
+                                        enable_prefix_caching=False))
+    if not fused:
+        engine.runner.fused = None
+    if on_logits is not None:
+        execute = engine.runner.execute
+
+        def recording(batch, on_layer=None):  # type: ignore[no-untyped-def]
+            out = execute(batch, on_layer)
+            decode_only = all(item.num_new_tokens == 1 and item.seq.num_computed_tokens for item in batch)
+            on_logits("decode" if decode_only else "other", out)
+            return out
+
+        engine.runner.execute = recording  # type: ignore[method-assign]
+    out: dict[str, list[int]] = {}
+    for i, (ids, n) in enumerate(zip(prompts, max_tokens, strict=True)):
+        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=n, ignore_eos=True))
+        out[f"r{i}"] = []
+    while engine.has_unfinished():
+        for event in engine.step():
+            out[event.request_id].append(event.token_id)
+    return out, engine
+
+
+@pytest.mark.parametrize("qtype,weights", [("Q4_1", {}), ("Q8_0", {}), ("Q4_0", {"tied": False}),
+                                           ("Q4_1", {"bias": True, "tied": False})])
+def test_fused_step_gives_the_torch_paths_logits_and_tokens(tmp_path: Path, qtype: str, weights: dict) -> None:
+    lm = _tiny(tmp_path, qtype, **weights)
+    # Prompts of 1 to 13 tokens over blocks of 4: tables of 1 to 9 blocks, and the batch shrinks
+    # from 5 sequences (float tiles) to 1 (int16 dot products) as they finish.
+    prompts = [[(7 * i + 3 * j) % 96 for j in range(n)] for i, n in enumerate([1, 5, 8, 13, 3])]
+    max_tokens = [24, 6, 11, 17, 3]
+    got: list[tuple[str, torch.Tensor]] = []
+    want: list[tuple[str, torch.Tensor]] = []
+    fused, engine = _run(lm, prompts, max_tokens, True, lambda kind, t: got.append((kind, t.clone())))
+    plain, _ = _run(lm, prompts, max_tokens, False, lambda kind, t: want.append((kind, t.clone())))
+    assert isinstance(engine.runner.fused, FusedDecoder)
+    assert fused == plain
+    assert [k for k, _ in got] == [k for k, _ in want] and sum(k == "decode" for k, _ in got) == 23
+    sizes = {t.shape[0] for k, t in got if k == "decode"}
+    assert sizes == {1, 2, 3, 4, 5}
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert _relative_error(a, b) < 2e-3
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+def test_runner_takes_the_fused_step_only_for_decode_only_steps(tmp_path: Path) -> None:
+    lm = _tiny(tmp_path, "Q4_1")
+    engine = LLMEngine(lm, EngineConfig(block_size=4, kv_cache_tokens=512, enable_prefix_caching=False))
+    fused = engine.runner.fused
+    assert fused is not None and engine.runner.fused_reason == "fused C decode step"
+    calls: list[int] = []
+    step = fused.step
+    fused.step = lambda tokens, *rest: (calls.append(len(tokens)), step(tokens, *rest))[1]  # type: ignore[method-assign]
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.step()  # a's prefill
+    assert calls == []
+    engine.add_request("b", [4, 5], SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()  # b's prefill beside a's decode: a mixed step takes the torch path
+    assert calls == []
+    engine.step()  # both decode
+    assert calls == [2]
+
+
+def test_fused_decoder_says_why_not(tmp_path: Path, kernel: Kernel) -> None:
+    path = write_gguf(tmp_path / "f.gguf", random_weights(seed=2))
+    dense = load_model(path, RuntimeConfig(dtype="float32"), cache_dir=tmp_path)
+    assert fused_decoder(dense.model, kernel) == (None, "the fused decode step needs every matmul quantized "
+                                                        "(--quantization int8/int4)")
+    assert fused_decoder(dense.model, Kernel(None, "test: none"))[1] == "no C kernel"
+    assert LLMEngine(dense, EngineConfig(enable_prefix_caching=False)).runner.fused is None
+
+
+@pytest.mark.slow
+def test_real_model_fused_int4_greedy_equals_the_torch_path(default_gguf: Path,
+                                                            default_tokenizer: Tokenizer) -> None:
+    lm = load_model(default_gguf, RuntimeConfig(dtype="float32", quantization="int4", threads=2), role="decode")
+    prompts = [default_tokenizer.encode(p) for p in AGREEMENT_PROMPTS]
+    fused, engine = _run(lm, prompts, [32] * 6, True, block_size=16)
+    assert engine.runner.fused is not None
+    plain, _ = _run(lm, prompts, [32] * 6, False, block_size=16)
+    assert fused == plain
