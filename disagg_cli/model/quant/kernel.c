@@ -671,7 +671,7 @@ int dq_decode_attention(const float *q, const float *keys, const float *values, 
  * per group, block by block, [d of the 4 rows][m' of the 4 rows][the 4 rows' quants], so a thread
  * reads one sequential stream instead of twelve (4 rows × quants, scales, mins): measured 7.8 GB/s
  * from DRAM with the separate arrays, against 21 for a plain sequential read on 2 threads.
- * m' is the min term as the integer dot needs it: m for int4, m + 128 d for int8 (q used as q - 128). */
+ * int8 quants are stored signed (q - 128), so m' = m + 128 d for them; int4 keeps q and m. */
 typedef struct {
     int kind, N, K, nb, groups;
     int64_t block_bytes, group_bytes;
@@ -749,7 +749,10 @@ int dq_model_set_weight(void *p, int layer, int which, int kind, int N, int K, c
             if (kind == 8) mv += 128.0f * dv;
             memcpy(blk + 4 * r, &dv, 4);
             memcpy(blk + 16 + 4 * r, &mv, 4);
-            memcpy(blk + 32 + r * qb, qs + (int64_t)n * nb * qb + (int64_t)b * qb, (size_t)qb);
+            uint8_t *dst = blk + 32 + r * qb;
+            memcpy(dst, qs + (int64_t)n * nb * qb + (int64_t)b * qb, (size_t)qb);
+            if (kind == 8)
+                for (int i = 0; i < qb; i++) dst[i] ^= 0x80;  /* q - 128 as a signed byte */
         }
     }
     dq_weight *slot = which == 4 ? &m->head : which == 0 ? &m->layers[layer].qkv : which == 1 ? &m->layers[layer].o
@@ -803,16 +806,38 @@ static void quantize_row16(const float *x, int K, int16_t *xq, float *xd, float 
         memcpy(buf, x + b * QK, (size_t)n * sizeof(float));
         for (int i = n; i < QK; i++) buf[i] = 0.0f;
         float amax = 0.0f, sum = 0.0f;
+#if defined(__AVX2__)
+        __m256 v[4], vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(buf + 8 * k);
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v[k]));
+            vsum = _mm256_add_ps(vsum, v[k]);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+        sum = hsum8(vsum);
+        __m256 vid = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+        for (int k = 0; k < 4; k += 2) {  /* round to nearest, pack to int16; permute undoes the lane split */
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], vid)), c = _mm256_cvtps_epi32(_mm256_mul_ps(v[k + 1], vid));
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, c), 0xD8);
+            _mm256_storeu_si256((__m256i *)(xq + b * QK + 8 * k), packed);
+        }
+#else
         for (int i = 0; i < QK; i++) {
             amax = fmaxf(amax, fabsf(buf[i]));
             sum += buf[i];
         }
         float id = amax > 0.0f ? 32767.0f / amax : 0.0f;
         for (int i = 0; i < QK; i++) xq[b * QK + i] = (int16_t)lrintf(buf[i] * id);
+#endif
         xd[b] = amax / 32767.0f;
         xs[b] = sum;
     }
 }
+
+#define PREFETCH_AHEAD 1024  /* bytes of the weight stream requested ahead of the block being read */
 
 #if defined(__AVX2__)
 /* The 4 rows of a packed group against mt (1 or 2) activation rows; y[j * ldy + r] for r < rows. */
@@ -828,6 +853,8 @@ static inline __attribute__((always_inline)) void group_q(
     const int qb = kind == 4 ? QK / 2 : QK;
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = g + b * block_bytes;
+        _mm_prefetch((const char *)(blk + PREFETCH_AHEAD), _MM_HINT_T0);
+        _mm_prefetch((const char *)(blk + PREFETCH_AHEAD + 64), _MM_HINT_T0);
         const float *d4 = (const float *)blk;
         __m128 m4 = _mm_load_ps((const float *)(blk + 16));
         __m256i xlo[2], xhi[2];
@@ -840,14 +867,13 @@ static inline __attribute__((always_inline)) void group_q(
         for (int r = 0; r < 4; r++) {
             const uint8_t *w = blk + 32 + r * qb;
             __m256i wlo, whi;  /* elements 0..15 and 16..31 as int16 */
-            if (kind == 4) {
-                __m128i raw = _mm_loadu_si128((const __m128i *)w), low = _mm_set1_epi8(0x0F);
-                wlo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
-                whi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
-            } else {
-                __m256i ws = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w), _mm256_set1_epi8((char)0x80));
-                wlo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(ws));
-                whi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(ws, 1));
+            if (kind == 4) {  /* byte j = element j | element j + 16 << 4, widened to a word first */
+                __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)w));
+                wlo = _mm256_and_si256(words, _mm256_set1_epi16(0x0F));
+                whi = _mm256_srli_epi16(words, 4);
+            } else {  /* packed signed (q - 128) */
+                wlo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+                whi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
             }
             __m256 dr = _mm256_broadcast_ss(d4 + r);
             for (int j = 0; j < mt; j++) {
@@ -880,7 +906,7 @@ static void group_q(const int kind, const uint8_t *g, int nb, int64_t block_byte
                 if (kind == 4)
                     for (int i = 0; i < 16; i++) s += (w[i] & 0x0F) * xb[i] + (w[i] >> 4) * xb[i + 16];
                 else
-                    for (int i = 0; i < QK; i++) s += ((int)w[i] - 128) * xb[i];
+                    for (int i = 0; i < QK; i++) s += (int)(int8_t)w[i] * xb[i];
                 acc += (float)s * dv * xd[j * nb + b] + mv * xs[j * nb + b];
             }
             y[j * ldy + r] = acc;
@@ -915,15 +941,14 @@ static void dequantize_group(const int kind, const uint8_t *g, int nb, int64_t b
                 for (int i = 0; i < 4; i++)
                     _mm256_storeu_ps(t + 8 * i, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), vm));
             } else {
-                __m128i a = _mm_xor_si128(_mm_loadu_si128((const __m128i *)w), _mm_set1_epi8((char)0x80));
-                __m128i b2 = _mm_xor_si128(_mm_loadu_si128((const __m128i *)(w + 16)), _mm_set1_epi8((char)0x80));
+                __m128i a = _mm_loadu_si128((const __m128i *)w), b2 = _mm_loadu_si128((const __m128i *)(w + 16));
                 parts[0] = a, parts[1] = _mm_srli_si128(a, 8), parts[2] = b2, parts[3] = _mm_srli_si128(b2, 8);
                 for (int i = 0; i < 4; i++)
                     _mm256_storeu_ps(t + 8 * i, _mm256_fmadd_ps(vd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), vm));
             }
 #else
             for (int i = 0; i < QK; i++) {
-                int q = kind == 4 ? (i < 16 ? (w[i] & 0x0F) : (w[i - 16] >> 4)) : (int)w[i] - 128;
+                int q = kind == 4 ? (i < 16 ? (w[i] & 0x0F) : (w[i - 16] >> 4)) : (int)(int8_t)w[i];
                 t[i] = d * (float)q + mv;
             }
 #endif
