@@ -233,7 +233,11 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
     spread = 7  # decode prompts start at different offsets so the B sequences differ
     base = _token_ids(lambda s: tokenizer.encode(s, add_bos=False),
                       max(max(opts.prompt_lens), opts.decode_context + spread * max(opts.batch_sizes)))
-    engines: list[Any] = [OurEngine(lm, opts)]
+    ours = OurEngine(lm, opts)
+    runner = ours.engine.runner
+    decode_step = ("fused: one C call per decode step" if runner.fused is not None
+                   else f"torch ops per layer ({runner.fused_reason})")
+    engines: list[Any] = [ours]
     notes: list[str] = []
     if opts.baseline:
         try:
@@ -290,7 +294,7 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
         ppl = perplexity_per_mode(lm.path, ppl_ids, opts.perplexity_modes, opts.runtime.threads, opts.cache_dir)
     return {"model": opts.model, "path": str(lm.path), "dtype": lm.runtime.dtype,
             "quantization": lm.runtime.quantization, "runtime": lm.describe_runtime(),
-            "cpu_capability": probe_cpu().capability, "llama_cpp_version": llama_version, "notes": notes,
+            "cpu_capability": probe_cpu().capability, "decode_step": decode_step, "llama_cpp_version": llama_version, "notes": notes,
             "threads": torch.get_num_threads(), "block_size": opts.block_size, "reps": opts.reps,
             "num_parameters": lm.num_parameters, "weight_bytes_per_forward": cost.weight_bytes(),
             "kv_bytes_per_token": cost.kv_bytes_per_token,
@@ -322,6 +326,7 @@ def print_table(result: dict[str, Any]) -> None:
                       f"{p['weight_gb_per_s']:.2f}", f"{p['kv_gb_per_s']:.2f}", f"{p['gflop_per_s']:.1f}", *cells)
     console = Console()
     console.print(table)
+    console.print(f"decode steps: {result['decode_step']}")
     ppl = result["perplexity"]
     console.print(f"perplexity on a fixed text of {ppl['tokens']} tokens: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items() if k != "tokens"))

@@ -19,6 +19,7 @@ def test_bench_engine_json_counts_exact_tokens() -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["dtype"] == "float32" and result["threads"] == 2 and result["reps"] == 1
+    assert result["decode_step"] == "torch ops per layer (the model is not quantized)"
     assert result["weight_bytes_per_forward"] > 0 and result["kv_bytes_per_token"] > 0
     points = {(p["phase"], p["batch_size"]): p for p in result["points"]}
     assert set(points) == {("prefill", 1), ("decode", 1), ("decode", 2)}
@@ -49,6 +50,7 @@ def test_bench_engine_int4_reports_capability_perplexity_and_llama_cpp_hint() ->
     result = json.loads(proc.stdout)
     assert result["quantization"] == "int4" and result["cpu_capability"]
     assert result["runtime"]["quantization_reason"] == "--quantization int4 as asked"
+    assert result["decode_step"] == "fused: one C call per decode step"
     # int4 blocks of the 30 layers plus the Q8_0 head: well under the float32 weights' 538 MB
     assert 60e6 < result["weight_bytes_per_forward"] < 150e6
     assert result["perplexity"]["tokens"] > 200 and 1 < result["perplexity"]["float32+int4"] < 100
