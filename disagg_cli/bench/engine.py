@@ -294,7 +294,8 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
         ppl = perplexity_per_mode(lm.path, ppl_ids, opts.perplexity_modes, opts.runtime.threads, opts.cache_dir)
     return {"model": opts.model, "path": str(lm.path), "dtype": lm.runtime.dtype,
             "quantization": lm.runtime.quantization, "runtime": lm.describe_runtime(),
-            "cpu_capability": probe_cpu().capability, "decode_step": decode_step, "llama_cpp_version": llama_version, "notes": notes,
+            "cpu_capability": probe_cpu().capability, "decode_step": decode_step,
+            "llama_cpp_version": llama_version, "notes": notes,
             "threads": torch.get_num_threads(), "block_size": opts.block_size, "reps": opts.reps,
             "num_parameters": lm.num_parameters, "weight_bytes_per_forward": cost.weight_bytes(),
             "kv_bytes_per_token": cost.kv_bytes_per_token,

@@ -16,13 +16,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from disagg_cli.config import EngineConfig, SamplingParams
 from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.engine.runner import LayerHook, ModelRunner
 from disagg_cli.engine.scheduler import Scheduler, Sequence, Status
-from disagg_cli.kv.pool import BlockPool
+from disagg_cli.kv.pool import BlockPool, pool_misfit
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.sampling import Sampler
 
@@ -138,6 +139,55 @@ class LLMEngine:
         c = self.pool.counters
         return {"cached_blocks": self.pool.num_cached, "prefix_queried_tokens": c.queried_tokens,
                 "prefix_hit_tokens": c.hit_tokens, "prefix_evicted_blocks": c.evicted_blocks}
+
+    # --- what roles ask of a request ---------------------------------------------------------------
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the engine knows the request (waiting, running, or prefilled and not released)."""
+        return request_id in self.seqs
+
+    def blocks_held(self, request_id: str) -> int:
+        """KV blocks the request holds (reserved or used), 0 when it holds none."""
+        table = self.pool.tables.get(request_id)
+        return len(table.block_ids) if table is not None else 0
+
+    def cached_prompt_tokens(self, request_id: str) -> int:
+        """Leading prompt tokens the prefix cache gave the request (0 when unknown)."""
+        seq = self.seqs.get(request_id)
+        return seq.num_cached_tokens if seq is not None else 0
+
+    def sampler_state(self, request_id: str) -> bytes | None:
+        """The request's random generator state (seeded sampling), for a decode worker to go on from."""
+        sampler = self.samplers.get(request_id)
+        if sampler is None or sampler.generator is None:
+            return None
+        return bytes(sampler.generator.get_state().numpy().tobytes())
+
+    def set_sampler_state(self, request_id: str, state: bytes) -> None:
+        """Continue a request's seeded sampling from the state its prefill engine left."""
+        sampler = self.samplers.get(request_id)
+        if sampler is not None and sampler.generator is not None:
+            sampler.generator.set_state(torch.from_numpy(np.frombuffer(state, dtype=np.uint8).copy()))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def misfit(self, num_tokens: int) -> str | None:
+        """Why a request of num_tokens (prompt + max new) can never fit this pool, or None."""
+        return pool_misfit(num_tokens, self.pool.num_blocks, self.pool.block_size)
+
+    def pool_stats(self) -> dict[str, int]:
+        """Queue lengths and exact block counts, for heartbeats."""
+        pool, sched = self.pool, self.scheduler
+        return {"waiting": len(sched.waiting), "running": len(sched.running), "free_blocks": pool.num_free,
+                "num_blocks": pool.num_blocks, "reserved_blocks": pool.num_reserved, "used_blocks": pool.num_used}
+
+    def abort_all(self) -> None:
+        """Abort every request that holds blocks (shutdown); afterwards every block is free."""
+        for rid in list(self.pool.tables):
+            self.abort(rid)
+        assert self.pool.num_free == self.pool.num_blocks
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is and free its blocks (reserved ones too); idempotent."""

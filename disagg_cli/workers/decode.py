@@ -23,13 +23,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from disagg_cli.config import SamplingParams
 from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.engine.logprobs import TokenLogprobs
-from disagg_cli.kv.pool import pool_misfit
 from disagg_cli.kv.transfer import decode_kv_layers
 from disagg_cli.protocol import Error, FirstToken, KVDone, KVLayers, Message, PrefillHere, Reserve, Reserved, Tokens
 from disagg_cli.workers.base import Dest, log
@@ -103,11 +101,10 @@ class DecodeWorker(Worker):
 
     def _reserve(self, dest: Dest, msg: Reserve) -> None:
         rid = msg.request_id
-        if rid in self.incoming or rid in self.engine.seqs or any(r == rid for r, _ in self.queued):
+        if rid in self.incoming or self.engine.has_request(rid) or any(r == rid for r, _ in self.queued):
             self.io.send(dest, Error(rid, "duplicate", f"request {rid} is already reserved here"))
             return
-        pool = self.engine.pool
-        misfit = pool_misfit(len(msg.prompt_ids) + msg.sampling.max_tokens, pool.num_blocks, pool.block_size)
+        misfit = self.engine.misfit(len(msg.prompt_ids) + msg.sampling.max_tokens)
         if misfit:
             self.io.send(dest, Error(rid, "rejected", f"request {rid} {misfit}"))
             return
@@ -128,7 +125,7 @@ class DecodeWorker(Worker):
             inc.next_pos = [cached] * self.lm.config.num_layers
             self.incoming[rid] = inc
             queued_ms = (time.perf_counter() - inc.asked_s) * 1e3
-            self.io.send(inc.owner, Reserved(rid, len(self.engine.pool.tables[rid].block_ids), queued_ms, cached))
+            self.io.send(inc.owner, Reserved(rid, self.engine.blocks_held(rid), queued_ms, cached))
 
     def _place(self, kv: _DecodedKV) -> None:
         inc = self.incoming.get(kv.request_id)
@@ -162,10 +159,8 @@ class DecodeWorker(Worker):
             self.incoming.pop(rid, None)
             return
         event = self.engine.add_imported(rid, inc.prompt_ids, done.first_token, inc.sampling, eos_ids=inc.eos_ids)
-        sampler = self.engine.samplers.get(rid)
-        if done.sampler_state and sampler is not None and sampler.generator is not None:
-            state = torch.from_numpy(np.frombuffer(done.sampler_state, dtype=np.uint8).copy())
-            sampler.generator.set_state(state)
+        if done.sampler_state:
+            self.engine.set_sampler_state(rid, done.sampler_state)
         self.kv_done_s[rid] = time.perf_counter()
         first, last = inc.first_arrival_s or time.perf_counter(), inc.last_arrival_s or time.perf_counter()
         self.first_stats[rid] = {

@@ -138,12 +138,8 @@ class PrefillWorker(Worker):
             p = self.pending.get(rid)
             if p is None:
                 continue
-            sampler = self.engine.samplers.get(rid)
-            state = None
-            if sampler is not None and sampler.generator is not None:
-                state = bytes(sampler.generator.get_state().numpy().tobytes())
-            seq = self.engine.seqs.get(rid)
-            cached = float(seq.num_cached_tokens) if seq is not None else 0.0
+            state = self.engine.sampler_state(rid)
+            cached = float(self.engine.cached_prompt_tokens(rid))
             self.engine.release(rid)
             queue_ms = (stats["step_start"] - p.arrival_s) * 1e3
             self.io.send(p.owner, FirstToken(rid, ev.token_id, {

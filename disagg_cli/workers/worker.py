@@ -46,7 +46,7 @@ class Worker:
         self.address = f"tcp://{host}:{config.port}"
         layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, lr.dtype, config.engine.block_size)
         e = config.engine
-        capacity = {"num_blocks": self.engine.pool.num_blocks, "block_size": e.block_size,
+        capacity = {"num_blocks": self.engine.num_blocks, "block_size": e.block_size,
                     "max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
                     "chunked_prefill": int(e.chunked_prefill), "prefix_caching": int(e.enable_prefix_caching),
                     "threads": torch.get_num_threads()}
@@ -89,7 +89,7 @@ class Worker:
         else:
             where = "WARNING: no --keys, so anyone who reaches this port can send requests and read KV"
         log(c.role, f"serving on {self.address} ({where}); model fingerprint {self.lm.fingerprint}; "
-                    f"{self.engine.pool.num_blocks} KV blocks of {c.engine.block_size}")
+                    f"{self.engine.num_blocks} KV blocks of {c.engine.block_size}")
         deadline: float | None = None
         next_client_check = time.monotonic()
         while True:
@@ -174,12 +174,8 @@ class Worker:
         self.speed[key] = value if old == 0 else 0.8 * old + 0.2 * value
 
     def _publish_stats(self) -> None:
-        pool, sched = self.engine.pool, self.engine.scheduler
-        self.io.stats = {"waiting": len(sched.waiting), "running": len(sched.running), "free_blocks": pool.num_free,
-                         "num_blocks": pool.num_blocks, "reserved_blocks": pool.num_reserved,
-                         "used_blocks": pool.num_used, "time_unix_s": time.time(), **self.engine.cache_stats(),
-                         **self.speed,
-                         **self.extra_stats()}
+        self.io.stats = {**self.engine.pool_stats(), "time_unix_s": time.time(), **self.engine.cache_stats(),
+                         **self.speed, **self.extra_stats()}
 
     def shutdown(self) -> None:
         in_flight = list(self.owners)
@@ -187,8 +183,6 @@ class Worker:
         for rid in in_flight:
             self.abort(rid, notify=True, reason="shutdown", message=f"{self.config.role} worker {self.address} "
                                                                      "shut down")
-        for rid in list(self.engine.pool.tables):
-            self.engine.abort(rid)
-        assert self.engine.pool.num_free == self.engine.pool.num_blocks
+        self.engine.abort_all()
         self._publish_stats()
         self.io.stop()
