@@ -68,8 +68,8 @@ class _Done:
 class PrefillWorker(Worker):
     prefill_only = True
 
-    def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None) -> None:
-        super().__init__(config, cache_dir, stop)
+    def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None, **kwargs: Any) -> None:
+        super().__init__(config, cache_dir, stop, **kwargs)
         link = None if config.link_gbps is None else config.link_gbps * 1e9 / 8
         self.codecs: dict[str, KVCodec] = {}  # one per decode worker: `auto` keeps per-link state
         self._codec_factory = lambda: get_codec(config.kv_codec, link_bytes_per_s=link)

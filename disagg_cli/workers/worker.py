@@ -29,13 +29,18 @@ from disagg_cli.workers.base import Dest, StopFlag, WorkerIdentity, WorkerIO, lo
 class Worker:
     prefill_only = False
 
-    def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None) -> None:
+    def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None, *,
+                 lm: LoadedModel | None = None, io: Any = None) -> None:
+        """lm: a model already loaded for this config (a host that loads once); io: what carries the
+        role's messages, instead of the `WorkerIO` that binds the socket (in-process role tests)."""
         self.config = config
         self.stop = stop or StopFlag()
-        path = resolve_model(config.model, cache_dir)
-        r = config.runtime
-        log(config.role, f"loading {path.name} (dtype {r.dtype}, quantization {r.quantization}, {r.device})")
-        self.lm: LoadedModel = load_model(path, r, role=config.role, cache_dir=cache_dir)
+        if lm is None:
+            path = resolve_model(config.model, cache_dir)
+            r = config.runtime
+            log(config.role, f"loading {path.name} (dtype {r.dtype}, quantization {r.quantization}, {r.device})")
+            lm = load_model(path, r, role=config.role, cache_dir=cache_dir)
+        self.lm: LoadedModel = lm
         lr = self.lm.runtime
         log(config.role, f"dtype {lr.dtype} ({self.lm.dtype_reason}); weights {lr.quantization} "
                          f"({self.lm.quantization_reason})" + (f"; {self.lm.kernel_reason}" if self.lm.kernel_reason
@@ -52,8 +57,10 @@ class Worker:
                     "threads": torch.get_num_threads()}
         self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity,
                                     self.lm.describe_runtime())
-        keys = Keys.load(config.keys_dir, config.role) if config.keys_dir else None
-        self.io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare, keys)
+        if io is None:
+            keys = Keys.load(config.keys_dir, config.role) if config.keys_dir else None
+            io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare, keys)
+        self.io = io
         self.owners: dict[str, Dest] = {}  # request id → the coordinator to answer
         # Measured speeds (moving averages) for `--disagg-threshold auto`, sent in heartbeats.
         self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0, "threads": float(torch.get_num_threads())}
