@@ -46,6 +46,10 @@ class Worker:
                          f"({self.lm.quantization_reason})" + (f"; {self.lm.kernel_reason}" if self.lm.kernel_reason
                                                                 else ""))
         self.engine = LLMEngine(self.lm, config.engine, prefill_only=self.prefill_only)
+        if not self.prefill_only:
+            fused = self.engine.runner.fused
+            log(config.role, "decode steps: " + ("fused, one C call per step" if fused is not None
+                                                 else f"torch ops per layer ({self.engine.runner.fused_reason})"))
         c = self.lm.config
         host = config.advertise_host or config.host
         self.address = f"tcp://{host}:{config.port}"

@@ -143,7 +143,7 @@ def test_real_model_fused_int4_greedy_equals_the_torch_path(default_gguf: Path,
                                                             default_tokenizer: Tokenizer) -> None:
     lm = load_model(default_gguf, RuntimeConfig(dtype="float32", quantization="int4", threads=2), role="decode")
     prompts = [default_tokenizer.encode(p) for p in AGREEMENT_PROMPTS]
-    fused, engine = _run(lm, prompts, [32] * 6, True, block_size=16)
+    fused, engine = _run(lm, prompts, [20] * 6, True, block_size=16)
     assert engine.runner.fused is not None
-    plain, _ = _run(lm, prompts, [32] * 6, False, block_size=16)
+    plain, _ = _run(lm, prompts, [20] * 6, False, block_size=16)
     assert fused == plain
