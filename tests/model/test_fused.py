@@ -138,6 +138,19 @@ def test_fused_decoder_says_why_not(tmp_path: Path, kernel: Kernel) -> None:
     assert LLMEngine(dense, EngineConfig(enable_prefix_caching=False)).runner.fused is None
 
 
+def test_fused_step_refuses_bad_tokens_and_positions(tmp_path: Path) -> None:
+    lm = _tiny(tmp_path, "Q4_1")
+    engine = LLMEngine(lm, EngineConfig(block_size=4, kv_cache_tokens=64, enable_prefix_caching=False))
+    fused, keys, values = engine.runner.fused, engine.runner.storage.keys, engine.runner.storage.values
+    assert fused is not None
+    table = torch.zeros(1, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="outside the vocabulary of 96"):
+        fused.step([96], [0], table, 4, keys, values)
+    with pytest.raises(ValueError, match="past its block table of 2 blocks"):
+        fused.step([1], [8], table, 4, keys, values)  # position 8 needs a third block of 4
+    assert fused.step([1], [7], table, 4, keys, values).shape == (1, 96)
+
+
 @pytest.mark.slow
 def test_real_model_fused_int4_greedy_equals_the_torch_path(default_gguf: Path,
                                                             default_tokenizer: Tokenizer) -> None:

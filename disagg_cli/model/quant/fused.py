@@ -106,6 +106,8 @@ class FusedDecoder:
                                      torch.get_num_threads(), logits.data_ptr(), None)
         if rc == -2:
             raise ValueError(f"a token id is outside the vocabulary of {self.vocab_size}")
+        if rc == -3:
+            raise ValueError(f"a position lies past its block table of {block_table.shape[1]} blocks")
         if rc != 0:
             raise MemoryError(f"the fused decode step could not allocate its scratch for {b} sequences")
         return logits

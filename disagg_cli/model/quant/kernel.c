@@ -1086,7 +1086,7 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
  * keys/values: the pool, (L, slots, KV, hd) float32, `layer_stride` floats per layer; cos/sin
  * (positions, hd) tables covering every position given. Writes logits (B, V), and the final hidden
  * states (B, D) when `hidden` is not NULL. Returns 0, -1 when scratch could not be allocated, -2
- * for a token id out of range. */
+ * for a token id out of range, -3 for a position past its block table. */
 int dq_decode_step(void *p, int B, const int32_t *tokens, const int32_t *positions, const int32_t *block_table,
                    int max_blocks, int block_size, float *keys, float *values, int64_t layer_stride,
                    const float *cos_table, const float *sin_table, int nthreads, float *logits, float *hidden) {
@@ -1096,6 +1096,7 @@ int dq_decode_step(void *p, int B, const int32_t *tokens, const int32_t *positio
     const int qkv_w = (H + 2 * KV) * hd;
     for (int b = 0; b < B; b++) {
         if (tokens[b] < 0 || tokens[b] >= m->V) return -2;
+        if (positions[b] < 0 || positions[b] / block_size >= max_blocks) return -3;
         memcpy(m->x + (int64_t)b * D, m->embed + (int64_t)tokens[b] * D, (size_t)D * sizeof(float));
         m->lens[b] = positions[b] + 1;
     }
