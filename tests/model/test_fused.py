@@ -160,3 +160,16 @@ def test_real_model_fused_int4_greedy_equals_the_torch_path(default_gguf: Path,
     assert engine.runner.fused is not None
     plain, _ = _run(lm, prompts, [20] * 6, False, block_size=16)
     assert fused == plain
+
+
+def test_prompts_on_a_quantized_model_run_on_the_packed_float_tiles(tmp_path: Path) -> None:
+    lm = _tiny(tmp_path, "Q4_1", bias=True, tied=False)
+    engine = LLMEngine(lm, EngineConfig(block_size=4, kv_cache_tokens=256, enable_prefix_caching=False))
+    qkv = lm.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.packed is not None and qkv.bias is not None
+    x = torch.randn(7, qkv.in_features)
+    want = reference_matmul(x, qkv.weight_q) + qkv.bias
+    assert _relative_error(qkv(x), want) < 1e-5  # float tiles, bias added once
+    assert _relative_error(qkv(x[:2]), want[:2]) < 1e-5  # under 4 rows: the float-activation kernel
+    engine.runner.fused = None  # the step gone, its packed weights go with it
+    assert qkv.packed(x) is None and _relative_error(qkv(x), want) < 1e-5

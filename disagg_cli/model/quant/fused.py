@@ -14,6 +14,8 @@ head a `QuantizedLinear` with the C kernel. Its matmuls round activations to int
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from disagg_cli.model.llama import LlamaForCausalLM
@@ -54,6 +56,7 @@ class FusedDecoder:
         if not self._handle:
             raise MemoryError("the fused decode step could not allocate its model")
         self._keep: list[torch.Tensor] = []  # every tensor whose memory the kernel reads
+        self._out: dict[tuple[int, str], int] = {}  # output features of each weight
         for i, layer in enumerate(model.model.layers):
             a, mlp = layer.self_attn, layer.mlp
             self._norms(i, layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
@@ -74,11 +77,29 @@ class FusedDecoder:
         if bias is not None:
             bias = bias.float().contiguous()
         self._keep += [w.qs, w.d, w.m] + ([bias] if bias is not None else [])
+        self._out[(layer, which)] = w.out_features
         rc = self.lib.dq_model_set_weight(self._handle, layer, _WHICH[which], 8 if w.kind == "int8" else 4,
                                           w.out_features, w.in_features, w.qs.data_ptr(), w.d.data_ptr(),
                                           w.m.data_ptr(), None if bias is None else bias.data_ptr())
         if rc != 0:
             raise ValueError(f"the fused decode step refused the {which} weight of layer {layer}")
+        me = weakref.ref(self)
+
+        def packed(x: torch.Tensor) -> torch.Tensor | None:
+            fused = me()
+            return None if fused is None else fused.matmul(layer, which, x)
+
+        mod.packed = packed
+
+    def matmul(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) · Wᵀ + b with one of the model's weights as the step holds it (repacked)."""
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self._out[(layer, which)], dtype=torch.float32)
+        rc = self.lib.dq_model_matmul(self._handle, layer, _WHICH[which], x.data_ptr(), x.shape[0], y.data_ptr(),
+                                      torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError(f"the fused step's matmul could not allocate for {x.shape[0]} rows")
+        return y
 
     def __del__(self) -> None:
         handle, self._handle = getattr(self, "_handle", None), None

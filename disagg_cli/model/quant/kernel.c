@@ -1143,7 +1143,8 @@ int dq_model_matmul(void *p, int layer, int which, const float *x, int M, float 
     if (which < 0 || which > 4 || (which < 4 && (layer < 0 || layer >= m->L))) return -1;
     const dq_weight *w = which == 4 ? &m->head : which == 0 ? &m->layers[layer].qkv : which == 1 ? &m->layers[layer].o
                        : which == 2 ? &m->layers[layer].gate_up : &m->layers[layer].down;
-    if (!w->data || ensure_scratch(m, M) != 0) return -1;
+    if (!w->data) return -1;
+    if ((M < FLOAT_MIN_ROWS || w->K % 8) && ensure_scratch(m, M) != 0) return -1;  /* float tiles need none */
     step_matmul(m, x, M, w, y, nthreads);
     return 0;
 }

@@ -11,7 +11,7 @@ embedding (one row per token).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -21,6 +21,10 @@ from torch import nn
 from disagg_cli.model.hardware import DENSE_MIN_ROWS
 from disagg_cli.model.quant.blocks import QuantizedWeight, concat_rows, from_gguf_blocks, quantize
 from disagg_cli.model.quant.kernels import Kernel, matmul
+
+# From this many rows the fused step's packed weights run as exact float tiles (kernel.c FLOAT_MIN_ROWS),
+# faster than widening each block per row: prompts on a decode worker, batched steps mixing prefills.
+PACKED_MIN_ROWS = 4
 
 
 class QuantizedLinear(nn.Module):
@@ -41,10 +45,19 @@ class QuantizedLinear(nn.Module):
         # elsewhere float activations keep greedy output with float32's (int8 rounding parts the
         # texts within ~30 tokens, see `quantize_row16` in kernel.c).
         self.act_int8 = bool(weight.kind == "int4" and kernel is not None and kernel.has_vnni)
+        # Set by the fused decode step (`fused.py`) while it lives: its repacked copy of this weight
+        # multiplied as float tiles (bias included), for steps of PACKED_MIN_ROWS rows or more that
+        # do not take the float weights; it returns None once that step is gone.
+        self.packed: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] >= self.dense_min_rows:
+        rows = x.shape[0]
+        if self.dense is not None and rows >= self.dense_min_rows:
             return F.linear(x, self.dense, self.bias)
+        if self.packed is not None and rows >= PACKED_MIN_ROWS and x.dtype == torch.float32:
+            y = self.packed(x)
+            if y is not None:
+                return y
         y = matmul(self.kernel, x, self.weight_q, self.act_int8)  # (N, out) float32
         if self.bias is not None:
             y += self.bias
