@@ -202,8 +202,10 @@ class RayCluster:
         await self.unfollow()
         if self._ray is None or not self._ray.is_initialized():
             return
-        if self.slots:
-            stops = [asyncio.ensure_future(_result(s.handle.stop.remote(STOP_TIMEOUT_S - 1))) for s in self.slots]
+        # Only workers that ever bound can drain; an actor Ray never placed is just killed.
+        started = [s for s in self.slots if s.joined]
+        if started:
+            stops = [asyncio.ensure_future(_result(s.handle.stop.remote(STOP_TIMEOUT_S - 1))) for s in started]
             await asyncio.wait(stops, timeout=STOP_TIMEOUT_S)
             for future in stops:
                 future.cancel()
