@@ -162,38 +162,49 @@ class RayCluster:
         self._tasks = []
 
     async def _follow(self, slot: ActorSlot, coordinator: WorkerConnections) -> None:
-        exceptions = self._ray.exceptions
         while True:
-            if slot.address is None:
-                try:  # Ray holds the call until the restarted actor's __init__ has run
-                    slot.address, slot.instance_id = await _result(slot.handle.address.remote())
-                except exceptions.RayTaskError as e:
-                    log.warning("the restarted %s worker (%s) could not start: %s; asking Ray for another try",
-                                slot.role, slot.name, _first_line(getattr(e, "cause", e)))
-                    await asyncio.sleep(RESTART_PAUSE_S)
-                    self._ray.kill(slot.handle, no_restart=False)
-                    continue
-                except exceptions.ActorDiedError as e:
-                    log.warning("the %s worker (%s) is gone for good: %s", slot.role, slot.name, _first_line(e))
-                    return
-                except exceptions.RayActorError:  # unavailable for a moment: ask again
-                    await asyncio.sleep(RESTART_PAUSE_S)
-                    continue
-                slot.joined += 1
-                log.warning("Ray restarted the %s worker (%s); it rejoins at %s", slot.role, slot.name, slot.address)
-                await coordinator.add_worker(slot.role, slot.address)
             try:
-                outcome = await _result(slot.handle.wait_stopped.remote(slot.instance_id))
-                reason = "its Ray actor restarted" if outcome == "restarted" else "its worker stopped"
-            except exceptions.ActorUnavailableError:
-                outcome, reason = "died", "its Ray actor's process died; Ray restarts it"
-            except exceptions.RayActorError as e:
-                outcome, reason = "died", f"its Ray actor died: {_first_line(e)}"
-            with contextlib.suppress(KeyError):
-                await coordinator.remove_worker(slot.address, reason)
-            slot.address = None
-            if outcome == "stopped":
-                return
+                if not await self._follow_once(slot, coordinator):
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not end the following of this actor unseen
+                log.exception("following the %s worker (%s) failed; trying again", slot.role, slot.name)
+                await asyncio.sleep(RESTART_PAUSE_S)
+
+    async def _follow_once(self, slot: ActorSlot, coordinator: WorkerConnections) -> bool:
+        """Join the actor's worker if it is not in, then wait for it to end; False: stop following."""
+        exceptions = self._ray.exceptions
+        if slot.address is None:
+            try:  # Ray holds the call until the restarted actor's __init__ has run
+                address, instance_id = await _result(slot.handle.address.remote())
+            except exceptions.RayTaskError as e:
+                log.warning("the restarted %s worker (%s) could not start: %s; asking Ray for another try",
+                            slot.role, slot.name, _first_line(getattr(e, "cause", e)))
+                await asyncio.sleep(RESTART_PAUSE_S)
+                self._ray.kill(slot.handle, no_restart=False)
+                return True
+            except exceptions.ActorDiedError as e:
+                log.warning("the %s worker (%s) is gone for good: %s", slot.role, slot.name, _first_line(e))
+                return False
+            except exceptions.RayActorError:  # unavailable for a moment: ask again
+                await asyncio.sleep(RESTART_PAUSE_S)
+                return True
+            log.warning("Ray restarted the %s worker (%s); it rejoins at %s", slot.role, slot.name, address)
+            await coordinator.add_worker(slot.role, address)
+            slot.address, slot.instance_id = address, instance_id
+            slot.joined += 1
+        try:
+            outcome = await _result(slot.handle.wait_stopped.remote(slot.instance_id))
+            reason = "its Ray actor restarted" if outcome == "restarted" else "its worker stopped"
+        except exceptions.ActorUnavailableError:
+            outcome, reason = "died", "its Ray actor's process died; Ray restarts it"
+        except exceptions.RayActorError as e:
+            outcome, reason = "died", f"its Ray actor died: {_first_line(e)}"
+        with contextlib.suppress(KeyError):
+            await coordinator.remove_worker(slot.address, reason)
+        slot.address = None
+        return outcome != "stopped"
 
     # --- the end --------------------------------------------------------------------------------------
 
