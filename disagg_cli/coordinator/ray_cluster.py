@@ -82,12 +82,16 @@ class RayCluster:
 
     def start(self) -> None:
         ray = self._ray = import_ray()
-        _check_answers(ray, self.address)
+        _check_answers(self.address)
         # ray.init makes SIGTERM call sys.exit; the server's own handlers must stay in charge.
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             ray.init(address=self.address, namespace=self.namespace, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as e:
+        except ConnectionError as e:
+            if self.address == "auto":
+                raise DisaggError(_NO_LOCAL_CLUSTER) from None
+            raise DisaggError(f"--ray {self.address}: could not join the Ray cluster: {_first_line(e)}") from None
+        except (RuntimeError, ValueError) as e:
             raise DisaggError(f"--ray {self.address}: could not join the Ray cluster: {_first_line(e)}") from None
         finally:
             for sig, handler in handlers.items():
@@ -233,7 +237,11 @@ async def _result(ref: Any) -> Any:
     return await asyncio.wrap_future(ref.future())
 
 
-def _check_answers(ray: Any, address: str) -> None:
+_NO_LOCAL_CLUSTER = ("--ray auto: no Ray cluster runs on this machine and RAY_ADDRESS is not set; start one with "
+                     "`ray start --head`, or pass the head node's address (host:port)")
+
+
+def _check_answers(address: str) -> None:
     """A readable line instead of ray.init's endless retries when nothing listens at `address`."""
     target = address
     if address == "auto":
@@ -243,8 +251,7 @@ def _check_answers(ray: Any, address: str) -> None:
         except Exception:  # noqa: BLE001 - a Ray without this helper: ray.init says it
             return
         if target == "auto":
-            raise DisaggError("--ray auto: no Ray cluster runs on this machine and RAY_ADDRESS is not set; start "
-                              "one with `ray start --head`, or pass the head node's address (host:port)")
+            raise DisaggError(_NO_LOCAL_CLUSTER)
     host, _, port = target.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise DisaggError(f"--ray {address}: expected auto or the head node's host:port, got {target!r}")
