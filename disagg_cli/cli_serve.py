@@ -59,13 +59,21 @@ def serve(
                                                       "repeatable. Needs --decode.")] = None,
     decode: Annotated[list[str] | None, typer.Option(help="Address of a running decode worker; repeatable.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Start this TOML topology (see configs/).")] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS|auto", help="Run the workers as Ray actors in the Ray cluster at ADDRESS (the head "
+        "node's host:port; auto: RAY_ADDRESS or the one on this machine). Needs disagg-cli[ray].")] = None,
+    prefill_replicas: Annotated[int | None, typer.Option(
+        help="Prefill workers to start (default 1, or the topology's).")] = None,
+    decode_replicas: Annotated[int | None, typer.Option(
+        help="Decode workers to start (default 1, or the topology's).")] = None,
     colocated: Annotated[bool, typer.Option(help="One worker doing both phases (the baseline).")] = False,
     colocated_addr: Annotated[str | None, typer.Option(help="Address of a running colocated worker.")] = None,
     router: RouterOpt = "round-robin",
     kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers started here: none, lz4, "
                                                  "shuffle-lz4, int8, int4 or auto.")] = None,
     worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
-    keys: Annotated[Path | None, typer.Option(help="CurveZMQ keys to reach workers started with --keys.")] = None,
+    keys: Annotated[Path | None, typer.Option(help="CurveZMQ keys to reach workers started with --keys; with "
+                                              "--ray, the workers' own (the same folder on every node).")] = None,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for every worker's hello.")] = 120.0,
     reserve_timeout: ReserveTimeoutOpt = DEFAULT_DEADLINES.reserve_s,
     first_token_timeout: FirstTokenTimeoutOpt = DEFAULT_DEADLINES.first_token_s,
@@ -74,7 +82,8 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat, /metrics).
 
-    With no addresses, starts a local 1 prefill + 1 decode cluster and stops it on exit."""
+    With no addresses, starts a local 1 prefill + 1 decode cluster (with --ray: Ray actors) and stops
+    it on exit."""
     from disagg_cli.coordinator.service import ServiceConfig
     from disagg_cli.generate import ServeOptions
     from disagg_cli.server.app import ServerConfig
@@ -91,7 +100,8 @@ def serve(
         serve=ServeOptions(prefill=tuple(prefill or ()), decode=tuple(decode or ()), colocated=colocated,
                            colocated_addr=colocated_addr, config=config, router=router, kv_codec=kv_codec,
                            worker_timeout_s=worker_timeout, keys_dir=keys, connect_timeout_s=connect_timeout,
-                           disagg_threshold=parse_threshold(disagg_threshold),
+                           disagg_threshold=parse_threshold(disagg_threshold), ray_address=ray,
+                           prefill_replicas=prefill_replicas, decode_replicas=decode_replicas,
                            deadlines=Deadlines(reserve_timeout, first_token_timeout, token_timeout, request_timeout)),
         max_queued_requests=max_queued_requests)
     run_server(service, server)

@@ -53,6 +53,9 @@ class ServeOptions:
     connect_timeout_s: float = 120.0  # for every worker's hello answer (covers loading weights)
     deadlines: Deadlines = field(default_factory=Deadlines)
     disagg_threshold: int | str = 0  # selective disaggregation (see CoordinatorConfig)
+    ray_address: str | None = None  # the workers as Ray actors in this cluster (auto or host:port)
+    prefill_replicas: int | None = None  # None: one, or what the topology says
+    decode_replicas: int | None = None
 
     def __post_init__(self) -> None:
         if self.disagg_threshold != "auto" and not (isinstance(self.disagg_threshold, int)
@@ -75,9 +78,20 @@ class ServeOptions:
             raise UsageError(f"--worker-timeout must be positive, got {self.worker_timeout_s}")
         if not self.connect_timeout_s > 0:
             raise UsageError(f"--connect-timeout must be positive, got {self.connect_timeout_s}")
-        if self.keys_dir is not None and not (self.prefill or self.colocated_addr):
-            raise UsageError("--keys is for workers started elsewhere: use it with --prefill/--decode or "
-                             "--colocated-addr")
+        if self.keys_dir is not None and not (self.prefill or self.colocated_addr or self.ray_address or self.config):
+            raise UsageError("--keys is for workers started elsewhere: use it with --prefill/--decode, "
+                             "--colocated-addr or --ray")
+        if self.ray_address is not None and (self.in_process or self.prefill or self.colocated_addr):
+            raise UsageError("--ray starts the workers as Ray actors: it cannot be combined with --in-process, "
+                             "--prefill/--decode or --colocated-addr")
+        replicas = {"--prefill-replicas": self.prefill_replicas, "--decode-replicas": self.decode_replicas}
+        for flag, count in replicas.items():
+            if count is not None and count < 1:
+                raise UsageError(f"{flag} must be at least 1, got {count}")
+        given = [flag for flag, count in replicas.items() if count is not None]
+        if given and (self.in_process or self.prefill or self.colocated or self.colocated_addr):
+            raise UsageError(f"{' and '.join(given)} size the prefill/decode workers started here; they do not go "
+                             "with --in-process, --prefill/--decode or --colocated")
 
     def coordinator_config(self) -> CoordinatorConfig:
         from disagg_cli.coordinator.connections import CoordinatorConfig
@@ -228,20 +242,32 @@ def _run_served(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput
 
 
 def build_topology(model: str, serve: ServeOptions, runtime: RuntimeConfig, engine: EngineConfig) -> ClusterConfig:
-    """What to start here: `--config`'s topology, or 1 prefill + 1 decode (or one colocated) worker."""
+    """What to start: `--config`'s topology, or 1 prefill + 1 decode (or one colocated) worker, with
+    `--prefill-replicas`/`--decode-replicas` workers of those roles; as Ray actors with `--ray`."""
     if serve.config is not None:
         config = load_cluster_config(serve.config, default_model=model)
-        if serve.kv_codec is None:
-            return config
-        return replace(config, workers=tuple(replace(w, kv_codec=serve.kv_codec) if w.role == "prefill" else w
-                                             for w in config.workers))
-    base = WorkerSpec("prefill", device=runtime.device, dtype=runtime.dtype, threads=runtime.threads,
+        if serve.kv_codec is not None:
+            config = replace(config, workers=tuple(replace(w, kv_codec=serve.kv_codec) if w.role == "prefill" else w
+                                                   for w in config.workers))
+        for role, count in (("prefill", serve.prefill_replicas), ("decode", serve.decode_replicas)):
+            if count is not None:
+                config = config.with_replicas(role, count)
+    else:
+        config = local_topology(model, _base_spec(serve, runtime, engine), num_prefill=serve.prefill_replicas or 1,
+                                num_decode=serve.decode_replicas or 1, colocated=serve.colocated)
+    if serve.ray_address is not None:  # --ray: this topology on Ray, whatever its file said
+        config = replace(config, backend="ray", ray_address=serve.ray_address)
+    return config
+
+
+def _base_spec(serve: ServeOptions, runtime: RuntimeConfig, engine: EngineConfig) -> WorkerSpec:
+    """Every worker of the embedded topology: the flags' runtime and engine settings."""
+    return WorkerSpec("prefill", device=runtime.device, dtype=runtime.dtype, threads=runtime.threads,
                       quantization=runtime.quantization,
                       kv_codec=serve.kv_codec, block_size=engine.block_size, kv_cache_tokens=engine.kv_cache_tokens,
                       kv_cache_memory_mb=engine.kv_cache_memory_mb, max_num_seqs=engine.max_num_seqs,
                       max_num_batched_tokens=engine.max_num_batched_tokens, chunked_prefill=engine.chunked_prefill,
                       enable_prefix_caching=engine.enable_prefix_caching)
-    return local_topology(model, base, colocated=serve.colocated)
 
 
 async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], cluster: LocalCluster | None,

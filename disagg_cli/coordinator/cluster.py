@@ -105,6 +105,9 @@ class LocalCluster:
     """Worker processes for `config`, with `model` as a local path (so workers never fetch)."""
 
     def __init__(self, config: ClusterConfig, model: str, log_dir: Path | None = None) -> None:
+        if config.backend != "local":
+            raise UsageError(f"this topology runs on {config.backend} ([cluster] backend = {config.backend!r}); "
+                             "serve it with `disagg serve --config FILE`, or set backend = \"local\"")
         self.config = config
         self.model = model
         self._own_log_dir = log_dir is None

@@ -6,8 +6,9 @@ server; later `generate` and `bench serve`) call `tokenize`, `submit` and `abort
 `health()`, `counts()` and `workers()`; none tokenizes, checks limits or starts clusters itself.
 
 Life of the service:
-1. `start()`: resolve the model, load its tokenizer, start the local cluster (unless addresses
-   were given), say hello to every worker and wait for every answer;
+1. `start()`: resolve the model, load its tokenizer, start the local cluster or the Ray actors
+   (unless addresses were given), say hello to every worker and wait for every answer; Ray actors
+   that die and come back are dropped and added while the service runs (`ray_cluster.py`);
 2. `submit(prompt or ids, params)` checks the prompt against the context and the waiting queue
    (raising before any work is done), then drives the request in a task of its own and returns
    a `RequestStream` of `Delta`s; closing the stream early (a client gone) or `abort(id)` cancels
@@ -24,21 +25,23 @@ import asyncio
 import itertools
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.coordinator.stream import RequestStream, StreamingOutput
+from disagg_cli.coordinator.topology import ClusterConfig
 from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
 from disagg_cli.generate import ServeOptions, build_topology, context_length, worker_address
-from disagg_cli.model.registry import resolve_model
+from disagg_cli.model.registry import REGISTRY, resolve_model
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     from disagg_cli.coordinator.client import Coordinator
     from disagg_cli.coordinator.cluster import LocalCluster
+    from disagg_cli.coordinator.ray_cluster import RayCluster
 
 WAITING_STATES = ("queued", "reserving")  # not yet past the decode worker's memory check
 DRAIN_TIMEOUT_S = 60.0
@@ -88,6 +91,7 @@ class CoordinatorService:
         self.context_limit = sys.maxsize
         self.coordinator: Coordinator | None = None
         self.cluster: LocalCluster | None = None
+        self.ray_cluster: RayCluster | None = None  # the workers as Ray actors (`--ray`)
         self.draining = False
         self.in_flight: dict[str, tuple[StreamingOutput, asyncio.Task[None]]] = {}
         self._listeners: list[Callable[[StreamingOutput], None]] = []
@@ -114,9 +118,13 @@ class CoordinatorService:
             self.model_path = resolve_model(topology.model if topology else cfg.model, cfg.cache_dir, on_pull)
         self.tokenizer = load_tokenizer(self.model_path)
         self.context_limit = context_length(self.model_path) or sys.maxsize
-        if topology is not None:
-            roles = [w.role for w in topology.workers]
-            ui.info("starting " + ", ".join(f"{roles.count(r)} {r}" for r in dict.fromkeys(roles)) + " worker(s)…")
+        if topology is not None and topology.backend == "ray":
+            workers = await self._start_ray(topology)
+        elif topology is not None:
+            if serve.keys_dir is not None:
+                raise UsageError("--keys is for workers started elsewhere or on Ray (--ray); the workers started "
+                                 "here listen on 127.0.0.1")
+            ui.info(f"starting {topology.counts()} worker(s)…")
             self.cluster = LocalCluster(topology, str(self.model_path))
             self.cluster.start()
             workers = self.cluster.addresses()
@@ -131,9 +139,27 @@ class CoordinatorService:
         try:
             if self.cluster is not None:
                 await self.coordinator.connect(self.cluster.check)
-            else:  # workers started elsewhere: one that is down joins when it comes up
+            else:  # workers started elsewhere (or restarted by Ray meanwhile) join when they come up
                 await self.coordinator.connect(join_grace_s=JOIN_GRACE_S)
+            if self.ray_cluster is not None:
+                self.ray_cluster.follow(self.coordinator)
             await self.coordinator.poll_stats()
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _start_ray(self, topology: ClusterConfig) -> list[tuple[str, str]]:
+        """The topology's workers as Ray actors; their (role, address) once every one has bound."""
+        from disagg_cli.coordinator.ray_cluster import RayCluster
+
+        assert self.model_path is not None
+        # A name is resolved (pulled if need be) on each node; a path must be the same on every node.
+        model = topology.model if topology.model in REGISTRY else str(self.model_path.resolve())
+        ui.info(f"starting {topology.counts()} worker(s) as Ray actors (Ray cluster: {topology.ray_address})…")
+        self.ray_cluster = RayCluster(replace(topology, model=model), topology.ray_address, self.config.serve.keys_dir)
+        try:
+            self.ray_cluster.start()
+            return await self.ray_cluster.wait_addresses(self.config.serve.connect_timeout_s)
         except BaseException:
             await self._close()
             raise
@@ -151,12 +177,17 @@ class CoordinatorService:
         await self._close()
 
     async def _close(self) -> None:
+        if self.ray_cluster is not None:
+            await self.ray_cluster.unfollow()  # before the coordinator it adds to and removes from goes
         if self.coordinator is not None:
             await self.coordinator.close()
             self.coordinator = None
         if self.cluster is not None:
             await asyncio.to_thread(self.cluster.stop)
             self.cluster = None
+        if self.ray_cluster is not None:
+            await self.ray_cluster.stop()
+            self.ray_cluster = None
 
     # --- requests ----------------------------------------------------------------------------------
 

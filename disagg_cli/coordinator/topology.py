@@ -12,13 +12,20 @@ default (`local_topology`: 1 prefill + 1 decode). A file looks like:
     port = 0              # 0: pick a free port
     cpus = [0]            # CPU affinity (Linux); omitted: the cores are split between workers
     enable_prefix_caching = true  # keep and share full KV blocks of equal prompt prefixes
+    replicas = 1          # this many workers like this one (ports must then be 0)
 
-Pure: no sockets, no processes (`coordinator/cluster.py` starts them).
+A `[cluster]` table picks where the workers run: `backend = "local"` (the default: child
+processes of this machine) or `backend = "ray"` (one Ray actor per worker, `address = "auto"` or
+the head node's `host:port`), placed by each worker's `num_cpus`, `num_gpus` and custom
+`resources = { prefill = 1 }` (Ray only; `cpus` is for local workers).
+
+Pure: no sockets, no processes (`coordinator/cluster.py` and `coordinator/ray_cluster.py` start them).
 """
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +60,12 @@ class WorkerSpec:
     max_num_batched_tokens: int = 2048
     chunked_prefill: bool = False
     enable_prefix_caching: bool = True
+    # Ray placement (ignored by local clusters): logical CPUs and GPUs the actor takes, None:
+    # `threads` CPUs (1 when unset) and a GPU for a cuda device; custom resources, e.g.
+    # (("decode", 1.0),), that only nodes started with them (`ray start --resources`) offer.
+    num_cpus: float | None = None
+    num_gpus: float | None = None
+    resources: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in WORKER_ROLES:
@@ -65,6 +78,15 @@ class WorkerSpec:
             raise UsageError(f"worker kv_codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
         if self.kv_codec is not None and self.role == "decode":
             raise UsageError("kv_codec is chosen by the prefill worker (the sender); remove it from the decode worker")
+        for name in ("num_cpus", "num_gpus"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise UsageError(f"worker {name} must be a number >= 0, got {value}")
+        for name, amount in self.resources:
+            if name in ("CPU", "GPU"):
+                raise UsageError(f"give {name}s as num_{name.lower()}s, not in resources")
+            if not name or not amount > 0:
+                raise UsageError(f"worker resources must map names to amounts > 0, got {name!r} = {amount}")
         self.runtime()
         self.engine()
 
@@ -83,13 +105,29 @@ class WorkerSpec:
         return WorkerConfig(role=self.role, model=model, host=self.host, port=self.port, runtime=self.runtime(),
                             engine=self.engine(), **extra)
 
+    def ray_options(self) -> dict[str, Any]:
+        """What the worker's Ray actor asks its node for (`ray.remote(...).options(**this)`)."""
+        num_gpus = self.num_gpus if self.num_gpus is not None else float(self.device.startswith("cuda"))
+        return {"num_cpus": self.num_cpus if self.num_cpus is not None else float(self.threads or 1),
+                "num_gpus": num_gpus, "resources": dict(self.resources)}
+
+
+BACKENDS = ("local", "ray")
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     model: str
     workers: tuple[WorkerSpec, ...]
+    backend: str = "local"  # local: child processes here; ray: Ray actors (coordinator/ray_cluster.py)
+    ray_address: str = "auto"  # the Ray cluster to join: auto (RAY_ADDRESS, or one on this machine) or host:port
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UsageError(f"[cluster] backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "ray" and any(w.cpus is not None for w in self.workers):
+            raise UsageError("cpus (CPU affinity) is for local workers; Ray places a worker by num_cpus, "
+                             "num_gpus and resources")
         roles = [w.role for w in self.workers]
         disaggregated = "prefill" in roles and "decode" in roles and "colocated" not in roles
         colocated = set(roles) == {"colocated"}
@@ -106,6 +144,27 @@ class ClusterConfig:
 
     def by_role(self, role: str) -> list[WorkerSpec]:
         return [w for w in self.workers if w.role == role]
+
+    def with_replicas(self, role: str, count: int) -> ClusterConfig:
+        """`count` workers of `role` (`--prefill-replicas`, `--decode-replicas`), like the one
+        the topology gives; one whose workers of that role differ says so."""
+        if count < 1:
+            raise UsageError(f"--{role}-replicas must be at least 1, got {count}")
+        specs = set(self.by_role(role))
+        if len(specs) != 1:
+            raise UsageError(f"--{role}-replicas needs exactly one kind of {role} worker in the topology, found "
+                             f"{len(specs)}; set `replicas` per [[workers]] table in the file instead")
+        spec = specs.pop()
+        if count > 1 and spec.port:
+            raise UsageError(f"--{role}-replicas {count}: the {role} worker has a fixed port {spec.port}; "
+                             "set port = 0 so each replica picks its own")
+        others = tuple(w for w in self.workers if w.role != role)
+        first = next(i for i, w in enumerate(self.workers) if w.role == role)
+        return replace(self, workers=others[:first] + (spec,) * count + others[first:])
+
+    def counts(self) -> str:
+        """"1 prefill, 2 decode": the roles in order, with how many workers each."""
+        return ", ".join(f"{n} {role}" for role, n in Counter(w.role for w in self.workers).items())
 
 
 def local_topology(model: str, base: WorkerSpec, num_prefill: int = 1, num_decode: int = 1,
@@ -124,7 +183,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "cpus": (list,), "kv_codec": (str,), "block_size": (int,), "kv_cache_tokens": (int,),
     "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "kv_cache_memory_mb": (int, float),
     "chunked_prefill": (bool,), "enable_prefix_caching": (bool,),
+    "num_cpus": (int, float), "num_gpus": (int, float), "resources": (dict,),
 }
+_CLUSTER_TYPES: dict[str, type] = {"backend": str, "address": str}
 
 
 def load_cluster_config(path: Path, default_model: str | None = None) -> ClusterConfig:
@@ -148,9 +209,17 @@ def load_cluster_config(path: Path, default_model: str | None = None) -> Cluster
 
 
 def _parse(data: dict[str, Any], default_model: str | None) -> ClusterConfig:
-    unknown = sorted(set(data) - {"model", "defaults", "workers"})
+    unknown = sorted(set(data) - {"model", "cluster", "defaults", "workers"})
     if unknown:
-        raise UsageError(f"unknown top-level key(s) {unknown}; expected model, [defaults], [[workers]]")
+        raise UsageError(f"unknown top-level key(s) {unknown}; expected model, [cluster], [defaults], [[workers]]")
+    cluster = data.get("cluster", {})
+    if not isinstance(cluster, dict):
+        raise UsageError("[cluster] must be a table")
+    for key, value in cluster.items():
+        if key not in _CLUSTER_TYPES:
+            raise UsageError(f"[cluster]: unknown key {key!r}; known: {sorted(_CLUSTER_TYPES)}")
+        if not isinstance(value, _CLUSTER_TYPES[key]):
+            raise UsageError(f"[cluster]: {key} must be a {_CLUSTER_TYPES[key].__name__}, got {value!r}")
     model = data.get("model", default_model)
     if not isinstance(model, str) or not model:
         raise UsageError("'model' must be a model name or path (a string)")
@@ -160,10 +229,13 @@ def _parse(data: dict[str, Any], default_model: str | None) -> ClusterConfig:
         raise UsageError("[defaults] must be a table")
     if not isinstance(workers, list) or not workers or not all(isinstance(w, dict) for w in workers):
         raise UsageError("expected one or more [[workers]] tables")
-    specs = []
+    specs: list[WorkerSpec] = []
     for i, table in enumerate(workers):
         merged = {**defaults, **table}
         where = f"worker {i} ({merged.get('role', 'no role')})"
+        replicas = merged.pop("replicas", 1)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+            raise UsageError(f"{where}: replicas must be a whole number >= 1, got {replicas!r}")
         bad = sorted(set(merged) - _SPEC_FIELDS)
         if bad:
             raise UsageError(f"{where}: unknown key(s) {bad}; known: {sorted(_SPEC_FIELDS)}")
@@ -177,8 +249,17 @@ def _parse(data: dict[str, Any], default_model: str | None) -> ClusterConfig:
             if not all(isinstance(c, int) and not isinstance(c, bool) for c in merged["cpus"]):
                 raise UsageError(f"{where}: cpus must be a list of CPU numbers, got {merged['cpus']!r}")
             merged["cpus"] = tuple(merged["cpus"])
+        if "resources" in merged:
+            amounts = merged["resources"]
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in amounts.values()):
+                raise UsageError(f"{where}: resources must map names to numbers, got {amounts!r}")
+            merged["resources"] = tuple(sorted((str(k), float(v)) for k, v in amounts.items()))
         try:
-            specs.append(WorkerSpec(**merged))
+            spec = WorkerSpec(**merged)
         except UsageError as e:
             raise UsageError(f"{where}: {e}") from None
-    return ClusterConfig(model, tuple(specs))
+        if replicas > 1 and spec.port:
+            raise UsageError(f"{where}: {replicas} replicas cannot share port {spec.port}; set port = 0")
+        specs += [spec] * replicas
+    return ClusterConfig(model, tuple(specs), backend=cluster.get("backend", "local"),
+                         ray_address=cluster.get("address", "auto"))

@@ -83,3 +83,79 @@ def test_local_topology_is_one_prefill_one_decode() -> None:
     assert local_topology("m", WorkerSpec("prefill"), colocated=True).is_colocated
     with pytest.raises(UsageError):
         ClusterConfig("m", ())
+
+
+def test_ray_topology_places_by_resources_and_expands_replicas(tmp_path: Path) -> None:
+    path = tmp_path / "ray.toml"
+    path.write_text('model = "m"\n[cluster]\nbackend = "ray"\naddress = "10.0.0.1:6379"\n[defaults]\nthreads = 2\n'
+                    '[[workers]]\nrole = "prefill"\nresources = { prefill = 1 }\n'
+                    '[[workers]]\nrole = "decode"\nreplicas = 3\nnum_cpus = 1.5\ndevice = "cuda"\n'
+                    'resources = { decode = 1, fast_net = 0.5 }\n')
+    config = load_cluster_config(path)
+    assert (config.backend, config.ray_address) == ("ray", "10.0.0.1:6379")
+    assert [w.role for w in config.workers] == ["prefill", "decode", "decode", "decode"]
+    prefill, decode = config.workers[0], config.workers[1]
+    assert prefill.ray_options() == {"num_cpus": 2.0, "num_gpus": 0.0, "resources": {"prefill": 1.0}}
+    assert decode.ray_options() == {"num_cpus": 1.5, "num_gpus": 1.0, "resources": {"decode": 1.0, "fast_net": 0.5}}
+    assert config.counts() == "1 prefill, 3 decode"
+
+
+def test_shipped_ray_topology_loads() -> None:
+    config = load_cluster_config(CONFIGS / "ray-2node.toml")
+    assert (config.backend, config.ray_address) == ("ray", "auto")
+    assert [(w.role, w.resources, w.quantization) for w in config.workers] == [
+        ("prefill", (("prefill", 1.0),), "none"), ("decode", (("decode", 1.0),), "auto")]
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("[cluster]\nbackend = 'k8s'\n", "[cluster] backend must be one of local, ray, got 'k8s'"),
+    ("[cluster]\nnodes = 2\n", "[cluster]: unknown key 'nodes'"),
+    ("[cluster]\naddress = 6379\n", "[cluster]: address must be a str"),
+    ("[cluster]\nbackend = 'ray'\n[defaults]\ncpus = [0]\n", "cpus (CPU affinity) is for local workers"),
+    ("[defaults]\nresources = { CPU = 2 }\n", "give CPUs as num_cpus, not in resources"),
+    ("[defaults]\nresources = { decode = 0 }\n", "resources must map names to amounts > 0"),
+    ("[defaults]\nresources = { decode = 'one' }\n", "resources must map names to numbers"),
+    ("[defaults]\nnum_gpus = -1\n", "num_gpus must be a number >= 0"),
+    ("[defaults]\nreplicas = 0\n", "replicas must be a whole number >= 1, got 0"),
+    ("[defaults]\nreplicas = 2\nport = 7000\n", "2 replicas cannot share port 7000"),
+])
+def test_bad_ray_settings_are_one_line_errors(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f"model = 'x'\n{text}[[workers]]\nrole = 'prefill'\n[[workers]]\nrole = 'decode'\n")
+    with pytest.raises(TopologyError) as info:
+        load_cluster_config(path)
+    assert "\n" not in str(info.value) and fragment in str(info.value), str(info.value)
+
+
+def test_replicas_flags_resize_a_role() -> None:
+    config = local_topology("m", WorkerSpec("prefill"), num_prefill=1, num_decode=1)
+    assert [w.role for w in config.with_replicas("decode", 3).workers] == ["prefill", "decode", "decode", "decode"]
+    assert [w.role for w in config.with_replicas("prefill", 2).workers] == ["prefill", "prefill", "decode"]
+    mixed = ClusterConfig("m", (WorkerSpec("prefill"), WorkerSpec("decode"), WorkerSpec("decode", dtype="float32")))
+    with pytest.raises(UsageError, match="exactly one kind of decode worker in the topology, found 2"):
+        mixed.with_replicas("decode", 2)
+    fixed = ClusterConfig("m", (WorkerSpec("prefill", port=7000), WorkerSpec("decode")))
+    with pytest.raises(UsageError, match="fixed port 7000"):
+        fixed.with_replicas("prefill", 2)
+
+
+def test_serve_options_place_ray_and_replicas(tmp_path: Path) -> None:
+    from disagg_cli.config import EngineConfig, RuntimeConfig
+    from disagg_cli.coordinator.cluster import LocalCluster
+    from disagg_cli.generate import ServeOptions, build_topology
+
+    serve = ServeOptions(ray_address="auto", prefill_replicas=2, decode_replicas=3)
+    config = build_topology("m", serve, RuntimeConfig(dtype="float32"), EngineConfig())
+    assert (config.backend, config.ray_address, config.counts()) == ("ray", "auto", "2 prefill, 3 decode")
+    assert all(w.dtype == "float32" for w in config.workers)
+    on_file = build_topology("m", ServeOptions(config=CONFIGS / "ray-2node.toml", ray_address="10.0.0.1:6379",
+                                               decode_replicas=2), RuntimeConfig(), EngineConfig())
+    assert (on_file.ray_address, on_file.counts()) == ("10.0.0.1:6379", "1 prefill, 2 decode")
+    with pytest.raises(UsageError, match="this topology runs on ray"):
+        LocalCluster(config, "m")
+    with pytest.raises(UsageError, match="--ray starts the workers as Ray actors: it cannot be combined"):
+        ServeOptions(ray_address="auto", prefill=("h:1",), decode=("h:2",))
+    with pytest.raises(UsageError, match="--decode-replicas size the prefill/decode workers started here"):
+        ServeOptions(colocated=True, decode_replicas=2)
+    with pytest.raises(UsageError, match="--prefill-replicas must be at least 1"):
+        ServeOptions(prefill_replicas=0)
