@@ -54,8 +54,9 @@ class QuantizedLinear(nn.Module):
         rows = x.shape[0]
         if self.dense is not None and rows >= self.dense_min_rows:
             return F.linear(x, self.dense, self.bias)
-        if self.packed is not None and rows >= PACKED_MIN_ROWS and x.dtype == torch.float32:
-            y = self.packed(x)
+        packed = self.packed  # float tiles need K a multiple of 8 (kernel.c)
+        if packed is not None and rows >= PACKED_MIN_ROWS and self.in_features % 8 == 0 and x.dtype == torch.float32:
+            y = packed(x)
             if y is not None:
                 return y
         y = matmul(self.kernel, x, self.weight_q, self.act_int8)  # (N, out) float32
