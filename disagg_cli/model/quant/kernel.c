@@ -1095,7 +1095,21 @@ static void rope(float *x, int heads, int hd, const float *cos, const float *sin
     }
 }
 
-static inline float silu(float g) { return g / (1.0f + expf(-g)); }
+/* a[i] = silu(g[i]) · u[i] = g / (1 + e^-g) · u, with u = g + F (the fused gate/up row); vectorized,
+ * as at batch 32 the scalar expf of 30 × 32 × 1536 gates cost ~20 ms a step on one thread. */
+static void silu_mul(const float *g, int F, float *a) {
+    const float *u = g + F;
+    int i = 0;
+#if defined(__AVX2__)
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+    for (; i + 8 <= F; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i);
+        __m256 e = exp256(_mm256_sub_ps(zero, gv));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < F; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
 
 /* B sequences, one new token each: tokens, positions (B); block_table (B, max_blocks) of block ids;
  * keys/values: the pool, (L, slots, KV, hd) float32, `layer_stride` floats per layer; cos/sin
@@ -1138,11 +1152,7 @@ int dq_decode_step(void *p, int B, const int32_t *tokens, const int32_t *positio
         for (int64_t i = 0; i < (int64_t)B * D; i++) m->x[i] += m->h[i];
         for (int b = 0; b < B; b++) rms_norm(m->x + (int64_t)b * D, ly->norm_post, D, m->eps, m->h + (int64_t)b * D);
         step_matmul(m, m->h, B, &ly->gate_up, m->gu, nthreads);
-        for (int b = 0; b < B; b++) {
-            const float *g = m->gu + (int64_t)b * 2 * F, *u = g + F;
-            float *a = m->act + (int64_t)b * F;
-            for (int i = 0; i < F; i++) a[i] = silu(g[i]) * u[i];
-        }
+        for (int b = 0; b < B; b++) silu_mul(m->gu + (int64_t)b * 2 * F, F, m->act + (int64_t)b * F);
         step_matmul(m, m->act, B, &ly->down, m->h, nthreads);
         for (int64_t i = 0; i < (int64_t)B * D; i++) m->x[i] += m->h[i];
     }
