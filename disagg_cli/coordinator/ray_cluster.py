@@ -248,7 +248,7 @@ def _check_answers(address: str) -> None:
         try:
             from ray._private.services import get_ray_address_from_environment
             target = get_ray_address_from_environment("auto", None) or "auto"
-        except Exception:  # noqa: BLE001 - a Ray without this helper: ray.init says it
+        except Exception:  # a Ray without this helper: ray.init says it
             return
         if target == "auto":
             raise DisaggError(_NO_LOCAL_CLUSTER)

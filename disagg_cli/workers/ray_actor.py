@@ -58,7 +58,7 @@ class WorkerActor:
     def _run(self) -> None:
         try:
             worker = self._build()
-        except BaseException as e:  # noqa: BLE001 - reported to the driver by address()
+        except BaseException as e:  # reported to the driver by address()
             self.error = str(e) if isinstance(e, DisaggError) else f"{type(e).__name__}: {e}"
             if not isinstance(e, DisaggError):
                 traceback.print_exc()
@@ -69,7 +69,7 @@ class WorkerActor:
         self._bound.set()
         try:
             worker.serve()
-        except BaseException:  # noqa: BLE001 - a dead engine thread: let Ray restart the process
+        except BaseException:  # a dead engine thread: let Ray restart the process
             traceback.print_exc()
             log(self.spec.role, "the worker thread died; ending the actor process so Ray restarts it")
             os._exit(1)

@@ -29,11 +29,15 @@ NON_DEFAULT = {"host": "127.0.0.2", "port": 7123, "device": "cuda", "dtype": "bf
 
 def test_every_spec_field_reaches_the_worker_config() -> None:
     base = WorkerSpec("prefill", port=7000)
-    placement = {"role", "cpus"}  # the role is the command; cpus are the child's affinity
+    # The role is the command; cpus are the child's affinity; num_cpus, num_gpus and resources are
+    # what its Ray actor asks its node for (they reach `ray_options`, checked below).
+    placement = {"role", "cpus", "num_cpus", "num_gpus", "resources"}
     assert set(NON_DEFAULT) == {f.name for f in dataclasses.fields(WorkerSpec)} - placement
     for name, value in NON_DEFAULT.items():
         changed = dataclasses.replace(base, **{name: value})
         assert changed.worker_config("m") != base.worker_config("m"), name
+    ray = dataclasses.replace(base, num_cpus=3.0, num_gpus=0.5, resources=(("prefill", 2.0),))
+    assert ray.ray_options() == {"num_cpus": 3.0, "num_gpus": 0.5, "resources": {"prefill": 2.0}}
 
 
 def test_worker_config_round_trips_as_json() -> None:

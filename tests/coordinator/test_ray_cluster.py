@@ -60,8 +60,20 @@ def ray_cluster() -> Iterator[Any]:
     pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": LOOPBACK,
-                                                            "include_dashboard": False})
+    # Even without the dashboard, Ray's head runs its usage-stats module, which asks the cloud
+    # metadata service (169.254.169.254, metadata.google.internal) what cloud this is and, with
+    # usage stats off, tells usage-stats.ray.io that they are off (found with strace). It asks
+    # with `requests`, which takes a proxy from the environment: a loopback port where nothing
+    # listens keeps those asks on loopback, unanswered; no_proxy keeps Ray's own loopback traffic
+    # direct. Only the head's processes are started with these.
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+            env.setenv(name, f"http://{LOOPBACK}:9")
+        env.setenv("RAY_USAGE_STATS_REPORT_URL", f"http://{LOOPBACK}:9/")
+        for name in ("no_proxy", "NO_PROXY"):
+            env.setenv(name, f"{LOOPBACK},localhost")
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": LOOPBACK,
+                                                                "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1, resources={"prefill": 1}, node_ip_address=LOOPBACK)
         cluster.add_node(num_cpus=2, resources={"decode": 2}, node_ip_address=LOOPBACK)
