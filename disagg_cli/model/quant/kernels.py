@@ -99,8 +99,17 @@ def build_kernel(cache_dir: Path) -> Path:
     return lib
 
 
+# Kernels this process has loaded, by build key: a second cache directory (tests, a bench loading
+# several modes) reuses the library instead of compiling the same source again (~4 s).
+_LOADED: dict[str, Kernel] = {}
+
+
 def load_kernel(cache_dir: Path) -> Kernel:
     """The compiled kernel, or a `Kernel` without one that says why (the torch fallback runs then)."""
+    cc = _compiler()
+    key = _build_key(cc, SOURCE.read_bytes()) if cc else None
+    if key in _LOADED:
+        return _LOADED[key]
     try:
         path = build_kernel(cache_dir)
         lib = ctypes.CDLL(str(path))
@@ -117,7 +126,10 @@ def load_kernel(cache_dir: Path) -> Kernel:
     vnni = bool(lib.dq_has_vnni())
     simd = "AVX2" if lib.dq_has_avx2() else "scalar"
     how = "VNNI" if vnni else ("maddubs" if simd == "AVX2" else "scalar")
-    return Kernel(lib, f"C kernel built for this CPU ({simd}, int8 dot products by {how}, -march=native)", vnni)
+    kernel = Kernel(lib, f"C kernel built for this CPU ({simd}, int8 dot products by {how}, -march=native)", vnni)
+    if key is not None:
+        _LOADED[key] = kernel
+    return kernel
 
 
 def _declare_fused_step(lib: ctypes.CDLL) -> None:
