@@ -20,23 +20,12 @@ from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.quant.blocks import quantize
 from disagg_cli.model.quant.fused import FusedDecoder, fused_decoder, step_matmul
-from disagg_cli.model.quant.kernels import Kernel, load_kernel, reference_matmul
+from disagg_cli.model.quant.kernels import Kernel, reference_matmul
 from disagg_cli.model.tokenizer import Tokenizer
+from tests.model.test_quant import _relative_error
 from tests.tiny_models import random_weights, write_gguf
 
 FLOAT_MIN_ROWS = 4  # kernel.c: from this many rows the step multiplies float tiles
-
-
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> Kernel:
-    k = load_kernel(tmp_path_factory.mktemp("cache"))
-    if not k.available:
-        pytest.skip(k.reason)
-    return k
-
-
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])

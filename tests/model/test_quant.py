@@ -28,14 +28,6 @@ from tests.tiny_models import TINY, random_weights, write_gguf
 SHAPES = [(1, 1, 32), (1, 7, 33), (3, 5, 64), (5, 17, 100), (4, 64, 576), (9, 31, 1536), (33, 3, 95)]
 
 
-@pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> Kernel:
-    k = load_kernel(tmp_path_factory.mktemp("cache"))
-    if not k.available:
-        pytest.skip(k.reason)
-    return k
-
-
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
