@@ -269,9 +269,12 @@ def test_health_is_503_while_draining_after_sigterm_with_a_request_in_flight(ser
     """Last in this module: it stops the server. SIGTERM makes the service drain (its health turns
     503) and uvicorn close the listening socket within its 0.1 s tick, so a /health sent afterwards
     cannot get in; a request that reached the server before that tick is still answered. To ask at
-    that moment without a race, the server is stopped (SIGSTOP) while SIGTERM and a keep-alive
-    /health are queued for it; once continued, its signal handler runs before its event loop reads
-    the request, which it then answers while draining. The streamed request in flight finishes."""
+    that moment, the server is stopped (SIGSTOP) while SIGTERM and a keep-alive /health are queued
+    for it. Once continued, its signal handler usually runs before its event loop reads the
+    request, which is then answered 503 while draining; but the kernel may hand the signal to
+    another thread, and the loop may read first (seen once in CI: 200, healthy). That answer is
+    accepted only as the healthy one, exactly; the draining body is pinned without a race in
+    `test_health_route.py`. The streamed request in flight finishes and the process exits 0."""
     if not Path("/proc/net/tcp").exists():
         pytest.skip("needs Linux's /proc/net/tcp to see the request queued at the server")
     port = int(server.url.rsplit(":", 1)[1])
@@ -304,8 +307,10 @@ def test_health_is_503_while_draining_after_sigterm_with_a_request_in_flight(ser
         status, answer = draining.status, draining.read()
         probe.close()
         events += [line for line in lines if line.startswith("data: ")]
-    assert status == 503, (status, answer)
-    assert json.loads(answer) == {"status": "draining"}
+    if status == 503:
+        assert json.loads(answer) == {"status": "draining"}
+    else:  # read before the handler ran: the healthy answer, nothing else
+        assert (status, answer) == (200, b""), (status, answer)
     assert events[-1] == "data: [DONE]"
     usage = json.loads(events[-2].removeprefix("data: "))["usage"]
     assert usage["completion_tokens"] == 32, events[-3:]  # the request in flight was finished, not cut
