@@ -173,14 +173,19 @@ static void parallel_chunks(chunk_fn fn, void *ctx, int num_chunks, int nthreads
 
 /* --- activations → int8 blocks --------------------------------------------------------------- */
 
+/* Block b of a row of K floats into buf, zero past K. */
+static inline void load_block(const float *x, int K, int b, float buf[QK]) {
+    int n = K - b * QK < QK ? K - b * QK : QK;
+    memcpy(buf, x + b * QK, (size_t)n * sizeof(float));
+    for (int i = n; i < QK; i++) buf[i] = 0.0f;
+}
+
 /* One row: xq (nb*32) int8, xd (nb) scales, xs (nb) = xd · Σ xq. Elements past K count as 0. */
 static void quantize_row(const float *x, int K, int8_t *xq, float *xd, float *xs) {
     int nb = (K + QK - 1) / QK;
     for (int b = 0; b < nb; b++) {
         float buf[QK];
-        int n = K - b * QK < QK ? K - b * QK : QK;
-        memcpy(buf, x + b * QK, (size_t)n * sizeof(float));
-        for (int i = n; i < QK; i++) buf[i] = 0.0f;
+        load_block(x, K, b, buf);
         float amax = 0.0f;
         for (int i = 0; i < QK; i++) amax = fmaxf(amax, fabsf(buf[i]));
         float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
@@ -817,9 +822,7 @@ static void quantize_row16(const float *x, int K, int16_t *xq, float *xd, float 
     int nb = (K + QK - 1) / QK;
     for (int b = 0; b < nb; b++) {
         float buf[QK];
-        int n = K - b * QK < QK ? K - b * QK : QK;
-        memcpy(buf, x + b * QK, (size_t)n * sizeof(float));
-        for (int i = n; i < QK; i++) buf[i] = 0.0f;
+        load_block(x, K, b, buf);
         float amax = 0.0f, sum = 0.0f;
 #if defined(__AVX2__)
         __m256 v[4], vmax = _mm256_setzero_ps(), vsum = _mm256_setzero_ps();
