@@ -25,6 +25,7 @@ from disagg_cli.engine.runner import LayerHook, ModelRunner
 from disagg_cli.engine.scheduler import Scheduler, Sequence, Status
 from disagg_cli.kv.pool import BlockPool, pool_misfit
 from disagg_cli.model.loader import LoadedModel
+from disagg_cli.model.quant.kernels import argmax_rows
 from disagg_cli.model.sampling import Sampler
 
 
@@ -212,6 +213,9 @@ class LLMEngine:
         events: list[TokenEvent] = []
         row = 0
         stats = StepStats(num_preempted=len(out.preempted))
+        # Every greedy row's token in one pass over the logits (one call instead of one per row).
+        greedy = (argmax_rows(self.runner.kernel, logits)
+                  if any(self.samplers[i.seq.request_id].params.is_greedy for i in out.scheduled if i.samples) else [])
         for item in out.scheduled:
             seq = item.seq
             samples = item.samples  # read before num_computed_tokens moves
@@ -224,7 +228,7 @@ class LLMEngine:
             if not samples:
                 continue  # a prefill chunk with more of its prompt to come
             sampler = self.samplers[seq.request_id]
-            token = sampler(logits[row])
+            token = greedy[row] if sampler.params.is_greedy else sampler(logits[row])
             logprobs = sampler.logprobs(logits[row], token)
             row += 1
             seq.token_ids.append(token)

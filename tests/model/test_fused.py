@@ -20,7 +20,7 @@ from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.quant.blocks import quantize
 from disagg_cli.model.quant.fused import FusedDecoder, fused_decoder, step_matmul
-from disagg_cli.model.quant.kernels import Kernel, reference_matmul
+from disagg_cli.model.quant.kernels import Kernel, argmax_rows, reference_matmul
 from disagg_cli.model.tokenizer import Tokenizer
 from tests.model.test_quant import _relative_error
 from tests.tiny_models import random_weights, write_gguf
@@ -41,6 +41,25 @@ def test_step_matmul_matches_dequantized_reference(kernel: Kernel, kind: str, m:
     # of 32): ~1e-4 of the largest output at most. K not a multiple of 8 takes the integer path.
     exact = m >= FLOAT_MIN_ROWS and k % 8 == 0
     assert _relative_error(ours, ref) < (1e-5 if exact else 3e-4), (m, n, k)
+
+
+@pytest.mark.parametrize("rows,width", [(32, 49152), (1, 49152), (3, 7), (5, 1), (4, 13), (2, 100)])
+def test_argmax_rows_is_torchs_argmax(kernel: Kernel, rows: int, width: int) -> None:
+    """The engine's greedy tokens: the first index of the largest value, NaN counting as largest,
+    whatever the width (vector body and scalar tail), ties and infinities included."""
+    g = torch.Generator().manual_seed(rows * width)
+    for trial in range(12):
+        x = torch.randn(rows, width, generator=g)
+        if trial % 3 == 0:
+            x = (x * 2).round()  # many ties
+        if trial % 4 == 1:  # a NaN somewhere in each row, in the body or the tail
+            x[torch.arange(rows), torch.randint(0, width, (rows,), generator=g)] = float("nan")
+        if trial % 5 == 2:
+            x[:, -1] = float("inf")
+        assert argmax_rows(kernel, x) == x.argmax(dim=-1).tolist(), (rows, width, trial)
+    strided = torch.randn(rows, width + 3, generator=g)[:, :width]  # rows apart by more than their width
+    assert argmax_rows(kernel, strided) == strided.argmax(dim=-1).tolist()
+    assert argmax_rows(None, strided) == strided.argmax(dim=-1).tolist()
 
 
 def _tiny(tmp_path: Path, qtype: str, **weights: bool) -> LoadedModel:

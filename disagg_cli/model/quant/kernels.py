@@ -122,6 +122,8 @@ def load_kernel(cache_dir: Path) -> Kernel:
     lib.dq_decode_attention.restype = ctypes.c_int
     lib.dq_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 5 + [
         ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    lib.dq_argmax_rows.restype = None
+    lib.dq_argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     _declare_fused_step(lib)
     vnni = bool(lib.dq_has_vnni())
     simd = "AVX2" if lib.dq_has_avx2() else "scalar"
@@ -187,6 +189,17 @@ def decode_attention(kernel: Kernel, q: torch.Tensor, keys: torch.Tensor, values
     if rc != 0:
         raise MemoryError(f"decode attention could not allocate scores for {int(seq_lens.max())} keys")
     return out
+
+
+def argmax_rows(kernel: Kernel | None, logits: torch.Tensor) -> list[int]:
+    """The greedy token of each row of logits (B, V): torch.argmax's answer, first index of the
+    largest, read at memory speed by the kernel where there is one (float32 on the CPU)."""
+    if (kernel is None or kernel.lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32
+            or logits.dim() != 2 or logits.stride(1) != 1):
+        return logits.argmax(dim=-1).tolist()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    kernel.lib.dq_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], logits.stride(0), out.data_ptr())
+    return out.tolist()
 
 
 def reference_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
