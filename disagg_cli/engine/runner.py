@@ -12,7 +12,10 @@ batch; each layer writes its new K/V into their slots (`index_copy_`), then atte
   nothing; a fragmented one gathers its slots (`index_select`). The runner counts gathered bytes.
 With the C kernel (float32 models), every decoding sequence instead attends in one kernel call
 per layer that reads its K/V in place through its block table (`decode_attention`): no gather,
-whatever the context length, and one call for the whole batch. A quantized float32 model runs a
+whatever the context length, and one call for the whole batch. Prompts and prompt chunks attend
+the same way, each new row a query over its blocks up to itself: on 2 AVX2 cores that took 0.32 s
+against SDPA's flash kernel's 0.42 s for a 512-token prompt's 30 layers, and a chunk or a cached
+prefix reads the pool in place instead of gathering it. A quantized float32 model runs a
 step made only of decodes as one call into the kernel (`quant/fused.py`): every layer, the K/V
 writes, attention and the head, with no torch op in between.
 """
@@ -49,6 +52,7 @@ class _SeqView:
     offset: int  # tokens cached before this step
     cache_start: int | None  # first slot when the sequence's slots are consecutive
     slot_ids: torch.Tensor | None  # all of its slots, when they are not
+    paged: _PagedDecode | None = None  # with the kernel: each new row as a query over its blocks
 
 
 class KVStorage:
@@ -98,8 +102,11 @@ class PagedAttention:
         values.index_copy_(0, self.slot_mapping, v)
         if self.on_layer is not None:  # views into this step's fresh K/V, no copy
             self.on_layer(layer, [(rid, pos, k[a:b], v[a:b]) for rid, a, b, pos in self.fresh])
-        if self.decode is None and self.paged is None and len(self.seqs) == 1 and self.seqs[0].offset == 0:
-            return causal_attention(q, k, v, 0)  # one fresh prompt: the whole batch is its own
+        only = self.seqs[0] if self.decode is None and self.paged is None and len(self.seqs) == 1 else None
+        if only is not None and only.paged is not None:  # one prompt (or chunk): the whole batch is its own
+            return self._attend_paged(only.paged, q, keys, values)
+        if only is not None and only.offset == 0:
+            return causal_attention(q, k, v, 0)  # a fresh prompt, no kernel: SDPA over its new K/V
         p = self.paged
         if p is not None and p.rows is None:  # a decode-only step: the kernel does all of it
             return decode_attention(self.kernel, q, keys, values, p.block_table, p.seq_lens, p.block_size)
@@ -112,6 +119,9 @@ class PagedAttention:
         if self.decode is not None:
             self._attend_decodes(keys, values, q, out)
         for s in self.seqs:
+            if s.paged is not None:
+                out[s.start : s.end] = self._attend_paged(s.paged, q[s.start : s.end], keys, values)
+                continue
             if s.offset == 0:
                 ks, vs = k[s.start : s.end], v[s.start : s.end]
             elif s.cache_start is not None:
@@ -123,6 +133,9 @@ class PagedAttention:
                 self.gathered_bytes += 2 * ks.numel() * ks.element_size()
             out[s.start : s.end] = causal_attention(q[s.start : s.end], ks, vs, s.offset)
         return out
+
+    def _attend_paged(self, p: _PagedDecode, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return decode_attention(self.kernel, q, keys, values, p.block_table, p.seq_lens, p.block_size)
 
     def _attend_decodes(self, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> None:
         d = self.decode
@@ -183,6 +196,10 @@ class ModelRunner:
             if many_decodes and n == 1 and done:
                 decodes.append((start, self.pool.slots(seq.request_id, 0, done + 1)))
                 continue
+            if self.kernel is not None:  # every new row attends in place, as a decode would
+                views.append(_SeqView(seq.request_id, start, start + n, done, None, None,
+                                      self._prompt_rows(self.pool.tables[seq.request_id].block_ids, done, n)))
+                continue
             cache_start = self.pool.contiguous_start(seq.request_id) if done else None
             slot_ids = None
             if done and cache_start is None:
@@ -215,6 +232,13 @@ class ModelRunner:
         rows = [r for r, _, _ in paged]
         in_order = rows == list(range(num_rows))
         return _PagedDecode(None if in_order else torch.tensor(rows), table, lens, self.pool.block_size)
+
+    def _prompt_rows(self, block_ids: list[int], done: int, n: int) -> _PagedDecode:
+        """n new rows of one sequence after `done` cached tokens, each a query over its own blocks:
+        row i sees done + i + 1 keys (causal), through the same block table."""
+        table = torch.tensor(block_ids, dtype=torch.int32).expand(n, len(block_ids)).contiguous()
+        return _PagedDecode(None, table, torch.arange(done + 1, done + n + 1, dtype=torch.int32),
+                            self.pool.block_size)
 
     def _decode_batch(self, decodes: list[tuple[int, list[int]]]) -> _DecodeBatch:
         max_len = max(len(s) for _, s in decodes)
