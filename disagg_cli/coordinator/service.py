@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING
 
 from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
+from disagg_cli.coordinator.options import ServeOptions, build_topology, context_length, worker_address
 from disagg_cli.coordinator.stream import RequestStream, StreamingOutput
 from disagg_cli.coordinator.topology import ClusterConfig
 from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
-from disagg_cli.generate import ServeOptions, build_topology, context_length, worker_address
 from disagg_cli.model.registry import REGISTRY, resolve_model
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
 

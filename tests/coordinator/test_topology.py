@@ -142,7 +142,7 @@ def test_replicas_flags_resize_a_role() -> None:
 def test_serve_options_place_ray_and_replicas(tmp_path: Path) -> None:
     from disagg_cli.config import EngineConfig, RuntimeConfig
     from disagg_cli.coordinator.cluster import LocalCluster
-    from disagg_cli.generate import ServeOptions, build_topology
+    from disagg_cli.coordinator.options import ServeOptions, build_topology
 
     serve = ServeOptions(ray_address="auto", prefill_replicas=2, decode_replicas=3)
     config = build_topology("m", serve, RuntimeConfig(dtype="float32"), EngineConfig())
