@@ -155,10 +155,7 @@ def _run_served(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput
     requests = []
     for i, prompt in enumerate(prompts):
         ids = tokenizer.encode(render_prompt(tokenizer, prompt, opts.chat, opts.system))
-        if len(ids) + opts.sampling.max_tokens > limit:  # refuse before any worker starts
-            raise ContextLengthError(
-                f"prompt of {len(ids)} tokens plus --max-tokens {opts.sampling.max_tokens} exceeds the model's "
-                f"context of {limit} tokens; shorten the prompt or lower --max-tokens")
+        ContextLengthError.check(len(ids), opts.sampling.max_tokens, limit)  # refuse before any worker starts
         requests.append(RequestOutput(f"req-{i}", prompt, ids, opts.sampling, tokenizer))
     if topology is None:
         workers = ([("colocated", worker_address(serve.colocated_addr))] if serve.colocated_addr else

@@ -210,11 +210,7 @@ class CoordinatorService:
         return self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     def check_context(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        if num_prompt_tokens + max_tokens > self.context_limit:
-            raise ContextLengthError(
-                f"this model's context is {self.context_limit} tokens, but {num_prompt_tokens + max_tokens} were "
-                f"asked for ({num_prompt_tokens} in the prompt, {max_tokens} to generate); shorten the prompt "
-                "or ask for fewer tokens")
+        ContextLengthError.check(num_prompt_tokens, max_tokens, self.context_limit)
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams,
                request_id: str | None = None) -> RequestStream:
