@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING
 
 from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
-from disagg_cli.coordinator.options import ServeOptions, build_topology, context_length, worker_address
+from disagg_cli.coordinator.options import ServeOptions
+from disagg_cli.coordinator.service import CoordinatorService, ServiceConfig
+from disagg_cli.coordinator.stream import RequestStream
 from disagg_cli.engine.request import RequestOutput
-from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
+from disagg_cli.errors import DisaggError, UsageError
 from disagg_cli.model.registry import resolve_model
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:  # torch stays out of the coordinator's process unless --in-process
-    from disagg_cli.coordinator.cluster import LocalCluster
     from disagg_cli.model.loader import LoadedModel
 
 
@@ -96,11 +97,9 @@ def prepare(model_spec: str, cache_dir: Path, runtime: RuntimeConfig) -> tuple[L
     return loaded, tokenizer
 
 
-def render_prompt(tokenizer: Tokenizer, prompt: str, chat: bool, system: str | None) -> str:
-    if not chat:
-        return prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+def chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
+    """`--chat`: the prompt as the user's message, after `--system`'s if given."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
 def run_generate(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput]:
@@ -120,7 +119,8 @@ def _run_in_process(prompts: list[str], opts: GenerateOptions) -> list[RequestOu
     loaded, tokenizer = prepare(opts.model, opts.cache_dir, opts.runtime)
     requests = []
     for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(render_prompt(tokenizer, prompt, opts.chat, opts.system))
+        text = tokenizer.apply_chat_template(chat_messages(prompt, opts.system)) if opts.chat else prompt
+        ids = tokenizer.encode(text)
         check_context(loaded, len(ids), opts.sampling.max_tokens)  # refuse before any work is done
         requests.append(RequestOutput(f"req-{i}", prompt, ids, opts.sampling, tokenizer))
     engine = LLMEngine(loaded, opts.engine)
@@ -134,71 +134,48 @@ def _run_in_process(prompts: list[str], opts: GenerateOptions) -> list[RequestOu
         for event in engine.step():
             out = by_id[event.request_id]
             printer.text(out, out.append(event.token_id))
-            if out.is_finished and event.finish_reason is None:
-                engine.abort(out.request_id)  # a stop string the engine cannot see
+            if out.is_finished:
+                printer.end(out)
+                if event.finish_reason is None:
+                    engine.abort(out.request_id)  # a stop string the engine cannot see
         printer.flush()
     return requests
 
 
 def _run_served(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput]:
-    """Through worker processes: started here (the default, --config, --colocated) or running."""
-    from disagg_cli.coordinator.cluster import LocalCluster
-
-    serve = opts.serve
-    local = not (serve.prefill or serve.colocated_addr)
-    topology = build_topology(opts.model, serve, opts.runtime, opts.engine) if local else None
-    model_spec = topology.model if topology is not None else opts.model
-    with ui.pull_progress(model_spec) as on_pull:
-        path = resolve_model(model_spec, opts.cache_dir, on_pull)
-    tokenizer = load_tokenizer(path)  # the coordinator holds no weights
-    limit = context_length(path) or sys.maxsize
-    requests = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(render_prompt(tokenizer, prompt, opts.chat, opts.system))
-        ContextLengthError.check(len(ids), opts.sampling.max_tokens, limit)  # refuse before any worker starts
-        requests.append(RequestOutput(f"req-{i}", prompt, ids, opts.sampling, tokenizer))
-    if topology is None:
-        workers = ([("colocated", worker_address(serve.colocated_addr))] if serve.colocated_addr else
-                   [("prefill", worker_address(a)) for a in serve.prefill]
-                   + [("decode", worker_address(a)) for a in serve.decode])
-        asyncio.run(_serve(requests, workers, None, tokenizer, opts))
-        return requests
-    roles = [w.role for w in topology.workers]
-    ui.info("starting " + ", ".join(f"{roles.count(r)} {r}" for r in dict.fromkeys(roles)) + " worker(s)…")
-    with LocalCluster(topology, str(path)) as cluster:
-        asyncio.run(_serve(requests, cluster.addresses(), cluster, tokenizer, opts))
-    return requests
+    """Through workers, by way of the coordinator service: started here (the default, --config,
+    --colocated) or running. Every prompt is checked before any worker starts."""
+    service = CoordinatorService(ServiceConfig(opts.model, opts.cache_dir, opts.runtime, opts.engine, opts.serve,
+                                               wait_for_workers=True))
+    service.prepare()  # the tokenizer and the model's context; the coordinator holds no weights
+    prompt_ids = []
+    for prompt in prompts:
+        ids = service.tokenize(service.render_chat(chat_messages(prompt, opts.system)) if opts.chat else prompt)
+        service.validate(ids, opts.sampling)  # refuse before any worker starts
+        prompt_ids.append(ids)
+    return asyncio.run(_serve(service, prompts, prompt_ids, opts))
 
 
-async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], cluster: LocalCluster | None,
-                 tokenizer: Tokenizer, opts: GenerateOptions) -> None:
-    from disagg_cli.coordinator.client import Coordinator
-    from disagg_cli.coordinator.connections import JOIN_GRACE_S
-
-    config = opts.serve.coordinator_config()
-    probe = cluster.is_gone if cluster is not None else None
-    async with Coordinator(workers, tokenizer.eos_token_ids, config, probe) as coordinator:
-        if cluster is not None:
-            await coordinator.connect(cluster.check)
-        else:  # workers started elsewhere: one that is down joins when it comes up
-            await coordinator.connect(join_grace_s=JOIN_GRACE_S)
-        await coordinator.poll_stats()  # so the live table's worker rows start filled in
+async def _serve(service: CoordinatorService, prompts: list[str], prompt_ids: list[list[int]],
+                 opts: GenerateOptions) -> list[RequestOutput]:
+    await service.start()  # ... and its worker rows are filled in for the live table
+    streams: list[RequestStream] = []
+    try:
+        streams = [service.submit(ids, opts.sampling, request_id=f"req-{i}", prompt_text=prompt)
+                   for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids, strict=True))]
+        requests: list[RequestOutput] = [stream.out for stream in streams]
         printer = _OrderedPrinter(requests, opts.json_output)
-        start = time.perf_counter()
-        for out in requests:
-            out.timings.arrival_s = start
 
-        async def one(out: RequestOutput) -> None:
-            def on_text(text: str) -> None:
-                printer.text(out, text)
+        async def one(stream: RequestStream) -> None:
+            async for delta in stream:
+                printer.text(stream.out, delta.text)
+                if delta.is_last:
+                    printer.end(stream.out)
                 printer.flush()
 
-            await coordinator.run_request(out, on_text)
-            printer.flush()
-
         with ui.live_table(requests, enabled=ui.is_interactive() and not opts.json_output) as table:
-            def show_workers() -> None:  # the coordinator's latest heartbeat answers
-                table.workers = {w.address: (w.role, dict(w.stats)) for w in coordinator.router.workers}
+            def show_workers() -> None:  # the service's latest heartbeat answers
+                table.workers = {w.address: (w.role, w.stats) for w in service.workers()}
 
             async def watch_workers() -> None:
                 while True:
@@ -207,19 +184,23 @@ async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], 
 
             watcher = asyncio.create_task(watch_workers())
             try:
-                await asyncio.gather(*(one(out) for out in requests))
+                await asyncio.gather(*(one(stream) for stream in streams))
             finally:
                 watcher.cancel()
             show_workers()
             table.refresh()
-    if opts.json_output:
-        return
-    if ui.is_interactive():
-        if len(requests) > 1:
-            ui.err_console.print(ui.summary_table(requests))
-    else:
-        for line in ui.plain_summary_lines(requests):
-            sys.stderr.write(line + "\n")
+    finally:
+        for stream in streams:  # Ctrl-C: abort what still runs on its workers
+            await stream.aclose()
+        await service.stop()
+    if not opts.json_output:
+        if ui.is_interactive():
+            if len(requests) > 1:
+                ui.err_console.print(ui.summary_table(requests))
+        else:
+            for line in ui.plain_summary_lines(requests):
+                sys.stderr.write(line + "\n")
+    return requests
 
 
 class _OrderedPrinter:
@@ -232,10 +213,15 @@ class _OrderedPrinter:
         self.json_output = json_output
         self.multi = len(requests) > 1
         self.header_done: set[str] = set()
+        self.ended: set[str] = set()
 
     def text(self, out: RequestOutput, text: str) -> None:
         if text:
             self.held[out.request_id].append(text)
+
+    def end(self, out: RequestOutput) -> None:
+        """All of `out`'s text has been given (its output may finish before its last text is read)."""
+        self.ended.add(out.request_id)
 
     def flush(self) -> None:
         while self.pending:
@@ -246,7 +232,7 @@ class _OrderedPrinter:
                     self.header_done.add(head.request_id)
                 ui.stream_text("".join(self.held[head.request_id]))
                 self.held[head.request_id].clear()
-            if not head.is_finished:
+            if head.request_id not in self.ended:
                 return
             self.pending.pop(0)
             if self.json_output:
