@@ -34,6 +34,8 @@ class ServeOptions:
     colocated: bool = False
     colocated_addr: str | None = None
     config: Path | None = None
+    # A topology given whole (`bench serve` makes its own), started as it is: no kv_codec or replicas applied.
+    topology: ClusterConfig | None = None
     router: str = "round-robin"
     kv_codec: str | None = None  # None: the prefill workers' default
     worker_timeout_s: float = 10.0
@@ -55,7 +57,8 @@ class ServeOptions:
             raise UsageError("--colocated-addr cannot be combined with --prefill/--decode or --config")
         chosen = [name for name, on in [("--in-process", self.in_process), ("--prefill/--decode", bool(self.prefill)),
                                         ("--colocated", self.colocated or self.colocated_addr is not None),
-                                        ("--config", self.config is not None)] if on]
+                                        ("--config", self.config is not None),
+                                        ("a topology given whole", self.topology is not None)] if on]
         if len(chosen) > 1:
             raise UsageError(f"choose one of {' and '.join(chosen)}; they pick different places to run")
         if self.router not in POLICIES:
@@ -77,7 +80,7 @@ class ServeOptions:
             if count is not None and count < 1:
                 raise UsageError(f"{flag} must be at least 1, got {count}")
         given = [flag for flag, count in replicas.items() if count is not None]
-        if given and (self.in_process or self.prefill or self.colocated or self.colocated_addr):
+        if given and (self.in_process or self.prefill or self.colocated or self.colocated_addr or self.topology):
             raise UsageError(f"{' and '.join(given)} size the prefill/decode workers started here; they do not go "
                              "with --in-process, --prefill/--decode or --colocated")
 
@@ -90,9 +93,11 @@ class ServeOptions:
 
 
 def build_topology(model: str, serve: ServeOptions, runtime: RuntimeConfig, engine: EngineConfig) -> ClusterConfig:
-    """What to start: `--config`'s topology, or 1 prefill + 1 decode (or one colocated) worker, with
+    """What to start: the topology given, `--config`'s, or 1 prefill + 1 decode (or one colocated) worker, with
     `--prefill-replicas`/`--decode-replicas` workers of those roles; as Ray actors with `--ray`."""
-    if serve.config is not None:
+    if serve.topology is not None:
+        config = serve.topology
+    elif serve.config is not None:
         config = load_cluster_config(serve.config, default_model=model)
         if serve.kv_codec is not None:
             config = replace(config, workers=tuple(replace(w, kv_codec=serve.kv_codec) if w.role == "prefill" else w
