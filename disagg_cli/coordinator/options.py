@@ -1,7 +1,8 @@
 """Where a service's workers run, and what it reads of the model before any of them starts.
 
 `ServeOptions` is the front ends' choice of place (a local cluster, a `--config` topology or one
-given whole, running workers, Ray actors) with the coordinator's settings; `build_topology` makes
+given whole, running workers, Ray actors) with the coordinator's settings, which it hands on as a
+`CoordinatorConfig` (timeouts, deadlines, routing policy, keys); `build_topology` makes
 the topology to start from it, `worker_address` reads an address flag, and `context_length` reads
 the model's context from its metadata (no weights). Used by `coordinator/service.py`, which every
 front end (`generate`, `bench serve`, `serve`) goes through. Pure: nothing is started here.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig
 from disagg_cli.coordinator.router import POLICIES
@@ -20,8 +20,20 @@ from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_clus
 from disagg_cli.errors import UsageError
 from disagg_cli.protocol import CODEC_NAMES
 
-if TYPE_CHECKING:  # zmq stays unimported until a coordinator is built
-    from disagg_cli.coordinator.connections import CoordinatorConfig
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorConfig:
+    policy: str = "round-robin"
+    worker_timeout_s: float = 10.0  # silence after which a worker is dead
+    handshake_timeout_s: float = 120.0  # covers a worker's start-up (loading weights)
+    deadlines: Deadlines = Deadlines()  # per stage of a request, and in all
+    send_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    keys_dir: Path | None = None  # CurveZMQ keys (disagg keys generate); None: plain tcp
+    # Selective disaggregation: a prompt whose part uncached on its decode worker is at most this
+    # many tokens is computed there, with no transfer; 0: never; "auto": from measured speeds.
+    disagg_threshold: int | str = 0
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +97,6 @@ class ServeOptions:
                              "with --in-process, --prefill/--decode or --colocated")
 
     def coordinator_config(self) -> CoordinatorConfig:
-        from disagg_cli.coordinator.connections import CoordinatorConfig
-
         return CoordinatorConfig(policy=self.router, worker_timeout_s=self.worker_timeout_s, keys_dir=self.keys_dir,
                                  handshake_timeout_s=self.connect_timeout_s, deadlines=self.deadlines,
                                  disagg_threshold=self.disagg_threshold)
