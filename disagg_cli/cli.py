@@ -104,7 +104,8 @@ def generate(
     """Generate text for prompts, streaming it as it is produced.
 
     With no addresses, starts a local 1 prefill + 1 decode cluster and stops it afterwards."""
-    from disagg_cli.generate import GenerateOptions, ServeOptions, read_prompts, run_generate
+    from disagg_cli.coordinator.options import ServeOptions
+    from disagg_cli.generate import GenerateOptions, read_prompts, run_generate
 
     opts = GenerateOptions(
         model=model,

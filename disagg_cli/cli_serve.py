@@ -84,8 +84,8 @@ def serve(
 
     With no addresses, starts a local 1 prefill + 1 decode cluster (with --ray: Ray actors) and stops
     it on exit."""
+    from disagg_cli.coordinator.options import ServeOptions
     from disagg_cli.coordinator.service import ServiceConfig
-    from disagg_cli.generate import ServeOptions
     from disagg_cli.server.app import ServerConfig
     from disagg_cli.server.run import run_server
 

@@ -31,6 +31,15 @@ class ModelFormatError(DisaggError):
 class ContextLengthError(DisaggError):
     """A prompt (plus the tokens asked for) longer than the model's context."""
 
+    @classmethod
+    def check(cls, num_prompt_tokens: int, max_tokens: int, context_tokens: int) -> None:
+        """Raise unless the prompt and the tokens to generate fit the model's context (every path's
+        one refusal: the service's, the in-process engine's, the engine benchmark's)."""
+        if num_prompt_tokens + max_tokens > context_tokens:
+            raise cls(f"this model's context is {context_tokens} tokens, but {num_prompt_tokens + max_tokens} were "
+                      f"asked for ({num_prompt_tokens} in the prompt, {max_tokens} to generate); shorten the prompt "
+                      "or ask for fewer tokens")
+
 
 class Interrupted(DisaggError):
     """Ctrl-C: what was in flight has been aborted on its workers."""

@@ -16,89 +16,22 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from disagg_cli import ui
-from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig, SamplingParams
-from disagg_cli.coordinator.router import POLICIES
-from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
+from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
+from disagg_cli.coordinator.options import ServeOptions
+from disagg_cli.coordinator.service import CoordinatorService, ServiceConfig
+from disagg_cli.coordinator.stream import RequestStream
 from disagg_cli.engine.request import RequestOutput
-from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
+from disagg_cli.errors import DisaggError, UsageError
 from disagg_cli.model.registry import resolve_model
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
-from disagg_cli.protocol import CODEC_NAMES
 
 if TYPE_CHECKING:  # torch stays out of the coordinator's process unless --in-process
-    from disagg_cli.coordinator.cluster import LocalCluster
-    from disagg_cli.coordinator.connections import CoordinatorConfig
     from disagg_cli.model.loader import LoadedModel
-
-
-@dataclass(frozen=True, slots=True)
-class ServeOptions:
-    """Where the prompts run; the default (all empty) starts a local 1 prefill + 1 decode cluster."""
-
-    in_process: bool = False
-    prefill: tuple[str, ...] = ()  # addresses of running workers
-    decode: tuple[str, ...] = ()
-    colocated: bool = False
-    colocated_addr: str | None = None
-    config: Path | None = None
-    router: str = "round-robin"
-    kv_codec: str | None = None  # None: the prefill workers' default
-    worker_timeout_s: float = 10.0
-    keys_dir: Path | None = None  # CurveZMQ keys for workers started elsewhere with --keys
-    connect_timeout_s: float = 120.0  # for every worker's hello answer (covers loading weights)
-    deadlines: Deadlines = field(default_factory=Deadlines)
-    disagg_threshold: int | str = 0  # selective disaggregation (see CoordinatorConfig)
-    ray_address: str | None = None  # the workers as Ray actors in this cluster (auto or host:port)
-    prefill_replicas: int | None = None  # None: one, or what the topology says
-    decode_replicas: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.disagg_threshold != "auto" and not (isinstance(self.disagg_threshold, int)
-                                                    and self.disagg_threshold >= 0):
-            raise UsageError(f"--disagg-threshold takes a token count >= 0 or auto, got {self.disagg_threshold!r}")
-        if bool(self.prefill) != bool(self.decode):
-            raise UsageError("--prefill and --decode go together: give at least one address of each")
-        if self.colocated_addr is not None and (self.prefill or self.config is not None):
-            raise UsageError("--colocated-addr cannot be combined with --prefill/--decode or --config")
-        chosen = [name for name, on in [("--in-process", self.in_process), ("--prefill/--decode", bool(self.prefill)),
-                                        ("--colocated", self.colocated or self.colocated_addr is not None),
-                                        ("--config", self.config is not None)] if on]
-        if len(chosen) > 1:
-            raise UsageError(f"choose one of {' and '.join(chosen)}; they pick different places to run")
-        if self.router not in POLICIES:
-            raise UsageError(f"--router must be one of {', '.join(POLICIES)}, got {self.router!r}")
-        if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
-            raise UsageError(f"--kv-codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
-        if not self.worker_timeout_s > 0:
-            raise UsageError(f"--worker-timeout must be positive, got {self.worker_timeout_s}")
-        if not self.connect_timeout_s > 0:
-            raise UsageError(f"--connect-timeout must be positive, got {self.connect_timeout_s}")
-        if self.keys_dir is not None and not (self.prefill or self.colocated_addr or self.ray_address or self.config):
-            raise UsageError("--keys is for workers started elsewhere: use it with --prefill/--decode, "
-                             "--colocated-addr or --ray")
-        if self.ray_address is not None and (self.in_process or self.prefill or self.colocated_addr):
-            raise UsageError("--ray starts the workers as Ray actors: it cannot be combined with --in-process, "
-                             "--prefill/--decode or --colocated-addr")
-        replicas = {"--prefill-replicas": self.prefill_replicas, "--decode-replicas": self.decode_replicas}
-        for flag, count in replicas.items():
-            if count is not None and count < 1:
-                raise UsageError(f"{flag} must be at least 1, got {count}")
-        given = [flag for flag, count in replicas.items() if count is not None]
-        if given and (self.in_process or self.prefill or self.colocated or self.colocated_addr):
-            raise UsageError(f"{' and '.join(given)} size the prefill/decode workers started here; they do not go "
-                             "with --in-process, --prefill/--decode or --colocated")
-
-    def coordinator_config(self) -> CoordinatorConfig:
-        from disagg_cli.coordinator.connections import CoordinatorConfig
-
-        return CoordinatorConfig(policy=self.router, worker_timeout_s=self.worker_timeout_s, keys_dir=self.keys_dir,
-                                 handshake_timeout_s=self.connect_timeout_s, deadlines=self.deadlines,
-                                 disagg_threshold=self.disagg_threshold)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,11 +97,9 @@ def prepare(model_spec: str, cache_dir: Path, runtime: RuntimeConfig) -> tuple[L
     return loaded, tokenizer
 
 
-def render_prompt(tokenizer: Tokenizer, prompt: str, chat: bool, system: str | None) -> str:
-    if not chat:
-        return prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+def chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
+    """`--chat`: the prompt as the user's message, after `--system`'s if given."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
 
 
 def run_generate(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput]:
@@ -188,7 +119,8 @@ def _run_in_process(prompts: list[str], opts: GenerateOptions) -> list[RequestOu
     loaded, tokenizer = prepare(opts.model, opts.cache_dir, opts.runtime)
     requests = []
     for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(render_prompt(tokenizer, prompt, opts.chat, opts.system))
+        text = tokenizer.apply_chat_template(chat_messages(prompt, opts.system)) if opts.chat else prompt
+        ids = tokenizer.encode(text)
         check_context(loaded, len(ids), opts.sampling.max_tokens)  # refuse before any work is done
         requests.append(RequestOutput(f"req-{i}", prompt, ids, opts.sampling, tokenizer))
     engine = LLMEngine(loaded, opts.engine)
@@ -202,103 +134,48 @@ def _run_in_process(prompts: list[str], opts: GenerateOptions) -> list[RequestOu
         for event in engine.step():
             out = by_id[event.request_id]
             printer.text(out, out.append(event.token_id))
-            if out.is_finished and event.finish_reason is None:
-                engine.abort(out.request_id)  # a stop string the engine cannot see
+            if out.is_finished:
+                printer.end(out)
+                if event.finish_reason is None:
+                    engine.abort(out.request_id)  # a stop string the engine cannot see
         printer.flush()
     return requests
 
 
 def _run_served(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput]:
-    """Through worker processes: started here (the default, --config, --colocated) or running."""
-    from disagg_cli.coordinator.cluster import LocalCluster
-
-    serve = opts.serve
-    local = not (serve.prefill or serve.colocated_addr)
-    topology = build_topology(opts.model, serve, opts.runtime, opts.engine) if local else None
-    model_spec = topology.model if topology is not None else opts.model
-    with ui.pull_progress(model_spec) as on_pull:
-        path = resolve_model(model_spec, opts.cache_dir, on_pull)
-    tokenizer = load_tokenizer(path)  # the coordinator holds no weights
-    limit = context_length(path) or sys.maxsize
-    requests = []
-    for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(render_prompt(tokenizer, prompt, opts.chat, opts.system))
-        if len(ids) + opts.sampling.max_tokens > limit:  # refuse before any worker starts
-            raise ContextLengthError(
-                f"prompt of {len(ids)} tokens plus --max-tokens {opts.sampling.max_tokens} exceeds the model's "
-                f"context of {limit} tokens; shorten the prompt or lower --max-tokens")
-        requests.append(RequestOutput(f"req-{i}", prompt, ids, opts.sampling, tokenizer))
-    if topology is None:
-        workers = ([("colocated", worker_address(serve.colocated_addr))] if serve.colocated_addr else
-                   [("prefill", worker_address(a)) for a in serve.prefill]
-                   + [("decode", worker_address(a)) for a in serve.decode])
-        asyncio.run(_serve(requests, workers, None, tokenizer, opts))
-        return requests
-    roles = [w.role for w in topology.workers]
-    ui.info("starting " + ", ".join(f"{roles.count(r)} {r}" for r in dict.fromkeys(roles)) + " worker(s)…")
-    with LocalCluster(topology, str(path)) as cluster:
-        asyncio.run(_serve(requests, cluster.addresses(), cluster, tokenizer, opts))
-    return requests
+    """Through workers, by way of the coordinator service: started here (the default, --config,
+    --colocated) or running. Every prompt is checked before any worker starts."""
+    service = CoordinatorService(ServiceConfig(opts.model, opts.cache_dir, opts.runtime, opts.engine, opts.serve,
+                                               wait_for_workers=True))
+    service.prepare()  # the tokenizer and the model's context; the coordinator holds no weights
+    prompt_ids = []
+    for prompt in prompts:
+        ids = service.tokenize(service.render_chat(chat_messages(prompt, opts.system)) if opts.chat else prompt)
+        service.validate(ids, opts.sampling)  # refuse before any worker starts
+        prompt_ids.append(ids)
+    return asyncio.run(_serve(service, prompts, prompt_ids, opts))
 
 
-def build_topology(model: str, serve: ServeOptions, runtime: RuntimeConfig, engine: EngineConfig) -> ClusterConfig:
-    """What to start: `--config`'s topology, or 1 prefill + 1 decode (or one colocated) worker, with
-    `--prefill-replicas`/`--decode-replicas` workers of those roles; as Ray actors with `--ray`."""
-    if serve.config is not None:
-        config = load_cluster_config(serve.config, default_model=model)
-        if serve.kv_codec is not None:
-            config = replace(config, workers=tuple(replace(w, kv_codec=serve.kv_codec) if w.role == "prefill" else w
-                                                   for w in config.workers))
-        for role, count in (("prefill", serve.prefill_replicas), ("decode", serve.decode_replicas)):
-            if count is not None:
-                config = config.with_replicas(role, count)
-    else:
-        config = local_topology(model, _base_spec(serve, runtime, engine), num_prefill=serve.prefill_replicas or 1,
-                                num_decode=serve.decode_replicas or 1, colocated=serve.colocated)
-    if serve.ray_address is not None:  # --ray: this topology on Ray, whatever its file said
-        config = replace(config, backend="ray", ray_address=serve.ray_address)
-    return config
-
-
-def _base_spec(serve: ServeOptions, runtime: RuntimeConfig, engine: EngineConfig) -> WorkerSpec:
-    """Every worker of the embedded topology: the flags' runtime and engine settings."""
-    return WorkerSpec("prefill", device=runtime.device, dtype=runtime.dtype, threads=runtime.threads,
-                      quantization=runtime.quantization,
-                      kv_codec=serve.kv_codec, block_size=engine.block_size, kv_cache_tokens=engine.kv_cache_tokens,
-                      kv_cache_memory_mb=engine.kv_cache_memory_mb, max_num_seqs=engine.max_num_seqs,
-                      max_num_batched_tokens=engine.max_num_batched_tokens, chunked_prefill=engine.chunked_prefill,
-                      enable_prefix_caching=engine.enable_prefix_caching)
-
-
-async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], cluster: LocalCluster | None,
-                 tokenizer: Tokenizer, opts: GenerateOptions) -> None:
-    from disagg_cli.coordinator.client import Coordinator
-    from disagg_cli.coordinator.connections import JOIN_GRACE_S
-
-    config = opts.serve.coordinator_config()
-    probe = cluster.is_gone if cluster is not None else None
-    async with Coordinator(workers, tokenizer.eos_token_ids, config, probe) as coordinator:
-        if cluster is not None:
-            await coordinator.connect(cluster.check)
-        else:  # workers started elsewhere: one that is down joins when it comes up
-            await coordinator.connect(join_grace_s=JOIN_GRACE_S)
-        await coordinator.poll_stats()  # so the live table's worker rows start filled in
+async def _serve(service: CoordinatorService, prompts: list[str], prompt_ids: list[list[int]],
+                 opts: GenerateOptions) -> list[RequestOutput]:
+    await service.start()  # ... and its worker rows are filled in for the live table
+    streams: list[RequestStream] = []
+    try:
+        streams = [service.submit(ids, opts.sampling, request_id=f"req-{i}", prompt_text=prompt)
+                   for i, (prompt, ids) in enumerate(zip(prompts, prompt_ids, strict=True))]
+        requests: list[RequestOutput] = [stream.out for stream in streams]
         printer = _OrderedPrinter(requests, opts.json_output)
-        start = time.perf_counter()
-        for out in requests:
-            out.timings.arrival_s = start
 
-        async def one(out: RequestOutput) -> None:
-            def on_text(text: str) -> None:
-                printer.text(out, text)
+        async def one(stream: RequestStream) -> None:
+            async for delta in stream:
+                printer.text(stream.out, delta.text)
+                if delta.is_last:
+                    printer.end(stream.out)
                 printer.flush()
 
-            await coordinator.run_request(out, on_text)
-            printer.flush()
-
         with ui.live_table(requests, enabled=ui.is_interactive() and not opts.json_output) as table:
-            def show_workers() -> None:  # the coordinator's latest heartbeat answers
-                table.workers = {w.address: (w.role, dict(w.stats)) for w in coordinator.router.workers}
+            def show_workers() -> None:  # the service's latest heartbeat answers
+                table.workers = {w.address: (w.role, w.stats) for w in service.workers()}
 
             async def watch_workers() -> None:
                 while True:
@@ -307,43 +184,23 @@ async def _serve(requests: list[RequestOutput], workers: list[tuple[str, str]], 
 
             watcher = asyncio.create_task(watch_workers())
             try:
-                await asyncio.gather(*(one(out) for out in requests))
+                await asyncio.gather(*(one(stream) for stream in streams))
             finally:
                 watcher.cancel()
             show_workers()
             table.refresh()
-    if opts.json_output:
-        return
-    if ui.is_interactive():
-        if len(requests) > 1:
-            ui.err_console.print(ui.summary_table(requests))
-    else:
-        for line in ui.plain_summary_lines(requests):
-            sys.stderr.write(line + "\n")
-
-
-def worker_address(address: str | None) -> str:
-    """`host:port` or a full zmq address (`tcp://…`, `ipc://…`)."""
-    assert address is not None
-    if "://" in address:
-        return address
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise UsageError(f"worker address {address!r} is not host:port or tcp://host:port")
-    return f"tcp://{address}"
-
-
-def context_length(path: Path) -> int | None:
-    """The model's context in tokens, read from its metadata (no weights are loaded); None: unknown."""
-    from disagg_cli.model.gguf_file import read_gguf
-
-    if path.is_dir() and (path / "config.json").is_file():
-        hf = json.loads((path / "config.json").read_text(encoding="utf-8"))
-        return int(hf.get("max_position_embeddings", 4096))
-    gguf_path = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), path)
-    meta = read_gguf(gguf_path).metadata
-    value = meta.get(f"{meta.get('general.architecture')}.context_length")
-    return int(value) if value is not None else None
+    finally:
+        for stream in streams:  # Ctrl-C: abort what still runs on its workers
+            await stream.aclose()
+        await service.stop()
+    if not opts.json_output:
+        if ui.is_interactive():
+            if len(requests) > 1:
+                ui.err_console.print(ui.summary_table(requests))
+        else:
+            for line in ui.plain_summary_lines(requests):
+                sys.stderr.write(line + "\n")
+    return requests
 
 
 class _OrderedPrinter:
@@ -356,10 +213,15 @@ class _OrderedPrinter:
         self.json_output = json_output
         self.multi = len(requests) > 1
         self.header_done: set[str] = set()
+        self.ended: set[str] = set()
 
     def text(self, out: RequestOutput, text: str) -> None:
         if text:
             self.held[out.request_id].append(text)
+
+    def end(self, out: RequestOutput) -> None:
+        """All of `out`'s text has been given (its output may finish before its last text is read)."""
+        self.ended.add(out.request_id)
 
     def flush(self) -> None:
         while self.pending:
@@ -370,7 +232,7 @@ class _OrderedPrinter:
                     self.header_done.add(head.request_id)
                 ui.stream_text("".join(self.held[head.request_id]))
                 self.held[head.request_id].clear()
-            if not head.is_finished:
+            if head.request_id not in self.ended:
                 return
             self.pending.pop(0)
             if self.json_output:

@@ -192,7 +192,7 @@ def run_http_bench(target: HttpTarget, opts: ServeBenchOptions) -> None:
     if opts.workload in TOKEN_ID_WORKLOADS and target.backend != "openai":
         raise UsageError(f"--workload {opts.workload} sends token-id prompts, which only /v1/completions "
                          f"takes: use --backend openai, not {target.backend}")
-    _, tokenizer, workloads = prepare_workloads(opts)
+    tokenizer, workloads = prepare_workloads(opts)
     runs = asyncio.run(_run_all(target, opts.model, tokenizer, workloads, opts))
     serve_report.report({target.backend: runs}, opts)
 

@@ -6,15 +6,13 @@ started here), the HTTP client (`bench/http_client.py`, any OpenAI server), the 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from disagg_cli.bench.metrics import METRICS, RequestRecord, Slo
 from disagg_cli.bench.workload import BenchRequest
 from disagg_cli.config import Deadlines
-from disagg_cli.engine.logprobs import TokenLogprobs
-from disagg_cli.engine.request import RequestOutput
+from disagg_cli.coordinator.stream import StreamingOutput
 from disagg_cli.errors import UsageError
 from disagg_cli.protocol import CODEC_NAMES
 
@@ -139,16 +137,9 @@ class ServeBenchOptions:
         return ("disagg", "colocated") if self.mode == "both" else (self.mode,)
 
 
-class TimedOutput(RequestOutput):
-    """A RequestOutput that also stamps every token's arrival (for ITL and the token timeline)."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.token_times_s: list[float] = []
-
-    def append(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
-        self.token_times_s.append(time.perf_counter())
-        return super().append(token_id, logprobs)
+class TimedOutput(StreamingOutput):
+    """A request's output as the service streams it (which stamps every token's arrival, for ITL
+    and the token timeline), and the benchmark's record of it."""
 
     def record(self) -> RequestRecord:
         t = self.timings

@@ -2,13 +2,13 @@
 
 1. build the workload once from the seed (`bench/workload.py`), tokenizing with the model's
    tokenizer (the coordinator never loads weights);
-2. per mode: start a local cluster (the same total cores for both modes), connect a coordinator,
-   send the warm-up requests, then each request at its send time (at most `max_concurrency` in
-   flight; a conversation's turns one after the other, `bench/replay.py`), recording every token's
-   arrival time; with `--chaos-kill-every`, SIGKILL a random worker every so often and restart it
-   on its port;
+2. per mode: start a coordinator service on the mode's local cluster (the same total cores for
+   both modes), submit the warm-up requests, then each request at its send time (at most
+   `max_concurrency` in flight; a conversation's turns one after the other, `bench/replay.py`),
+   its output recording every token's arrival time; with `--chaos-kill-every`, SIGKILL a random
+   worker of the service's cluster every so often and restart it on its port;
 3. per mode and rate: vLLM's metrics (`bench/metrics.py`) plus the disaggregation figures, printed
-   and saved by `bench/serve_report.py`; the cluster is stopped.
+   and saved by `bench/serve_report.py`; the service stops its cluster.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import random
 import signal
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from disagg_cli import ui
@@ -34,11 +33,12 @@ from disagg_cli.bench.workload import (
     sharegpt_workload,
 )
 from disagg_cli.config import SamplingParams
+from disagg_cli.coordinator.options import ServeOptions
+from disagg_cli.coordinator.service import CoordinatorService, ServiceConfig
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
-from disagg_cli.errors import UsageError
+from disagg_cli.errors import DisaggError, UsageError
 
 if TYPE_CHECKING:
-    from disagg_cli.coordinator.client import Coordinator
     from disagg_cli.coordinator.cluster import LocalCluster
     from disagg_cli.model.tokenizer import Tokenizer
 
@@ -82,69 +82,78 @@ def topologies(opts: ServeBenchOptions) -> dict[str, ClusterConfig]:
     return {"disagg": disagg, "colocated": ClusterConfig(disagg.model, (colocated_spec,))}
 
 
-def run_mode(mode: str, cluster_config: ClusterConfig, model_path: Path, tokenizer: Tokenizer,
-             workloads: list[tuple[float, list[BenchRequest]]], opts: ServeBenchOptions) -> list[RunResult]:
-    """Start the mode's cluster once and run every (rate, workload) on it, one after the other."""
-    from disagg_cli.coordinator.cluster import LocalCluster
-
-    roles = [w.role for w in cluster_config.workers]
-    ui.info(f"[{mode}] starting " + ", ".join(f"{roles.count(r)} {r}" for r in dict.fromkeys(roles)) + " worker(s)…")
-    with LocalCluster(cluster_config, str(model_path)) as cluster:
-        return asyncio.run(_run_all(mode, cluster, tokenizer, workloads, opts))
+def run_mode(mode: str, cluster_config: ClusterConfig, workloads: list[tuple[float, list[BenchRequest]]],
+             opts: ServeBenchOptions) -> list[RunResult]:
+    """Start the mode's cluster once, behind a coordinator service, and run every (rate, workload)
+    on it, one after the other."""
+    return asyncio.run(_run_all(mode, CoordinatorService(service_config(cluster_config, opts)), workloads, opts))
 
 
-async def _run_all(mode: str, cluster: LocalCluster, tokenizer: Tokenizer,
-                   workloads: list[tuple[float, list[BenchRequest]]], opts: ServeBenchOptions) -> list[RunResult]:
-    from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
+def service_config(cluster_config: ClusterConfig, opts: ServeBenchOptions) -> ServiceConfig:
+    """The service of one mode: `cluster_config` started here, with the benchmark's coordinator settings."""
+    serve = ServeOptions(topology=cluster_config, router=opts.router, worker_timeout_s=opts.worker_timeout_s,
+                         deadlines=opts.deadlines, disagg_threshold=opts.disagg_threshold)
+    # A request sent while a killed worker restarts waits for it, as a client of a cluster would.
+    return ServiceConfig(opts.model, opts.cache_dir, serve=serve, tokenizer=opts.tokenizer, wait_for_workers=True)
 
-    topology: list[dict[str, object]] = [
-        {"role": w.spec.role, "address": w.address, "threads": w.spec.threads,
-         "cpus": list(w.spec.cpus or ()), "dtype": w.spec.dtype, "kv_codec": w.spec.kv_codec}
-        for w in cluster.workers]
-    num_cores = len({c for w in cluster.workers for c in (w.spec.cpus or ())}) or sum(
-        int(w.spec.threads or 1) for w in cluster.workers)
-    config = CoordinatorConfig(policy=opts.router, worker_timeout_s=opts.worker_timeout_s, deadlines=opts.deadlines,
-                               disagg_threshold=opts.disagg_threshold)
+
+async def _run_all(mode: str, service: CoordinatorService, workloads: list[tuple[float, list[BenchRequest]]],
+                   opts: ServeBenchOptions) -> list[RunResult]:
     results = []
-    async with Coordinator(cluster.addresses(), tokenizer.eos_token_ids, config, cluster.is_gone) as coordinator:
-        await coordinator.connect(cluster.check)
+    async with service:
+        cluster = service.cluster
+        assert cluster is not None, "bench serve starts its workers here"
+        topology: list[dict[str, object]] = [
+            {"role": w.spec.role, "address": w.address, "threads": w.spec.threads,
+             "cpus": list(w.spec.cpus or ()), "dtype": w.spec.dtype, "kv_codec": w.spec.kv_codec}
+            for w in cluster.workers]
+        num_cores = len({c for w in cluster.workers for c in (w.spec.cpus or ())}) or sum(
+            int(w.spec.threads or 1) for w in cluster.workers)
         if opts.num_warmups and workloads and workloads[0][1]:
             first = workloads[0][1][0]
-            warm = [_output(f"warmup-{i}", list(first.prompt_ids), first.output_len, tokenizer, opts)
+            warm = [service.submit(list(first.prompt_ids), _params(first.output_len, opts), request_id=f"warmup-{i}")
                     for i in range(opts.num_warmups)]
-            await asyncio.gather(*(coordinator.run_request(o) for o in warm))
+            await asyncio.gather(*(stream.wait() for stream in warm))
         for rate, workload in workloads:
             ui.info(f"[{mode}] {len(workload)} requests at {rate:g} req/s")
             kills: list[dict[str, object]] = []
             chaos = (asyncio.create_task(_chaos(cluster, opts.chaos_kill_every_s, opts.seed, kills))
                      if opts.chaos_kill_every_s else None)
             try:
-                outputs, duration_s, start_s = await _bench(coordinator, workload, tokenizer, opts, mode)
+                outputs, duration_s, start_s = await _bench(service, workload, opts, mode)
             finally:
                 if chaos is not None:
                     chaos.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await chaos
             # What the workers hold once the run is over: every block should be free again (no leak).
-            blocks = {address: (int(s.get("free_blocks", -1)), int(s.get("num_blocks", -1)))
-                      for address, s in (await coordinator.wait_idle(timeout_s=30)).items()}
+            blocks = await service.kv_blocks(timeout_s=30)
             results.append(RunResult(mode, rate, workload, outputs, duration_s, start_s, topology, num_cores, kills,
                                      blocks_at_end=blocks))
     return results
 
 
-def _output(request_id: str, prompt_ids: list[int], output_len: int, tokenizer: Tokenizer,
-            opts: ServeBenchOptions) -> TimedOutput:
-    params = SamplingParams(max_tokens=output_len, ignore_eos=opts.ignores_eos)
-    return TimedOutput(request_id, "", prompt_ids, params, tokenizer)
+def _params(output_len: int, opts: ServeBenchOptions) -> SamplingParams:
+    return SamplingParams(max_tokens=output_len, ignore_eos=opts.ignores_eos)
 
 
-async def _bench(coordinator: Coordinator, workload: list[BenchRequest], tokenizer: Tokenizer,
-                 opts: ServeBenchOptions, mode: str) -> tuple[list[TimedOutput], float, float]:
+async def _bench(service: CoordinatorService, workload: list[BenchRequest], opts: ServeBenchOptions,
+                 mode: str) -> tuple[list[TimedOutput], float, float]:
+    tokenizer = service.tokenizer
+    assert tokenizer is not None
+
     def make(index: int, prompt_ids: list[int]) -> TimedOutput:
-        return _output(f"{mode}-{index}", prompt_ids, workload[index].output_len, tokenizer, opts)
+        return TimedOutput(f"{mode}-{index}", "", prompt_ids, _params(workload[index].output_len, opts), tokenizer)
 
-    return await replay(workload, make, coordinator.run_request, f"{mode} requests", opts.max_concurrency)
+    async def send(out: TimedOutput) -> None:
+        try:
+            stream = service.submit_output(out)
+        except DisaggError as e:  # refused before it began (e.g. longer than the context): a failed request
+            out.fail("refused", str(e))
+            return
+        await stream.wait()
+
+    return await replay(workload, make, send, f"{mode} requests", opts.max_concurrency)
 
 
 async def _chaos(cluster: LocalCluster, every_s: float | None, seed: int, kills: list[dict[str, object]]) -> None:
@@ -165,8 +174,8 @@ async def _chaos(cluster: LocalCluster, every_s: float | None, seed: int, kills:
         ui.info(f"chaos: killed and restarted {worker.name}")
 
 
-def prepare_workloads(opts: ServeBenchOptions) -> tuple[Path, Tokenizer, list[tuple[float, list[BenchRequest]]]]:
-    """The tokenizer's model file, the tokenizer, and one workload per rate (the same seed for all)."""
+def prepare_workloads(opts: ServeBenchOptions) -> tuple[Tokenizer, list[tuple[float, list[BenchRequest]]]]:
+    """The tokenizer, and one workload per rate (the same seed for all)."""
     from disagg_cli.model.registry import resolve_model
     from disagg_cli.model.tokenizer import load_tokenizer
 
@@ -174,17 +183,14 @@ def prepare_workloads(opts: ServeBenchOptions) -> tuple[Path, Tokenizer, list[tu
         model_path = resolve_model(opts.tokenizer or opts.model, opts.cache_dir, on_pull)
     tokenizer = load_tokenizer(model_path)
     rates = opts.sweep_rates or (opts.request_rate,)
-    return model_path, tokenizer, [(rate, build_workload(opts, tokenizer, rate)) for rate in rates]
+    return tokenizer, [(rate, build_workload(opts, tokenizer, rate)) for rate in rates]
 
 
 def run_serve_bench(opts: ServeBenchOptions) -> None:
     """The command: workload(s), each mode's runs, then the report (stdout), saved files and plot."""
     from disagg_cli.bench import serve_report
-    from disagg_cli.model.registry import resolve_model
 
-    model_path, tokenizer, workloads = prepare_workloads(opts)
-    if opts.tokenizer is not None:  # the workers still load --model
-        model_path = resolve_model(opts.model, opts.cache_dir)
+    _, workloads = prepare_workloads(opts)
     clusters = topologies(opts)
-    runs = {mode: run_mode(mode, clusters[mode], model_path, tokenizer, workloads, opts) for mode in opts.modes}
+    runs = {mode: run_mode(mode, clusters[mode], workloads, opts) for mode in opts.modes}
     serve_report.report(runs, opts)

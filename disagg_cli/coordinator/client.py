@@ -32,13 +32,9 @@ from dataclasses import dataclass, field, replace
 import zmq
 
 from disagg_cli.config import SamplingParams
-from disagg_cli.coordinator.connections import (
-    Connection,
-    CoordinatorConfig,
-    RequestFailed,
-    WorkerConnections,
-    WorkerGone,
-)
+from disagg_cli.coordinator.connection import Connection, RequestFailed, WorkerGone
+from disagg_cli.coordinator.connections import WorkerConnections
+from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.router import NoWorkerError, WorkerRecord, local_prefill_pays
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.kv.pool import pool_misfit

@@ -145,7 +145,8 @@ class LocalCluster:
             old.process.kill()
         old.process.wait()
         self.keep_logs |= old.process.returncode not in (0, -signal.SIGKILL)
-        log_path = old.log_path.with_name(f"{old.log_path.stem}.r{time.monotonic_ns()}.log")
+        # Named from the spec, not the last log's name: a name grown by every restart outgrows the file system's.
+        log_path = self.log_dir / f"{index}-{old.spec.role}-{old.spec.port}.r{time.monotonic_ns()}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 worker_command(old.spec, self.model), stdin=subprocess.DEVNULL, stdout=log, stderr=log,

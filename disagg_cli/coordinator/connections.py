@@ -1,7 +1,8 @@
 """The coordinator's connections to workers: handshake, heartbeats, liveness, message routing.
 
-Owns one DEALER socket per worker and a reader task per socket that routes each reply by request
-id to that request's queue. Life of a connection:
+Owns one `Connection` per worker (`connection.py`: its DEALER socket and state) and a reader task
+per socket that routes each reply by request id to that request's queue; its settings are
+`CoordinatorConfig` (`options.py`). Life of a connection:
 1. `connect`: `Hello` to every worker, all answers awaited (a worker still loading its weights just
    answers later); fingerprints must agree;
 2. a heartbeat every second; the answers carry the worker's queues and free KV blocks, which the
@@ -22,15 +23,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
 import zmq
 import zmq.asyncio
 
-from disagg_cli.config import Deadlines
-from disagg_cli.coordinator.router import PrefixView, Router, WorkerRecord
+from disagg_cli.coordinator.connection import Connection, RequestFailed, WorkerGone
+from disagg_cli.coordinator.options import CoordinatorConfig
+from disagg_cli.coordinator.router import Router, WorkerRecord
 from disagg_cli.errors import DisaggError
 from disagg_cli.keys import Keys
 from disagg_cli.protocol import (
@@ -50,55 +50,6 @@ log = logging.getLogger(__name__)
 _Self = TypeVar("_Self", bound="WorkerConnections")
 _SEND_LINGER_MS = 500  # on close, how long queued messages (aborts) may still go out
 JOIN_GRACE_S = 5.0  # for workers started elsewhere: how long connect() waits for stragglers
-
-
-@dataclass(frozen=True, slots=True)
-class CoordinatorConfig:
-    policy: str = "round-robin"
-    worker_timeout_s: float = 10.0  # silence after which a worker is dead
-    handshake_timeout_s: float = 120.0  # covers a worker's start-up (loading weights)
-    deadlines: Deadlines = Deadlines()  # per stage of a request, and in all
-    send_timeout_s: float = 10.0
-    heartbeat_interval_s: float = 1.0
-    keys_dir: Path | None = None  # CurveZMQ keys (disagg keys generate); None: plain tcp
-    # Selective disaggregation: a prompt whose part uncached on its decode worker is at most this
-    # many tokens is computed there, with no transfer; 0: never; "auto": from measured speeds.
-    disagg_threshold: int | str = 0
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerGone:
-    """Put on a request's queue when the worker holding it is taken as dead."""
-
-    reason: str
-
-
-class RequestFailed(Exception):
-    """One attempt at a request failed; `reason` is the code the retry policy looks at."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-@dataclass(eq=False)
-class Connection:
-    record: WorkerRecord
-    sock: zmq.asyncio.Socket
-    hello: asyncio.Future[Message]
-    ack: HelloAck | None = None
-    last_seen_s: float = field(default_factory=time.monotonic)
-    seq: int = 0
-    acked_seq: int = -1
-    beat: asyncio.Event = field(default_factory=asyncio.Event)
-    request_ids: set[str] = field(default_factory=set)
-    reader: asyncio.Task[None] | None = None
-    rehello: bool = False  # greeted again after it restarted; waiting for its ack
-
-    @property
-    def name(self) -> str:
-        return f"{self.record.role} worker {self.record.address}"
 
 
 class WorkerConnections:
@@ -150,7 +101,7 @@ class WorkerConnections:
                 check()
             for conn in self._conns.values():
                 if conn.ack is None and conn.hello.done():
-                    self._accept(conn, conn.hello.result())  # a refusal is an error at once
+                    conn.accept(conn.hello.result())  # a refusal is an error at once
             pending = {c.hello for c in self._conns.values() if not c.hello.done()}
             if not pending:
                 break
@@ -209,22 +160,6 @@ class WorkerConnections:
         conn.reader = asyncio.create_task(self._read(conn), name=f"read {record.address}")
         self._conns[record.address] = conn
         await self._send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
-
-    def _accept(self, conn: Connection, msg: Message) -> None:
-        if isinstance(msg, Refuse):
-            raise DisaggError(f"{conn.name} refused this coordinator: {msg.message} [{msg.reason}]")
-        if isinstance(msg, Error):
-            raise DisaggError(f"{conn.name} answered hello with an error: {msg.message} [{msg.reason}]")
-        assert isinstance(msg, HelloAck)
-        if msg.role != conn.record.role:
-            raise DisaggError(f"{conn.record.address} is a {msg.role} worker, but was given as a "
-                              f"{conn.record.role} worker")
-        conn.ack = msg
-        conn.last_seen_s = time.monotonic()
-        cap = msg.capacity
-        # What its prefix cache can hold: nothing with caching off (or from a worker that predates it).
-        capacity = cap.get("num_blocks", 0) if cap.get("prefix_caching") else 0
-        conn.record.prefix = PrefixView(cap.get("block_size", 16) or 16, capacity)
 
     def capacity(self, address: str) -> dict[str, int]:
         ack = self._conns[address].ack

@@ -2,18 +2,23 @@
 
 It owns, for its whole life, the workers it started (or the addresses it was given), the
 `Coordinator` that talks to them and the tokenizer (never the weights). Front ends (the HTTP
-server; later `generate` and `bench serve`) call `tokenize`, `submit` and `abort`, and read
-`health()`, `counts()` and `workers()`; none tokenizes, checks limits or starts clusters itself.
+server, `generate`, `bench serve`) call `tokenize`, `submit` and `abort`, and read `health()`,
+`counts()` and `workers()`; none tokenizes, checks limits or starts clusters itself.
 
 Life of the service:
-1. `start()`: resolve the model, load its tokenizer, start the local cluster or the Ray actors
-   (unless addresses were given), say hello to every worker and wait for every answer; Ray actors
-   that die and come back are dropped and added while the service runs (`ray_cluster.py`);
-2. `submit(prompt or ids, params)` checks the prompt against the context and the waiting queue
+1. `prepare()` (also done by `start()`): make the topology to start, resolve the model, load its
+   tokenizer and read its context, so a front end can refuse prompts (`validate`) before any
+   worker starts;
+2. `start()`: start the local cluster or the Ray actors (unless addresses were given), say hello
+   to every worker and wait for every answer; Ray actors that die and come back are dropped and
+   added while the service runs (`ray_cluster.py`);
+3. `submit(prompt or ids, params)` checks the prompt against the context and the waiting queue
    (raising before any work is done), then drives the request in a task of its own and returns
    a `RequestStream` of `Delta`s; closing the stream early (a client gone) or `abort(id)` cancels
    that task, and the coordinator sends `Abort` to every worker still holding the request;
-3. `stop()`: refuse new requests (draining), wait for those in flight, close the connections and
+   `submit_output` does the same for an output the caller built (the benchmark's, which records
+   more);
+4. `stop()`: refuse new requests (draining), wait for those in flight, close the connections and
    stop what was started.
 
 What a request's stream carries is in `coordinator/stream.py`.
@@ -31,10 +36,10 @@ from typing import TYPE_CHECKING
 
 from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
+from disagg_cli.coordinator.options import ServeOptions, build_topology, context_length, worker_address
 from disagg_cli.coordinator.stream import RequestStream, StreamingOutput
 from disagg_cli.coordinator.topology import ClusterConfig
 from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
-from disagg_cli.generate import ServeOptions, build_topology, context_length, worker_address
 from disagg_cli.model.registry import REGISTRY, resolve_model
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
 
@@ -72,6 +77,10 @@ class ServiceConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     serve: ServeOptions = field(default_factory=ServeOptions)  # where the workers run
     max_queued_requests: int | None = None  # None: no limit
+    tokenizer: str | None = None  # the model whose tokenizer to use; None: the served model's
+    # A request submitted while a role has no live worker: False, refused at once (a server's
+    # client retries); True, it waits for one up to its deadline (a batch: generate, bench).
+    wait_for_workers: bool = False
 
     def __post_init__(self) -> None:
         if self.serve.in_process:
@@ -89,6 +98,7 @@ class CoordinatorService:
         self.tokenizer: Tokenizer | None = None
         self.model_path: Path | None = None
         self.context_limit = sys.maxsize
+        self.topology: ClusterConfig | None = None  # what is started here; None: workers elsewhere
         self.coordinator: Coordinator | None = None
         self.cluster: LocalCluster | None = None
         self.ray_cluster: RayCluster | None = None  # the workers as Ray actors (`--ray`)
@@ -106,24 +116,38 @@ class CoordinatorService:
 
     # --- life ----------------------------------------------------------------------------------
 
+    def prepare(self) -> None:
+        """The topology, the model's path, its tokenizer and context; nothing started. Once."""
+        if self.tokenizer is not None:
+            return
+        cfg, serve = self.config, self.config.serve
+        local = not (serve.prefill or serve.colocated_addr)
+        topology = build_topology(cfg.model, serve, cfg.runtime, cfg.engine) if local else None
+        if topology is not None and topology.backend != "ray" and serve.keys_dir is not None:
+            raise UsageError("--keys is for workers started elsewhere or on Ray (--ray); the workers started "
+                             "here listen on 127.0.0.1")
+        model = topology.model if topology is not None else cfg.model
+        with ui.pull_progress(model) as on_pull:
+            self.model_path = resolve_model(model, cfg.cache_dir, on_pull)
+        tokenizer_path = self.model_path
+        if cfg.tokenizer is not None:
+            with ui.pull_progress(cfg.tokenizer) as on_pull:
+                tokenizer_path = resolve_model(cfg.tokenizer, cfg.cache_dir, on_pull)
+        self.context_limit = context_length(self.model_path) or sys.maxsize
+        self.topology = topology
+        self.tokenizer = load_tokenizer(tokenizer_path)
+
     async def start(self) -> None:
         from disagg_cli.coordinator.client import Coordinator
         from disagg_cli.coordinator.cluster import LocalCluster
         from disagg_cli.coordinator.connections import JOIN_GRACE_S
 
-        cfg, serve = self.config, self.config.serve
-        local = not (serve.prefill or serve.colocated_addr)
-        topology = build_topology(cfg.model, serve, cfg.runtime, cfg.engine) if local else None
-        with ui.pull_progress(topology.model if topology else cfg.model) as on_pull:
-            self.model_path = resolve_model(topology.model if topology else cfg.model, cfg.cache_dir, on_pull)
-        self.tokenizer = load_tokenizer(self.model_path)
-        self.context_limit = context_length(self.model_path) or sys.maxsize
+        self.prepare()
+        assert self.tokenizer is not None and self.model_path is not None
+        serve, topology = self.config.serve, self.topology
         if topology is not None and topology.backend == "ray":
             workers = await self._start_ray(topology)
         elif topology is not None:
-            if serve.keys_dir is not None:
-                raise UsageError("--keys is for workers started elsewhere or on Ray (--ray); the workers started "
-                                 "here listen on 127.0.0.1")
             ui.info(f"starting {topology.counts()} worker(s)…")
             self.cluster = LocalCluster(topology, str(self.model_path))
             self.cluster.start()
@@ -210,37 +234,43 @@ class CoordinatorService:
         return self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
     def check_context(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        if num_prompt_tokens + max_tokens > self.context_limit:
-            raise ContextLengthError(
-                f"this model's context is {self.context_limit} tokens, but {num_prompt_tokens + max_tokens} were "
-                f"asked for ({num_prompt_tokens} in the prompt, {max_tokens} to generate); shorten the prompt "
-                "or ask for fewer tokens")
+        ContextLengthError.check(num_prompt_tokens, max_tokens, self.context_limit)
 
-    def submit(self, prompt: str | Sequence[int], params: SamplingParams,
-               request_id: str | None = None) -> RequestStream:
+    def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise unless these prompt ids can be served with `params` (works once `prepare`d, so a
+        front end may refuse a prompt before any worker starts)."""
+        if not token_ids:
+            raise InvalidPromptError("the prompt is empty; give at least one token")
+        self._check_ids(token_ids)
+        self.check_context(len(token_ids), params.max_tokens)
+
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None,
+               prompt_text: str | None = None) -> RequestStream:
         """Start a request; raises (before any work) for a prompt too long for the context, an
-        invalid prompt, a full waiting queue or a draining service."""
+        invalid prompt, a full waiting queue or a draining service. `prompt_text` is what the
+        output records as its prompt (default: the prompt when it is text)."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        text = prompt_text if prompt_text is not None else prompt if isinstance(prompt, str) else ""
+        return self.submit_output(StreamingOutput(request_id or f"req-{next(self._ids)}", text, ids, params, self._tok))
+
+    def submit_output(self, out: StreamingOutput) -> RequestStream:
+        """Start the request of an output the caller built (e.g. one that records more), with the
+        checks of `submit`; its tokenizer should be this service's."""
         coordinator = self._coordinator
         if self.draining:
             raise DrainingError("the server is shutting down and takes no new requests")
         healthy, why = self.health()
-        if not healthy:
+        if not healthy and not self.config.wait_for_workers:
             raise UnavailableError(f"{why} right now; retry later")
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-        if not ids:
-            raise InvalidPromptError("the prompt is empty; give at least one token")
-        self._check_ids(ids)
-        self.check_context(len(ids), params.max_tokens)
+        self.validate(out.prompt_token_ids, out.params)
         limit = self.config.max_queued_requests
         waiting = self.counts()["waiting"]
         if limit is not None and waiting >= limit:
             raise QueueFullError(f"{waiting} requests are waiting already (--max-queued-requests {limit}); "
                                  "retry later")
-        rid = request_id or f"req-{next(self._ids)}"
+        rid = out.request_id
         if rid in self.in_flight:
             raise UsageError(f"request id {rid!r} is in flight already")
-        text = prompt if isinstance(prompt, str) else ""
-        out = StreamingOutput(rid, text, ids, params, self._tok)
         task = asyncio.create_task(coordinator.run_request(out), name=f"request {rid}")
         # A callback, not a `finally`: a task cancelled before its first step never runs its body.
         task.add_done_callback(lambda _: self._ended(out))

@@ -79,6 +79,16 @@ class RequestStream(AsyncIterator[Delta]):
         self._ended = delta.is_last
         return delta
 
+    async def wait(self) -> StreamingOutput:
+        """Read the deltas to the last one and return the output; cancelled first (Ctrl-C), the
+        stream is closed, which aborts the request on its workers."""
+        try:
+            async for _ in self:
+                pass
+        finally:
+            await self.aclose()
+        return self.out
+
     def cancel(self) -> None:
         """Abort the request if it still runs, without waiting (safe inside a cancelled scope)."""
         if not self._task.done():

@@ -19,11 +19,7 @@ from disagg_cli.model.sampling import Sampler
 
 
 def check_context(loaded: LoadedModel, num_prompt_tokens: int, max_tokens: int) -> None:
-    limit = loaded.config.max_position_embeddings
-    if num_prompt_tokens + max_tokens > limit:
-        raise ContextLengthError(
-            f"prompt of {num_prompt_tokens} tokens plus --max-tokens {max_tokens} exceeds the model's "
-            f"context of {limit} tokens; shorten the prompt or lower --max-tokens")
+    ContextLengthError.check(num_prompt_tokens, max_tokens, loaded.config.max_position_embeddings)
 
 
 class SingleProcessGenerator:

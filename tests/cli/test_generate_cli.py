@@ -71,7 +71,8 @@ def test_no_prompt() -> None:
 @pytest.mark.slow
 def test_prompt_longer_than_context(default_gguf: Path) -> None:
     proc = disagg("generate", "word " * 100, "--model", str(default_gguf), "--max-tokens", "8150")
-    assert_one_line_error(proc, "exceeds the model's context of 8192 tokens")
+    assert_one_line_error(proc, "this model's context is 8192 tokens, but 8251 were asked for (101 in the prompt, "
+                                "8150 to generate)")
 
 
 @pytest.mark.slow

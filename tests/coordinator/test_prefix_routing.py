@@ -14,7 +14,7 @@ import pytest
 from disagg_cli.config import EngineConfig, SamplingParams
 from disagg_cli.coordinator.client import Coordinator
 from disagg_cli.coordinator.cluster import LocalCluster
-from disagg_cli.coordinator.connections import CoordinatorConfig
+from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec
 from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.engine.request import RequestOutput

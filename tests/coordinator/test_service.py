@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from disagg_cli.config import SamplingParams
+from disagg_cli.coordinator.options import ServeOptions
 from disagg_cli.coordinator.service import CoordinatorService, QueueFullError, ServiceConfig
 from disagg_cli.errors import ContextLengthError
-from disagg_cli.generate import ServeOptions
 from disagg_cli.model.registry import default_cache_dir
 
 pytestmark = pytest.mark.slow

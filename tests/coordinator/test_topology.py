@@ -142,7 +142,7 @@ def test_replicas_flags_resize_a_role() -> None:
 def test_serve_options_place_ray_and_replicas(tmp_path: Path) -> None:
     from disagg_cli.config import EngineConfig, RuntimeConfig
     from disagg_cli.coordinator.cluster import LocalCluster
-    from disagg_cli.generate import ServeOptions, build_topology
+    from disagg_cli.coordinator.options import ServeOptions, build_topology
 
     serve = ServeOptions(ray_address="auto", prefill_replicas=2, decode_replicas=3)
     config = build_topology("m", serve, RuntimeConfig(dtype="float32"), EngineConfig())
@@ -159,3 +159,19 @@ def test_serve_options_place_ray_and_replicas(tmp_path: Path) -> None:
         ServeOptions(colocated=True, decode_replicas=2)
     with pytest.raises(UsageError, match="--prefill-replicas must be at least 1"):
         ServeOptions(prefill_replicas=0)
+
+
+def test_serve_options_take_a_topology_whole() -> None:
+    from disagg_cli.config import EngineConfig, RuntimeConfig
+    from disagg_cli.coordinator.options import ServeOptions, build_topology
+
+    given = ClusterConfig("m", (WorkerSpec("colocated", dtype="float32", threads=2),))
+    # As it is: the flags' runtime and engine settings are for the topology made from them.
+    assert build_topology("other", ServeOptions(topology=given), RuntimeConfig(dtype="bfloat16"),
+                          EngineConfig()) is given
+    on_ray = build_topology("m", ServeOptions(topology=given, ray_address="auto"), RuntimeConfig(), EngineConfig())
+    assert (on_ray.backend, on_ray.workers) == ("ray", given.workers)
+    with pytest.raises(UsageError, match="choose one of --config and a topology given whole"):
+        ServeOptions(topology=given, config=CONFIGS / "local.toml")
+    with pytest.raises(UsageError, match="--prefill-replicas size the prefill/decode workers started here"):
+        ServeOptions(topology=given, prefill_replicas=2)

@@ -1,0 +1,72 @@
+"""One worker's connection as the coordinator holds it, and what it tells a request.
+
+A `Connection` is a DEALER socket to one worker plus what the coordinator knows of it: its hello
+answer (`accept` checks it), heartbeat counters, the ids of the requests it holds and its reader
+task. When it is taken as dead, each of its requests gets `WorkerGone`; an attempt at a request
+that cannot go on raises `RequestFailed` with the reason code the retry policy reads. The set of
+connections, their handshake and liveness are `connections.py`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import zmq.asyncio
+
+from disagg_cli.coordinator.router import PrefixView, WorkerRecord
+from disagg_cli.errors import DisaggError
+from disagg_cli.protocol import Error, HelloAck, Message, Refuse
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerGone:
+    """Put on a request's queue when the worker holding it is taken as dead."""
+
+    reason: str
+
+
+class RequestFailed(Exception):
+    """One attempt at a request failed; `reason` is the code the retry policy looks at."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(eq=False)
+class Connection:
+    record: WorkerRecord
+    sock: zmq.asyncio.Socket
+    hello: asyncio.Future[Message]
+    ack: HelloAck | None = None
+    last_seen_s: float = field(default_factory=time.monotonic)
+    seq: int = 0
+    acked_seq: int = -1
+    beat: asyncio.Event = field(default_factory=asyncio.Event)
+    request_ids: set[str] = field(default_factory=set)
+    reader: asyncio.Task[None] | None = None
+    rehello: bool = False  # greeted again after it restarted; waiting for its ack
+
+    @property
+    def name(self) -> str:
+        return f"{self.record.role} worker {self.record.address}"
+
+    def accept(self, msg: Message) -> None:
+        """Take the worker's answer to hello; a refusal, an error or the wrong role raises."""
+        if isinstance(msg, Refuse):
+            raise DisaggError(f"{self.name} refused this coordinator: {msg.message} [{msg.reason}]")
+        if isinstance(msg, Error):
+            raise DisaggError(f"{self.name} answered hello with an error: {msg.message} [{msg.reason}]")
+        assert isinstance(msg, HelloAck)
+        if msg.role != self.record.role:
+            raise DisaggError(f"{self.record.address} is a {msg.role} worker, but was given as a "
+                              f"{self.record.role} worker")
+        self.ack = msg
+        self.last_seen_s = time.monotonic()
+        cap = msg.capacity
+        # What its prefix cache can hold: nothing with caching off (or from a worker that predates it).
+        capacity = cap.get("num_blocks", 0) if cap.get("prefix_caching") else 0
+        self.record.prefix = PrefixView(cap.get("block_size", 16) or 16, capacity)
