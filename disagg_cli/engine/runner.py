@@ -12,10 +12,13 @@ batch; each layer writes its new K/V into their slots (`index_copy_`), then atte
   nothing; a fragmented one gathers its slots (`index_select`). The runner counts gathered bytes.
 With the C kernel (float32 models), every decoding sequence instead attends in one kernel call
 per layer that reads its K/V in place through its block table (`decode_attention`): no gather,
-whatever the context length, and one call for the whole batch. Prompts and prompt chunks attend
-the same way, each new row a query over its blocks up to itself: on 2 AVX2 cores that took 0.32 s
-against SDPA's flash kernel's 0.42 s for a 512-token prompt's 30 layers, and a chunk or a cached
-prefix reads the pool in place instead of gathering it. A quantized float32 model runs a
+whatever the context length, and one call for the whole batch. A prompt chunk, or a prompt after
+a cached prefix, attends the same way, each new row a query over its blocks up to itself, so it
+reads the pool in place instead of gathering it. A fresh prompt keeps torch's flash kernel: alone
+ours took 0.32 s against its 0.42 s for a 512-token prompt's 30 layers on 2 AVX2 cores, but inside
+a prefill step both took ~0.43 s, as torch's OpenMP threads spin for a while after each matmul on
+the core our helper thread needs (with OMP_WAIT_POLICY=PASSIVE ours took 0.32 s there and the
+matmuls lost as much). A quantized float32 model runs a
 step made only of decodes as one call into the kernel (`quant/fused.py`): every layer, the K/V
 writes, attention and the head, with no torch op in between.
 """
@@ -196,7 +199,7 @@ class ModelRunner:
             if many_decodes and n == 1 and done:
                 decodes.append((start, self.pool.slots(seq.request_id, 0, done + 1)))
                 continue
-            if self.kernel is not None:  # every new row attends in place, as a decode would
+            if self.kernel is not None and done:  # a chunk or a cached prefix: attended in place, as decodes are
                 views.append(_SeqView(seq.request_id, start, start + n, done, None, None,
                                       self._prompt_rows(self.pool.tables[seq.request_id].block_ids, done, n)))
                 continue

@@ -83,7 +83,7 @@ def test_tiny_batched_equals_alone_and_frees_everything(tiny: LoadedModel, block
     for rid, ids in prompts.items():
         assert got[rid] == greedy_alone(tiny, ids, 10), rid
     assert engine.pool.num_free == engine.pool.num_blocks and not engine.pool.tables
-    if kernel:  # prompts, chunks and decodes all read the pool in place through their block tables
+    if kernel:  # chunks, recomputed prompts and decodes all read the pool in place through their block tables
         assert engine.runner.gathered_bytes == 0
     elif block_size == 1:
         assert engine.runner.gathered_bytes > 0  # fragmentation exercised the gather path
