@@ -37,6 +37,13 @@ from typing import TYPE_CHECKING
 from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.coordinator.options import ServeOptions, build_topology, context_length, worker_address
+from disagg_cli.coordinator.refusals import (
+    DrainingError,
+    InvalidPromptError,
+    QueueFullError,
+    UnavailableError,
+    WorkerView,
+)
 from disagg_cli.coordinator.stream import RequestStream, StreamingOutput
 from disagg_cli.coordinator.topology import ClusterConfig
 from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
@@ -50,23 +57,6 @@ if TYPE_CHECKING:
 
 WAITING_STATES = ("queued", "reserving")  # not yet past the decode worker's memory check
 DRAIN_TIMEOUT_S = 60.0
-
-
-class QueueFullError(DisaggError):
-    """More requests wait than `max_queued_requests` allows; try again later."""
-
-
-class UnavailableError(DisaggError):
-    """A role has no live worker: a new request is refused at once (the client may retry), while
-    requests already in flight wait for a worker to come back, up to their deadline."""
-
-
-class DrainingError(DisaggError):
-    """The service is shutting down and takes no new requests."""
-
-
-class InvalidPromptError(UsageError):
-    """A prompt that cannot be served (empty, or token ids outside the vocabulary)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,16 +329,3 @@ class CoordinatorService:
         if self.coordinator is None:
             raise DisaggError("the service is not connected to its workers")
         return self.coordinator
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerView:
-    role: str
-    address: str
-    is_alive: bool
-    stats: dict[str, float]  # the last heartbeat's figures: waiting, running, free_blocks, num_blocks, …
-
-    @property
-    def kv_usage(self) -> float | None:
-        num, free = self.stats.get("num_blocks"), self.stats.get("free_blocks")
-        return None if not num or free is None else 1.0 - free / num

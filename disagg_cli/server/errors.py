@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from disagg_cli.coordinator.service import DrainingError, QueueFullError, UnavailableError
+from disagg_cli.coordinator.refusals import DrainingError, QueueFullError, UnavailableError
 from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
 
 log = logging.getLogger(__name__)

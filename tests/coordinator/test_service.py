@@ -10,7 +10,8 @@ import pytest
 
 from disagg_cli.config import SamplingParams
 from disagg_cli.coordinator.options import ServeOptions
-from disagg_cli.coordinator.service import CoordinatorService, QueueFullError, ServiceConfig
+from disagg_cli.coordinator.refusals import QueueFullError
+from disagg_cli.coordinator.service import CoordinatorService, ServiceConfig
 from disagg_cli.errors import ContextLengthError
 from disagg_cli.model.registry import default_cache_dir
 
