@@ -148,12 +148,13 @@ def fuse_projections(model: LlamaForCausalLM) -> None:
 
 def _stacked(parts: list[nn.Linear]) -> nn.Linear:
     w = parts[0].weight
-    out = nn.Linear(w.shape[1], sum(p.weight.shape[0] for p in parts), bias=parts[0].bias is not None,
-                    device=w.device, dtype=w.dtype)
+    with torch.device("meta"):  # no random init of weights about to be replaced (0.5 s a load)
+        out = nn.Linear(w.shape[1], sum(p.weight.shape[0] for p in parts), bias=parts[0].bias is not None,
+                        dtype=w.dtype)
     with torch.no_grad():
-        out.weight.copy_(torch.cat([p.weight for p in parts]))
+        out.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=w.requires_grad)
         if out.bias is not None:
-            out.bias.copy_(torch.cat([p.bias for p in parts]))
+            out.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=w.requires_grad)
     return out
 
 
