@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import zmq
 
@@ -47,6 +47,7 @@ from disagg_cli.protocol import (
     Message,
     Prefill,
     PrefillHere,
+    RequestStats,
     Reserve,
     Reserved,
     Tokens,
@@ -322,22 +323,33 @@ class _Run:
             self.on_text(text)
 
 
-def _copy_stats(out: RequestOutput, stats: dict[str, float]) -> None:
-    """Worker-reported figures: durations into `stages_ms`, the rest (bytes, ratios) into `kv`."""
-    for key, value in stats.items():
-        if key.endswith("_unix_s"):
-            continue  # another machine's clock: only differences taken there mean anything
-        if key.endswith("_ms"):
-            out.timings.stages_ms[key] = float(value)
-            if key.startswith("kv_") or "hidden" in key:
-                out.kv[key] = float(value)
-        else:
-            out.kv[key] = float(value)
+# Where each figure of `RequestStats` lands in a request's output, under its own name: durations in
+# `timings.stages_ms`; counts and bytes in `kv`, and the KV durations in both.
+STAGE_STATS = frozenset({
+    "queue_ms", "prefill_ms", "kv_encode_ms", "kv_stream_ms", "kv_exposed_send_ms", "kv_transfer_ms",
+    "kv_decode_ms", "reserve_to_kv_done_ms", "handoff_ms",
+})
+KV_STATS = frozenset({
+    "batch_size", "prefix_cached_tokens", "raw_bytes", "wire_bytes", "decode_cached_tokens", "kv_encode_ms",
+    "kv_stream_ms", "kv_exposed_send_ms", "kv_transfer_ms", "kv_decode_ms",
+})
+assert {f.name for f in fields(RequestStats)} == STAGE_STATS | KV_STATS, "a figure that lands nowhere"
+
+
+def _copy_stats(out: RequestOutput, stats: RequestStats | None) -> None:
+    """Worker-reported figures into `stages_ms` and `kv` (see `STAGE_STATS`, `KV_STATS`)."""
+    if stats is None:
+        return
+    for name, value in stats.items():
+        if name in STAGE_STATS:
+            out.timings.stages_ms[name] = value
+        if name in KV_STATS:
+            out.kv[name] = value
     # Each worker measures on its own clock only. The decode side saw the layers land over
     # `kv_transfer_ms`; the prefill side streamed them over `kv_stream_ms`, of which
     # `kv_exposed_send_ms` came after its forward pass ended: the rest was hidden behind compute.
-    if "kv_transfer_ms" in stats:
-        out.kv["transfer_ms"] = float(stats["kv_transfer_ms"])
-        if "kv_stream_ms" in stats and "kv_exposed_send_ms" in stats:
-            out.kv["hidden_ms"] = min(float(stats["kv_transfer_ms"]),
-                                      max(0.0, float(stats["kv_stream_ms"]) - float(stats["kv_exposed_send_ms"])))
+    if stats.kv_transfer_ms is not None:
+        out.kv["transfer_ms"] = float(stats.kv_transfer_ms)
+        if stats.kv_stream_ms is not None and stats.kv_exposed_send_ms is not None:
+            out.kv["hidden_ms"] = min(float(stats.kv_transfer_ms),
+                                      max(0.0, float(stats.kv_stream_ms) - float(stats.kv_exposed_send_ms)))

@@ -1,7 +1,8 @@
 """The wire protocol: what crosses a process boundary and how.
 
 - `names.py`: worker roles, codec names, KV dtypes, finish reasons (defined once);
-- `messages.py`: every message kind, as frozen dataclasses, and `WireError`;
+- `messages.py`: every message kind, as frozen dataclasses (with `RequestStats`, the per-request
+  figures workers send), and `WireError`;
 - `frames.py`: messages ⇄ zmq frames, trusting nothing on the way in;
 - `schema.py`: type hints as the schema (dataclasses ⇄ msgpack-ready maps, checked).
 """
@@ -33,6 +34,7 @@ from disagg_cli.protocol.messages import (
     Prefill,
     PrefillHere,
     Refuse,
+    RequestStats,
     Reserve,
     Reserved,
     Tokens,
@@ -75,6 +77,7 @@ __all__ = [
     "PrefillHere",
     "REASONS",
     "Refuse",
+    "RequestStats",
     "Reserve",
     "Reserved",
     "Tokens",

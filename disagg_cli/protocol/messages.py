@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from disagg_cli.config import SamplingParams
@@ -24,7 +24,8 @@ from disagg_cli.protocol.schema import frames_field
 # 3: prefix caching: `Reserved` says how many leading prompt tokens the decode worker holds,
 #    `Prefill` passes that on, `KVLayers` carry the position of their first token, and
 #    `PrefillHere` has a decode worker compute a short prompt itself (selective disaggregation).
-PROTOCOL_VERSION = 3
+# 4: per-request figures travel as a typed `RequestStats`, no longer a map of floats.
+PROTOCOL_VERSION = 4
 
 REASONS = frozenset(
     [
@@ -97,6 +98,38 @@ class KVLayout:
     head_dim: int
     dtype: str
     block_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStats:
+    """What workers measured of one request, sent with `FirstToken`, `KVDone` and `Tokens`.
+
+    None = not measured (by this worker, or for this path). Every figure is taken on one machine's
+    clock, named per field; a difference between two machines' clocks never travels. The field
+    order is the order they reach the coordinator, which keeps its outputs in the same order.
+    """
+
+    # the worker that computed the prompt (prefill, decode under PrefillHere, colocated): FirstToken
+    queue_ms: float | None = None  # arrival → the step that computed the prompt began; that worker's clock
+    prefill_ms: float | None = None  # that step (the prompt's forward pass); that worker's clock
+    batch_size: int | None = None  # prompts computed in that step; prefill worker
+    prefix_cached_tokens: int | None = None  # leading prompt tokens its prefix cache held; that worker
+    # the prefill worker's KV send: KVDone, passed on by the decode worker in its first Tokens
+    kv_encode_ms: float | None = None  # encoding the KV layers (sum over layers); prefill worker's clock
+    raw_bytes: int | None = None  # KV bytes before encoding; prefill worker
+    wire_bytes: int | None = None  # KV bytes after encoding, as sent; prefill worker
+    kv_stream_ms: float | None = None  # first KV layer sent → last sent; prefill worker's clock
+    kv_exposed_send_ms: float | None = None  # of that, after the forward pass ended; prefill worker's clock
+    # the decode worker's side: its first Tokens
+    kv_transfer_ms: float | None = None  # first KV layer arrived → last arrived; decode worker's clock
+    kv_decode_ms: float | None = None  # decoding the KV layers into blocks (sum); decode worker's clock
+    reserve_to_kv_done_ms: float | None = None  # Reserve arrived → KVDone arrived; decode worker's clock
+    decode_cached_tokens: int | None = None  # leading prompt tokens its prefix cache held; decode worker
+    handoff_ms: float | None = None  # KVDone arrived → the step decoding its first token; decode worker's clock
+
+    def items(self) -> list[tuple[str, float]]:
+        """(name, value) of every measured figure, in field order."""
+        return [(f.name, float(v)) for f in fields(self) if (v := getattr(self, f.name)) is not None]
 
 
 class Message:
@@ -287,7 +320,7 @@ class Generate(Message):
 class FirstToken(Message):
     request_id: str
     token_id: int
-    stats: dict[str, float] = field(default_factory=dict)  # queue_ms, prefill_ms, batch_size, …
+    stats: RequestStats = RequestStats()  # queue_ms, prefill_ms, batch_size, …
     logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
@@ -301,7 +334,7 @@ class KVDone(Message):
     num_tokens: int
     num_layers: int
     sampler_state: bytes | None = None  # the sampler's RNG state after drawing the first token
-    stats: dict[str, float] = field(default_factory=dict)  # kv_encode_ms, bytes, kv_stream_ms, …
+    stats: RequestStats = RequestStats()  # kv_encode_ms, bytes, kv_stream_ms, …
 
 
 @_message("tokens")
@@ -310,7 +343,7 @@ class Tokens(Message):
     request_id: str
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: RequestStats | None = None  # the first Tokens of a request only: KVDone's and the decode worker's
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token id, when the request asked for them
 
 

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from disagg_cli.engine.engine import TokenEvent
-from disagg_cli.protocol import Error, FirstToken, Generate, Tokens
+from disagg_cli.protocol import Error, FirstToken, Generate, RequestStats, Tokens
 from disagg_cli.workers.base import Dest
 from disagg_cli.workers.worker import Worker
 
@@ -53,9 +53,9 @@ class ColocatedWorker(Worker):
             if rid not in self.started:
                 self.started.add(rid)
                 arrival = self.arrival_s.pop(rid, self._step_start)
-                self.io.send(owner, FirstToken(rid, ev.token_id, {
-                    "queue_ms": max(0.0, self._step_start - arrival) * 1e3,
-                    "prefill_ms": (now - max(arrival, self._step_start)) * 1e3}, ev.logprobs))
+                self.io.send(owner, FirstToken(rid, ev.token_id, RequestStats(
+                    queue_ms=max(0.0, self._step_start - arrival) * 1e3,
+                    prefill_ms=(now - max(arrival, self._step_start)) * 1e3), ev.logprobs))
                 if ev.finish_reason is not None:
                     self.io.send(owner, Tokens(rid, (), ev.finish_reason))
             else:

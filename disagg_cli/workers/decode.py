@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -29,7 +29,18 @@ from disagg_cli.config import SamplingParams
 from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.kv.transfer import decode_kv_layers
-from disagg_cli.protocol import Error, FirstToken, KVDone, KVLayers, Message, PrefillHere, Reserve, Reserved, Tokens
+from disagg_cli.protocol import (
+    Error,
+    FirstToken,
+    KVDone,
+    KVLayers,
+    Message,
+    PrefillHere,
+    RequestStats,
+    Reserve,
+    Reserved,
+    Tokens,
+)
 from disagg_cli.workers.base import Dest, log
 from disagg_cli.workers.worker import Worker
 
@@ -65,8 +76,8 @@ class DecodeWorker(Worker):
         super().__init__(*args, **kwargs)
         self.queued: deque[tuple[str, _Incoming]] = deque()  # reservations waiting for blocks
         self.incoming: dict[str, _Incoming] = {}  # reserved, KV on its way
-        self.first_stats: dict[str, dict[str, float]] = {}  # sent with a request's first Tokens
-        self.local: dict[str, tuple[float, float]] = {}  # prefilled here: id → (asked, cached tokens)
+        self.first_stats: dict[str, RequestStats] = {}  # sent with a request's first Tokens
+        self.local: dict[str, tuple[float, int]] = {}  # prefilled here: id → (asked, cached tokens)
         self._step_start = 0.0
         self.kv_done_s: dict[str, float] = {}  # when each request's KVDone arrived (this clock)
 
@@ -163,13 +174,13 @@ class DecodeWorker(Worker):
             self.engine.set_sampler_state(rid, done.sampler_state)
         self.kv_done_s[rid] = time.perf_counter()
         first, last = inc.first_arrival_s or time.perf_counter(), inc.last_arrival_s or time.perf_counter()
-        self.first_stats[rid] = {
-            **done.stats,
-            "kv_transfer_ms": (last - first) * 1e3,
-            "kv_decode_ms": inc.decode_ms,
-            "reserve_to_kv_done_ms": (time.perf_counter() - inc.asked_s) * 1e3,
-            "decode_cached_tokens": float(inc.cached_tokens),
-        }
+        self.first_stats[rid] = replace(  # the prefill worker's figures, and ours (this clock)
+            done.stats,
+            kv_transfer_ms=(last - first) * 1e3,
+            kv_decode_ms=inc.decode_ms,
+            reserve_to_kv_done_ms=(time.perf_counter() - inc.asked_s) * 1e3,
+            decode_cached_tokens=inc.cached_tokens,
+        )
         if event is not None:  # the first token already ended it (EOS, max_tokens 1)
             self._step_start = time.perf_counter()
             self._send_tokens(rid, (), event.finish_reason)
@@ -185,7 +196,7 @@ class DecodeWorker(Worker):
             self.abort(rid, notify=True, reason="bad-field", message="PrefillHere after KV began to arrive")
             return
         self.engine.prefill_reserved(rid, inc.prompt_ids, inc.sampling, inc.eos_ids)
-        self.local[rid] = (time.perf_counter(), float(inc.cached_tokens))
+        self.local[rid] = (time.perf_counter(), inc.cached_tokens)
 
     def step(self) -> list[TokenEvent]:
         self._step_start = time.perf_counter()
@@ -198,10 +209,10 @@ class DecodeWorker(Worker):
             owner = self.owners.get(ev.request_id)
             if local is not None and owner is not None:  # the first token of a prompt computed here
                 asked, cached = local
-                self.io.send(owner, FirstToken(ev.request_id, ev.token_id, {
-                    "queue_ms": max(0.0, self._step_start - asked) * 1e3,
-                    "prefill_ms": (now - max(asked, self._step_start)) * 1e3,
-                    "prefix_cached_tokens": cached, "decode_cached_tokens": cached}, ev.logprobs))
+                self.io.send(owner, FirstToken(ev.request_id, ev.token_id, RequestStats(
+                    queue_ms=max(0.0, self._step_start - asked) * 1e3,
+                    prefill_ms=(now - max(asked, self._step_start)) * 1e3,
+                    prefix_cached_tokens=cached, decode_cached_tokens=cached), ev.logprobs))
                 if ev.finish_reason is not None:
                     self._send_tokens(ev.request_id, (), ev.finish_reason)
                 continue
@@ -213,10 +224,10 @@ class DecodeWorker(Worker):
         owner = self.owners.get(rid)
         if owner is None:
             return
-        stats = self.first_stats.pop(rid, {})
+        stats = self.first_stats.pop(rid, None)
         done_s = self.kv_done_s.pop(rid, None)
-        if stats and done_s is not None:  # KVDone → the step that decoded its first token, on this clock
-            stats["handoff_ms"] = max(0.0, self._step_start - done_s) * 1e3
+        if stats is not None and done_s is not None:  # KVDone → the step that decoded its first token, this clock
+            stats = replace(stats, handoff_ms=max(0.0, self._step_start - done_s) * 1e3)
         self.io.send(owner, Tokens(rid, tokens, finish_reason, stats, (logprobs,) if logprobs else ()))
         if finish_reason is not None:
             self.owners.pop(rid, None)

@@ -15,7 +15,7 @@ Life of a request here:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,7 +25,7 @@ from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.kv.codec import KVCodec
 from disagg_cli.kv.codecs import get_codec
 from disagg_cli.kv.transfer import encode_kv_message
-from disagg_cli.protocol import Error, FirstToken, KVDone, Message, Prefill
+from disagg_cli.protocol import Error, FirstToken, KVDone, Message, Prefill, RequestStats
 from disagg_cli.workers.base import Dest, StopFlag, log
 from disagg_cli.workers.peers import PeerLost
 from disagg_cli.workers.worker import Worker
@@ -109,8 +109,8 @@ class PrefillWorker(Worker):
     def step(self) -> list[TokenEvent]:
         t0 = time.perf_counter()
         events = self.engine.step(on_layer=self._on_layer)
-        self._step_stats = {"prefill_ms": (time.perf_counter() - t0) * 1e3, "step_start": t0,
-                            "batch_size": float(len(events))}
+        self._step_start = t0
+        self._step_stats = RequestStats(prefill_ms=(time.perf_counter() - t0) * 1e3, batch_size=len(events))
         return events
 
     def _on_layer(self, layer: int, fresh: list[tuple[str, int, torch.Tensor, torch.Tensor]]) -> None:
@@ -139,12 +139,10 @@ class PrefillWorker(Worker):
             if p is None:
                 continue
             state = self.engine.sampler_state(rid)
-            cached = float(self.engine.cached_prompt_tokens(rid))
+            cached = self.engine.cached_prompt_tokens(rid)
             self.engine.release(rid)
-            queue_ms = (stats["step_start"] - p.arrival_s) * 1e3
-            self.io.send(p.owner, FirstToken(rid, ev.token_id, {
-                "queue_ms": queue_ms, "prefill_ms": stats["prefill_ms"], "batch_size": stats["batch_size"],
-                "prefix_cached_tokens": cached}, ev.logprobs))
+            first = replace(stats, queue_ms=(self._step_start - p.arrival_s) * 1e3, prefix_cached_tokens=cached)
+            self.io.send(p.owner, FirstToken(rid, ev.token_id, first, ev.logprobs))
             self.io.send(p.decode, _Done(rid, ev.token_id, state, end_unix))
             self.owners.pop(rid, None)
             self.handed_off[rid] = (p.owner, p.decode)
@@ -175,15 +173,16 @@ class PrefillWorker(Worker):
         if p is None:
             return None
         first, last = p.first_send_unix_s or item.prefill_end_unix_s, p.last_send_unix_s or item.prefill_end_unix_s
-        return KVDone(item.request_id, item.first_token, p.num_tokens, p.layers_sent, item.sampler_state, {
-            "kv_encode_ms": p.encode_ms,
-            "raw_bytes": float(p.raw_bytes),
-            "wire_bytes": float(p.wire_bytes),
-            "kv_stream_ms": (last - first) * 1e3,
-            # Sending that went on after the forward pass ended: the part of the transfer
-            # that prefill compute did not hide.
-            "kv_exposed_send_ms": max(0.0, last - item.prefill_end_unix_s) * 1e3,
-        })
+        return KVDone(item.request_id, item.first_token, p.num_tokens, p.layers_sent, item.sampler_state,
+                      RequestStats(
+                          kv_encode_ms=p.encode_ms,
+                          raw_bytes=p.raw_bytes,
+                          wire_bytes=p.wire_bytes,
+                          kv_stream_ms=(last - first) * 1e3,
+                          # Sending that went on after the forward pass ended: the part of the transfer
+                          # that prefill compute did not hide. Both ends on this machine's clock.
+                          kv_exposed_send_ms=max(0.0, last - item.prefill_end_unix_s) * 1e3,
+                      ))
 
     def _streams(self) -> list[tuple[str, tuple[Dest, Dest]]]:
         """(request id, (coordinator, decode dest)) of every request prefilling or handed off."""

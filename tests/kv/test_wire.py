@@ -17,19 +17,27 @@ from disagg_cli.kv.transfer import assemble_request_kv, decode_kv_layers, encode
 from disagg_cli.protocol import (
     PROTOCOL_VERSION,
     Error,
+    FirstToken,
     Heartbeat,
     Hello,
     HelloAck,
+    KVDone,
     KVLayers,
     KVLayout,
     Message,
     Refuse,
+    RequestStats,
+    Tokens,
     WireError,
     decode_message,
     encode_message,
 )
 
 FP = "sha256:0123abcd"
+PREFILL_STATS = RequestStats(queue_ms=1.5, prefill_ms=20.25, batch_size=3, prefix_cached_tokens=16)
+KV_STATS = RequestStats(kv_encode_ms=0.5, raw_bytes=4096, wire_bytes=2048, kv_stream_ms=6.0, kv_exposed_send_ms=1.0)
+DECODE_STATS = dataclasses.replace(KV_STATS, kv_transfer_ms=7.0, kv_decode_ms=0.25, reserve_to_kv_done_ms=30.0,
+                                   decode_cached_tokens=0, handoff_ms=2.0)
 LAYOUT = KVLayout(num_layers=3, num_kv_heads=2, head_dim=16, dtype="bfloat16", block_size=16)
 
 
@@ -54,6 +62,11 @@ MESSAGES: list[Message] = [
     Error(None, "shutting-down", "worker is draining"),
     Heartbeat(41),
     Heartbeat(42, {"num_running": 3, "kv_free_ratio": 0.5}),
+    FirstToken("req-2", 17, PREFILL_STATS),
+    FirstToken("req-3", 18),
+    KVDone("req-2", 17, 9, 3, b"rng-state", KV_STATS),
+    Tokens("req-2", (5, 6), None, DECODE_STATS),
+    Tokens("req-2", (7,), "length"),
 ]
 
 
@@ -125,6 +138,26 @@ def test_wrong_version_unknown_kind_and_missing_field_are_refused() -> None:
     refused([msgpack.packb([1, 2])], "bad-msgpack")
     refused([msgpack.packb(hb) + b"\x00"], "bad-msgpack")
     refused([], "truncated")
+
+
+def test_request_stats_round_trip_typed_and_malformed_ones_are_refused() -> None:
+    sent = [FirstToken("r", 1, PREFILL_STATS), KVDone("r", 1, 9, 3, None, KV_STATS),
+            Tokens("r", (2,), None, DECODE_STATS)]
+    for msg in sent:
+        got = decode_message(on_the_wire(encode_message(msg)))
+        assert got == msg and type(got.stats) is RequestStats
+    header = header_of(FirstToken("r", 1, PREFILL_STATS))
+    assert header["stats"]["batch_size"] == 3 and header["stats"]["raw_bytes"] is None
+    for stats in ("fast", [1.0], 3.0, {"queue_ms": "1"}, {"queue_ms": True}, {"batch_size": 1.5},
+                  {"prefix_cached_tokens": "16"}, {"colour": 1.0}, {"start_unix_s": 1.7e9}):
+        err = refused([msgpack.packb({**header, "stats": stats})], "bad-field")
+        assert err.request_id == "r" and "stats" in str(err)
+    tokens = header_of(Tokens("r", (2,), None, DECODE_STATS))
+    refused([msgpack.packb({**tokens, "stats": {"handoff_ms": "soon"}})], "bad-field")
+    assert decode_message([msgpack.packb({**tokens, "stats": None})]) == Tokens("r", (2,))
+    # a partial map is a stats object with the rest unmeasured
+    got = decode_message([msgpack.packb({**header, "stats": {"queue_ms": 2}})])
+    assert isinstance(got, FirstToken) and got.stats == RequestStats(queue_ms=2)
 
 
 def test_errors_name_the_request() -> None:

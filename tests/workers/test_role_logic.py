@@ -122,13 +122,18 @@ def test_a_request_crosses_both_roles_and_equals_the_engine(tiny: tuple[Path, Lo
     assert kinds == ["_EncodeLayer", "_EncodeLayer", "FirstToken", "_Done"]
     assert [d for d, _ in prefill.io.sent] == [("peer", (DECODE_ADDR, ""))] * 2 + [COORD, ("peer", (DECODE_ADDR, ""))]
     [(_, first)] = _deliver(prefill, decode)
-    assert isinstance(first, FirstToken) and first.stats["prefix_cached_tokens"] == 0
+    assert isinstance(first, FirstToken) and first.stats.prefix_cached_tokens == 0
+    assert first.stats.batch_size == 1 and first.stats.kv_transfer_ms is None  # the prefill worker's only
     assert prefill.engine.pool.num_free == prefill.engine.num_blocks  # freed at hand-off
     _run(decode)
     tokens = [item for _, item in decode.io.take()]
     assert all(isinstance(t, Tokens) for t in tokens) and tokens[-1].finish_reason == "length"
     assert [first.token_id] + [i for t in tokens for i in t.token_ids] == _expected(tiny[1], prompt)
-    assert tokens[0].stats["kv_transfer_ms"] >= 0 and "handoff_ms" in tokens[0].stats
+    stats = tokens[0].stats  # the prefill worker's KV figures (from KVDone) merged with the decode worker's
+    assert stats is not None and stats.kv_transfer_ms is not None and stats.kv_transfer_ms >= 0
+    assert stats.handoff_ms is not None and stats.decode_cached_tokens == 0
+    assert stats.raw_bytes is not None and stats.raw_bytes > 0 and stats.kv_stream_ms is not None
+    assert all(t.stats is None for t in tokens[1:])
     assert decode.owners == {} and decode.engine.pool.num_free == decode.engine.num_blocks
 
 
@@ -190,6 +195,7 @@ def test_prefill_here_computes_on_the_decode_worker(tiny: tuple[Path, LoadedMode
     _run(decode)
     sent = [m for _, m in decode.io.take()]
     assert isinstance(sent[0], Reserved) and isinstance(sent[1], FirstToken)
+    assert sent[1].stats.prefix_cached_tokens == sent[1].stats.decode_cached_tokens == 0
     assert all(isinstance(m, Tokens) for m in sent[2:]) and sent[-1].finish_reason == "length"
     assert [sent[1].token_id] + [i for m in sent[2:] for i in m.token_ids] == _expected(tiny[1], prompt)
     assert decode.engine.pool.num_free == decode.engine.num_blocks
