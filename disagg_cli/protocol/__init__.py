@@ -1,8 +1,8 @@
 """The wire protocol: what crosses a process boundary and how.
 
 - `names.py`: worker roles, codec names, KV dtypes, finish reasons (defined once);
-- `messages.py`: every message kind, as frozen dataclasses (with `RequestStats`, the per-request
-  figures workers send), and `WireError`;
+- `messages.py`: every message kind, as frozen dataclasses, and `WireError`;
+- `stats.py`: `RequestStats`, the per-request figures workers send with them;
 - `frames.py`: messages ⇄ zmq frames, trusting nothing on the way in;
 - `schema.py`: type hints as the schema (dataclasses ⇄ msgpack-ready maps, checked).
 """
