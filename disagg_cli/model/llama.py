@@ -19,6 +19,8 @@ from torch import nn
 
 from disagg_cli.config import ModelConfig
 
+Device = torch.device | str | None
+
 
 class Attention(Protocol):
     """Stores one layer's new K/V and attends the queries over everything cached so far."""
@@ -29,10 +31,10 @@ class Attention(Protocol):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, device: Device = None) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the storage dtype, as the reference does.
@@ -88,17 +90,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, device: Device = None) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False)
+        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias, device=device)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias, device=device)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias, device=device)
+        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=False, device=device)
         # After loading, `fuse_projections` replaces q/k/v_proj with one matmul of their stacked rows.
         self.qkv_proj: nn.Module | None = None
 
@@ -116,13 +118,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, device: Device = None) -> None:
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
         self.intermediate_size = f
-        self.gate_proj = nn.Linear(d, f, bias=False)
-        self.up_proj = nn.Linear(d, f, bias=False)
-        self.down_proj = nn.Linear(f, d, bias=False)
+        self.gate_proj = nn.Linear(d, f, bias=False, device=device)
+        self.up_proj = nn.Linear(d, f, bias=False, device=device)
+        self.down_proj = nn.Linear(f, d, bias=False, device=device)
         self.gate_up_proj: nn.Module | None = None  # gate and up stacked, after `fuse_projections`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,9 +150,9 @@ def fuse_projections(model: LlamaForCausalLM) -> None:
 
 def _stacked(parts: list[nn.Linear]) -> nn.Linear:
     w = parts[0].weight
-    with torch.device("meta"):  # no random init of weights about to be replaced (0.5 s a load)
-        out = nn.Linear(w.shape[1], sum(p.weight.shape[0] for p in parts), bias=parts[0].bias is not None,
-                        dtype=w.dtype)
+    # on the meta device: no random init of weights about to be replaced (0.5 s a load)
+    out = nn.Linear(w.shape[1], sum(p.weight.shape[0] for p in parts), bias=parts[0].bias is not None,
+                    device="meta", dtype=w.dtype)
     with torch.no_grad():
         out.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=w.requires_grad)
         if out.bias is not None:
@@ -159,12 +161,12 @@ def _stacked(parts: list[nn.Linear]) -> nn.Linear:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, device: Device = None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
+        self.self_attn = LlamaAttention(config, layer, device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
+        self.mlp = LlamaMLP(config, device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
@@ -172,22 +174,32 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, device: Device = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Given a weight, Embedding draws no random one (its normal_ init, on the meta device, runs
+        # through torch's Python reference ops, whose first use imports torch._dynamo: 3 s a start).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size, device=device))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, device) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """`device` is where the parameters are made: "meta" for a loader that assigns every weight
+    from a checkpoint (no memory, no random init). The RoPE tables are computed on the CPU either way.
+
+    The device is passed to each module rather than set with a `torch.device(...)` context: under
+    that context torch routes every factory call through its Python reference ops, whose first use
+    imports torch._dynamo (3 s of each worker's start)."""
+
+    def __init__(self, config: ModelConfig, device: Device = None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, device)
         self.rotary = RotaryEmbedding(config)
         # A tied head reads the embedding matrix; it has no parameter of its own to load.
         self.lm_head: nn.Module | None = None if config.tie_word_embeddings else nn.Linear(
-            config.hidden_size, config.vocab_size, bias=False)
+            config.hidden_size, config.vocab_size, bias=False, device=device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Attention) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 from disagg_cli.config import ModelConfig, RuntimeConfig
 from disagg_cli.errors import ModelFormatError, UsageError
 from disagg_cli.model.hardware import CPUInfo, choose_dtype, choose_quantization, probe_cpu
-from disagg_cli.model.llama import LlamaForCausalLM, RotaryEmbedding, fuse_projections
+from disagg_cli.model.llama import LlamaForCausalLM, fuse_projections
 from disagg_cli.model.weights import Progress, read_checkpoint
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,8 +103,7 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
         runtime, role, kernel_reason=kernel.reason if kernel and kernel.available else None)
     ckpt = read_checkpoint(path, progress)
     dtype = TORCH_DTYPES[resolved.dtype]
-    with torch.device("meta"):
-        model = LlamaForCausalLM(ckpt.config)
+    model = LlamaForCausalLM(ckpt.config, device="meta")  # every parameter is assigned from the file below
     state = {name: t.to(dtype) for name, t in ckpt.state_dict.items()}
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
@@ -119,7 +118,6 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
         raise ModelFormatError(f"{path}: weights do not fit the model's own config: "
                                f"{str(e).splitlines()[-1].strip()}") from e
     del state
-    model.rotary = RotaryEmbedding(ckpt.config)  # float32 on purpose, whatever the weights' dtype
     fuse_projections(model)
     if resolved.quantization != "none":
         from disagg_cli.model.quant.linear import quantize_model
