@@ -129,6 +129,11 @@ class WorkerConnections:
             raise DisaggError(f"workers serve different models: {a} has fingerprint {fa}, {b} has {fb}; "
                               "start every worker with the same --model")
         self._connected = True
+        # The silence clock starts with the beats: a worker that answered hello early was asked
+        # nothing while the slowest was awaited, and would otherwise be taken as dead at the first beat.
+        now = time.monotonic()
+        for conn in self._conns.values():
+            conn.last_seen_s = max(conn.last_seen_s, now)
         self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
 
     async def add_worker(self, role: str, address: str) -> None:
