@@ -190,6 +190,9 @@ class WorkerConfig:
     grace_s: float = 10.0  # how long in-flight requests may finish after SIGTERM
     keys_dir: Path | None = None  # CurveZMQ keys (see keys.py); None: plain tcp, loopback by default
     client_timeout_s: float = 30.0  # a heartbeating coordinator silent this long has gone away
+    # CPU affinity (Linux), set on every thread once the model is loaded: the load itself may use
+    # every core, so workers sharing a machine start in parallel instead of queueing on theirs.
+    cpus: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -214,6 +217,7 @@ class WorkerConfig:
             data["runtime"] = RuntimeConfig(**data["runtime"])
             data["engine"] = EngineConfig(**data["engine"])
             data["keys_dir"] = None if data["keys_dir"] is None else Path(data["keys_dir"])
+            data["cpus"] = None if data.get("cpus") is None else tuple(data["cpus"])
             return cls(**data)
         except (ValueError, KeyError, TypeError) as e:
             raise UsageError(f"not a worker config (as WorkerConfig.to_json writes): {e}") from None

@@ -103,7 +103,7 @@ class WorkerSpec:
         """The whole configuration of this worker, once its port is chosen."""
         extra = {} if self.kv_codec is None else {"kv_codec": self.kv_codec}
         return WorkerConfig(role=self.role, model=model, host=self.host, port=self.port, runtime=self.runtime(),
-                            engine=self.engine(), **extra)
+                            engine=self.engine(), cpus=self.cpus, **extra)
 
     def ray_options(self) -> dict[str, Any]:
         """What the worker's Ray actor asks its node for (`ray.remote(...).options(**this)`)."""

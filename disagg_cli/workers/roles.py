@@ -5,6 +5,8 @@ Apart from `workers/worker.py`, which the roles subclass, so the base never impo
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
 from disagg_cli.config import WorkerConfig
@@ -23,4 +25,21 @@ def serve_worker(config: WorkerConfig, cache_dir: Any) -> int:
     process's main thread: hosts of a worker in a thread build it and call `serve`, `request_stop`."""
     stop = StopFlag()
     stop.on_signals()  # before the weights load, so a SIGTERM then still drains and exits 0
-    return ROLE_CLASSES[config.role](config, cache_dir, stop).serve()
+    worker = ROLE_CLASSES[config.role](config, cache_dir, stop)
+    if config.cpus:
+        pin_threads(config.cpus)
+    return worker.serve()
+
+
+def pin_threads(cpus: tuple[int, ...]) -> None:
+    """Set this process's CPU affinity on each of its threads (Linux applies it per thread; threads
+    started later inherit it from the one that starts them). Where that is not possible, nothing."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        with contextlib.suppress(OSError):  # a thread that just ended
+            os.sched_setaffinity(tid, set(cpus))

@@ -89,8 +89,17 @@ def test_started_workers_report_what_they_were_given(tmp_path: Path) -> None:
             await asyncio.wait_for(coordinator.connect(cluster.check), 120)
             return [coordinator.capacity(w.address) for w in cluster.workers]
 
+    def affinities(pid: int) -> set[frozenset[int]]:
+        """The CPU affinity of each thread of process `pid` (Linux sets it per thread)."""
+        return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
     with LocalCluster(ClusterConfig(str(model), specs), str(model)) as cluster:
         prefill, decode = asyncio.run(hellos(cluster))
+        if hasattr(os, "sched_getaffinity"):
+            # Each serving worker runs every thread on its placed cores (set once its model loaded).
+            placed = [frozenset(w.spec.cpus or ()) for w in cluster.workers]
+            assert [affinities(w.process.pid) for w in cluster.workers] == [{p} for p in placed]
+            assert all(placed) and (len(os.sched_getaffinity(0)) < 2 or placed[0] != placed[1])
     assert prefill == {"num_blocks": 12, "block_size": 8, "max_num_seqs": 3, "max_num_batched_tokens": 50,
                        "chunked_prefill": 1, "prefix_caching": 1, "threads": 1}
     tiny_kv_bytes_per_token = 2 * 2 * 2 * 16 * 4  # layers x kv heads x head dim of tests/tiny_models.TINY, f32
