@@ -76,12 +76,12 @@ def run_with_kill(cluster: LocalCluster, tokenizer: Tokenizer, victim: int,
                   kill_after_tokens: int = 0, kill_while_prefilling: bool = False, prompts: list[str] = PROMPTS,
                   config: CoordinatorConfig = CoordinatorConfig(worker_timeout_s=2.0, heartbeat_interval_s=0.5),
                   signum: int = signal.SIGKILL, then: Callable[[LocalCluster], Awaitable[None]] | None = None,
-                  after: Callable[[LocalCluster], None] | None = None,
+                  after: Callable[[LocalCluster], None] | None = None, sampling: SamplingParams = SAMPLING,
                   ) -> tuple[list[RequestOutput], dict[str, dict[str, float]]]:
     """Run every prompt at once; send `signum` to worker `victim` once some request has that many
     tokens, or (`kill_while_prefilling`) while the victim is prefilling one; then await `then`;
     call `after` once every request ended, before the workers' final stats are read."""
-    outs = [RequestOutput(f"r{i}", p, tokenizer.encode(p), SAMPLING, tokenizer) for i, p in enumerate(prompts)]
+    outs = [RequestOutput(f"r{i}", p, tokenizer.encode(p), sampling, tokenizer) for i, p in enumerate(prompts)]
 
     async def run(cluster: LocalCluster) -> dict[str, dict[str, float]]:
         async with Coordinator(cluster.addresses(), tokenizer.eos_token_ids, config) as coordinator:
@@ -127,11 +127,12 @@ def test_decode_worker_killed_mid_stream(default_gguf: Path, default_tokenizer: 
 
 def test_prefill_worker_killed_while_prefilling(default_gguf: Path, default_tokenizer: Tokenizer) -> None:
     topology = ClusterConfig(str(default_gguf), (PREFILL, PREFILL, DECODE))
-    long_prompts = [f"{p} " + "and so the story goes on, " * 40 for p in PROMPTS]  # ~300 tokens: slow prefill
+    long_prompts = [f"{p} " + "and so the story goes on, " * 25 for p in PROMPTS]  # ~190 tokens: slow prefill
+    few = SamplingParams(max_tokens=8, ignore_eos=True)  # what is tested here ends with the prefill
     with LocalCluster(topology, str(default_gguf)) as cluster:  # the only test on this topology
         outs, stats = run_with_kill(cluster, default_tokenizer, victim=0, kill_while_prefilling=True,
-                                    prompts=long_prompts)
-    assert all(o.state == "done" and len(o.token_ids) == NUM_TOKENS for o in outs), \
+                                    prompts=long_prompts, sampling=few)
+    assert all(o.state == "done" and len(o.token_ids) == few.max_tokens for o in outs), \
         [(o.request_id, o.error) for o in outs]
     retried = [o for o in outs if o.kv.get("retries")]
     assert retried  # those the victim was prefilling went to the other prefill worker
