@@ -135,9 +135,11 @@ def test_two_prefill_two_decode_equals_transformers(
 
 def test_bfloat16_prefill_into_float32_decode_with_other_block_size(
         cluster: LocalCluster, default_tokenizer: Tokenizer, prompt_ids, hf_ids) -> None:
-    outs, stats = serve(cluster, ("bf16", "decode"), default_tokenizer, prompt_ids)
-    same = sum(a == b for name in NAMES for a, b in zip(outs[name].token_ids, hf_ids[name], strict=True))
-    assert same >= 0.6 * NUM_TOKENS * len(NAMES), same
-    assert all(outs[name].text.strip() for name in NAMES)
+    # Two short prompts: without native bf16 (AVX2), a bfloat16 prefill is emulated, ~20× slower.
+    names = ["prose", "code"]
+    outs, stats = serve(cluster, ("bf16", "decode"), default_tokenizer, {n: prompt_ids[n] for n in names})
+    same = sum(a == b for name in names for a, b in zip(outs[name].token_ids, hf_ids[name], strict=True))
+    assert same >= 0.6 * NUM_TOKENS * len(names), same
+    assert all(outs[name].text.strip() for name in names)
     assert outs["prose"].kv["raw_bytes"] == len(prompt_ids["prose"]) * 2 * 30 * 3 * 64 * 2  # bfloat16 on the wire
     assert_all_blocks_free(stats)
