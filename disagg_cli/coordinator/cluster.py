@@ -14,7 +14,7 @@ Placement: a spec without `threads` gets an even share of the cores this process
 least one), and without `cpus` a run of that many cores, round-robin. The worker sets that
 affinity itself, on every thread, once its model is loaded (`WorkerConfig.cpus`, Linux only;
 elsewhere the `cpus` are ignored): loading on any core, three workers on two cores were ready in
-~8 s instead of the ~15 s that two loading on one pinned core took.
+~10 s instead of the ~15 s that two loading on one pinned core took.
 """
 
 from __future__ import annotations

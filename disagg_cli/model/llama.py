@@ -176,10 +176,12 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, device: Device = None) -> None:
         super().__init__()
-        # Given a weight, Embedding draws no random one (its normal_ init, on the meta device, runs
-        # through torch's Python reference ops, whose first use imports torch._dynamo: 3 s a start).
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size, device=device))
+        # On the meta device the embedding is given its (empty) weight, so it draws no random one:
+        # its normal_ init there runs through torch's Python reference ops, whose first use imports
+        # torch._dynamo (3 s a start). Elsewhere it initialises as usual.
+        shape = (config.vocab_size, config.hidden_size)
+        meta = torch.empty(shape, device="meta") if torch.device(device or "cpu").type == "meta" else None
+        self.embed_tokens = nn.Embedding(*shape, _weight=meta, device=device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, device) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
 
