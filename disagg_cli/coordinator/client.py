@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import zmq
 
@@ -35,6 +35,7 @@ from disagg_cli.config import SamplingParams
 from disagg_cli.coordinator.connection import Connection, RequestFailed, WorkerGone
 from disagg_cli.coordinator.connections import WorkerConnections
 from disagg_cli.coordinator.options import CoordinatorConfig
+from disagg_cli.coordinator.request_stats import copy_stats
 from disagg_cli.coordinator.router import NoWorkerError, WorkerRecord, local_prefill_pays
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.kv.pool import pool_misfit
@@ -47,7 +48,6 @@ from disagg_cli.protocol import (
     Message,
     Prefill,
     PrefillHere,
-    RequestStats,
     Reserve,
     Reserved,
     Tokens,
@@ -256,14 +256,14 @@ class Coordinator(WorkerConnections):
     def _first_token(self, run: _Run, msg: FirstToken) -> None:
         run.got_first = True
         run.unqueue()
-        _copy_stats(run.out, msg.stats)
+        copy_stats(run.out, msg.stats)
         run.emit(run.out.append(msg.token_id, msg.logprobs))
 
     def _tokens(self, run: _Run, src: Connection, msg: Tokens) -> None:
         out = run.out
         if out.state != "decoding":
             out.state = "decoding"
-            _copy_stats(out, msg.stats)
+            copy_stats(out, msg.stats)
         for i, token_id in enumerate(msg.token_ids):
             if out.is_finished:
                 break  # a stop string: the rest is discarded and the worker aborted
@@ -321,35 +321,3 @@ class _Run:
     def emit(self, text: str) -> None:
         if text and self.on_text is not None:
             self.on_text(text)
-
-
-# Where each figure of `RequestStats` lands in a request's output, under its own name: durations in
-# `timings.stages_ms`; counts and bytes in `kv`, and the KV durations in both.
-STAGE_STATS = frozenset({
-    "queue_ms", "prefill_ms", "kv_encode_ms", "kv_stream_ms", "kv_exposed_send_ms", "kv_transfer_ms",
-    "kv_decode_ms", "reserve_to_kv_done_ms", "handoff_ms",
-})
-KV_STATS = frozenset({
-    "batch_size", "prefix_cached_tokens", "raw_bytes", "wire_bytes", "decode_cached_tokens", "kv_encode_ms",
-    "kv_stream_ms", "kv_exposed_send_ms", "kv_transfer_ms", "kv_decode_ms",
-})
-assert {f.name for f in fields(RequestStats)} == STAGE_STATS | KV_STATS, "a figure that lands nowhere"
-
-
-def _copy_stats(out: RequestOutput, stats: RequestStats | None) -> None:
-    """Worker-reported figures into `stages_ms` and `kv` (see `STAGE_STATS`, `KV_STATS`)."""
-    if stats is None:
-        return
-    for name, value in stats.items():
-        if name in STAGE_STATS:
-            out.timings.stages_ms[name] = value
-        if name in KV_STATS:
-            out.kv[name] = value
-    # Each worker measures on its own clock only. The decode side saw the layers land over
-    # `kv_transfer_ms`; the prefill side streamed them over `kv_stream_ms`, of which
-    # `kv_exposed_send_ms` came after its forward pass ended: the rest was hidden behind compute.
-    if stats.kv_transfer_ms is not None:
-        out.kv["transfer_ms"] = float(stats.kv_transfer_ms)
-        if stats.kv_stream_ms is not None and stats.kv_exposed_send_ms is not None:
-            out.kv["hidden_ms"] = min(float(stats.kv_transfer_ms),
-                                      max(0.0, float(stats.kv_stream_ms) - float(stats.kv_exposed_send_ms)))

@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from disagg_cli.config import SamplingParams
-from disagg_cli.coordinator.client import KV_STATS, STAGE_STATS, _copy_stats
+from disagg_cli.coordinator.request_stats import KV_STATS, STAGE_STATS, copy_stats
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.model.tokenizer import Tokenizer
 from disagg_cli.protocol import RequestStats
@@ -21,7 +21,7 @@ DECODE = dataclasses.replace(KV, kv_transfer_ms=7.0, kv_decode_ms=0.25, reserve_
 def _out(tokenizer: Tokenizer, *stats: RequestStats | None) -> RequestOutput:
     out = RequestOutput("r", "", [1, 2, 3], SamplingParams(max_tokens=2), tokenizer)
     for s in stats:
-        _copy_stats(out, s)
+        copy_stats(out, s)
     return out
 
 
