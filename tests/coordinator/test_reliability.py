@@ -95,6 +95,8 @@ def run_with_kill(cluster: LocalCluster, tokenizer: Tokenizer, victim: int,
                 return max(len(o.token_ids) for o in outs) >= kill_after_tokens
 
             while not ready():
+                # A moment that never comes (every request ended first) fails here, never hangs.
+                assert not all(t.done() for t in tasks), "every request ended before the kill point"
                 await asyncio.sleep(0.005)
             cluster.workers[victim].process.send_signal(signum)
             if then is not None:
@@ -127,7 +129,7 @@ def test_decode_worker_killed_mid_stream(default_gguf: Path, default_tokenizer: 
 
 def test_prefill_worker_killed_while_prefilling(default_gguf: Path, default_tokenizer: Tokenizer) -> None:
     topology = ClusterConfig(str(default_gguf), (PREFILL, PREFILL, DECODE))
-    long_prompts = [f"{p} " + "and so the story goes on, " * 25 for p in PROMPTS]  # ~190 tokens: slow prefill
+    long_prompts = [f"{p} " + "and so the story goes on, " * 40 for p in PROMPTS]  # ~300 tokens: slow prefill
     few = SamplingParams(max_tokens=8, ignore_eos=True)  # what is tested here ends with the prefill
     with LocalCluster(topology, str(default_gguf)) as cluster:  # the only test on this topology
         outs, stats = run_with_kill(cluster, default_tokenizer, victim=0, kill_while_prefilling=True,
