@@ -14,13 +14,13 @@ With the C kernel (float32 models), every decoding sequence instead attends in o
 per layer that reads its K/V in place through its block table (`decode_attention`): no gather,
 whatever the context length, and one call for the whole batch. A prompt chunk, or a prompt after
 a cached prefix, attends the same way, each new row a query over its blocks up to itself, so it
-reads the pool in place instead of gathering it. A fresh prompt keeps torch's flash kernel: alone
-ours took 0.32 s against its 0.42 s for a 512-token prompt's 30 layers on 2 AVX2 cores, but inside
-a prefill step both took ~0.43 s, as torch's OpenMP threads spin for a while after each matmul on
-the core our helper thread needs (with OMP_WAIT_POLICY=PASSIVE ours took 0.32 s there and the
-matmuls lost as much). A quantized float32 model runs a
-step made only of decodes as one call into the kernel (`quant/fused.py`): every layer, the K/V
-writes, attention and the head, with no torch op in between.
+reads the pool in place instead of gathering it. A fresh prompt does too: alone the kernel's
+attention took 0.32 s against torch's flash kernel's 0.42 s for a 512-token prompt's 30 layers on
+2 AVX2 cores, but inside a prefill step both took ~0.43 s while the kernel ran its own thread pool
+beside torch's OpenMP threads. On OpenMP's threads (kernel.c, `parallel_work`) the whole step
+took 2.04 s against 2.11 s with SDPA (min of 6, interleaved); without the kernel SDPA attends.
+A quantized float32 model runs a step made only of decodes as one call into the kernel
+(`quant/fused.py`): every layer, the K/V writes, attention and the head, with no torch op in between.
 """
 
 from __future__ import annotations
@@ -160,13 +160,14 @@ class ModelRunner:
         self.gathered_bytes = 0  # KV copied for batched decodes and fragmented sequences since start
         # In-place paged decode attention: the C kernel's, for float32 KV on the CPU.
         self.kernel = lm.kernel if lm.kernel is not None and lm.dtype == torch.float32 else None
+        self.kernel_prompts = True  # fresh prompts attend on the kernel too (False: torch's SDPA)
         # Decode-only steps of a quantized float32 model: one kernel call for the whole step.
         self.fused: FusedDecoder | None = None
         self.fused_reason = "the model is not quantized"
         if self.kernel is not None and lm.runtime.quantization != "none":
             self.fused, self.fused_reason = fused_decoder(lm.model, self.kernel)
         # Where float weights are kept too (colocated), steps of that many rows run on them instead.
-        dense = any(isinstance(m, QuantizedLinear) and m.dense is not None for m in lm.model.modules())
+        dense = any(isinstance(m, QuantizedLinear) and m.has_float for m in lm.model.modules())
         self.fused_max_rows = DENSE_MIN_ROWS - 1 if dense else 1 << 30
 
     @torch.inference_mode()
@@ -199,7 +200,7 @@ class ModelRunner:
             if many_decodes and n == 1 and done:
                 decodes.append((start, self.pool.slots(seq.request_id, 0, done + 1)))
                 continue
-            if self.kernel is not None and done:  # a chunk or a cached prefix: attended in place, as decodes are
+            if self.kernel is not None and (done or self.kernel_prompts):  # attended in place, as decodes are
                 views.append(_SeqView(seq.request_id, start, start + n, done, None, None,
                                       self._prompt_rows(self.pool.tables[seq.request_id].block_ids, done, n)))
                 continue

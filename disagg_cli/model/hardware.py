@@ -8,7 +8,8 @@ is the one impure part. Measured on the machines this runs on (see DESIGN.md):
 - decode reads every weight once per token, so it goes as fast as the weights are small: int4
   blocks (the default GGUF's own Q4_1) with the C kernel; prefill is compute-bound and float GEMM
   beats the integer kernel at prompt sizes, so a prefill worker keeps float weights and a
-  colocated one keeps both, using float for steps of many rows.
+  colocated one keeps both, using float for steps of many rows; those float matmuls run on the
+  C kernel's own GEMM, faster than torch's at these shapes (`quant/panel.py`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class QuantChoice:
     quantization: str  # "none", "int8" or "int4"
     keep_dense: bool  # also hold float weights, for steps of DENSE_MIN_ROWS rows or more
     reason: str
+    # float32 weights on the CPU multiplied by the C kernel's GEMM (`quant/panel.py`), not torch's
+    float_gemm: bool = False
 
 
 def probe_cpu() -> CPUInfo:
@@ -91,9 +94,9 @@ def choose_quantization(requested: str, role: str, device: str, kernel_reason: s
                                           "is slower than float matmuls)")
     if role == "prefill":
         return QuantChoice("none", False, "auto: float weights for prefill (compute-bound: float GEMM beats "
-                                          "the integer kernel at prompt sizes)")
+                                          "the integer kernel at prompt sizes)", True)
     if role == "decode":
         return QuantChoice("int4", False, "auto: int4 weights for decode (bandwidth-bound: the fewest bytes "
                                           "per token)")
     return QuantChoice("int4", True, f"auto: int4 weights for decode steps, float weights kept for steps of "
-                                     f"{DENSE_MIN_ROWS}+ rows (prefill)")
+                                     f"{DENSE_MIN_ROWS}+ rows (prefill)", True)

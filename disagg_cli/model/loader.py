@@ -19,7 +19,7 @@ import torch
 
 from disagg_cli.config import ModelConfig, RuntimeConfig
 from disagg_cli.errors import ModelFormatError, UsageError
-from disagg_cli.model.hardware import CPUInfo, choose_dtype, choose_quantization, probe_cpu
+from disagg_cli.model.hardware import CPUInfo, QuantChoice, choose_dtype, choose_quantization, probe_cpu
 from disagg_cli.model.llama import LlamaForCausalLM, fuse_projections
 from disagg_cli.model.weights import Progress, read_checkpoint
 
@@ -78,12 +78,12 @@ def check_device(device: str) -> None:
 
 
 def resolve_runtime(runtime: RuntimeConfig, role: str, cpu: CPUInfo | None = None,
-                    kernel_reason: str | None = None) -> tuple[RuntimeConfig, str, str, bool]:
-    """(runtime with dtype and quantization made concrete, dtype reason, quantization reason, keep float)."""
+                    kernel_reason: str | None = None) -> tuple[RuntimeConfig, str, QuantChoice]:
+    """(runtime with dtype and quantization made concrete, dtype reason, the quantization choice)."""
     cpu = cpu or probe_cpu()
     d = choose_dtype(runtime.dtype, runtime.device, cpu)
     q = choose_quantization(runtime.quantization, role, runtime.device, kernel_reason)
-    return replace(runtime, dtype=d.dtype, quantization=q.quantization), d.reason, q.reason, q.keep_dense
+    return replace(runtime, dtype=d.dtype, quantization=q.quantization), d.reason, q
 
 
 def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = None,
@@ -99,7 +99,7 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
         from disagg_cli.model.registry import default_cache_dir
 
         kernel = load_kernel(cache_dir or default_cache_dir())
-    resolved, dtype_reason, quant_reason, keep_dense = resolve_runtime(
+    resolved, dtype_reason, quant = resolve_runtime(
         runtime, role, kernel_reason=kernel.reason if kernel and kernel.available else None)
     ckpt = read_checkpoint(path, progress)
     dtype = TORCH_DTYPES[resolved.dtype]
@@ -119,10 +119,16 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
                                f"{str(e).splitlines()[-1].strip()}") from e
     del state
     fuse_projections(model)
+    float_gemm = quant.float_gemm and kernel is not None and kernel.available and dtype == torch.float32
+    quant_reason = quant.reason + ("; float matmuls on the C kernel's GEMM" if float_gemm else "")
     if resolved.quantization != "none":
         from disagg_cli.model.quant.linear import quantize_model
 
-        quantize_model(model, resolved.quantization, ckpt.blocks, kernel, keep_dense)
+        quantize_model(model, resolved.quantization, ckpt.blocks, kernel, quant.keep_dense)
+    elif float_gemm and kernel is not None:
+        from disagg_cli.model.quant.panel import use_float_gemm
+
+        use_float_gemm(model, kernel)
     model.to(runtime.device).eval()
     return LoadedModel(model, ckpt.config, ckpt.fingerprint, path, ckpt.file_type, resolved, dtype_reason,
                        quant_reason, kernel.reason if kernel else "", kernel if kernel and kernel.available else None)

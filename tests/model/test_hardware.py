@@ -40,15 +40,18 @@ def test_dtype_auto_on_gpus_and_as_asked() -> None:
     assert choose_dtype("float16", "cpu", avx2).reason == "--dtype float16 as asked"
 
 
-@pytest.mark.parametrize("role,expected,keep_dense", [
-    ("prefill", "none", False), ("decode", "int4", False), ("colocated", "int4", True)])
-def test_quantization_auto_per_role(role: str, expected: str, keep_dense: bool) -> None:
+@pytest.mark.parametrize("role,expected,keep_dense,float_gemm", [
+    ("prefill", "none", False, True), ("decode", "int4", False, False), ("colocated", "int4", True, True)])
+def test_quantization_auto_per_role(role: str, expected: str, keep_dense: bool, float_gemm: bool) -> None:
     choice = choose_quantization("auto", role, "cpu", "C kernel built")
-    assert (choice.quantization, choice.keep_dense) == (expected, keep_dense)
+    assert (choice.quantization, choice.keep_dense, choice.float_gemm) == (expected, keep_dense, float_gemm)
+    # asked for, float weights stay on torch's matmuls: the exact reference path
+    assert not choose_quantization("none", role, "cpu", "C kernel built").float_gemm
 
 
 def test_quantization_auto_without_kernel_or_cpu_and_as_asked() -> None:
     assert choose_quantization("auto", "decode", "cpu", None).quantization == "none"
+    assert not choose_quantization("auto", "prefill", "cpu", None).float_gemm  # no kernel, no kernel GEMM
     assert choose_quantization("auto", "decode", "cuda", "built").quantization == "none"
     asked = choose_quantization("int8", "prefill", "cpu", None)
     assert (asked.quantization, asked.keep_dense) == ("int8", False) and "fallback" in asked.reason
@@ -62,7 +65,7 @@ def test_runtime_config_validates_and_resolves() -> None:
         RuntimeConfig(quantization="int3")
     with pytest.raises(UsageError, match="--dtype must be one of auto, float32"):
         RuntimeConfig(dtype="fp8")
-    resolved, dtype_reason, quant_reason, keep = resolve_runtime(
+    resolved, dtype_reason, quant = resolve_runtime(
         RuntimeConfig(quantization="auto"), "decode", CPUInfo("AVX2", NO_FLAGS), "built")
-    assert (resolved.dtype, resolved.quantization, keep) == ("float32", "int4", False)
-    assert "AVX2" in dtype_reason and "decode" in quant_reason
+    assert (resolved.dtype, resolved.quantization, quant.keep_dense) == ("float32", "int4", False)
+    assert "AVX2" in dtype_reason and "decode" in quant.reason

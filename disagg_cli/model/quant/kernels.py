@@ -10,8 +10,10 @@
    returns a `Kernel` whose `lib` is None and whose `reason` says why: `matmul` then dequantizes
    and calls `F.linear`, which gives the same numbers within float rounding (slower, never wrong).
 
-The library runs its own small thread pool rather than OpenMP's fork/join, whose end-of-region
-barrier waits for every thread: on cores shared with other work that made 2 threads slower than 1.
+The fused decode step runs on the library's own small thread pool rather than OpenMP's fork/join,
+whose end-of-region barrier waits for every thread: on cores shared with other work that made 2
+threads slower than 1. Work called between torch's ops (a prompt's matmuls and attention) runs on
+OpenMP's threads, torch's own, where the compiler has OpenMP (`-fopenmp`; kernel.c says why).
 """
 
 from __future__ import annotations
@@ -85,12 +87,17 @@ def build_kernel(cache_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", str(SOURCE), "-o", tmp, "-lm"]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as e:
-        os.unlink(tmp)
-        raise RuntimeError(f"{cc} failed to run: {e}") from e
+    base = [cc, "-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", str(SOURCE), "-o", tmp, "-lm"]
+    # With OpenMP first (the work between torch's ops then runs on torch's own OpenMP threads), and
+    # without it where the compiler has none (a clang without libomp): the library's own pool then.
+    for cmd in (base[:4] + ["-fopenmp"] + base[4:], base):
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as e:
+            os.unlink(tmp)
+            raise RuntimeError(f"{cc} failed to run: {e}") from e
+        if done.returncode == 0:
+            break
     if done.returncode != 0:
         os.unlink(tmp)
         first = (done.stderr.strip().splitlines() or ["no output"])[0]
@@ -122,13 +129,18 @@ def load_kernel(cache_dir: Path) -> Kernel:
     lib.dq_decode_attention.restype = ctypes.c_int
     lib.dq_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 5 + [
         ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    lib.dq_gemm_f32.restype = ctypes.c_int
+    lib.dq_gemm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     lib.dq_argmax_rows.restype = None
     lib.dq_argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     _declare_fused_step(lib)
     vnni = bool(lib.dq_has_vnni())
     simd = "AVX2" if lib.dq_has_avx2() else "scalar"
     how = "VNNI" if vnni else ("maddubs" if simd == "AVX2" else "scalar")
-    kernel = Kernel(lib, f"C kernel built for this CPU ({simd}, int8 dot products by {how}, -march=native)", vnni)
+    threads = "OpenMP" if lib.dq_has_openmp() else "its own threads"
+    kernel = Kernel(lib, f"C kernel built for this CPU ({simd}, int8 dot products by {how}, -march=native, "
+                         f"{threads})", vnni)
     if key is not None:
         _LOADED[key] = kernel
     return kernel
@@ -168,6 +180,38 @@ def matmul(kernel: Kernel | None, x: torch.Tensor, w: QuantizedWeight, act_int8:
                               torch.get_num_threads(), int(act_int8))
     if rc != 0:
         raise MemoryError(f"quantized matmul could not allocate its scratch for {m} × {w.in_features}")
+    return y
+
+
+PANEL = 16  # output columns per panel of the float GEMM (kernel.c GEMM_NR)
+
+
+def pack_panels(w: torch.Tensor) -> torch.Tensor:
+    """A float weight (N, K) as the float GEMM reads it: (ceil(N / 16), K, 16) float32, zero past N."""
+    n, k = w.shape
+    panels = -(-n // PANEL)
+    padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
+    padded[:n] = w.detach().float()
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
+def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """pack_panels undone: the weight (N, K)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:n]
+
+
+def gemm(kernel: Kernel, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) float32 on the CPU · Wᵀ + bias → (M, N) float32, W packed by `pack_panels`."""
+    assert kernel.lib is not None and panels.dtype == torch.float32 and panels.is_contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    assert panels.shape[1] == k, f"x has {k} features, the weight {panels.shape[1]}"
+    y = torch.empty(m, n, dtype=torch.float32)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    kernel.lib.dq_gemm_f32(x.data_ptr(), x.stride(0), m, k, panels.data_ptr(), n,
+                           None if bias is None else bias.data_ptr(), y.data_ptr(), n, torch.get_num_threads())
     return y
 
 

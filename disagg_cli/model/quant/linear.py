@@ -21,6 +21,7 @@ from torch import nn
 from disagg_cli.model.hardware import DENSE_MIN_ROWS
 from disagg_cli.model.quant.blocks import QuantizedWeight, concat_rows, from_gguf_blocks, quantize
 from disagg_cli.model.quant.kernels import Kernel, matmul
+from disagg_cli.model.quant.panel import PanelLinear
 
 # From this many rows the fused step's packed weights run as exact float tiles (kernel.c FLOAT_MIN_ROWS),
 # faster than widening each block per row: prompts on a decode worker, batched steps mixing prefills.
@@ -31,7 +32,8 @@ class QuantizedLinear(nn.Module):
     """y = x · Wᵀ + b with W held as int8/int4 blocks; optionally the float W too, for big batches."""
 
     def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, kernel: Kernel | None,
-                 dense: torch.Tensor | None = None, dense_min_rows: int = DENSE_MIN_ROWS) -> None:
+                 dense: torch.Tensor | None = None, dense_min_rows: int = DENSE_MIN_ROWS,
+                 dense_gemm: PanelLinear | None = None) -> None:
         super().__init__()
         self.weight_q = weight
         self.kernel = kernel
@@ -39,6 +41,8 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self.dense: torch.Tensor | None
         self.register_buffer("dense", dense, persistent=False)
+        # or the float weights as the kernel's GEMM panels (bias included)
+        self.dense_gemm = dense_gemm
         self.dense_min_rows = dense_min_rows
         self.in_features, self.out_features = weight.in_features, weight.out_features
         # int8-rounded activations only where integer dot products are one instruction (VNNI);
@@ -52,6 +56,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if self.dense_gemm is not None and rows >= self.dense_min_rows:
+            return self.dense_gemm(x)
         if self.dense is not None and rows >= self.dense_min_rows:
             return F.linear(x, self.dense, self.bias)
         packed = self.packed  # float tiles need K a multiple of 8 (kernel.c)
@@ -64,9 +70,14 @@ class QuantizedLinear(nn.Module):
             y += self.bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
+    @property
+    def has_float(self) -> bool:
+        """Float weights are kept too, for steps of dense_min_rows rows or more."""
+        return self.dense is not None or self.dense_gemm is not None
+
     def extra_repr(self) -> str:
         return (f"{self.in_features} → {self.out_features}, {self.weight_q.kind}, "
-                f"kernel={'C' if self.kernel and self.kernel.available else 'torch'}, dense={self.dense is not None}")
+                f"kernel={'C' if self.kernel and self.kernel.available else 'torch'}, dense={self.has_float}")
 
 
 # GGUF raw blocks under HF names: name → (GGML type name, raw rows (N, row bytes)), rows already in HF order.
@@ -118,4 +129,10 @@ def quantize_model(model: nn.Module, kind: str, blocks: Blocks, kernel: Kernel |
 
 def _module(w: QuantizedWeight, old: nn.Linear, kernel: Kernel | None, keep_dense: bool) -> QuantizedLinear:
     bias = None if old.bias is None else old.bias.detach()
-    return QuantizedLinear(w, bias, kernel, old.weight.detach() if keep_dense else None)
+    if not keep_dense:
+        return QuantizedLinear(w, bias, kernel)
+    weight = old.weight.detach()
+    if kernel is not None and kernel.available and weight.dtype == torch.float32 and weight.device.type == "cpu":
+        # the float copy as the kernel's GEMM panels (see panel.py), not torch's matmul
+        return QuantizedLinear(w, bias, kernel, dense_gemm=PanelLinear(weight, bias, kernel))
+    return QuantizedLinear(w, bias, kernel, weight)
