@@ -198,16 +198,20 @@ def _progress(total: int) -> Iterator[Callable[[str], None]]:
 def _weight_bytes(lm: LoadedModel) -> tuple[int, int, int]:
     """(decoder layer params, lm_head params, bytes one forward reads of both, as stored)."""
     from disagg_cli.model.quant.linear import QuantizedLinear
+    from disagg_cli.model.quant.panel import PanelLinear
 
     c = lm.config
     layer_params, nbytes = 0, 0
-    for mod in lm.model.model.layers.modules():
+    for name, mod in lm.model.model.layers.named_modules():
         for t in mod.parameters(recurse=False):
             layer_params += t.numel()
             nbytes += t.numel() * t.element_size()
         if isinstance(mod, QuantizedLinear):
             layer_params += mod.in_features * mod.out_features
             nbytes += mod.weight_q.num_bytes
+        elif isinstance(mod, PanelLinear) and not name.endswith(".dense_gemm"):  # float32, as nn.Linear's
+            layer_params += mod.num_weights
+            nbytes += mod.num_weights * 4
     head = lm.model.lm_head
     head_params = c.vocab_size * c.hidden_size
     if isinstance(head, QuantizedLinear):

@@ -86,7 +86,10 @@ def choose_quantization(requested: str, role: str, device: str, kernel_reason: s
             raise UsageError(f"--quantization {requested} runs on the CPU only; use --device cpu or "
                              "--quantization none")
         note = "" if requested == "none" or kernel_reason else " (no C kernel: the slower torch fallback)"
-        return QuantChoice(requested, False, f"--quantization {requested} as asked{note}")
+        # float weights on the CPU go to the kernel's GEMM wherever it built: at one row it reads
+        # the weights at memory speed, where torch's float32 matmul took ~3x as long
+        gemm = requested == "none" and device == "cpu" and kernel_reason is not None
+        return QuantChoice(requested, False, f"--quantization {requested} as asked{note}", gemm)
     if device != "cpu":
         return QuantChoice("none", False, f"auto: float weights on {device} (the quantized kernel is CPU-only)")
     if kernel_reason is None:

@@ -51,11 +51,14 @@ class LoadedModel:
     def num_parameters(self) -> int:
         """Weights of the checkpoint (quantized ones counted by value; a tied head counted once)."""
         from disagg_cli.model.quant.linear import QuantizedLinear
+        from disagg_cli.model.quant.panel import PanelLinear
 
         n = sum(p.numel() for p in self.model.parameters())
         for name, mod in self.model.named_modules():
             if isinstance(mod, QuantizedLinear) and not (name == "lm_head" and self.config.tie_word_embeddings):
                 n += mod.in_features * mod.out_features
+            elif isinstance(mod, PanelLinear) and not name.endswith(".dense_gemm"):  # not a quantized one's copy
+                n += mod.num_weights
         return n
 
     def describe_runtime(self) -> dict[str, str]:

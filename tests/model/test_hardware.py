@@ -45,8 +45,10 @@ def test_dtype_auto_on_gpus_and_as_asked() -> None:
 def test_quantization_auto_per_role(role: str, expected: str, keep_dense: bool, float_gemm: bool) -> None:
     choice = choose_quantization("auto", role, "cpu", "C kernel built")
     assert (choice.quantization, choice.keep_dense, choice.float_gemm) == (expected, keep_dense, float_gemm)
-    # asked for, float weights stay on torch's matmuls: the exact reference path
-    assert not choose_quantization("none", role, "cpu", "C kernel built").float_gemm
+    # asked for, float weights on the CPU take the kernel's GEMM too, wherever it built
+    assert choose_quantization("none", role, "cpu", "C kernel built").float_gemm
+    assert not choose_quantization("none", role, "cpu", None).float_gemm
+    assert not choose_quantization("none", role, "cuda", "C kernel built").float_gemm
 
 
 def test_quantization_auto_without_kernel_or_cpu_and_as_asked() -> None:

@@ -1,5 +1,5 @@
-"""The kernel's float32 GEMM (`PanelLinear`, `dq_gemm_f32`) against torch's F.linear, and where
-`--quantization auto` puts it: a prefill worker's matmuls and a colocated worker's float copies.
+"""The kernel's float32 GEMM (`PanelLinear`, `dq_gemm_f32`) against torch's F.linear, and where it
+runs: float32 weights on the CPU (`none`, a prefill worker's `auto`), a colocated worker's float copies.
 
 The GEMM sums the same float32 products in another order, so it equals F.linear to ~1e-6
 relative on any shape (rows not a multiple of its 6-row tiles, columns not of its 16-column
@@ -73,21 +73,35 @@ def _greedy(lm: LoadedModel, prompts: list[list[int]], n: int) -> list[list[int]
     return [out[f"r{i}"] for i in range(len(prompts))]
 
 
+def _torch_matmuls(lm: LoadedModel) -> None:
+    """Every PanelLinear of the model back to an nn.Linear on the same weights: torch's matmuls."""
+    for layer in lm.model.model.layers:
+        for owner in (layer.self_attn, layer.mlp):
+            for name, mod in list(owner.named_children()):
+                if isinstance(mod, PanelLinear):
+                    lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+                    lin.weight.data, lin.bias = mod.weight.clone(), (None if mod.bias is None else
+                                                                     torch.nn.Parameter(mod.bias.clone()))
+                    setattr(owner, name, lin)
+
+
 @pytest.mark.slow
-def test_prefill_worker_auto_runs_the_gemm_with_float32s_tokens(default_gguf: Path, default_model: LoadedModel,
-                                                               default_tokenizer: Tokenizer) -> None:
-    lm = load_model(default_gguf, RuntimeConfig(dtype="float32", quantization="auto", threads=2), role="prefill")
-    assert lm.runtime.quantization == "none" and "C kernel's GEMM" in lm.quantization_reason
-    layer = lm.model.model.layers[0]
+def test_float_weights_run_the_gemm_with_torchs_tokens(default_gguf: Path, default_model: LoadedModel,
+                                                       default_tokenizer: Tokenizer) -> None:
+    """float32 on the CPU (--quantization none, and a prefill worker's auto) multiplies on the
+    kernel's GEMM, and gives the greedy tokens torch's matmuls give on the same weights."""
+    assert "C kernel's GEMM" in default_model.quantization_reason
+    layer = default_model.model.model.layers[0]
     assert all(isinstance(m, PanelLinear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                     layer.mlp.gate_up_proj, layer.mlp.down_proj))
-    ref = default_model.model.model.layers[0].self_attn.qkv_proj
-    assert isinstance(ref, torch.nn.Linear) and torch.equal(layer.self_attn.qkv_proj.weight, ref.weight)
+    torch_lm = load_model(default_gguf, RuntimeConfig(dtype="float32", threads=2))
+    _torch_matmuls(torch_lm)
+    assert isinstance(torch_lm.model.model.layers[0].mlp.down_proj, torch.nn.Linear)
     prompts = [default_tokenizer.encode(p) for p in AGREEMENT_PROMPTS[:3]]
-    assert _greedy(lm, prompts, 12) == _greedy(default_model, prompts, 12)
-    # asked for, float weights stay on torch's matmuls
-    none = load_model(default_gguf, RuntimeConfig(dtype="float32", quantization="none", threads=2), role="prefill")
-    assert isinstance(none.model.model.layers[0].self_attn.qkv_proj, torch.nn.Linear)
+    assert _greedy(default_model, prompts, 12) == _greedy(torch_lm, prompts, 12)
+    prefill = load_model(default_gguf, RuntimeConfig(dtype="float32", quantization="auto", threads=2), role="prefill")
+    assert prefill.runtime.quantization == "none" and "C kernel's GEMM" in prefill.quantization_reason
+    assert isinstance(prefill.model.model.layers[0].mlp.gate_up_proj, PanelLinear)
 
 
 @pytest.mark.slow

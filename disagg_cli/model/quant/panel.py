@@ -6,9 +6,9 @@ register-tiled one: 1.55 s against 1.94 s for the 30 layers' matmuls of a 512-to
 interleaved in one run. The weight is packed once into panels of 16 output columns (`pack_panels`).
 The numbers are float32's, summed in another order than torch's (within ~1e-6 relative).
 
-`--quantization auto` uses it where float weights serve prompts: a prefill worker's matmuls, and
-the float copies a colocated worker keeps for steps of many rows. `--quantization none` keeps
-torch's matmuls, the exact reference path.
+Float32 weights on the CPU use it wherever the kernel built: `--quantization none`, a prefill
+worker's `auto`, and the float copies a colocated worker keeps for steps of many rows. At one row
+it reads the weights at memory speed: 0.51 ms a layer against torch's 1.16 ms (batch 1).
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ class PanelLinear(nn.Module):
         self.register_buffer("panels", pack_panels(weight), persistent=False)
         self.bias: torch.Tensor | None
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous(), persistent=False)
+
+    @property
+    def num_weights(self) -> int:
+        """The Linear's parameter count: weight and bias, without the panels' zero padding."""
+        return self.in_features * self.out_features + (0 if self.bias is None else self.bias.numel())
 
     @property
     def weight(self) -> torch.Tensor:
