@@ -161,10 +161,10 @@ class ModelRunner:
         # In-place paged decode attention: the C kernel's, for float32 KV on the CPU.
         self.kernel = lm.kernel if lm.kernel is not None and lm.dtype == torch.float32 else None
         self.kernel_prompts = True  # fresh prompts attend on the kernel too (False: torch's SDPA)
-        # Decode-only steps of a quantized float32 model: one kernel call for the whole step.
+        # Decode-only steps of a float32 model (quantized, or on the kernel's GEMM): one kernel call a step.
         self.fused: FusedDecoder | None = None
-        self.fused_reason = "the model is not quantized"
-        if self.kernel is not None and lm.runtime.quantization != "none":
+        self.fused_reason = "no C kernel for this model's dtype or device"
+        if self.kernel is not None:
             self.fused, self.fused_reason = fused_decoder(lm.model, self.kernel)
         # Where float weights are kept too (colocated), steps of that many rows run on them instead.
         dense = any(isinstance(m, QuantizedLinear) and m.has_float for m in lm.model.modules())

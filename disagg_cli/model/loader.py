@@ -57,7 +57,8 @@ class LoadedModel:
         for name, mod in self.model.named_modules():
             if isinstance(mod, QuantizedLinear) and not (name == "lm_head" and self.config.tie_word_embeddings):
                 n += mod.in_features * mod.out_features
-            elif isinstance(mod, PanelLinear) and not name.endswith(".dense_gemm"):  # not a quantized one's copy
+            elif (isinstance(mod, PanelLinear) and not name.endswith(".dense_gemm")  # a quantized one's copy
+                  and not (name == "lm_head" and self.config.tie_word_embeddings)):
                 n += mod.num_weights
         return n
 

@@ -65,7 +65,7 @@ def test_argmax_rows_is_torchs_argmax(kernel: Kernel, rows: int, width: int) -> 
 def _tiny(tmp_path: Path, qtype: str, **weights: bool) -> LoadedModel:
     path = write_gguf(tmp_path / f"{qtype}.gguf", random_weights(seed=11, **weights), qtype=qtype,
                       arch="qwen2" if weights.get("bias") else "llama")
-    kind = "int8" if qtype == "Q8_0" else "int4"
+    kind = "none" if qtype == "F32" else "int8" if qtype == "Q8_0" else "int4"  # F32: the GEMM's panels
     return load_model(path, RuntimeConfig(dtype="float32", quantization=kind, threads=2), cache_dir=tmp_path,
                       role="decode")
 
@@ -98,7 +98,8 @@ def _run(lm: LoadedModel, prompts: list[list[int]], max_tokens: list[int], fused
 
 
 @pytest.mark.parametrize("qtype,weights", [("Q4_1", {}), ("Q8_0", {}), ("Q4_0", {"tied": False}),
-                                           ("Q4_1", {"bias": True, "tied": False})])
+                                           ("Q4_1", {"bias": True, "tied": False}), ("F32", {}),
+                                           ("F32", {"bias": True, "tied": False})])
 def test_fused_step_gives_the_torch_paths_logits_and_tokens(tmp_path: Path, qtype: str, weights: dict) -> None:
     lm = _tiny(tmp_path, qtype, **weights)
     # Prompts of 1 to 13 tokens over blocks of 4: tables of 1 to 9 blocks, and the batch shrinks
@@ -140,10 +141,16 @@ def test_runner_takes_the_fused_step_only_for_decode_only_steps(tmp_path: Path) 
 def test_fused_decoder_says_why_not(tmp_path: Path, kernel: Kernel) -> None:
     path = write_gguf(tmp_path / "f.gguf", random_weights(seed=2))
     dense = load_model(path, RuntimeConfig(dtype="float32"), cache_dir=tmp_path)
+    assert isinstance(LLMEngine(dense, EngineConfig(enable_prefix_caching=False)).runner.fused, FusedDecoder)
+    layer = dense.model.model.layers[1]
+    layer.mlp.down_proj = torch.nn.Linear(layer.mlp.down_proj.in_features, layer.mlp.down_proj.out_features,
+                                          bias=False)  # one matmul left to torch
     assert fused_decoder(dense.model, kernel) == (None, "the fused decode step needs every matmul quantized "
-                                                        "(--quantization int8/int4)")
+                                                        "(--quantization int8/int4) or float32 on the kernel's GEMM")
     assert fused_decoder(dense.model, Kernel(None, "test: none"))[1] == "no C kernel"
     assert LLMEngine(dense, EngineConfig(enable_prefix_caching=False)).runner.fused is None
+    bf16 = load_model(path, RuntimeConfig(dtype="bfloat16"), cache_dir=tmp_path)
+    assert fused_decoder(bf16.model, kernel) == (None, "the fused decode step needs float32 weights on the CPU")
 
 
 def test_fused_step_refuses_bad_tokens_and_positions(tmp_path: Path) -> None:
@@ -157,6 +164,16 @@ def test_fused_step_refuses_bad_tokens_and_positions(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="past its block table of 2 blocks"):
         fused.step([1], [8], table, 4, keys, values)  # position 8 needs a third block of 4
     assert fused.step([1], [7], table, 4, keys, values).shape == (1, 96)
+
+
+@pytest.mark.slow
+def test_real_model_fused_float32_greedy_equals_the_torch_path(default_model: LoadedModel,
+                                                               default_tokenizer: Tokenizer) -> None:
+    prompts = [default_tokenizer.encode(p) for p in AGREEMENT_PROMPTS]
+    fused, engine = _run(default_model, prompts, [20] * 6, True, block_size=16)
+    assert engine.runner.fused is not None
+    plain, _ = _run(default_model, prompts, [20] * 6, False, block_size=16)
+    assert fused == plain
 
 
 @pytest.mark.slow

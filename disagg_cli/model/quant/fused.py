@@ -1,17 +1,19 @@
-"""A whole decode step of a quantized model in one call into the C kernel (`dq_decode_step`).
+"""A whole decode step of a float32 model in one call into the C kernel (`dq_decode_step`).
 
 Eager torch runs some twenty small ops per layer in a decode step; at batch 1 their dispatch and
 allocations cost more than the matmuls themselves. `FusedDecoder` gives the kernel the model once:
-the quantized weights are copied and repacked in groups of 4 output rows (the kernel owns that
-copy), the norms, biases and embedding are read in place (this object keeps them referenced). It
-then runs each decode-only step of B sequences, one token each, as a single call: every layer, the
-KV writes into the pool, paged attention, the final norm and the head.
+quantized weights are copied and repacked in groups of 4 output rows (the kernel owns that copy);
+float panels, the norms, biases and embedding are read in place (this object keeps them
+referenced). It then runs each decode-only step of B sequences, one token each, as a single call:
+every layer, the KV writes into the pool, paged attention, the final norm and the head.
 
-It takes the model as `quantize_model` left it: float32 on the CPU, every decoder matmul and the
-head a `QuantizedLinear` with the C kernel. Below 4 rows its matmuls round activations to int16
-per block of 32; from 4 rows they multiply exact float tiles, and lend those to the model's
-`QuantizedLinear`s for their own steps of 4+ rows (`packed`). Logits agree with the torch path to
-~1e-4 relative. `fused_decoder(model, kernel)` says why not when the model is not of that shape.
+It takes the model as `quantize_model` left it (float32 on the CPU, every decoder matmul and the
+head a `QuantizedLinear` with the C kernel), or as `use_float_gemm` left it (every matmul and the
+head a float32 `PanelLinear`, multiplied on the kernel's GEMM at any batch size). For quantized
+weights, below 4 rows its matmuls round activations to int16 per block of 32; from 4 rows they
+multiply exact float tiles, and lend those to the model's `QuantizedLinear`s for their own steps
+of 4+ rows (`packed`). Logits agree with the torch path to ~1e-4 relative.
+`fused_decoder(model, kernel)` says why not when the model is not of that shape.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from disagg_cli.model.llama import LlamaForCausalLM
 from disagg_cli.model.quant.blocks import QuantizedWeight
 from disagg_cli.model.quant.kernels import Kernel
 from disagg_cli.model.quant.linear import QuantizedLinear
+from disagg_cli.model.quant.panel import PanelLinear
 
 _WHICH = {"qkv": 0, "o": 1, "gate_up": 2, "down": 3, "head": 4}
 
@@ -38,8 +41,10 @@ def fused_decoder(model: LlamaForCausalLM, kernel: Kernel | None) -> tuple[Fused
     mods = [model.lm_head]
     for layer in model.model.layers:
         mods += [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
-    if not all(isinstance(m, QuantizedLinear) and m.kernel is kernel for m in mods):
-        return None, "the fused decode step needs every matmul quantized (--quantization int8/int4)"
+    if not (all(isinstance(m, QuantizedLinear) and m.kernel is kernel for m in mods)
+            or all(isinstance(m, PanelLinear) and m.kernel is kernel for m in mods)):
+        return None, ("the fused decode step needs every matmul quantized (--quantization int8/int4) or "
+                      "float32 on the kernel's GEMM")
     return FusedDecoder(model, kernel), "fused C decode step"
 
 
@@ -73,7 +78,15 @@ class FusedDecoder:
         self._keep += [norm_in, norm_post]
         self.lib.dq_model_set_norms(self._handle, layer, norm_in.data_ptr(), norm_post.data_ptr())
 
-    def _weight(self, layer: int, which: str, mod: QuantizedLinear) -> None:
+    def _weight(self, layer: int, which: str, mod: QuantizedLinear | PanelLinear) -> None:
+        if isinstance(mod, PanelLinear):  # float32: the step reads its panels (and bias) in place
+            self._keep += [mod.panels] + ([] if mod.bias is None else [mod.bias])
+            self._out[(layer, which)] = mod.out_features
+            if self.lib.dq_model_set_float_weight(self._handle, layer, _WHICH[which], mod.out_features,
+                                                  mod.in_features, mod.panels.data_ptr(),
+                                                  None if mod.bias is None else mod.bias.data_ptr()) != 0:
+                raise ValueError(f"the fused decode step refused the {which} weight of layer {layer}")
+            return
         w = mod.weight_q
         bias = mod.bias
         if bias is not None:

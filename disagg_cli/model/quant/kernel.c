@@ -749,8 +749,9 @@ int dq_decode_attention(const float *q, const float *keys, const float *values, 
 typedef struct {
     int kind, N, K, nb, groups;
     int64_t block_bytes, group_bytes;
-    uint8_t *data;  /* owned: groups × group_bytes, 64-byte aligned */
+    uint8_t *data;  /* owned: groups × group_bytes, 64-byte aligned; NULL for a float weight */
     const float *bias;  /* may be NULL; the caller's */
+    const float *panels;  /* a float32 weight instead: the GEMM's panels (the caller's) */
 } dq_weight;
 
 typedef struct {
@@ -812,7 +813,7 @@ int dq_model_set_weight(void *p, int layer, int which, int kind, int N, int K, c
     if ((kind != 4 && kind != 8) || which < 0 || which > 4 || (which < 4 && (layer < 0 || layer >= m->L))) return -1;
     int nb = (K + QK - 1) / QK, qb = kind == 4 ? QK / 2 : QK, groups = (N + 3) / 4;
     int64_t block_bytes = 32 + 4 * (int64_t)qb;
-    dq_weight w = {kind, N, K, nb, groups, block_bytes, block_bytes * nb, NULL, bias};
+    dq_weight w = {kind, N, K, nb, groups, block_bytes, block_bytes * nb, NULL, bias, NULL};
     if (posix_memalign((void **)&w.data, 64, (size_t)(w.group_bytes * groups)) != 0) return -1;
     memset(w.data, 0, (size_t)(w.group_bytes * groups));
     for (int n = 0; n < N; n++) {
@@ -832,6 +833,19 @@ int dq_model_set_weight(void *p, int layer, int which, int kind, int N, int K, c
     dq_weight *slot = which == 4 ? &m->head : which == 0 ? &m->layers[layer].qkv : which == 1 ? &m->layers[layer].o
                     : which == 2 ? &m->layers[layer].gate_up : &m->layers[layer].down;
     free(slot->data);
+    *slot = w;
+    return 0;
+}
+
+/* A float32 weight (N, K) given as the GEMM's panels (ceil(N / 16), K, 16), read in place: every
+ * step, of any size, multiplies it on the GEMM (float32 models). */
+int dq_model_set_float_weight(void *p, int layer, int which, int N, int K, const float *panels, const float *bias) {
+    dq_model *m = (dq_model *)p;
+    if (which < 0 || which > 4 || (which < 4 && (layer < 0 || layer >= m->L)) || !panels || N < 1 || K < 1) return -1;
+    dq_weight *slot = which == 4 ? &m->head : which == 0 ? &m->layers[layer].qkv : which == 1 ? &m->layers[layer].o
+                    : which == 2 ? &m->layers[layer].gate_up : &m->layers[layer].down;
+    free(slot->data);
+    dq_weight w = {32, N, K, (K + QK - 1) / QK, (N + 3) / 4, 0, 0, NULL, bias, panels};
     *slot = w;
     return 0;
 }
@@ -1116,7 +1130,14 @@ static void packed_chunk(void *arg, int c) {
 
 /* y (M, N) = x (M, K) · Wᵀ (+ bias): a few rows by integer dot products on int16-rounded
  * activations (bandwidth-bound), FLOAT_MIN_ROWS or more on float tiles (compute-bound). */
+int dq_gemm_f32(const float *x, int64_t ldx, int M, int K, const float *wp, int N, const float *bias, float *y,
+                int64_t ldy, int nthreads);
+
 static void step_matmul(dq_model *m, const float *x, int M, const dq_weight *w, float *y, int nthreads) {
+    if (w->panels) {  /* a float32 weight: the GEMM, bias included */
+        dq_gemm_f32(x, w->K, M, w->K, w->panels, w->N, w->bias, y, w->N, nthreads);
+        return;
+    }
     int nb = w->nb;
     packed_job job = {w, M, x, NULL, NULL, NULL, y};
     if (M < FLOAT_MIN_ROWS || w->K % 8) {
@@ -1284,8 +1305,8 @@ int dq_model_matmul(void *p, int layer, int which, const float *x, int M, float 
     if (which < 0 || which > 4 || (which < 4 && (layer < 0 || layer >= m->L))) return -1;
     const dq_weight *w = which == 4 ? &m->head : which == 0 ? &m->layers[layer].qkv : which == 1 ? &m->layers[layer].o
                        : which == 2 ? &m->layers[layer].gate_up : &m->layers[layer].down;
-    if (!w->data) return -1;
-    if ((M < FLOAT_MIN_ROWS || w->K % 8) && ensure_scratch(m, M) != 0) return -1;  /* float tiles need none */
+    if (!w->data && !w->panels) return -1;
+    if (w->data && (M < FLOAT_MIN_ROWS || w->K % 8) && ensure_scratch(m, M) != 0) return -1;  /* tiles need none */
     step_matmul(m, x, M, w, y, nthreads);
     return 0;
 }

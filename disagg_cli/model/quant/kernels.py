@@ -155,6 +155,8 @@ def _declare_fused_step(lib: ctypes.CDLL) -> None:
     lib.dq_model_free.argtypes = [p]
     lib.dq_model_set_weight.restype = i
     lib.dq_model_set_weight.argtypes = [p, i, i, i, i, i, p, p, p, p]
+    lib.dq_model_set_float_weight.restype = i
+    lib.dq_model_set_float_weight.argtypes = [p, i, i, i, i, p, p]
     lib.dq_model_set_norms.restype = i
     lib.dq_model_set_norms.argtypes = [p, i, p, p]
     lib.dq_model_matmul.restype = i

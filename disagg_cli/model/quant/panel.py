@@ -56,11 +56,15 @@ class PanelLinear(nn.Module):
 
 
 def use_float_gemm(model: nn.Module, kernel: Kernel) -> None:
-    """Give every decoder matmul of the fused float32 model (qkv, o, gate_up, down) to the kernel's
-    GEMM, in place. The head stays torch's: a prompt's step computes the logits of its last row only."""
+    """Give every matmul of the fused float32 model (qkv, o, gate_up, down, and the head) to the
+    kernel's GEMM, in place. A tied head gets panels of its own (the embedding stays row-major for
+    the lookup: +V·D floats); so every matmul of a decode step can run in the fused C step."""
     for layer in model.model.layers:
         a, mlp = layer.self_attn, layer.mlp
         for owner, name in ((a, "qkv_proj"), (a, "o_proj"), (mlp, "gate_up_proj"), (mlp, "down_proj")):
             old = getattr(owner, name)
             assert isinstance(old, nn.Linear) and old.weight.dtype == torch.float32, f"{name}: {old}"
             setattr(owner, name, PanelLinear(old.weight, old.bias, kernel))
+    head = model.lm_head
+    weight = model.model.embed_tokens.weight if head is None else head.weight
+    model.lm_head = PanelLinear(weight, None if head is None else head.bias, kernel)
