@@ -806,11 +806,18 @@ void dq_model_free(void *p) {
     free(m);
 }
 
+/* Weight `which` (0 qkv, 1 o, 2 gate_up, 3 down of `layer`; 4 the head), or NULL when out of range. */
+static dq_weight *model_weight(dq_model *m, int layer, int which) {
+    if (which < 0 || which > 4 || (which < 4 && (layer < 0 || layer >= m->L))) return NULL;
+    return which == 4 ? &m->head : which == 0 ? &m->layers[layer].qkv : which == 1 ? &m->layers[layer].o
+         : which == 2 ? &m->layers[layer].gate_up : &m->layers[layer].down;
+}
+
 /* which: 0 qkv, 1 o, 2 gate_up, 3 down of `layer`; 4 the head (layer ignored). Returns 0 or -1. */
 int dq_model_set_weight(void *p, int layer, int which, int kind, int N, int K, const uint8_t *qs, const float *d,
                         const float *mins, const float *bias) {
     dq_model *m = (dq_model *)p;
-    if ((kind != 4 && kind != 8) || which < 0 || which > 4 || (which < 4 && (layer < 0 || layer >= m->L))) return -1;
+    if ((kind != 4 && kind != 8) || !model_weight(m, layer, which)) return -1;
     int nb = (K + QK - 1) / QK, qb = kind == 4 ? QK / 2 : QK, groups = (N + 3) / 4;
     int64_t block_bytes = 32 + 4 * (int64_t)qb;
     dq_weight w = {kind, N, K, nb, groups, block_bytes, block_bytes * nb, NULL, bias, NULL};
@@ -830,8 +837,7 @@ int dq_model_set_weight(void *p, int layer, int which, int kind, int N, int K, c
                 for (int i = 0; i < qb; i++) dst[i] ^= 0x80;  /* q - 128 as a signed byte */
         }
     }
-    dq_weight *slot = which == 4 ? &m->head : which == 0 ? &m->layers[layer].qkv : which == 1 ? &m->layers[layer].o
-                    : which == 2 ? &m->layers[layer].gate_up : &m->layers[layer].down;
+    dq_weight *slot = model_weight(m, layer, which);
     free(slot->data);
     *slot = w;
     return 0;
@@ -841,9 +847,8 @@ int dq_model_set_weight(void *p, int layer, int which, int kind, int N, int K, c
  * step, of any size, multiplies it on the GEMM (float32 models). */
 int dq_model_set_float_weight(void *p, int layer, int which, int N, int K, const float *panels, const float *bias) {
     dq_model *m = (dq_model *)p;
-    if (which < 0 || which > 4 || (which < 4 && (layer < 0 || layer >= m->L)) || !panels || N < 1 || K < 1) return -1;
-    dq_weight *slot = which == 4 ? &m->head : which == 0 ? &m->layers[layer].qkv : which == 1 ? &m->layers[layer].o
-                    : which == 2 ? &m->layers[layer].gate_up : &m->layers[layer].down;
+    dq_weight *slot = model_weight(m, layer, which);
+    if (!slot || !panels || N < 1 || K < 1) return -1;
     free(slot->data);
     dq_weight w = {32, N, K, (K + QK - 1) / QK, (N + 3) / 4, 0, 0, NULL, bias, panels};
     *slot = w;
@@ -1302,10 +1307,8 @@ void dq_argmax_rows(const float *x, int B, int64_t n, int64_t ld, int64_t *out) 
 /* y (M, N) = x (M, K) · Wᵀ with a weight set on the model (the step's own matmul), for tests. */
 int dq_model_matmul(void *p, int layer, int which, const float *x, int M, float *y, int nthreads) {
     dq_model *m = (dq_model *)p;
-    if (which < 0 || which > 4 || (which < 4 && (layer < 0 || layer >= m->L))) return -1;
-    const dq_weight *w = which == 4 ? &m->head : which == 0 ? &m->layers[layer].qkv : which == 1 ? &m->layers[layer].o
-                       : which == 2 ? &m->layers[layer].gate_up : &m->layers[layer].down;
-    if (!w->data && !w->panels) return -1;
+    const dq_weight *w = model_weight(m, layer, which);
+    if (!w || (!w->data && !w->panels)) return -1;
     if (w->data && (M < FLOAT_MIN_ROWS || w->K % 8) && ensure_scratch(m, M) != 0) return -1;  /* tiles need none */
     step_matmul(m, x, M, w, y, nthreads);
     return 0;
