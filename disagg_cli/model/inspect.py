@@ -45,9 +45,11 @@ def describe_model(spec: str, cache_dir: Path) -> dict[str, Any]:
 def runtime_choices(device: str = "cpu") -> dict[str, str]:
     """What `--dtype auto` and `--quantization auto` pick on this machine, per role, and why."""
     cpu = probe_cpu()
-    d = choose_dtype("auto", device, cpu)
-    out = {"cpu_capability": cpu.capability, "dtype_auto": f"{d.dtype} ({d.reason})"}
+    out = {"cpu_capability": cpu.capability}
     kernel = "C kernel (built at first use)" if device == "cpu" else None
+    for role in ("prefill", "decode", "colocated"):
+        d = choose_dtype("auto", device, cpu, role, kernel is not None)
+        out[f"dtype_auto_{role}"] = f"{d.dtype} ({d.reason})"
     for role in ("prefill", "decode", "colocated"):
         q = choose_quantization("auto", role, device, kernel)
         out[f"quantization_auto_{role}"] = f"{q.quantization} ({q.reason})"

@@ -85,7 +85,7 @@ def resolve_runtime(runtime: RuntimeConfig, role: str, cpu: CPUInfo | None = Non
                     kernel_reason: str | None = None) -> tuple[RuntimeConfig, str, QuantChoice]:
     """(runtime with dtype and quantization made concrete, dtype reason, the quantization choice)."""
     cpu = cpu or probe_cpu()
-    d = choose_dtype(runtime.dtype, runtime.device, cpu)
+    d = choose_dtype(runtime.dtype, runtime.device, cpu, role, kernel_reason is not None)
     q = choose_quantization(runtime.quantization, role, runtime.device, kernel_reason)
     return replace(runtime, dtype=d.dtype, quantization=q.quantization), d.reason, q
 

@@ -33,8 +33,10 @@ PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "Once upon 
            "1, 2, 3, 4, 5,"]
 NUM_TOKENS = 40
 SAMPLING = SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True)
-PREFILL = WorkerSpec("prefill", kv_codec="none", kv_cache_tokens=1024, threads=1)
-DECODE = WorkerSpec("decode", kv_cache_tokens=1024, threads=1)
+# float32 pinned: the texts are checked against the float32 reference, and `--dtype auto` picks
+# bfloat16 for prefill workers on CPUs that compute it natively
+PREFILL = WorkerSpec("prefill", dtype="float32", kv_codec="none", kv_cache_tokens=1024, threads=1)
+DECODE = WorkerSpec("decode", dtype="float32", kv_cache_tokens=1024, threads=1)
 
 
 @pytest.fixture(scope="module")

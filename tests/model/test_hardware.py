@@ -30,6 +30,22 @@ def test_dtype_auto_per_cpu_capability(capability: str, flags: frozenset[str], e
     assert choice.reason.startswith("auto: ") and capability in choice.reason
 
 
+@pytest.mark.parametrize("role,kernel,expected", [
+    ("prefill", True, "bfloat16"),  # a prompt's GEMM: torch's native bf16 beat the kernel's float32
+    ("decode", True, "float32"),  # the fused decode step is float32
+    ("colocated", True, "float32"),
+    ("prefill", False, "bfloat16"), ("decode", False, "bfloat16"), ("colocated", False, "bfloat16"),
+])
+def test_dtype_auto_per_role_on_native_bf16(role: str, kernel: bool, expected: str) -> None:
+    zen4 = CPUInfo("AVX512", frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
+    choice = choose_dtype("auto", "cpu", zen4, role, kernel)
+    assert choice.dtype == expected and "avx512_bf16" in choice.reason
+    # without native bf16 every role is float32, kernel or not
+    assert choose_dtype("auto", "cpu", CPUInfo("AVX2", NO_FLAGS), role, kernel).dtype == "float32"
+    assert choose_dtype("bfloat16", "cpu", zen4, role, kernel).dtype == "bfloat16"  # as asked
+    assert choose_dtype("auto", "cuda", zen4, role, kernel).dtype == "bfloat16"
+
+
 def test_dtype_auto_on_gpus_and_as_asked() -> None:
     avx2 = CPUInfo("AVX2", NO_FLAGS)
     assert choose_dtype("auto", "cuda", avx2).dtype == "bfloat16"
@@ -71,3 +87,9 @@ def test_runtime_config_validates_and_resolves() -> None:
         RuntimeConfig(quantization="auto"), "decode", CPUInfo("AVX2", NO_FLAGS), "built")
     assert (resolved.dtype, resolved.quantization, quant.keep_dense) == ("float32", "int4", False)
     assert "AVX2" in dtype_reason and "decode" in quant.reason
+    zen4 = CPUInfo("AVX512", frozenset({"avx512_bf16"}))
+    for role, dtype in (("prefill", "bfloat16"), ("decode", "float32")):
+        resolved, _, _ = resolve_runtime(RuntimeConfig(quantization="auto"), role, zen4, "built")
+        assert resolved.dtype == dtype
+    resolved, _, _ = resolve_runtime(RuntimeConfig(), "decode", zen4, None)  # no kernel: torch's bf16
+    assert resolved.dtype == "bfloat16"

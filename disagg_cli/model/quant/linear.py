@@ -45,10 +45,11 @@ class QuantizedLinear(nn.Module):
         self.dense_gemm = dense_gemm
         self.dense_min_rows = dense_min_rows
         self.in_features, self.out_features = weight.in_features, weight.out_features
-        # int8-rounded activations only where integer dot products are one instruction (VNNI);
-        # elsewhere float activations keep greedy output with float32's (int8 rounding parts the
-        # texts within ~30 tokens, see `quantize_row16` in kernel.c).
-        self.act_int8 = bool(weight.kind == "int4" and kernel is not None and kernel.has_vnni)
+        # Float activations on every CPU: int8 rounding (VNNI's one-instruction dot product) parts
+        # greedy text from float32's within ~30 tokens (`quantize_row16` in kernel.c), and made the
+        # same model's numbers differ between an AVX2 and a VNNI machine. Decode steps take the
+        # fused step (int16 activations) anyway; this path serves the few small steps left.
+        self.act_int8 = False
         # Set by the fused decode step (`fused.py`) while it lives: its repacked copy of this weight
         # multiplied as float tiles (bias included), for steps of PACKED_MIN_ROWS rows or more that
         # do not take the float weights; it returns None once that step is gone.
