@@ -1,7 +1,7 @@
 """The fused decode step (one C call per step for quantized float32 models) against the torch path.
 
-Its matmul equals the dequantized reference (int16-rounded activations below FLOAT_MIN_ROWS rows,
-exact float tiles from there); a whole engine run through it gives the torch path's logits and
+Its matmul equals the dequantized reference (int16-rounded activations below QPANEL_MIN_ROWS rows,
+exact float panels from there); a whole engine run through it gives the torch path's logits and
 tokens, on tiny checkpoints (with and without q/k/v bias, tied and untied heads) whose batches
 shrink from 5 sequences to 1 across both kernels, and on the real model.
 """
@@ -25,21 +25,22 @@ from disagg_cli.model.tokenizer import Tokenizer
 from tests.model.test_quant import _relative_error
 from tests.tiny_models import random_weights, write_gguf
 
-FLOAT_MIN_ROWS = 4  # kernel.c: from this many rows the step multiplies float tiles
+QPANEL_MIN_ROWS = 5  # kernel.c: from this many rows the step widens its quantized panels to float
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 7, 33), (2, 5, 100), (3, 13, 576), (4, 9, 40), (5, 3, 95),
-                                   (7, 17, 64), (32, 30, 576), (9, 6, 1536)])
+                                   (7, 17, 64), (32, 30, 576), (9, 6, 1536), (8, 17, 95), (13, 33, 40),
+                                   (6, 16, 33), (5, 40, 64)])
 def test_step_matmul_matches_dequantized_reference(kernel: Kernel, kind: str, m: int, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
     q = quantize(w, kind)
     ours, ref = step_matmul(kernel, x, q), reference_matmul(x, q)
     assert ours.shape == (m, n)
-    # Float tiles: the same products in another order. int16 activations (absmax / 32767 per block
-    # of 32): ~1e-4 of the largest output at most. K not a multiple of 8 takes the integer path.
-    exact = m >= FLOAT_MIN_ROWS and k % 8 == 0
+    # Quantized panels widened to float: the same products in another order. Below, int16
+    # activations (absmax / 32767 per block of 32): ~1e-4 of the largest output at most.
+    exact = m >= QPANEL_MIN_ROWS
     assert _relative_error(ours, ref) < (1e-5 if exact else 3e-4), (m, n, k)
 
 
@@ -72,8 +73,8 @@ def _tiny(tmp_path: Path, qtype: str, **weights: bool) -> LoadedModel:
 
 def _run(lm: LoadedModel, prompts: list[list[int]], max_tokens: list[int], fused: bool,
          on_logits: Callable[[str, torch.Tensor], None] | None = None,
-         block_size: int = 4) -> tuple[dict[str, list[int]], LLMEngine]:
-    engine = LLMEngine(lm, EngineConfig(block_size=block_size, kv_cache_tokens=2048, max_num_seqs=8,
+         block_size: int = 4, max_num_seqs: int = 8) -> tuple[dict[str, list[int]], LLMEngine]:
+    engine = LLMEngine(lm, EngineConfig(block_size=block_size, kv_cache_tokens=2048, max_num_seqs=max_num_seqs,
                                         enable_prefix_caching=False))
     if not fused:
         engine.runner.fused = None
@@ -103,7 +104,7 @@ def _run(lm: LoadedModel, prompts: list[list[int]], max_tokens: list[int], fused
 def test_fused_step_gives_the_torch_paths_logits_and_tokens(tmp_path: Path, qtype: str, weights: dict) -> None:
     lm = _tiny(tmp_path, qtype, **weights)
     # Prompts of 1 to 13 tokens over blocks of 4: tables of 1 to 9 blocks, and the batch shrinks
-    # from 5 sequences (float tiles) to 1 (int16 dot products) as they finish.
+    # from 5 sequences (float panels) to 1 (int16 dot products) as they finish.
     prompts = [[(7 * i + 3 * j) % 96 for j in range(n)] for i, n in enumerate([1, 5, 8, 13, 3])]
     max_tokens = [24, 6, 11, 17, 3]
     got: list[tuple[str, torch.Tensor]] = []
@@ -194,7 +195,24 @@ def test_prompts_on_a_quantized_model_run_on_the_packed_float_tiles(tmp_path: Pa
     assert qkv.packed is not None and qkv.bias is not None
     x = torch.randn(7, qkv.in_features)
     want = reference_matmul(x, qkv.weight_q) + qkv.bias
-    assert _relative_error(qkv(x), want) < 1e-5  # float tiles, bias added once
-    assert _relative_error(qkv(x[:2]), want[:2]) < 1e-5  # under 4 rows: the float-activation kernel
+    assert _relative_error(qkv(x), want) < 1e-5  # float panels, bias added once
+    assert _relative_error(qkv(x[:2]), want[:2]) < 1e-5  # under 5 rows: the float-activation kernel
     engine.runner.fused = None  # the step gone, its packed weights go with it
     assert qkv.packed(x) is None and _relative_error(qkv(x), want) < 1e-5
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_wide_fused_steps_on_quantized_panels_give_the_torch_paths_tokens(tmp_path: Path, qtype: str) -> None:
+    """From QPANEL_MIN_ROWS rows the step widens its panel-ordered copy of the quants and runs the
+    GEMM's tiles: a decode batch shrinking from 10 through 5 to 1 keeps the torch path's tokens."""
+    lm = _tiny(tmp_path, qtype, bias=True, tied=False)
+    prompts = [[(5 * i + 3 * j) % 96 for j in range(2 + i % 4)] for i in range(10)]
+    max_tokens = [3 + 2 * i for i in range(10)]
+    got: list[tuple[str, torch.Tensor]] = []
+    want: list[tuple[str, torch.Tensor]] = []
+    fused, _ = _run(lm, prompts, max_tokens, True, lambda kind, t: got.append((kind, t.clone())), max_num_seqs=10)
+    plain, _ = _run(lm, prompts, max_tokens, False, lambda kind, t: want.append((kind, t.clone())), max_num_seqs=10)
+    assert fused == plain
+    assert {t.shape[0] for k, t in got if k == "decode"} == set(range(1, 11))
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert _relative_error(a, b) < 2e-3

@@ -10,9 +10,9 @@ every layer, the KV writes into the pool, paged attention, the final norm and th
 It takes the model as `quantize_model` left it (float32 on the CPU, every decoder matmul and the
 head a `QuantizedLinear` with the C kernel), or as `use_float_gemm` left it (every matmul and the
 head a float32 `PanelLinear`, multiplied on the kernel's GEMM at any batch size). For quantized
-weights, below 4 rows its matmuls round activations to int16 per block of 32; from 4 rows they
-multiply exact float tiles, and lend those to the model's `QuantizedLinear`s for their own steps
-of 4+ rows (`packed`). Logits agree with the torch path to ~1e-4 relative.
+weights, below 5 rows its matmuls round activations to int16 per block of 32; from 5 rows they
+widen a panel-ordered copy of the quants to float and multiply it on the GEMM's tiles, exactly, and
+lend that to the model's `QuantizedLinear`s for their own steps of 5+ rows (`packed`). Logits agree with the torch path to ~1e-4 relative.
 `fused_decoder(model, kernel)` says why not when the model is not of that shape.
 """
 
@@ -152,7 +152,7 @@ class FusedDecoder:
 
 def step_matmul(kernel: Kernel, x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """x (M, K) · wᵀ as the fused step computes it (its repacked weight, int16-rounded activations
-    below FLOAT_MIN_ROWS rows, float tiles from there): for tests and measurements."""
+    below QPANEL_MIN_ROWS rows, float panels from there): for tests and measurements."""
     assert kernel.lib is not None
     lib = kernel.lib
     x = x.float().contiguous()

@@ -23,9 +23,9 @@ from disagg_cli.model.quant.blocks import QuantizedWeight, concat_rows, from_ggu
 from disagg_cli.model.quant.kernels import Kernel, matmul
 from disagg_cli.model.quant.panel import PanelLinear
 
-# From this many rows the fused step's packed weights run as exact float tiles (kernel.c FLOAT_MIN_ROWS),
-# faster than widening each block per row: prompts on a decode worker, batched steps mixing prefills.
-PACKED_MIN_ROWS = 4
+# From this many rows the fused step's quantized panels run as exact float GEMM tiles (kernel.c
+# QPANEL_MIN_ROWS), faster than widening each block per row: prompts on a decode worker, mixed steps.
+PACKED_MIN_ROWS = 5
 
 
 class QuantizedLinear(nn.Module):
@@ -51,7 +51,7 @@ class QuantizedLinear(nn.Module):
         # fused step (int16 activations) anyway; this path serves the few small steps left.
         self.act_int8 = False
         # Set by the fused decode step (`fused.py`) while it lives: its repacked copy of this weight
-        # multiplied as float tiles (bias included), for steps of PACKED_MIN_ROWS rows or more that
+        # multiplied as float panels (bias included), for steps of PACKED_MIN_ROWS rows or more that
         # do not take the float weights; it returns None once that step is gone.
         self.packed: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
@@ -61,8 +61,8 @@ class QuantizedLinear(nn.Module):
             return self.dense_gemm(x)
         if self.dense is not None and rows >= self.dense_min_rows:
             return F.linear(x, self.dense, self.bias)
-        packed = self.packed  # float tiles need K a multiple of 8 (kernel.c)
-        if packed is not None and rows >= PACKED_MIN_ROWS and self.in_features % 8 == 0 and x.dtype == torch.float32:
+        packed = self.packed
+        if packed is not None and rows >= PACKED_MIN_ROWS and x.dtype == torch.float32:
             y = packed(x)
             if y is not None:
                 return y
