@@ -12,7 +12,8 @@ head a `QuantizedLinear` with the C kernel), or as `use_float_gemm` left it (eve
 head a float32 `PanelLinear`, multiplied on the kernel's GEMM at any batch size). For quantized
 weights, below 5 rows its matmuls round activations to int16 per block of 32; from 5 rows they
 widen a panel-ordered copy of the quants to float and multiply it on the GEMM's tiles, exactly, and
-lend that to the model's `QuantizedLinear`s for their own steps of 5+ rows (`packed`). Logits agree with the torch path to ~1e-4 relative.
+lend that to the model's `QuantizedLinear`s for their own steps of 5+ rows (`packed`). Logits agree
+with the torch path to ~1e-4 relative.
 `fused_decoder(model, kernel)` says why not when the model is not of that shape.
 """
 
