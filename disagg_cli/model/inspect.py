@@ -50,7 +50,6 @@ def runtime_choices(device: str = "cpu") -> dict[str, str]:
     for role in ("prefill", "decode", "colocated"):
         d = choose_dtype("auto", device, cpu, role, kernel is not None)
         out[f"dtype_auto_{role}"] = f"{d.dtype} ({d.reason})"
-    for role in ("prefill", "decode", "colocated"):
         q = choose_quantization("auto", role, device, kernel)
         out[f"quantization_auto_{role}"] = f"{q.quantization} ({q.reason})"
     return out

@@ -827,7 +827,7 @@ static inline int quant_at(int kind, const uint8_t *qs, int nb, int n, int b, in
  * panel, block by block: [d of the 16 columns][m' of the 16][32 k of 16 quants each]; an int4 k is
  * 8 bytes (column j in the low nibble of byte j, column j + 8 in its high one), an int8 k 16 signed
  * bytes (q - 128, so m' = m + 128 d as in the groups). Columns past N are zero. */
-#define QPANEL_NR 16
+#define QPANEL_NR 16  /* the GEMM's GEMM_NR: a widened panel is one of its panels */
 static int pack_qpanels(dq_weight *w, const uint8_t *qs, const float *d, const float *mins) {
     const int nb = w->nb, panels = (w->N + QPANEL_NR - 1) / QPANEL_NR, qk = w->kind == 4 ? 8 : 16;
     w->pblock_bytes = 2 * QPANEL_NR * 4 + QK * qk;
@@ -1287,6 +1287,7 @@ int dq_model_matmul(void *p, int layer, int which, const float *x, int M, float 
  * torch's sgemm reached 44–47 % of FMA peak at these shapes on the AVX2 machine. */
 #define GEMM_NR 16
 #define GEMM_MR 6
+_Static_assert(QPANEL_NR == GEMM_NR, "a widened quantized panel must be one GEMM panel");
 
 typedef struct {
     const float *x, *wp, *bias;

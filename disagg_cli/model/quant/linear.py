@@ -45,11 +45,6 @@ class QuantizedLinear(nn.Module):
         self.dense_gemm = dense_gemm
         self.dense_min_rows = dense_min_rows
         self.in_features, self.out_features = weight.in_features, weight.out_features
-        # Float activations on every CPU: int8 rounding (VNNI's one-instruction dot product) parts
-        # greedy text from float32's within ~30 tokens (`quantize_row16` in kernel.c), and made the
-        # same model's numbers differ between an AVX2 and a VNNI machine. Decode steps take the
-        # fused step (int16 activations) anyway; this path serves the few small steps left.
-        self.act_int8 = False
         # Set by the fused decode step (`fused.py`) while it lives: its repacked copy of this weight
         # multiplied as float panels (bias included), for steps of PACKED_MIN_ROWS rows or more that
         # do not take the float weights; it returns None once that step is gone.
@@ -66,7 +61,10 @@ class QuantizedLinear(nn.Module):
             y = packed(x)
             if y is not None:
                 return y
-        y = matmul(self.kernel, x, self.weight_q, self.act_int8)  # (N, out) float32
+        # Float activations on every CPU, never int8-rounded (VNNI's one-instruction dot product):
+        # that parts greedy text from float32's within ~30 tokens (`quantize_row16` in kernel.c) and
+        # made one model's numbers differ between AVX2 and VNNI machines.
+        y = matmul(self.kernel, x, self.weight_q)  # (N, out) float32
         if self.bias is not None:
             y += self.bias
         return y if x.dtype == torch.float32 else y.to(x.dtype)
