@@ -17,31 +17,22 @@ from disagg_cli import ui
 from disagg_cli.cli_bench import bench_app
 from disagg_cli.cli_options import (
     DEFAULT_DEADLINES,
-    BlockSizeOpt,
-    ChunkedOpt,
-    DeviceOpt,
     DisaggThresholdOpt,
-    DtypeOpt,
     FirstTokenTimeoutOpt,
-    KVMemoryOpt,
-    KVTokensOpt,
-    MaxBatchedOpt,
-    MaxSeqsOpt,
     ModelOpt,
-    PrefixCachingOpt,
-    QuantizationOpt,
     RequestTimeoutOpt,
     ReserveTimeoutOpt,
     RouterOpt,
-    ThreadsOpt,
     TokenTimeoutOpt,
     cache_dir,
+    worker_options,
 )
 from disagg_cli.cli_options import disagg_threshold as parse_threshold
 from disagg_cli.cli_serve import serve
 from disagg_cli.cli_workers import colocated_worker, decode_worker, prefill_worker, run_worker
-from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig, SamplingParams
+from disagg_cli.config import Deadlines, SamplingParams
 from disagg_cli.errors import DisaggError, Interrupted, UsageError
+from disagg_cli.worker_settings import WorkerSettings
 
 app = typer.Typer(
     name="disagg",
@@ -49,7 +40,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
 )
 model_app = typer.Typer(help="Named models: list, inspect, fetch.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
@@ -57,14 +48,11 @@ app.add_typer(bench_app, name="bench")
 
 
 @app.command()
+@worker_options()
 def generate(
     prompts: Annotated[list[str] | None, typer.Argument(help="Prompts; '-' reads stdin.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="One prompt per line; .jsonl: JSON.")] = None,
     model: ModelOpt = "smollm2-135m-instruct",
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    quantization: QuantizationOpt = "none",
-    threads: ThreadsOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate per prompt.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass, (0, 1].")] = 1.0,
@@ -75,13 +63,6 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap each prompt in the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message for --chat.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
-    block_size: BlockSizeOpt = 16,
-    kv_cache_tokens: KVTokensOpt = None,
-    kv_cache_memory_mb: KVMemoryOpt = 512.0,
-    max_num_seqs: MaxSeqsOpt = 32,
-    max_num_batched_tokens: MaxBatchedOpt = 2048,
-    chunked_prefill: ChunkedOpt = False,
-    enable_prefix_caching: PrefixCachingOpt = True,
     disagg_threshold: DisaggThresholdOpt = "0",
     prefill: Annotated[list[str] | None, typer.Option(help="Address (host:port) of a running prefill worker; "
                                                       "repeatable. Needs --decode.")] = None,
@@ -91,8 +72,6 @@ def generate(
     colocated_addr: Annotated[str | None, typer.Option(help="Address of a running colocated worker.")] = None,
     in_process: Annotated[bool, typer.Option(help="Run in this process's own engine, no workers.")] = False,
     router: RouterOpt = "round-robin",
-    kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers started here: none, lz4, "
-                                                 "shuffle-lz4, int8, int4 or auto.")] = None,
     worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
     keys: Annotated[Path | None, typer.Option(help="CurveZMQ keys to reach workers started with --keys.")] = None,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for every worker's hello.")] = 120.0,
@@ -100,6 +79,7 @@ def generate(
     first_token_timeout: FirstTokenTimeoutOpt = DEFAULT_DEADLINES.first_token_s,
     token_timeout: TokenTimeoutOpt = DEFAULT_DEADLINES.token_s,
     request_timeout: RequestTimeoutOpt = DEFAULT_DEADLINES.request_s,
+    *, settings: WorkerSettings,
 ) -> None:
     """Generate text for prompts, streaming it as it is produced.
 
@@ -110,19 +90,16 @@ def generate(
     opts = GenerateOptions(
         model=model,
         cache_dir=cache_dir(),
-        runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads, quantization=quantization),
+        runtime=settings.runtime(),
         sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos),
-        engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
-                            kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill,
-                            enable_prefix_caching=enable_prefix_caching),
+        engine=settings.engine(),
         chat=chat,
         system=system,
         json_output=json_output,
         serve=ServeOptions(in_process=in_process, prefill=tuple(prefill or ()), decode=tuple(decode or ()),
                            colocated=colocated, colocated_addr=colocated_addr, config=config, router=router,
-                           kv_codec=kv_codec, worker_timeout_s=worker_timeout, keys_dir=keys,
+                           kv_codec=settings.kv_codec, worker_timeout_s=worker_timeout, keys_dir=keys,
                            connect_timeout_s=connect_timeout, disagg_threshold=parse_threshold(disagg_threshold),
                            deadlines=Deadlines(reserve_timeout, first_token_timeout, token_timeout, request_timeout)),
     )

@@ -23,10 +23,12 @@ from disagg_cli.cli_options import (
     TokenTimeoutOpt,
     cache_dir,
     int_list,
+    worker_options,
 )
 from disagg_cli.cli_options import disagg_threshold as parse_threshold
 from disagg_cli.config import Deadlines, RuntimeConfig
 from disagg_cli.errors import UsageError
+from disagg_cli.worker_settings import DEFAULTS, WorkerSettings
 
 bench_app = typer.Typer(help="Benchmarks: engine speed, KV codecs, serving.", no_args_is_help=True)
 
@@ -34,9 +36,9 @@ bench_app = typer.Typer(help="Benchmarks: engine speed, KV codecs, serving.", no
 @bench_app.command("engine")
 def bench_engine(
     model: ModelOpt = "smollm2-135m-instruct",
-    dtype: DtypeOpt = "auto",
-    quantization: QuantizationOpt = "none",
-    threads: ThreadsOpt = None,
+    dtype: DtypeOpt = DEFAULTS["dtype"],
+    quantization: QuantizationOpt = DEFAULTS["quantization"],
+    threads: ThreadsOpt = DEFAULTS["threads"],
     prompt_lens: Annotated[str, typer.Option(help="Prefill points: prompt lengths in tokens.")] = "128,512,2048",
     batch_sizes: Annotated[str, typer.Option(help="Decode points: sequences decoding at once.")] = "1,8,32",
     decode_context: Annotated[int, typer.Option(help="Prompt tokens of each decoding sequence.")] = 128,
@@ -49,7 +51,7 @@ def bench_engine(
     perplexity_modes: Annotated[str | None, typer.Option(help="Perplexity of a fixed text for each of "
                                                          "float32,bfloat16,int8,int4 (default: the loaded "
                                                          "mode only).")] = None,
-    block_size: BlockSizeOpt = 16,
+    block_size: BlockSizeOpt = DEFAULTS["block_size"],
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Prefill and decode tokens/s of the engine (llama-bench style), beside plain transformers."""
@@ -73,8 +75,8 @@ def bench_engine(
 @bench_app.command("codec")
 def bench_codec(
     model: ModelOpt = "smollm2-135m-instruct",
-    dtype: DtypeOpt = "bfloat16",
-    threads: ThreadsOpt = None,
+    dtype: DtypeOpt = "bfloat16",  # the KV's 16-bit form, as it crosses the wire
+    threads: ThreadsOpt = DEFAULTS["threads"],
     prompt_tokens: Annotated[int, typer.Option(help="Length of the prompt whose KV is measured.")] = 1024,
     agreement_tokens: Annotated[int, typer.Option(help="Greedy tokens compared for lossy codecs.")] = 64,
     link_gbps: Annotated[float | None, typer.Option(help="Pace the link to this many Gbit/s "
@@ -93,6 +95,7 @@ def bench_codec(
 
 
 @bench_app.command("serve")
+@worker_options()
 def bench_serve(
     model: ModelOpt = "smollm2-135m-instruct",
     mode: Annotated[str, typer.Option(help="disagg, colocated, or both (same workload, seed and cores).")] = "disagg",
@@ -143,11 +146,6 @@ def bench_serve(
                                                     "(needs --goodput ttft:MS tpot:MS).")] = None,
     chaos_kill_every: Annotated[float | None, typer.Option(help="Soak: SIGKILL a random worker every S seconds "
                                                            "and restart it.")] = None,
-    dtype: DtypeOpt = "float32",
-    kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers (default topology).")] = None,
-    enable_prefix_caching: Annotated[bool | None, typer.Option(
-        "--enable-prefix-caching/--no-enable-prefix-caching", help="Prefix caching on every worker started, in "
-        "both modes (default: on, or as --config says).")] = None,
     disagg_threshold: DisaggThresholdOpt = "0",
     router: RouterOpt = "round-robin",
     worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
@@ -167,6 +165,7 @@ def bench_serve(
     tokenizer: Annotated[str | None, typer.Option(help="Model whose tokenizer builds the workload "
                                                   "(default: --model).")] = None,
     api_key: Annotated[str | None, typer.Option(help="With --base-url: Bearer key.", envvar="OPENAI_API_KEY")] = None,
+    *, settings: WorkerSettings,
 ) -> None:
     """Serving benchmark in vLLM's terms (TTFT, TPOT, ITL, E2EL, goodput), disaggregated vs colocated."""
     from disagg_cli.bench.http_client import HttpTarget, run_http_bench
@@ -199,7 +198,7 @@ def bench_serve(
         ignore_eos=ignore_eos, percentile_metrics=tuple(m.strip() for m in percentile_metrics.split(",") if m.strip()),
         metric_percentiles=floats("--metric-percentiles", metric_percentiles), goodput=slo,
         save_result=save_result, result_dir=result_dir, result_filename=result_filename, label=label,
-        metadata=tuple(pairs), mode=mode, config=config, dtype=dtype, kv_codec=kv_codec,
+        metadata=tuple(pairs), mode=mode, config=config, worker=settings,
         worker_timeout_s=worker_timeout,
         deadlines=Deadlines(reserve_timeout, first_token_timeout, token_timeout, request_timeout),
         json_output=json_output, plot=plot, workload=workload,
@@ -207,7 +206,7 @@ def bench_serve(
                                        long_interval),
         sweep_rates=floats("--sweep-rates", sweep_rates) if sweep_rates else (),
         chaos_kill_every_s=chaos_kill_every, tokenizer=tokenizer, num_turns=num_turns, prefix_len=prefix_len,
-        num_prefixes=num_prefixes, enable_prefix_caching=enable_prefix_caching,
+        num_prefixes=num_prefixes,
         disagg_threshold=parse_threshold(disagg_threshold), router=router)
     if base_url is not None:
         run_http_bench(HttpTarget(base_url, backend, endpoint, api_key), opts)

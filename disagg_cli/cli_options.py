@@ -1,34 +1,26 @@
-"""Option types and helpers the `disagg` commands share (cli.py, cli_workers.py, cli_bench.py)."""
+"""Option types and helpers the `disagg` commands share (cli.py, cli_workers.py, cli_bench.py, cli_serve.py).
+
+The worker settings (`worker_settings.WORKER_SETTINGS`) are not spelled out per command: `worker_options`
+adds them to a command's signature from the table and hands the command one `WorkerSettings`.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-from disagg_cli.config import DTYPE_CHOICES, Deadlines
+from disagg_cli.config import Deadlines
 from disagg_cli.errors import UsageError
+from disagg_cli.worker_settings import DEFAULTS, WORKER_SETTINGS, WorkerSettings
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A model name (see `disagg model list`), "
                                        "a .gguf file or a Hugging Face checkpoint folder.")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")]
-DtypeOpt = Annotated[str, typer.Option(help=f"Weights and KV dtype: {', '.join(DTYPE_CHOICES)} (auto: bfloat16 "
-                                       "where the CPU computes it natively (AVX512-BF16/AMX) or on CUDA, "
-                                       "else float32).")]
-QuantizationOpt = Annotated[str, typer.Option(help="Weight-only quantization: none, int8, int4 or auto (int4 for "
-                                              "decode, float for prefill, both for colocated; the GGUF's own "
-                                              "Q8_0/Q4_0/Q4_1 blocks load as they are).")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="Torch intra-op threads (default: torch's choice).")]
-BlockSizeOpt = Annotated[int, typer.Option(help="Tokens per KV block.")]
-KVTokensOpt = Annotated[int | None, typer.Option(help="KV pool size in tokens (default: sized by memory).")]
-KVMemoryOpt = Annotated[float, typer.Option(help="KV pool size in MiB when --kv-cache-tokens is not given.")]
-MaxSeqsOpt = Annotated[int, typer.Option(help="Most sequences decoding at once.")]
-MaxBatchedOpt = Annotated[int, typer.Option(help="Token budget of one engine step.")]
-ChunkedOpt = Annotated[bool, typer.Option(help="Split long prompts into chunks that share steps with decodes.")]
-PrefixCachingOpt = Annotated[bool, typer.Option("--enable-prefix-caching/--no-enable-prefix-caching",
-                                                help="Keep full KV blocks after their request and reuse them for "
-                                                     "prompts that start with the same tokens.")]
 DisaggThresholdOpt = Annotated[str, typer.Option(
     "--disagg-threshold", help="Selective disaggregation: prompts whose part not cached on their decode worker is "
                                "at most this many tokens are prefilled there, with no transfer; 0: never; auto: "
@@ -36,6 +28,55 @@ DisaggThresholdOpt = Annotated[str, typer.Option(
                                "(from the workers' measured speeds).")]
 RouterOpt = Annotated[str, typer.Option(help="round-robin, least-loaded, or cache-aware (the longest cached prefix "
                                              "weighed against queued work).")]
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+_SETTING_TYPES = typing.get_type_hints(WorkerSettings)
+_ROWS = {s.name: s for s in WORKER_SETTINGS}
+
+
+def _option(name: str) -> Any:
+    """The Typer option of one worker setting, as its table row describes it."""
+    s = _ROWS[name]
+    return Annotated[_SETTING_TYPES[name], typer.Option(*s.flags, help=s.help, rich_help_panel=s.panel)]
+
+
+# Single settings, for commands that load a model without being a worker (`bench engine`, `bench codec`).
+DtypeOpt = _option("dtype")
+QuantizationOpt = _option("quantization")
+ThreadsOpt = _option("threads")
+BlockSizeOpt = _option("block_size")
+
+
+def worker_options(role: str | None = None) -> Callable[[Command], Command]:
+    """Give a command every worker setting as an option (those of `role` only, for a worker command),
+    grouped in `--help`; the command takes `settings: WorkerSettings` instead of one parameter each."""
+    rows = [s for s in WORKER_SETTINGS if role is None or role in s.roles]
+
+    def wrap(command: Command) -> Command:
+        signature = inspect.signature(command)
+        own = [p for p in signature.parameters.values() if p.name != "settings"]
+        hints = {k: v for k, v in typing.get_type_hints(command, include_extras=True).items() if k != "settings"}
+        added = []
+        for s in rows:
+            annotation = _option(s.name)
+            added.append(inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=DEFAULTS[s.name],
+                                           annotation=annotation))
+            hints[s.name] = annotation
+
+        @functools.wraps(command)
+        def with_settings(*args: Any, **kwargs: Any) -> Any:
+            values = {s.name: kwargs.pop(s.name) for s in rows}
+            return command(*args, settings=WorkerSettings(**values), **kwargs)
+
+        own_positional = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
+        own_keyword = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
+        with_settings.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name])
+                        for p in own_positional + own_keyword] + added)
+        with_settings.__annotations__ = hints
+        return with_settings  # type: ignore[return-value]
+
+    return wrap
 
 
 def disagg_threshold(text: str) -> int | str:

@@ -9,30 +9,22 @@ import typer
 
 from disagg_cli.cli_options import (
     DEFAULT_DEADLINES,
-    BlockSizeOpt,
-    ChunkedOpt,
-    DeviceOpt,
     DisaggThresholdOpt,
-    DtypeOpt,
     FirstTokenTimeoutOpt,
-    KVMemoryOpt,
-    KVTokensOpt,
-    MaxBatchedOpt,
-    MaxSeqsOpt,
     ModelOpt,
-    PrefixCachingOpt,
-    QuantizationOpt,
     RequestTimeoutOpt,
     ReserveTimeoutOpt,
     RouterOpt,
-    ThreadsOpt,
     TokenTimeoutOpt,
     cache_dir,
+    worker_options,
 )
 from disagg_cli.cli_options import disagg_threshold as parse_threshold
-from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig
+from disagg_cli.config import Deadlines
+from disagg_cli.worker_settings import WorkerSettings
 
 
+@worker_options()
 def serve(
     model: ModelOpt = "smollm2-135m-instruct",
     host: Annotated[str, typer.Option(help="Interface to listen on; beyond loopback needs --api-key.")] = "127.0.0.1",
@@ -43,17 +35,6 @@ def serve(
                                                 envvar="DISAGG_API_KEY")] = None,
     max_queued_requests: Annotated[int | None, typer.Option(
         help="Answer 503 (Retry-After) while this many requests wait for decode memory.")] = None,
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "auto",
-    quantization: QuantizationOpt = "none",
-    threads: ThreadsOpt = None,
-    block_size: BlockSizeOpt = 16,
-    kv_cache_tokens: KVTokensOpt = None,
-    kv_cache_memory_mb: KVMemoryOpt = 512.0,
-    max_num_seqs: MaxSeqsOpt = 32,
-    max_num_batched_tokens: MaxBatchedOpt = 2048,
-    chunked_prefill: ChunkedOpt = False,
-    enable_prefix_caching: PrefixCachingOpt = True,
     disagg_threshold: DisaggThresholdOpt = "0",
     prefill: Annotated[list[str] | None, typer.Option(help="Address (host:port) of a running prefill worker; "
                                                       "repeatable. Needs --decode.")] = None,
@@ -69,8 +50,6 @@ def serve(
     colocated: Annotated[bool, typer.Option(help="One worker doing both phases (the baseline).")] = False,
     colocated_addr: Annotated[str | None, typer.Option(help="Address of a running colocated worker.")] = None,
     router: RouterOpt = "round-robin",
-    kv_codec: Annotated[str | None, typer.Option(help="KV codec of the prefill workers started here: none, lz4, "
-                                                 "shuffle-lz4, int8, int4 or auto.")] = None,
     worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
     keys: Annotated[Path | None, typer.Option(help="CurveZMQ keys to reach workers started with --keys; with "
                                               "--ray, the workers' own (the same folder on every node).")] = None,
@@ -79,6 +58,7 @@ def serve(
     first_token_timeout: FirstTokenTimeoutOpt = DEFAULT_DEADLINES.first_token_s,
     token_timeout: TokenTimeoutOpt = DEFAULT_DEADLINES.token_s,
     request_timeout: RequestTimeoutOpt = DEFAULT_DEADLINES.request_s,
+    *, settings: WorkerSettings,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (completions, chat, /metrics).
 
@@ -92,13 +72,9 @@ def serve(
     server = ServerConfig(host=host, port=port, served_model_names=tuple(served_model_name or ()), api_key=api_key)
     service = ServiceConfig(
         model=model, cache_dir=cache_dir(),
-        runtime=RuntimeConfig(device=device, dtype=dtype, threads=threads, quantization=quantization),
-        engine=EngineConfig(block_size=block_size, kv_cache_tokens=kv_cache_tokens,
-                            kv_cache_memory_mb=kv_cache_memory_mb, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill,
-                            enable_prefix_caching=enable_prefix_caching),
+        runtime=settings.runtime(), engine=settings.engine(),
         serve=ServeOptions(prefill=tuple(prefill or ()), decode=tuple(decode or ()), colocated=colocated,
-                           colocated_addr=colocated_addr, config=config, router=router, kv_codec=kv_codec,
+                           colocated_addr=colocated_addr, config=config, router=router, kv_codec=settings.kv_codec,
                            worker_timeout_s=worker_timeout, keys_dir=keys, connect_timeout_s=connect_timeout,
                            disagg_threshold=parse_threshold(disagg_threshold), ray_address=ray,
                            prefill_replicas=prefill_replicas, decode_replicas=decode_replicas,

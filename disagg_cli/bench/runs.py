@@ -14,7 +14,7 @@ from disagg_cli.bench.workload import BenchRequest
 from disagg_cli.config import Deadlines
 from disagg_cli.coordinator.stream import StreamingOutput
 from disagg_cli.errors import UsageError
-from disagg_cli.protocol import CODEC_NAMES
+from disagg_cli.worker_settings import WorkerSettings
 
 MODES = ("disagg", "colocated", "both")
 DATASETS = ("random", "sharegpt")
@@ -58,8 +58,7 @@ class ServeBenchOptions:
     metadata: tuple[tuple[str, str], ...] = ()
     mode: str = "disagg"
     config: Path | None = None
-    dtype: str = "float32"
-    kv_codec: str | None = None
+    worker: WorkerSettings = field(default_factory=WorkerSettings)  # every worker of the default topology
     worker_timeout_s: float = 10.0
     deadlines: Deadlines = field(default_factory=Deadlines)
     json_output: bool = False
@@ -72,7 +71,6 @@ class ServeBenchOptions:
     num_turns: int = 4  # multi-turn: turns per conversation
     prefix_len: int = 256  # multi-turn: shared system prompt; prefix: each shared prefix (tokens)
     num_prefixes: int = 1  # prefix: distinct prefixes, assigned round-robin
-    enable_prefix_caching: bool | None = None  # every worker started, both modes; None: as configured (on)
     disagg_threshold: int | str = 0  # selective disaggregation (CoordinatorConfig)
     router: str = "round-robin"
 
@@ -116,8 +114,6 @@ class ServeBenchOptions:
             raise UsageError(f"--metric-percentiles must be in (0, 100), got {list(self.metric_percentiles)}")
         if self.sweep_rates and not {"ttft", "tpot"} <= set(self.goodput.limits_ms):
             raise UsageError("--sweep-rates needs both SLOs: --goodput ttft:MS tpot:MS")
-        if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
-            raise UsageError(f"--kv-codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
         if not self.worker_timeout_s > 0:
             raise UsageError(f"--worker-timeout must be positive, got {self.worker_timeout_s}")
         if self.chaos_kill_every_s is not None and not self.chaos_kill_every_s > 0:

@@ -70,11 +70,7 @@ def topologies(opts: ServeBenchOptions) -> dict[str, ClusterConfig]:
         if disagg.is_colocated:
             raise UsageError(f"--config {opts.config} is a colocated topology; give a prefill + decode one")
     else:
-        base = WorkerSpec("prefill", dtype=opts.dtype, kv_codec=opts.kv_codec)
-        disagg = local_topology(opts.model, base)
-    if opts.enable_prefix_caching is not None:
-        disagg = replace(disagg, workers=tuple(replace(w, enable_prefix_caching=opts.enable_prefix_caching)
-                                               for w in disagg.workers))
+        disagg = local_topology(opts.model, WorkerSpec.from_settings("prefill", opts.worker))
     placed = place(disagg.workers, available_cpus())
     threads = sum(w.threads or 1 for w in placed)
     cpus = tuple(sorted({c for w in placed for c in (w.cpus or ())})) or None

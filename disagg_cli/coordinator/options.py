@@ -11,7 +11,7 @@ front end (`generate`, `bench serve`, `serve`) goes through. Pure: nothing is st
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig
@@ -19,6 +19,7 @@ from disagg_cli.coordinator.router import POLICIES
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.errors import UsageError
 from disagg_cli.protocol import CODEC_NAMES
+from disagg_cli.worker_settings import WorkerSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,21 +117,14 @@ def build_topology(model: str, serve: ServeOptions, runtime: RuntimeConfig, engi
             if count is not None:
                 config = config.with_replicas(role, count)
     else:
-        config = local_topology(model, _base_spec(serve, runtime, engine), num_prefill=serve.prefill_replicas or 1,
+        base = WorkerSpec.from_settings("prefill", WorkerSettings(
+            **{f.name: getattr(runtime, f.name) for f in fields(runtime)},
+            **{f.name: getattr(engine, f.name) for f in fields(engine)}, kv_codec=serve.kv_codec))
+        config = local_topology(model, base, num_prefill=serve.prefill_replicas or 1,
                                 num_decode=serve.decode_replicas or 1, colocated=serve.colocated)
     if serve.ray_address is not None:  # --ray: this topology on Ray, whatever its file said
         config = replace(config, backend="ray", ray_address=serve.ray_address)
     return config
-
-
-def _base_spec(serve: ServeOptions, runtime: RuntimeConfig, engine: EngineConfig) -> WorkerSpec:
-    """Every worker of the embedded topology: the flags' runtime and engine settings."""
-    return WorkerSpec("prefill", device=runtime.device, dtype=runtime.dtype, threads=runtime.threads,
-                      quantization=runtime.quantization,
-                      kv_codec=serve.kv_codec, block_size=engine.block_size, kv_cache_tokens=engine.kv_cache_tokens,
-                      kv_cache_memory_mb=engine.kv_cache_memory_mb, max_num_seqs=engine.max_num_seqs,
-                      max_num_batched_tokens=engine.max_num_batched_tokens, chunked_prefill=engine.chunked_prefill,
-                      enable_prefix_caching=engine.enable_prefix_caching)
 
 
 def worker_address(address: str | None) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 from disagg_cli.config import EngineConfig, RuntimeConfig, WorkerConfig
 from disagg_cli.errors import UsageError
 from disagg_cli.protocol import CODEC_NAMES, WORKER_ROLES
+from disagg_cli.worker_settings import DEFAULTS, SETTING_NAMES, WorkerSettings
 
 
 class TopologyError(UsageError):
@@ -42,24 +43,25 @@ class TopologyError(UsageError):
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
     """One worker of a topology: where it goes (port, cpus) and every setting of its `WorkerConfig`,
-    which `worker_config` makes (and which validates the values, in one place)."""
+    which `worker_config` makes (and which validates the values, in one place). The worker settings
+    are the rows of `worker_settings.WORKER_SETTINGS`, with its defaults; their names are the TOML keys."""
 
     role: str
     host: str = "127.0.0.1"
     port: int = 0  # 0: pick a free port at start
-    device: str = "cpu"
-    dtype: str = "auto"
-    quantization: str = "none"  # weight-only: none, int8, int4, auto (resolved by the worker for its role)
-    threads: int | None = None  # None: an even share of the cores given to the cluster
+    device: str = DEFAULTS["device"]
+    dtype: str = DEFAULTS["dtype"]
+    quantization: str = DEFAULTS["quantization"]  # resolved by the worker for its role when auto
+    threads: int | None = DEFAULTS["threads"]  # None: an even share of the cores given to the cluster
     cpus: tuple[int, ...] | None = None  # CPU affinity; None: a share of the cores, in order
-    kv_codec: str | None = None  # prefill (and colocated) only; None: the worker's default
-    block_size: int = 16
-    kv_cache_tokens: int | None = None  # None: sized by kv_cache_memory_mb
-    kv_cache_memory_mb: float = 256.0
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048
-    chunked_prefill: bool = False
-    enable_prefix_caching: bool = True
+    kv_codec: str | None = DEFAULTS["kv_codec"]  # prefill (and colocated) only; None: the worker's default
+    block_size: int = DEFAULTS["block_size"]
+    kv_cache_tokens: int | None = DEFAULTS["kv_cache_tokens"]  # None: sized by kv_cache_memory_mb
+    kv_cache_memory_mb: float = DEFAULTS["kv_cache_memory_mb"]
+    max_num_seqs: int = DEFAULTS["max_num_seqs"]
+    max_num_batched_tokens: int = DEFAULTS["max_num_batched_tokens"]
+    chunked_prefill: bool = DEFAULTS["chunked_prefill"]
+    enable_prefix_caching: bool = DEFAULTS["enable_prefix_caching"]
     # Ray placement (ignored by local clusters): logical CPUs and GPUs the actor takes, None:
     # `threads` CPUs (1 when unset) and a GPU for a cuda device; custom resources, e.g.
     # (("decode", 1.0),), that only nodes started with them (`ray start --resources`) offer.
@@ -90,14 +92,19 @@ class WorkerSpec:
         self.runtime()
         self.engine()
 
+    @classmethod
+    def from_settings(cls, role: str, settings: WorkerSettings) -> WorkerSpec:
+        """A worker of `role` with the settings a front end's flags gave (port and cpus open)."""
+        return cls(role, **{name: getattr(settings, name) for name in SETTING_NAMES})
+
+    def settings(self) -> WorkerSettings:
+        return WorkerSettings(**{name: getattr(self, name) for name in SETTING_NAMES})
+
     def runtime(self) -> RuntimeConfig:
-        return RuntimeConfig(device=self.device, dtype=self.dtype, threads=self.threads, quantization=self.quantization)
+        return self.settings().runtime()
 
     def engine(self) -> EngineConfig:
-        return EngineConfig(block_size=self.block_size, kv_cache_tokens=self.kv_cache_tokens,
-                            kv_cache_memory_mb=self.kv_cache_memory_mb, max_num_seqs=self.max_num_seqs,
-                            max_num_batched_tokens=self.max_num_batched_tokens, chunked_prefill=self.chunked_prefill,
-                            enable_prefix_caching=self.enable_prefix_caching)
+        return self.settings().engine()
 
     def worker_config(self, model: str) -> WorkerConfig:
         """The whole configuration of this worker, once its port is chosen."""

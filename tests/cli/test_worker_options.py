@@ -1,0 +1,86 @@
+"""The one table of worker settings: every command that starts workers or is one has the same options
+with the same defaults, a topology's workers default to them too, and the values reach the command."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from disagg_cli.bench.runs import ServeBenchOptions
+from disagg_cli.bench.serve import topologies
+from disagg_cli.cli import app
+from disagg_cli.cli_options import worker_options
+from disagg_cli.config import EngineConfig, RuntimeConfig
+from disagg_cli.coordinator.options import ServeOptions, build_topology
+from disagg_cli.coordinator.topology import WorkerSpec
+from disagg_cli.worker_settings import DEFAULTS, SETTING_NAMES, WORKER_SETTINGS, WorkerSettings
+
+FRONT_ENDS = (("generate",), ("serve",), ("bench", "serve"))
+WORKERS = {("prefill-worker",): "prefill", ("decode-worker",): "decode", ("colocated-worker",): "colocated"}
+
+
+def _command(path: tuple[str, ...]) -> Any:
+    command: Any = typer.main.get_command(app)  # typer may vendor its own click: no isinstance checks
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+def _settings_of(path: tuple[str, ...]) -> dict[str, object]:
+    return {p.name: p.default for p in _command(path).params if p.name in SETTING_NAMES}
+
+
+@pytest.mark.parametrize("path", FRONT_ENDS, ids=" ".join)
+def test_front_ends_take_every_worker_setting_with_the_table_default(path: tuple[str, ...]) -> None:
+    assert _settings_of(path) == DEFAULTS
+
+
+@pytest.mark.parametrize("path", list(WORKERS), ids=" ".join)
+def test_worker_commands_take_their_role_settings_with_the_table_default(path: tuple[str, ...]) -> None:
+    role = WORKERS[path]
+    expected = {s.name: DEFAULTS[s.name] for s in WORKER_SETTINGS if role in s.roles}
+    assert _settings_of(path) == expected
+    # The pool default that drifted (256 MiB for prefill-worker and topologies, 512 elsewhere).
+    assert _settings_of(path)["kv_cache_memory_mb"] == EngineConfig().kv_cache_memory_mb == 512.0
+
+
+def test_topology_workers_default_to_the_table() -> None:
+    spec = WorkerSpec("decode")
+    assert {name: getattr(spec, name) for name in SETTING_NAMES} == DEFAULTS
+    assert spec.settings() == WorkerSettings()
+    assert spec.runtime() == RuntimeConfig() and spec.engine() == EngineConfig()
+
+
+def test_bench_serve_clusters_get_the_same_workers_as_generate() -> None:
+    """`bench serve`'s default cluster and `generate`'s (same flags) start the same worker settings."""
+    generate = build_topology("m", ServeOptions(), RuntimeConfig(), EngineConfig())
+    bench = topologies(ServeBenchOptions(model="m", cache_dir=Path(".")))["disagg"]
+    assert [w.role for w in bench.workers] == [w.role for w in generate.workers] == ["prefill", "decode"]
+    assert [w.settings() for w in bench.workers] == [w.settings() for w in generate.workers]
+    assert bench.workers[1].engine().kv_cache_memory_mb == 512.0
+
+
+def test_flags_reach_the_command_as_one_worker_settings() -> None:
+    got: list[WorkerSettings] = []
+    probe = typer.Typer()
+
+    @probe.command()
+    @worker_options()
+    def run(name: str = "x", *, settings: WorkerSettings) -> None:
+        got.append(settings)
+
+    result = CliRunner().invoke(probe, ["--kv-cache-memory-mb", "3", "--no-enable-prefix-caching", "--threads", "1",
+                                        "--kv-codec", "int8", "--dtype", "float32", "--name", "y"])
+    assert result.exit_code == 0, result.output
+    assert got == [WorkerSettings(kv_cache_memory_mb=3.0, enable_prefix_caching=False, threads=1, kv_codec="int8",
+                                  dtype="float32")]
+
+
+def test_every_setting_has_help_and_a_panel() -> None:
+    assert len({s.name for s in WORKER_SETTINGS}) == len(WORKER_SETTINGS) == len(fields(WorkerSettings))
+    assert all(s.help.endswith((".", ").")) and s.panel for s in WORKER_SETTINGS)
