@@ -14,6 +14,7 @@ from disagg_cli.cli_options import (
     DisaggThresholdOpt,
     DtypeOpt,
     FirstTokenTimeoutOpt,
+    KernelOpt,
     ModelOpt,
     QuantizationOpt,
     RequestTimeoutOpt,
@@ -39,6 +40,7 @@ def bench_engine(
     dtype: DtypeOpt = DEFAULTS["dtype"],
     quantization: QuantizationOpt = DEFAULTS["quantization"],
     threads: ThreadsOpt = DEFAULTS["threads"],
+    kernel: KernelOpt = DEFAULTS["kernel"],
     prompt_lens: Annotated[str, typer.Option(help="Prefill points: prompt lengths in tokens.")] = "128,512,2048",
     batch_sizes: Annotated[str, typer.Option(help="Decode points: sequences decoding at once.")] = "1,8,32",
     decode_context: Annotated[int, typer.Option(help="Prompt tokens of each decoding sequence.")] = 128,
@@ -59,7 +61,7 @@ def bench_engine(
 
     opts = EngineBenchOptions(
         model=model, cache_dir=cache_dir(),
-        runtime=RuntimeConfig(dtype=dtype, threads=threads, quantization=quantization),
+        runtime=RuntimeConfig(dtype=dtype, threads=threads, quantization=quantization, kernel=kernel),
         block_size=block_size, prompt_lens=int_list("--prompt-lens", prompt_lens),
         batch_sizes=int_list("--batch-sizes", batch_sizes), decode_context=decode_context,
         decode_tokens=decode_tokens, reps=reps, baseline=baseline, against=tuple(against or ()),
@@ -77,6 +79,7 @@ def bench_codec(
     model: ModelOpt = "smollm2-135m-instruct",
     dtype: DtypeOpt = "bfloat16",  # the KV's 16-bit form, as it crosses the wire
     threads: ThreadsOpt = DEFAULTS["threads"],
+    kernel: KernelOpt = DEFAULTS["kernel"],
     prompt_tokens: Annotated[int, typer.Option(help="Length of the prompt whose KV is measured.")] = 1024,
     agreement_tokens: Annotated[int, typer.Option(help="Greedy tokens compared for lossy codecs.")] = 64,
     link_gbps: Annotated[float | None, typer.Option(help="Pace the link to this many Gbit/s "
@@ -89,7 +92,8 @@ def bench_codec(
     from disagg_cli.protocol import CODEC_NAMES
 
     names = tuple(c.strip() for c in codecs.split(",") if c.strip()) or CODEC_NAMES
-    run(CodecBenchOptions(model=model, cache_dir=cache_dir(), runtime=RuntimeConfig(dtype=dtype, threads=threads),
+    run(CodecBenchOptions(model=model, cache_dir=cache_dir(),
+                          runtime=RuntimeConfig(dtype=dtype, threads=threads, kernel=kernel),
                           prompt_tokens=prompt_tokens, agreement_tokens=agreement_tokens, link_gbps=link_gbps,
                           codecs=names, json_output=json_output))
 

@@ -44,6 +44,7 @@ def _option(name: str) -> Any:
 DtypeOpt = _option("dtype")
 QuantizationOpt = _option("quantization")
 ThreadsOpt = _option("threads")
+KernelOpt = _option("kernel")
 BlockSizeOpt = _option("block_size")
 
 

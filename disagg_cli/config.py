@@ -20,6 +20,7 @@ from disagg_cli.errors import UsageError
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bfloat16 where the device computes it natively, else float32
 QUANTIZATIONS = ("none", "int8", "int4", "auto")  # weight-only; auto: what is fastest for the role
+KERNELS = ("auto", "c", "torch")  # the execution backend (model/backend.py); auto: c wherever it builds
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_LOGPROBS = 20  # OpenAI's limit on top alternatives per token
 
@@ -76,8 +77,11 @@ class RuntimeConfig:
     dtype: str = "auto"
     threads: int | None = None
     quantization: str = "none"
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.quantization not in QUANTIZATIONS:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from disagg_cli.config import DTYPE_CHOICES, QUANTIZATIONS, EngineConfig, RuntimeConfig
+from disagg_cli.config import DTYPE_CHOICES, KERNELS, QUANTIZATIONS, EngineConfig, RuntimeConfig
 from disagg_cli.errors import UsageError
 from disagg_cli.protocol.names import CODEC_NAMES, WORKER_ROLES
 
@@ -28,6 +28,7 @@ class WorkerSettings:
     dtype: str = _RUNTIME.dtype
     quantization: str = _RUNTIME.quantization
     threads: int | None = _RUNTIME.threads
+    kernel: str = _RUNTIME.kernel
     block_size: int = _ENGINE.block_size
     kv_cache_tokens: int | None = _ENGINE.kv_cache_tokens
     kv_cache_memory_mb: float = _ENGINE.kv_cache_memory_mb
@@ -44,7 +45,8 @@ class WorkerSettings:
             raise UsageError(f"--kv-codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
 
     def runtime(self) -> RuntimeConfig:
-        return RuntimeConfig(device=self.device, dtype=self.dtype, threads=self.threads, quantization=self.quantization)
+        return RuntimeConfig(device=self.device, dtype=self.dtype, threads=self.threads, quantization=self.quantization,
+                             kernel=self.kernel)
 
     def engine(self) -> EngineConfig:
         return EngineConfig(block_size=self.block_size, kv_cache_tokens=self.kv_cache_tokens,
@@ -78,6 +80,9 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
                             "are).", RUNTIME_PANEL),
     Setting("threads", "Torch intra-op threads per worker (default: workers started here share the cores; a "
                        "worker alone: torch's choice).", RUNTIME_PANEL),
+    Setting("kernel", f"Execution backend: {', '.join(KERNELS)} (c: the C kernel built for this CPU at first use; "
+                      "torch: torch's ops only; auto: c wherever it builds, else torch, and the log says why). It "
+                      "decides --dtype auto and --quantization auto too.", RUNTIME_PANEL),
     Setting("block_size", "Tokens per KV block.", KV_PANEL),
     Setting("kv_cache_tokens", "KV pool size in tokens (default: sized by --kv-cache-memory-mb).", KV_PANEL),
     Setting("kv_cache_memory_mb", "KV pool size in MiB when --kv-cache-tokens is not given.", KV_PANEL),

@@ -202,14 +202,14 @@ def _weight_bytes(lm: LoadedModel) -> tuple[int, int, int]:
 
     c = lm.config
     layer_params, nbytes = 0, 0
-    for name, mod in lm.model.model.layers.named_modules():
+    for mod in lm.model.model.layers.modules():
         for t in mod.parameters(recurse=False):
             layer_params += t.numel()
             nbytes += t.numel() * t.element_size()
         if isinstance(mod, QuantizedLinear):
             layer_params += mod.in_features * mod.out_features
             nbytes += mod.weight_q.num_bytes
-        elif isinstance(mod, PanelLinear) and not name.endswith(".dense_gemm"):  # float32, as nn.Linear's
+        elif isinstance(mod, PanelLinear):  # float32, as nn.Linear's (a quantized one's copy is in its method)
             layer_params += mod.num_weights
             nbytes += mod.num_weights * 4
     head = lm.model.lm_head
@@ -297,7 +297,7 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
     else:
         ppl = perplexity_per_mode(lm.path, ppl_ids, opts.perplexity_modes, opts.runtime.threads, opts.cache_dir)
     return {"model": opts.model, "path": str(lm.path), "dtype": lm.runtime.dtype,
-            "quantization": lm.runtime.quantization, "runtime": lm.describe_runtime(),
+            "quantization": lm.runtime.quantization, "kernel": lm.backend.name, "runtime": lm.describe_runtime(),
             "cpu_capability": probe_cpu().capability, "decode_step": decode_step,
             "llama_cpp_version": llama_version, "notes": notes,
             "threads": torch.get_num_threads(), "block_size": opts.block_size, "reps": opts.reps,
@@ -317,7 +317,8 @@ def print_table(result: dict[str, Any]) -> None:
     cols = [c for name in others for c in (f"{short.get(name, name)} tok/s", f"ours/{short.get(name, name)}")]
     table = Table("test", "ours tok/s", "ms/tok/seq", "GB/s w", "GB/s kv", "GFLOP/s", *cols,
                   title=f"{result['model']} · {result['dtype']} · weights {result['quantization']} · "
-                        f"{result['threads']} threads · CPU {result['cpu_capability']} · median of {result['reps']}")
+                        f"kernel {result['kernel']} · {result['threads']} threads · CPU {result['cpu_capability']} · "
+                        f"median of {result['reps']}")
     ours = [p for p in result["points"] if p["engine"] == "disagg"]
     by = {(p["engine"], p["phase"], p["batch_size"], p["context_len"]): p for p in result["points"]}
     for p in ours:

@@ -53,6 +53,7 @@ class WorkerSpec:
     dtype: str = DEFAULTS["dtype"]
     quantization: str = DEFAULTS["quantization"]  # resolved by the worker for its role when auto
     threads: int | None = DEFAULTS["threads"]  # None: an even share of the cores given to the cluster
+    kernel: str = DEFAULTS["kernel"]  # the execution backend: auto, c or torch
     cpus: tuple[int, ...] | None = None  # CPU affinity; None: a share of the cores, in order
     kv_codec: str | None = DEFAULTS["kv_codec"]  # prefill (and colocated) only; None: the worker's default
     block_size: int = DEFAULTS["block_size"]

@@ -1,8 +1,9 @@
 """What this machine computes well, and the `--dtype auto` / `--quantization auto` choices that follow.
 
 The decisions are pure functions of what was probed (torch's CPU capability string, the CPU's
-flags, the device, whether the quantized kernel built), so each case is a unit test; `probe_cpu`
-is the one impure part. Measured on the machines this runs on (see DESIGN.md):
+flags), the device and the execution backend chosen by `--kernel` (`model/backend.py`: "c" or
+"torch"), never of what happens to be installed, so each case is a unit test; `probe_cpu` is the
+one impure part. Measured on the machines this runs on (see DESIGN.md):
 - bf16 is 2–3× faster than f32 where the CPU has AVX512-BF16 or AMX, and hundreds of times slower
   in matmuls where it has not (torch emulates it), so bf16 only where it is native, or on CUDA;
 - decode reads every weight once per token, so it goes as fast as the weights are small: int4
@@ -53,16 +54,17 @@ class QuantChoice:
 def probe_cpu() -> CPUInfo:
     import torch
 
-    from disagg_cli.model.quant.kernels import cpu_flags
+    from disagg_cli.model.quant.build import cpu_flags
 
     return CPUInfo(torch.backends.cpu.get_cpu_capability(), frozenset(cpu_flags().split()))
 
 
 def choose_dtype(requested: str, device: str, cpu: CPUInfo, role: str = "colocated",
-                 kernel: bool = False) -> DtypeChoice:
+                 backend: str = "torch") -> DtypeChoice:
     """The weights' and KV's dtype for `--dtype requested` in this role on this device and CPU;
-    kernel: the C kernel built (its fused decode step, GEMM and paged attention are float32)."""
+    backend "c": the C kernel's (its fused decode step, GEMM and paged attention are float32)."""
     native = cpu.has_native_bf16
+    kernel = backend == "c"
     if requested != "auto":
         if requested == "bfloat16" and device == "cpu" and not native:
             return DtypeChoice(requested, f"--dtype bfloat16 as asked, but this CPU ({cpu.capability}) has no "
@@ -85,24 +87,25 @@ def choose_dtype(requested: str, device: str, cpu: CPUInfo, role: str = "colocat
                                   "(no AVX512-BF16 or AMX), where float32 is the fast dtype")
 
 
-def choose_quantization(requested: str, role: str, device: str, kernel_reason: str | None) -> QuantChoice:
-    """Weight quantization for `--quantization requested` in this role; kernel_reason None: no kernel."""
+def choose_quantization(requested: str, role: str, device: str, backend: str) -> QuantChoice:
+    """Weight quantization for `--quantization requested` in this role, on backend "c" or "torch"."""
+    kernel = backend == "c"
     if requested != "auto":
         if requested != "none" and device != "cpu":
             from disagg_cli.errors import UsageError
 
             raise UsageError(f"--quantization {requested} runs on the CPU only; use --device cpu or "
                              "--quantization none")
-        note = "" if requested == "none" or kernel_reason else " (no C kernel: the slower torch fallback)"
+        note = "" if requested == "none" or kernel else " (torch backend: the slower dequantize fallback)"
         # float weights on the CPU go to the kernel's GEMM wherever it built: at one row it reads
         # the weights at memory speed, where torch's float32 matmul took ~3x as long
-        gemm = requested == "none" and device == "cpu" and kernel_reason is not None
+        gemm = requested == "none" and device == "cpu" and kernel
         return QuantChoice(requested, False, f"--quantization {requested} as asked{note}", gemm)
     if device != "cpu":
         return QuantChoice("none", False, f"auto: float weights on {device} (the quantized kernel is CPU-only)")
-    if kernel_reason is None:
-        return QuantChoice("none", False, "auto: float weights (no C kernel built, and the torch fallback "
-                                          "is slower than float matmuls)")
+    if not kernel:
+        return QuantChoice("none", False, "auto: float weights (torch backend: its dequantize fallback is "
+                                          "slower than float matmuls)")
     if role == "prefill":
         return QuantChoice("none", False, "auto: float weights for prefill (compute-bound: float GEMM beats "
                                           "the integer kernel at prompt sizes)", True)

@@ -7,6 +7,7 @@ from typing import Any
 
 from disagg_cli import ui
 from disagg_cli.config import DTYPES
+from disagg_cli.model.backend import choose_backend
 from disagg_cli.model.hardware import choose_dtype, choose_quantization, probe_cpu
 from disagg_cli.model.registry import resolve_model
 from disagg_cli.model.weights import read_checkpoint
@@ -37,19 +38,20 @@ def describe_model(spec: str, cache_dir: Path) -> dict[str, Any]:
         "tied_embeddings": c.tie_word_embeddings,
         **{f"kv_bytes_per_token_{d}": c.kv_bytes_per_token(d) for d in DTYPES},
         "fingerprint": ckpt.fingerprint,
-        **runtime_choices(),
+        **runtime_choices(cache_dir),
         "gguf_blocks_loaded_as_is": ", ".join(f"{n} {q}" for q, n in sorted(blocks.items())) or "none",
     }
 
 
-def runtime_choices(device: str = "cpu") -> dict[str, str]:
-    """What `--dtype auto` and `--quantization auto` pick on this machine, per role, and why."""
+def runtime_choices(cache_dir: Path, device: str = "cpu", kernel: str = "auto") -> dict[str, str]:
+    """What `--kernel`, `--dtype auto` and `--quantization auto` pick on this machine, per role, and why
+    (the kernel is built here if it was not yet: whether it builds is what `--kernel auto` weighs)."""
     cpu = probe_cpu()
-    out = {"cpu_capability": cpu.capability}
-    kernel = "C kernel (built at first use)" if device == "cpu" else None
+    backend = choose_backend(kernel, device, cache_dir)
+    out = {"cpu_capability": cpu.capability, f"kernel_{kernel}": f"{backend.name} ({backend.reason})"}
     for role in ("prefill", "decode", "colocated"):
-        d = choose_dtype("auto", device, cpu, role, kernel is not None)
+        d = choose_dtype("auto", device, cpu, role, backend.name)
         out[f"dtype_auto_{role}"] = f"{d.dtype} ({d.reason})"
-        q = choose_quantization("auto", role, device, kernel)
+        q = choose_quantization("auto", role, device, backend.name)
         out[f"quantization_auto_{role}"] = f"{q.quantization} ({q.reason})"
     return out

@@ -3,22 +3,25 @@
 1. resolve `--dtype auto` and `--quantization auto` for this machine and role (`model/hardware.py`);
 2. read the checkpoint, cast to the dtype and load it under its HF names with `strict=True`;
 3. fuse q/k/v and gate/up into one matmul each (`fuse_projections`);
-4. with quantization, replace the matmuls by `QuantizedLinear`s (GGUF blocks taken as they are).
+4. the execution backend chosen by `--kernel` (`model/backend.py`, before step 1: the `auto`s follow
+   from it) gives each matmul its linear method (quantized ones as `QuantizedLinear`s, GGUF blocks
+   taken as they are), builds the fused decode step where it can and picks the attention.
 
 `LoadedModel` is what every role (colocated, prefill, decode) holds: the module, its config and
-fingerprint, and the runtime it was built for (dtype and quantization resolved, with the reasons).
+fingerprint, the runtime it was built for (dtype and quantization resolved, with the reasons) and
+the `Execution` the backend fixed for it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from disagg_cli.config import ModelConfig, RuntimeConfig
 from disagg_cli.errors import ModelFormatError, UsageError
+from disagg_cli.model.backend import Backend, Execution, choose_backend
 from disagg_cli.model.hardware import CPUInfo, QuantChoice, choose_dtype, choose_quantization, probe_cpu
 from disagg_cli.model.llama import LlamaForCausalLM, fuse_projections
 from disagg_cli.model.weights import Progress, read_checkpoint
@@ -33,11 +36,19 @@ class LoadedModel:
     fingerprint: str
     path: Path
     file_type: str
-    runtime: RuntimeConfig  # as resolved: a concrete dtype and quantization
+    runtime: RuntimeConfig  # as resolved: a concrete dtype, quantization and kernel ("c" or "torch")
+    execution: Execution  # the backend's linear methods, fused step and attention for this model
     dtype_reason: str = ""
     quantization_reason: str = ""
-    kernel_reason: str = ""  # whether the quantized C kernel built, and why not
-    kernel: Any = None  # the built `Kernel` (CPU): paged decode attention (float32 KV), quantized matmuls
+
+    @property
+    def backend(self) -> Backend:
+        return self.execution.backend
+
+    @property
+    def kernel_reason(self) -> str:
+        """The backend and why, as the worker log and `generate` print it."""
+        return f"kernel {self.backend.name} ({self.backend.reason})"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -53,12 +64,12 @@ class LoadedModel:
         from disagg_cli.model.quant.linear import QuantizedLinear
         from disagg_cli.model.quant.panel import PanelLinear
 
+        # a quantized weight's float copy lives in its method, not among the modules
         n = sum(p.numel() for p in self.model.parameters())
         for name, mod in self.model.named_modules():
             if isinstance(mod, QuantizedLinear) and not (name == "lm_head" and self.config.tie_word_embeddings):
                 n += mod.in_features * mod.out_features
-            elif (isinstance(mod, PanelLinear) and not name.endswith(".dense_gemm")  # a quantized one's copy
-                  and not (name == "lm_head" and self.config.tie_word_embeddings)):
+            elif isinstance(mod, PanelLinear) and not (name == "lm_head" and self.config.tie_word_embeddings):
                 n += mod.num_weights
         return n
 
@@ -66,7 +77,7 @@ class LoadedModel:
         """The resolved choices and why, as the worker's hello and `disagg model info` show them."""
         return {"dtype": self.runtime.dtype, "dtype_reason": self.dtype_reason,
                 "quantization": self.runtime.quantization, "quantization_reason": self.quantization_reason,
-                "kernel": self.kernel_reason}
+                **self.execution.describe()}
 
 
 def apply_threads(runtime: RuntimeConfig) -> None:
@@ -82,12 +93,13 @@ def check_device(device: str) -> None:
 
 
 def resolve_runtime(runtime: RuntimeConfig, role: str, cpu: CPUInfo | None = None,
-                    kernel_reason: str | None = None) -> tuple[RuntimeConfig, str, QuantChoice]:
-    """(runtime with dtype and quantization made concrete, dtype reason, the quantization choice)."""
+                    backend: str = "torch") -> tuple[RuntimeConfig, str, QuantChoice]:
+    """(runtime with dtype, quantization and kernel made concrete for `backend` ("c" or "torch"),
+    dtype reason, the quantization choice)."""
     cpu = cpu or probe_cpu()
-    d = choose_dtype(runtime.dtype, runtime.device, cpu, role, kernel_reason is not None)
-    q = choose_quantization(runtime.quantization, role, runtime.device, kernel_reason)
-    return replace(runtime, dtype=d.dtype, quantization=q.quantization), d.reason, q
+    d = choose_dtype(runtime.dtype, runtime.device, cpu, role, backend)
+    q = choose_quantization(runtime.quantization, role, runtime.device, backend)
+    return replace(runtime, dtype=d.dtype, quantization=q.quantization, kernel=backend), d.reason, q
 
 
 def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = None,
@@ -95,16 +107,10 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
     """Load `path` for `role` ("prefill", "decode" or "colocated": what `--quantization auto` weighs)."""
     check_device(runtime.device)
     apply_threads(runtime)
-    kernel = None
-    # The C kernel also serves float weights: its paged decode attention reads each sequence's KV in
-    # place through its block table, where torch would gather a padded copy of every decode's KV.
-    if runtime.device == "cpu":
-        from disagg_cli.model.quant.kernels import load_kernel
-        from disagg_cli.model.registry import default_cache_dir
+    from disagg_cli.model.registry import default_cache_dir
 
-        kernel = load_kernel(cache_dir or default_cache_dir())
-    resolved, dtype_reason, quant = resolve_runtime(
-        runtime, role, kernel_reason=kernel.reason if kernel and kernel.available else None)
+    backend = choose_backend(runtime.kernel, runtime.device, cache_dir or default_cache_dir())
+    resolved, dtype_reason, quant = resolve_runtime(runtime, role, backend=backend.name)
     ckpt = read_checkpoint(path, progress)
     dtype = TORCH_DTYPES[resolved.dtype]
     model = LlamaForCausalLM(ckpt.config, device="meta")  # every parameter is assigned from the file below
@@ -123,16 +129,10 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
                                f"{str(e).splitlines()[-1].strip()}") from e
     del state
     fuse_projections(model)
-    float_gemm = quant.float_gemm and kernel is not None and kernel.available and dtype == torch.float32
+    model.to(runtime.device)
+    float_gemm = quant.float_gemm and backend.name == "c" and dtype == torch.float32
     quant_reason = quant.reason + ("; float matmuls on the C kernel's GEMM" if float_gemm else "")
-    if resolved.quantization != "none":
-        from disagg_cli.model.quant.linear import quantize_model
-
-        quantize_model(model, resolved.quantization, ckpt.blocks, kernel, quant.keep_dense)
-    elif float_gemm and kernel is not None:
-        from disagg_cli.model.quant.panel import use_float_gemm
-
-        use_float_gemm(model, kernel)
-    model.to(runtime.device).eval()
-    return LoadedModel(model, ckpt.config, ckpt.fingerprint, path, ckpt.file_type, resolved, dtype_reason,
-                       quant_reason, kernel.reason if kernel else "", kernel if kernel and kernel.available else None)
+    execution = backend.plan(model, resolved.quantization, ckpt.blocks, quant.keep_dense, float_gemm)
+    model.eval()
+    return LoadedModel(model, ckpt.config, ckpt.fingerprint, path, ckpt.file_type, resolved, execution,
+                       dtype_reason, quant_reason)

@@ -20,6 +20,8 @@ def test_bench_engine_json_counts_exact_tokens() -> None:
     result = json.loads(proc.stdout)
     assert result["dtype"] == "float32" and result["threads"] == 2 and result["reps"] == 1
     assert result["decode_step"] == "fused: one C call per decode step"  # float32 on the kernel's GEMM
+    runtime = result["runtime"]  # the backend --kernel auto chose, and why
+    assert result["kernel"] == runtime["kernel"] == "c" and runtime["kernel_reason"].startswith("auto: ")
     assert result["weight_bytes_per_forward"] > 0 and result["kv_bytes_per_token"] > 0
     points = {(p["phase"], p["batch_size"]): p for p in result["points"]}
     assert set(points) == {("prefill", 1), ("decode", 1), ("decode", 2)}

@@ -126,6 +126,7 @@ def test_model_info(default_gguf: Path) -> None:
     assert info["kv_bytes_per_token_bfloat16"] == 2 * 30 * 3 * 64 * 2
     assert info["gguf_blocks_loaded_as_is"] == "210 Q4_1, 1 Q8_0"
     assert info["dtype_auto_prefill"].split()[0] in ("float32", "bfloat16") and info["cpu_capability"]
+    assert info["kernel_auto"].startswith("c (auto: the C kernel builds here")  # what --kernel auto picks
     # the kernel's fused decode step runs float32, whatever the CPU computes natively
     assert info["dtype_auto_decode"].startswith("float32 ") and info["dtype_auto_colocated"].startswith("float32 ")
     assert info["quantization_auto_prefill"].startswith("none ")

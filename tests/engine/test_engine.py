@@ -43,9 +43,19 @@ def alone(lm: LoadedModel, tokenizer: Tokenizer, ids: list[int], params: Samplin
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    path = write_gguf(tmp_path_factory.mktemp("tiny") / "m.gguf", random_weights(seed=11))
-    return load_model(path, RuntimeConfig())
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_gguf(tmp_path_factory.mktemp("tiny") / "m.gguf", random_weights(seed=11))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf: Path) -> LoadedModel:
+    return load_model(tiny_gguf, RuntimeConfig())
+
+
+@pytest.fixture(scope="module")
+def tiny_torch(tiny_gguf: Path) -> LoadedModel:
+    """The same weights on the torch backend: SDPA over strided views, gathers and padded batches."""
+    return load_model(tiny_gguf, RuntimeConfig(dtype="float32", kernel="torch"))
 
 
 def tiny_prompts(n: int, length: int = 6) -> dict[str, list[int]]:
@@ -67,21 +77,20 @@ def greedy_alone(lm: LoadedModel, ids: list[int], steps: int) -> list[int]:
 
 @pytest.mark.parametrize("block_size,chunked,kernel", [(16, False, True), (1, False, True), (1, False, False),
                                                        (3, True, True), (3, True, False)])
-def test_tiny_batched_equals_alone_and_frees_everything(tiny: LoadedModel, block_size: int, chunked: bool,
-                                                        kernel: bool) -> None:
+def test_tiny_batched_equals_alone_and_frees_everything(tiny: LoadedModel, tiny_torch: LoadedModel, block_size: int,
+                                                        chunked: bool, kernel: bool) -> None:
     params = SamplingParams(max_tokens=10, ignore_eos=True)
     prompts = tiny_prompts(6)
     # A pool of 48 blocks of 1 token cannot hold all six at once: they wait, preempt, recompute.
     cfg = EngineConfig(block_size=block_size, kv_cache_tokens=48 if block_size == 1 else 512,
                        max_num_batched_tokens=8 if chunked else 2048, chunked_prefill=chunked)
-    engine = LLMEngine(tiny, cfg)
-    if not kernel:  # the torch path: SDPA over strided views, gathers and padded batches
-        engine.runner.kernel = None
-    elif engine.runner.kernel is None:
-        pytest.skip("the C kernel did not build here")
+    lm = tiny if kernel else tiny_torch
+    if kernel and lm.backend.name != "c":
+        pytest.skip(lm.backend.reason)
+    engine = LLMEngine(lm, cfg)
     got = run_all(engine, prompts, params)
     for rid, ids in prompts.items():
-        assert got[rid] == greedy_alone(tiny, ids, 10), rid
+        assert got[rid] == greedy_alone(lm, ids, 10), rid
     assert engine.pool.num_free == engine.pool.num_blocks and not engine.pool.tables
     if kernel:  # chunks, recomputed prompts and decodes all read the pool in place through their block tables
         assert engine.runner.gathered_bytes == 0

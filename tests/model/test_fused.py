@@ -21,6 +21,7 @@ from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.quant.blocks import quantize
 from disagg_cli.model.quant.fused import FusedDecoder, fused_decoder, step_matmul
 from disagg_cli.model.quant.kernels import Kernel, argmax_rows, reference_matmul
+from disagg_cli.model.quant.methods import ByRows, CPacked, CQuant
 from disagg_cli.model.tokenizer import Tokenizer
 from tests.model.test_quant import _relative_error
 from tests.tiny_models import random_weights, write_gguf
@@ -148,8 +149,9 @@ def test_fused_decoder_says_why_not(tmp_path: Path, kernel: Kernel) -> None:
                                           bias=False)  # one matmul left to torch
     assert fused_decoder(dense.model, kernel) == (None, "the fused decode step needs every matmul quantized "
                                                         "(--quantization int8/int4) or float32 on the kernel's GEMM")
-    assert fused_decoder(dense.model, Kernel(None, "test: none"))[1] == "no C kernel"
-    assert LLMEngine(dense, EngineConfig(enable_prefix_caching=False)).runner.fused is None
+    on_torch = load_model(path, RuntimeConfig(dtype="float32", kernel="torch"), cache_dir=tmp_path)
+    runner = LLMEngine(on_torch, EngineConfig(enable_prefix_caching=False)).runner
+    assert runner.fused is None and runner.fused_reason == "the torch backend has no fused step"
     bf16 = load_model(path, RuntimeConfig(dtype="bfloat16"), cache_dir=tmp_path)
     assert fused_decoder(bf16.model, kernel) == (None, "the fused decode step needs float32 weights on the CPU")
 
@@ -189,16 +191,18 @@ def test_real_model_fused_int4_greedy_equals_the_torch_path(default_gguf: Path,
 
 
 def test_prompts_on_a_quantized_model_run_on_the_packed_float_tiles(tmp_path: Path) -> None:
+    """The backend hands the fused step's packed copy to each quantized linear at load: steps of 5+
+    rows multiply it as float tiles, fewer rows take the kernel's float-activation matmul."""
     lm = _tiny(tmp_path, "Q4_1", bias=True, tied=False)
-    engine = LLMEngine(lm, EngineConfig(block_size=4, kv_cache_tokens=256, enable_prefix_caching=False))
     qkv = lm.model.model.layers[0].self_attn.qkv_proj
-    assert qkv.packed is not None and qkv.bias is not None
+    assert isinstance(qkv.method, ByRows) and qkv.bias is not None
+    (five, packed), (zero, plain) = qkv.method.tiers
+    assert (five, zero) == (5, 0) and isinstance(packed, CPacked) and isinstance(plain, CQuant)
+    assert packed.fused is lm.execution.fused
     x = torch.randn(7, qkv.in_features)
     want = reference_matmul(x, qkv.weight_q) + qkv.bias
     assert _relative_error(qkv(x), want) < 1e-5  # float panels, bias added once
     assert _relative_error(qkv(x[:2]), want[:2]) < 1e-5  # under 5 rows: the float-activation kernel
-    engine.runner.fused = None  # the step gone, its packed weights go with it
-    assert qkv.packed(x) is None and _relative_error(qkv(x), want) < 1e-5
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])

@@ -31,12 +31,12 @@ def test_dtype_auto_per_cpu_capability(capability: str, flags: frozenset[str], e
 
 
 @pytest.mark.parametrize("role,kernel,expected", [
-    ("prefill", True, "bfloat16"),  # a prompt's GEMM: torch's native bf16 beat the kernel's float32
-    ("decode", True, "float32"),  # the fused decode step is float32
-    ("colocated", True, "float32"),
-    ("prefill", False, "bfloat16"), ("decode", False, "bfloat16"), ("colocated", False, "bfloat16"),
+    ("prefill", "c", "bfloat16"),  # a prompt's GEMM: torch's native bf16 beat the kernel's float32
+    ("decode", "c", "float32"),  # the fused decode step is float32
+    ("colocated", "c", "float32"),
+    ("prefill", "torch", "bfloat16"), ("decode", "torch", "bfloat16"), ("colocated", "torch", "bfloat16"),
 ])
-def test_dtype_auto_per_role_on_native_bf16(role: str, kernel: bool, expected: str) -> None:
+def test_dtype_auto_per_role_on_native_bf16(role: str, kernel: str, expected: str) -> None:
     zen4 = CPUInfo("AVX512", frozenset({"avx512f", "avx512_bf16", "avx512_vnni"}))
     choice = choose_dtype("auto", "cpu", zen4, role, kernel)
     assert choice.dtype == expected and "avx512_bf16" in choice.reason
@@ -59,22 +59,22 @@ def test_dtype_auto_on_gpus_and_as_asked() -> None:
 @pytest.mark.parametrize("role,expected,keep_dense,float_gemm", [
     ("prefill", "none", False, True), ("decode", "int4", False, False), ("colocated", "int4", True, True)])
 def test_quantization_auto_per_role(role: str, expected: str, keep_dense: bool, float_gemm: bool) -> None:
-    choice = choose_quantization("auto", role, "cpu", "C kernel built")
+    choice = choose_quantization("auto", role, "cpu", "c")
     assert (choice.quantization, choice.keep_dense, choice.float_gemm) == (expected, keep_dense, float_gemm)
     # asked for, float weights on the CPU take the kernel's GEMM too, wherever it built
-    assert choose_quantization("none", role, "cpu", "C kernel built").float_gemm
-    assert not choose_quantization("none", role, "cpu", None).float_gemm
-    assert not choose_quantization("none", role, "cuda", "C kernel built").float_gemm
+    assert choose_quantization("none", role, "cpu", "c").float_gemm
+    assert not choose_quantization("none", role, "cpu", "torch").float_gemm
+    assert not choose_quantization("none", role, "cuda", "c").float_gemm
 
 
 def test_quantization_auto_without_kernel_or_cpu_and_as_asked() -> None:
-    assert choose_quantization("auto", "decode", "cpu", None).quantization == "none"
-    assert not choose_quantization("auto", "prefill", "cpu", None).float_gemm  # no kernel, no kernel GEMM
-    assert choose_quantization("auto", "decode", "cuda", "built").quantization == "none"
-    asked = choose_quantization("int8", "prefill", "cpu", None)
+    assert choose_quantization("auto", "decode", "cpu", "torch").quantization == "none"
+    assert not choose_quantization("auto", "prefill", "cpu", "torch").float_gemm  # no kernel, no kernel GEMM
+    assert choose_quantization("auto", "decode", "cuda", "c").quantization == "none"
+    asked = choose_quantization("int8", "prefill", "cpu", "torch")
     assert (asked.quantization, asked.keep_dense) == ("int8", False) and "fallback" in asked.reason
     with pytest.raises(UsageError, match="CPU only"):
-        choose_quantization("int4", "decode", "cuda", "built")
+        choose_quantization("int4", "decode", "cuda", "c")
 
 
 def test_runtime_config_validates_and_resolves() -> None:
@@ -84,12 +84,12 @@ def test_runtime_config_validates_and_resolves() -> None:
     with pytest.raises(UsageError, match="--dtype must be one of auto, float32"):
         RuntimeConfig(dtype="fp8")
     resolved, dtype_reason, quant = resolve_runtime(
-        RuntimeConfig(quantization="auto"), "decode", CPUInfo("AVX2", NO_FLAGS), "built")
+        RuntimeConfig(quantization="auto"), "decode", CPUInfo("AVX2", NO_FLAGS), "c")
     assert (resolved.dtype, resolved.quantization, quant.keep_dense) == ("float32", "int4", False)
     assert "AVX2" in dtype_reason and "decode" in quant.reason
     zen4 = CPUInfo("AVX512", frozenset({"avx512_bf16"}))
     for role, dtype in (("prefill", "bfloat16"), ("decode", "float32")):
-        resolved, _, _ = resolve_runtime(RuntimeConfig(quantization="auto"), role, zen4, "built")
+        resolved, _, _ = resolve_runtime(RuntimeConfig(quantization="auto"), role, zen4, "c")
         assert resolved.dtype == dtype
-    resolved, _, _ = resolve_runtime(RuntimeConfig(), "decode", zen4, None)  # no kernel: torch's bf16
+    resolved, _, _ = resolve_runtime(RuntimeConfig(), "decode", zen4, "torch")  # torch backend: bf16
     assert resolved.dtype == "bfloat16"

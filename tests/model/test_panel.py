@@ -20,6 +20,7 @@ from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.quant.kernels import Kernel, pack_panels, unpack_panels
 from disagg_cli.model.quant.linear import QuantizedLinear
+from disagg_cli.model.quant.methods import ByRows, CFloatPanels
 from disagg_cli.model.quant.panel import PanelLinear
 from disagg_cli.model.tokenizer import Tokenizer
 from tests.model.test_quant import _relative_error
@@ -73,18 +74,6 @@ def _greedy(lm: LoadedModel, prompts: list[list[int]], n: int) -> list[list[int]
     return [out[f"r{i}"] for i in range(len(prompts))]
 
 
-def _torch_matmuls(lm: LoadedModel) -> None:
-    """Every PanelLinear of the model back to an nn.Linear on the same weights: torch's matmuls."""
-    for layer in lm.model.model.layers:
-        for owner in (layer.self_attn, layer.mlp):
-            for name, mod in list(owner.named_children()):
-                if isinstance(mod, PanelLinear):
-                    lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-                    lin.weight.data, lin.bias = mod.weight.clone(), (None if mod.bias is None else
-                                                                     torch.nn.Parameter(mod.bias.clone()))
-                    setattr(owner, name, lin)
-
-
 @pytest.mark.slow
 def test_float_weights_run_the_gemm_with_torchs_tokens(default_gguf: Path, default_model: LoadedModel,
                                                        default_tokenizer: Tokenizer) -> None:
@@ -94,8 +83,7 @@ def test_float_weights_run_the_gemm_with_torchs_tokens(default_gguf: Path, defau
     layer = default_model.model.model.layers[0]
     assert all(isinstance(m, PanelLinear) for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                     layer.mlp.gate_up_proj, layer.mlp.down_proj))
-    torch_lm = load_model(default_gguf, RuntimeConfig(dtype="float32", threads=2))
-    _torch_matmuls(torch_lm)
+    torch_lm = load_model(default_gguf, RuntimeConfig(dtype="float32", threads=2, kernel="torch"))
     assert isinstance(torch_lm.model.model.layers[0].mlp.down_proj, torch.nn.Linear)
     prompts = [default_tokenizer.encode(p) for p in AGREEMENT_PROMPTS[:3]]
     assert _greedy(default_model, prompts, 12) == _greedy(torch_lm, prompts, 12)
@@ -108,7 +96,9 @@ def test_float_weights_run_the_gemm_with_torchs_tokens(default_gguf: Path, defau
 def test_colocated_auto_runs_steps_of_many_rows_on_the_gemm(default_gguf: Path) -> None:
     lm = load_model(default_gguf, RuntimeConfig(dtype="float32", quantization="auto", threads=2), role="colocated")
     qkv = lm.model.model.layers[0].self_attn.qkv_proj
-    assert isinstance(qkv, QuantizedLinear) and isinstance(qkv.dense_gemm, PanelLinear) and qkv.dense is None
-    x = torch.randn(qkv.dense_min_rows, qkv.in_features, generator=torch.Generator().manual_seed(0))
-    want = F.linear(x, qkv.dense_gemm.weight, qkv.bias)
-    assert torch.equal(qkv(x), qkv.dense_gemm(x)) and _relative_error(qkv(x), want) < 1e-5
+    assert isinstance(qkv, QuantizedLinear) and isinstance(qkv.method, ByRows)
+    dense_min_rows, wide = qkv.method.tiers[0]
+    assert dense_min_rows == 64 and isinstance(wide, CFloatPanels)
+    x = torch.randn(dense_min_rows, qkv.in_features, generator=torch.Generator().manual_seed(0))
+    want = F.linear(x, wide.panels.weight, qkv.bias)
+    assert torch.equal(qkv(x), wide.panels(x)) and _relative_error(qkv(x), want) < 1e-5

@@ -11,17 +11,21 @@ import pytest
 import torch
 
 from disagg_cli.config import RuntimeConfig
+from disagg_cli.errors import UsageError
+from disagg_cli.model.backend import choose_backend
 from disagg_cli.model.loader import load_model
 from disagg_cli.model.quant.blocks import QuantizedWeight, concat_rows, from_gguf_blocks, quantize
+from disagg_cli.model.quant.build import SOURCE, KernelUnavailable, build_kernel
 from disagg_cli.model.quant.kernels import (
     Kernel,
-    build_kernel,
+    KernelBindingError,
+    bind,
     decode_attention,
-    load_kernel,
     matmul,
     reference_matmul,
 )
 from disagg_cli.model.quant.linear import QuantizedLinear
+from disagg_cli.model.quant.methods import TorchDequant
 from tests.model.test_weights import logits
 from tests.tiny_models import TINY, random_weights, write_gguf
 
@@ -52,8 +56,7 @@ def test_fallback_is_the_reference_and_quantization_is_close(kind: str) -> None:
     g = torch.Generator().manual_seed(3)
     w, x = torch.randn(40, 70, generator=g), torch.randn(6, 70, generator=g)
     q = quantize(w, kind)
-    no_kernel = Kernel(None, "test: no kernel")
-    assert torch.equal(matmul(no_kernel, x, q), torch.nn.functional.linear(x, q.dequantize()))
+    assert torch.equal(TorchDequant(q, None).apply(x), torch.nn.functional.linear(x, q.dequantize()))
     assert q.dequantize().shape == (40, 70)
     # Weight error bounds: half a step of the block's grid (range / 255 or / 15).
     step = (w.amax() - w.amin()) / (255 if kind == "int8" else 15)
@@ -107,17 +110,19 @@ def test_gguf_blocks_load_as_the_same_values(qtype: str, kind: str) -> None:
         assert wide.kind == "int8" and float((wide.dequantize() - values).abs().max()) < 1e-6
 
 
+@pytest.mark.parametrize("kernel", ["c", "torch"])
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
-def test_quantized_model_from_gguf_blocks_matches_requantized(tmp_path: Path, qtype: str) -> None:
+def test_quantized_model_from_gguf_blocks_matches_requantized(tmp_path: Path, qtype: str, kernel: str) -> None:
     cfg = dict(TINY, hidden_size=64, intermediate_size=96, head_dim=16)
     path = write_gguf(tmp_path / f"{qtype}.gguf", random_weights(seed=6, cfg=cfg), qtype=qtype, cfg=cfg)
     kind = "int8" if qtype == "Q8_0" else "int4"
-    lm = load_model(path, RuntimeConfig(dtype="float32", quantization=kind), cache_dir=tmp_path)
-    dense = load_model(path, RuntimeConfig(dtype="float32"))
+    lm = load_model(path, RuntimeConfig(dtype="float32", quantization=kind, kernel=kernel), cache_dir=tmp_path)
+    dense = load_model(path, RuntimeConfig(dtype="float32", kernel=kernel))
     # Every matmul is quantized, q/k rows un-permuted like the float weights: dequantized, they
     # equal the float model's (dequantized GGUF) weights exactly.
     qkv = lm.model.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, QuantizedLinear) and qkv.weight_q.kind == kind
+    assert isinstance(qkv.method, TorchDequant) if kernel == "torch" else "C quantized matmul" in qkv.method.name
     assert torch.equal(qkv.weight_q.dequantize(), dense.model.model.layers[0].self_attn.qkv_proj.weight)
     head = lm.model.lm_head
     assert isinstance(head, QuantizedLinear)
@@ -126,25 +131,57 @@ def test_quantized_model_from_gguf_blocks_matches_requantized(tmp_path: Path, qt
     assert _relative_error(logits(lm), logits(dense)) < 0.05
 
 
-def test_quantized_model_from_float_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kernel", ["c", "torch"])
+def test_quantized_model_from_float_weights(tmp_path: Path, kernel: str) -> None:
     path = write_gguf(tmp_path / "f32.gguf", random_weights(seed=7))
-    dense = load_model(path, RuntimeConfig(dtype="float32"))
+    dense = load_model(path, RuntimeConfig(dtype="float32", kernel=kernel))
     for kind in ("int8", "int4"):
-        lm = load_model(path, RuntimeConfig(dtype="float32", quantization=kind), cache_dir=tmp_path)
+        lm = load_model(path, RuntimeConfig(dtype="float32", quantization=kind, kernel=kernel), cache_dir=tmp_path)
+        assert lm.backend.name == kernel
         assert lm.runtime.quantization == kind
         assert lm.num_parameters == dense.num_parameters
         tolerance = 0.03 if kind == "int8" else 0.25
         assert _relative_error(logits(lm), logits(dense)) < tolerance, kind
 
 
-def test_build_failure_falls_back_to_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_c_without_a_compiler_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one case where the compiler is taken away: `--kernel c` stops with the reason and what to
+    do, `auto` says it takes torch and why, and `torch` never looks for a compiler."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(KernelUnavailable, match="failed to run"):
         build_kernel(tmp_path)
-    k = load_kernel(tmp_path)
-    assert not k.available and "torch dequantize fallback" in k.reason
-    q = quantize(torch.ones(3, 32), "int8")
-    assert torch.allclose(matmul(k, torch.ones(2, 32), q), torch.full((2, 3), 32.0))
+    with pytest.raises(UsageError) as e:
+        choose_backend("c", "cpu", tmp_path)
+    message = str(e.value)
+    assert "\n" not in message and "--kernel c" in message and "no-such-compiler" in message
+    assert "--kernel torch" in message  # what to do
+    auto = choose_backend("auto", "cpu", tmp_path)
+    assert auto.name == "torch" and auto.kernel is None and "cannot be built" in auto.reason
+    assert choose_backend("torch", "cpu", tmp_path).kernel is None
+    path = write_gguf(tmp_path / "m.gguf", random_weights(seed=3))
+    with pytest.raises(UsageError, match="--kernel c"):
+        load_model(path, RuntimeConfig(kernel="c"), cache_dir=tmp_path)
+
+
+def test_kernel_c_on_another_device_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="CPU only"):
+        choose_backend("c", "cuda", tmp_path)
+    assert choose_backend("auto", "cuda", tmp_path).name == "torch"
+
+
+def test_bindings_are_checked_against_the_source(kernel: Kernel) -> None:
+    """A table that drifted from kernel.c is a clear error at load, not a crash at the first call."""
+    source = SOURCE.read_text()
+    bind(kernel.lib, source)  # as shipped: they agree
+    fewer = source.replace("float *y, int nthreads) {\n    dq_model *m", "float *y) {\n    dq_model *m")
+    assert fewer != source
+    with pytest.raises(KernelBindingError, match=r"dq_model_matmul: kernel.c defines \(pointer, int, int, "
+                                                 r"pointer, int, pointer\) -> int"):
+        bind(kernel.lib, fewer)
+    with pytest.raises(KernelBindingError, match="defines no dq_argmax_rows"):
+        bind(kernel.lib, source.replace("void dq_argmax_rows(", "void dq_argmax_rows_renamed("))
+    with pytest.raises(TypeError):  # and ctypes checks each call's argument count
+        kernel.lib.dq_model_matmul(None, 0, 0, None, 1, None)
 
 
 def test_quantized_w_kind_is_checked() -> None:

@@ -11,19 +11,21 @@ It takes the model as `quantize_model` left it (float32 on the CPU, every decode
 head a `QuantizedLinear` with the C kernel), or as `use_float_gemm` left it (every matmul and the
 head a float32 `PanelLinear`, multiplied on the kernel's GEMM at any batch size). For quantized
 weights, below 5 rows its matmuls round activations to int16 per block of 32; from 5 rows they
-widen a panel-ordered copy of the quants to float and multiply it on the GEMM's tiles, exactly, and
-lend that to the model's `QuantizedLinear`s for their own steps of 5+ rows (`packed`). Logits agree
-with the torch path to ~1e-4 relative.
-`fused_decoder(model, kernel)` says why not when the model is not of that shape.
+widen a panel-ordered copy of the quants to float and multiply it on the GEMM's tiles, exactly; the
+backend gives the model's `QuantizedLinear`s that copy for their own steps of 5+ rows at load
+(`methods.CPacked`). Logits agree with the torch path to ~1e-4 relative.
+`fused_decoder(model, kernel)` says why not when the model is not of that shape. It is built once
+per loaded model; its scratch is shared, so a step holds a lock (one engine thread calls it).
 """
 
 from __future__ import annotations
 
-import weakref
+import threading
 
 import torch
+from torch import nn
 
-from disagg_cli.model.llama import LlamaForCausalLM
+from disagg_cli.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from disagg_cli.model.quant.blocks import QuantizedWeight
 from disagg_cli.model.quant.kernels import Kernel
 from disagg_cli.model.quant.linear import QuantizedLinear
@@ -32,17 +34,27 @@ from disagg_cli.model.quant.panel import PanelLinear
 _WHICH = {"qkv": 0, "o": 1, "gate_up": 2, "down": 3, "head": 4}
 
 
-def fused_decoder(model: LlamaForCausalLM, kernel: Kernel | None) -> tuple[FusedDecoder | None, str]:
+def matmuls(model: LlamaForCausalLM) -> list[tuple[int, str, nn.Module]]:
+    """(layer, which, module) of every matmul the step runs; the head is layer -1."""
+    out: list[tuple[int, str, nn.Module]] = []
+    for i, layer in enumerate(model.model.layers):
+        assert isinstance(layer, LlamaDecoderLayer)
+        a, mlp = layer.self_attn, layer.mlp
+        for which, mod in (("qkv", a.qkv_proj), ("o", a.o_proj), ("gate_up", mlp.gate_up_proj),
+                           ("down", mlp.down_proj)):
+            assert mod is not None, "fuse_projections runs first"
+            out.append((i, which, mod))
+    assert model.lm_head is not None
+    return out + [(-1, "head", model.lm_head)]
+
+
+def fused_decoder(model: LlamaForCausalLM, kernel: Kernel) -> tuple[FusedDecoder | None, str]:
     """The fused step for this model, or None and the reason it cannot have one."""
-    if kernel is None or kernel.lib is None:
-        return None, "no C kernel"
     emb = model.model.embed_tokens.weight
     if emb.dtype != torch.float32 or emb.device.type != "cpu":
         return None, "the fused decode step needs float32 weights on the CPU"
-    mods = [model.lm_head]
-    for layer in model.model.layers:
-        mods += [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
-    if not (all(isinstance(m, QuantizedLinear) and m.kernel is kernel for m in mods)
+    mods = [m for _, _, m in matmuls(model)]
+    if not (all(isinstance(m, QuantizedLinear) for m in mods)
             or all(isinstance(m, PanelLinear) and m.kernel is kernel for m in mods)):
         return None, ("the fused decode step needs every matmul quantized (--quantization int8/int4) or "
                       "float32 on the kernel's GEMM")
@@ -51,9 +63,9 @@ def fused_decoder(model: LlamaForCausalLM, kernel: Kernel | None) -> tuple[Fused
 
 class FusedDecoder:
     def __init__(self, model: LlamaForCausalLM, kernel: Kernel) -> None:
-        assert kernel.lib is not None
         self.lib = kernel.lib
-        self.model = model
+        self.rotary = model.rotary
+        self._lock = threading.Lock()
         c = model.config
         self.vocab_size = c.vocab_size
         self._handle = self.lib.dq_model_new(c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
@@ -66,12 +78,11 @@ class FusedDecoder:
         self._keep: list[torch.Tensor] = [model.model.embed_tokens.weight, model.model.norm.weight]
         self._out: dict[tuple[int, str], int] = {}  # output features of each weight
         for i, layer in enumerate(model.model.layers):
-            a, mlp = layer.self_attn, layer.mlp
+            assert isinstance(layer, LlamaDecoderLayer)
             self._norms(i, layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
-            for which, mod in (("qkv", a.qkv_proj), ("o", a.o_proj), ("gate_up", mlp.gate_up_proj),
-                               ("down", mlp.down_proj)):
-                self._weight(i, which, mod)
-        self._weight(-1, "head", model.lm_head)
+        for i, which, mod in matmuls(model):
+            assert isinstance(mod, QuantizedLinear | PanelLinear)
+            self._weight(i, which, mod)
 
     def _norms(self, layer: int, norm_in: torch.Tensor, norm_post: torch.Tensor) -> None:
         for t in (norm_in, norm_post):
@@ -100,16 +111,10 @@ class FusedDecoder:
                                           w.m.data_ptr(), None if bias is None else bias.data_ptr())
         if rc != 0:
             raise ValueError(f"the fused decode step refused the {which} weight of layer {layer}")
-        me = weakref.ref(self)
-
-        def packed(x: torch.Tensor) -> torch.Tensor | None:
-            fused = me()
-            return None if fused is None else fused.matmul(layer, which, x)
-
-        mod.packed = packed
 
     def matmul(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) · Wᵀ + b with one of the model's weights as the step holds it (repacked)."""
+        """x (M, K) · Wᵀ + b with one of the model's weights as the step holds it (repacked); from
+        5 rows (float tiles) it needs no scratch, so it runs beside a step without the lock."""
         x = x.contiguous()
         y = torch.empty(x.shape[0], self._out[(layer, which)], dtype=torch.float32)
         rc = self.lib.dq_model_matmul(self._handle, layer, _WHICH[which], x.data_ptr(), x.shape[0], y.data_ptr(),
@@ -133,15 +138,17 @@ class FusedDecoder:
         b = len(tokens)
         assert keys.dtype == values.dtype == torch.float32 and keys.is_contiguous() and values.is_contiguous()
         assert block_table.dtype == torch.int32 and block_table.is_contiguous() and block_table.shape[0] == b
-        rotary = self.model.rotary
-        rotary.ensure(max(positions))
+        rotary = self.rotary
         tok = torch.tensor(tokens, dtype=torch.int32)
         pos = torch.tensor(positions, dtype=torch.int32)
         logits = torch.empty(b, self.vocab_size, dtype=torch.float32)
-        rc = self.lib.dq_decode_step(self._handle, b, tok.data_ptr(), pos.data_ptr(), block_table.data_ptr(),
-                                     block_table.shape[1], block_size, keys.data_ptr(), values.data_ptr(),
-                                     keys[0].numel(), rotary.cos_table.data_ptr(), rotary.sin_table.data_ptr(),
-                                     torch.get_num_threads(), logits.data_ptr(), None)
+        with self._lock:  # the model's scratch is one per load
+            rotary.ensure(max(positions))
+            rc = self.lib.dq_decode_step(self._handle, b, tok.data_ptr(), pos.data_ptr(), block_table.data_ptr(),
+                                         block_table.shape[1], block_size, keys.data_ptr(), values.data_ptr(),
+                                         keys[0].numel(), rotary.cos_table.data_ptr(),
+                                         rotary.sin_table.data_ptr(), torch.get_num_threads(), logits.data_ptr(),
+                                         None)
         if rc == -2:
             raise ValueError(f"a token id is outside the vocabulary of {self.vocab_size}")
         if rc == -3:
@@ -154,7 +161,6 @@ class FusedDecoder:
 def step_matmul(kernel: Kernel, x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
     """x (M, K) · wᵀ as the fused step computes it (its repacked weight, int16-rounded activations
     below QPANEL_MIN_ROWS rows, float panels from there): for tests and measurements."""
-    assert kernel.lib is not None
     lib = kernel.lib
     x = x.float().contiguous()
     m, k = x.shape

@@ -33,8 +33,6 @@
 #define ROW_TILE 4   /* activation rows sharing one unpacked weight block */
 #define N_CHUNK 16   /* output rows per OpenMP work item */
 
-int dq_version(void) { return 9; }
-
 int dq_has_vnni(void) {
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
     return 1;

@@ -1,14 +1,12 @@
-"""The quantized matmul: `kernel.c` built at first use and called through ctypes, or a torch fallback.
+"""The C kernel's entry points, bound through one typed table and checked against the source at load.
 
-1. `load_kernel(cache_dir)` compiles `kernel.c` with the system C compiler (`-O3 -march=native
-   -pthread`) into `<cache>/kernels/<hash>/libdisaggq.so`, the hash covering the source, the
-   compiler's version and the CPU's flags, so a new CPU or compiler gets its own build and a
-   fresh clone needs nothing beyond `pip install -e .`;
-2. the build goes to a temporary name and is renamed into place, so workers starting together
-   never load a half-written file;
-3. when there is no compiler, the build fails, or the library will not load, `load_kernel`
-   returns a `Kernel` whose `lib` is None and whose `reason` says why: `matmul` then dequantizes
-   and calls `F.linear`, which gives the same numbers within float rounding (slower, never wrong).
+`load_kernel(cache_dir)` builds `kernel.c` (`build.py`), loads it with ctypes and binds every entry
+point of `SIGNATURES`: each must exist in the library, and its argument count, argument kinds and
+result kind must equal the definition's in `kernel.c` (parsed from the very source that was built),
+so a table that drifted from the C raises `KernelBindingError` naming the function, instead of
+crashing the process on the first call. ctypes then checks every call's argument count and types.
+The thin wrappers below (`matmul`, `gemm`, `decode_attention`, `argmax_rows`) are what the linear
+methods, the attention and the engine call.
 
 The fused decode step runs on the library's own small thread pool rather than OpenMP's fork/join,
 whose end-of-region barrier waits for every thread: on cores shared with other work that made 2
@@ -19,12 +17,7 @@ OpenMP's threads, torch's own, where the compiler has OpenMP (`-fopenmp`; kernel
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,78 +25,88 @@ import torch
 import torch.nn.functional as F
 
 from disagg_cli.model.quant.blocks import QuantizedWeight
+from disagg_cli.model.quant.build import SOURCE, KernelUnavailable, build_kernel, build_key, compiler
 
-SOURCE = Path(__file__).with_name("kernel.c")
-LIB_NAME = "libdisaggq.so"
+_P, _I, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+CType = type[ctypes.c_void_p] | type[ctypes.c_int] | type[ctypes.c_int64] | type[ctypes.c_float]
+
+# name → (argument types, result type or None for void): every function Python calls.
+SIGNATURES: dict[str, tuple[tuple[CType, ...], CType | None]] = {
+    "dq_has_openmp": ((), _I),
+    "dq_has_avx2": ((), _I),
+    "dq_has_vnni": ((), _I),
+    # kind, x, ldx, M, K, wq, wd, wm, N, y, ldy, nthreads, act_int8
+    "dq_matmul": ((_I, _P, _I64, _I, _I, _P, _P, _P, _I, _P, _I64, _I, _I), _I),
+    # q, keys, values, block_table, max_blocks, seq_lens, B, H, KV, hd, block_size, scale, out, nthreads
+    "dq_decode_attention": ((_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F, _P, _I), _I),
+    # x, ldx, M, K, panels, N, bias, y, ldy, nthreads
+    "dq_gemm_f32": ((_P, _I64, _I, _I, _P, _I, _P, _P, _I64, _I), _I),
+    # logits, B, n, ld, out
+    "dq_argmax_rows": ((_P, _I, _I64, _I64, _P), None),
+    # L, D, H, KV, hd, F, V, eps, embed, norm_final
+    "dq_model_new": ((_I, _I, _I, _I, _I, _I, _I, _F, _P, _P), _P),
+    "dq_model_free": ((_P,), None),
+    # model, layer, which, kind, N, K, qs, d, mins, bias
+    "dq_model_set_weight": ((_P, _I, _I, _I, _I, _I, _P, _P, _P, _P), _I),
+    # model, layer, which, N, K, panels, bias
+    "dq_model_set_float_weight": ((_P, _I, _I, _I, _I, _P, _P), _I),
+    # model, layer, norm_in, norm_post
+    "dq_model_set_norms": ((_P, _I, _P, _P), _I),
+    # model, layer, which, x, M, y, nthreads
+    "dq_model_matmul": ((_P, _I, _I, _P, _I, _P, _I), _I),
+    # model, B, tokens, positions, block_table, max_blocks, block_size, keys, values, layer_stride,
+    # cos, sin, nthreads, logits, hidden
+    "dq_decode_step": ((_P, _I, _P, _P, _P, _I, _I, _P, _P, _I64, _P, _P, _I, _P, _P), _I),
+}
+_KIND_NAMES = {_P: "pointer", _I: "int", _I64: "int64_t", _F: "float", None: "void"}
+
+
+class KernelBindingError(RuntimeError):
+    """`SIGNATURES` disagrees with kernel.c: a bug in this package, not in the machine."""
+
+
+def _c_kind(decl: str) -> CType | None:
+    """The ctypes kind of one C parameter or result declaration (its name, if any, ignored)."""
+    decl = decl.strip()
+    if "*" in decl:
+        return _P
+    words = decl.replace("const ", "").split()
+    if words[0] == "void":
+        return None
+    kinds: dict[str, CType] = {"int": _I, "int64_t": _I64, "float": _F}
+    return kinds[words[0]]
+
+
+def c_signatures(source: str) -> dict[str, tuple[tuple[CType | None, ...], CType | None]]:
+    """Every `dq_*` function defined in the C source: name → (argument kinds, result kind)."""
+    out: dict[str, tuple[tuple[CType | None, ...], CType | None]] = {}
+    for m in re.finditer(r"^(int|void \*|void)\s*(dq_\w+)\(([^)]*)\)\s*\{", source, re.M):
+        params = [p for p in m.group(3).split(",") if p.strip() and p.strip() != "void"]
+        out[m.group(2)] = (tuple(_c_kind(p) for p in params), _c_kind(m.group(1)))
+    return out
+
+
+def _describe(args: tuple[CType | None, ...], result: CType | None) -> str:
+    return f"({', '.join(_KIND_NAMES[a] for a in args)}) -> {_KIND_NAMES[result]}"
+
+
+def bind(lib: ctypes.CDLL, source: str) -> None:
+    """Give each entry point of `SIGNATURES` its ctypes types, after checking them against `source`."""
+    defined = c_signatures(source)
+    for name, (args, result) in SIGNATURES.items():
+        if name not in defined:
+            raise KernelBindingError(f"kernel.c defines no {name}(), which kernels.SIGNATURES binds")
+        if defined[name] != (args, result):
+            raise KernelBindingError(f"{name}: kernel.c defines {_describe(*defined[name])}, kernels.SIGNATURES "
+                                     f"says {_describe(args, result)}; make them agree")
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = list(args), result
 
 
 @dataclass(frozen=True)
 class Kernel:
-    lib: ctypes.CDLL | None
-    reason: str  # what was built or why nothing was
-    has_vnni: bool = False  # built with AVX-VNNI / AVX512-VNNI integer dot products
-
-    @property
-    def available(self) -> bool:
-        return self.lib is not None
-
-
-def cpu_flags() -> str:
-    """The CPU's feature flags (Linux /proc/cpuinfo), or the machine name where there is none."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-
-
-def _build_key(cc: str, source: bytes) -> str:
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        version = ""
-    h = hashlib.sha256(source)
-    for part in (version, cpu_flags(), platform.machine()):
-        h.update(part.encode())
-    return h.hexdigest()[:16]
-
-
-def build_kernel(cache_dir: Path) -> Path:
-    """Compile (or find the cached build of) the kernel library; raise RuntimeError with the reason."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    source = SOURCE.read_bytes()
-    out_dir = cache_dir / "kernels" / _build_key(cc, source)
-    lib = out_dir / LIB_NAME
-    if lib.is_file():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
-    os.close(fd)
-    base = [cc, "-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=gnu11", str(SOURCE), "-o", tmp, "-lm"]
-    # With OpenMP first (the work between torch's ops then runs on torch's own OpenMP threads), and
-    # without it where the compiler has none (a clang without libomp): the library's own pool then.
-    for cmd in (base[:4] + ["-fopenmp"] + base[4:], base):
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as e:
-            os.unlink(tmp)
-            raise RuntimeError(f"{cc} failed to run: {e}") from e
-        if done.returncode == 0:
-            break
-    if done.returncode != 0:
-        os.unlink(tmp)
-        first = (done.stderr.strip().splitlines() or ["no output"])[0]
-        raise RuntimeError(f"{' '.join(cmd[:5])} … exited {done.returncode}: {first}")
-    os.replace(tmp, lib)
-    return lib
+    lib: ctypes.CDLL  # every SIGNATURES entry bound and checked
+    reason: str  # what was built: SIMD, dot products, threads
 
 
 # Kernels this process has loaded, by build key: a second cache directory (tests, a bench loading
@@ -112,66 +115,34 @@ _LOADED: dict[str, Kernel] = {}
 
 
 def load_kernel(cache_dir: Path) -> Kernel:
-    """The compiled kernel, or a `Kernel` without one that says why (the torch fallback runs then)."""
-    cc = _compiler()
-    key = _build_key(cc, SOURCE.read_bytes()) if cc else None
-    if key in _LOADED:
+    """The compiled kernel, bound; raise KernelUnavailable saying why it cannot be had."""
+    cc = compiler()
+    source = SOURCE.read_bytes()
+    key = build_key(cc, source) if cc else None
+    if key is not None and key in _LOADED:
         return _LOADED[key]
+    path = build_kernel(cache_dir)
     try:
-        path = build_kernel(cache_dir)
         lib = ctypes.CDLL(str(path))
-    except (RuntimeError, OSError) as e:
-        return Kernel(None, f"C kernel unavailable ({e}); using the torch dequantize fallback")
-    lib.dq_matmul.restype = ctypes.c_int
-    lib.dq_matmul.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                              ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-    lib.dq_decode_attention.restype = ctypes.c_int
-    lib.dq_decode_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int] * 5 + [
-        ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-    lib.dq_gemm_f32.restype = ctypes.c_int
-    lib.dq_gemm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
-    lib.dq_argmax_rows.restype = None
-    lib.dq_argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    _declare_fused_step(lib)
-    vnni = bool(lib.dq_has_vnni())
+    except OSError as e:
+        raise KernelUnavailable(f"the built kernel {path} does not load: {e}") from e
+    bind(lib, source.decode())
     simd = "AVX2" if lib.dq_has_avx2() else "scalar"
-    how = "VNNI" if vnni else ("maddubs" if simd == "AVX2" else "scalar")
+    how = "VNNI" if lib.dq_has_vnni() else ("maddubs" if simd == "AVX2" else "scalar")
     threads = "OpenMP" if lib.dq_has_openmp() else "its own threads"
     kernel = Kernel(lib, f"C kernel built for this CPU ({simd}, int8 dot products by {how}, -march=native, "
-                         f"{threads})", vnni)
+                         f"{threads})")
     if key is not None:
         _LOADED[key] = kernel
     return kernel
 
 
-def _declare_fused_step(lib: ctypes.CDLL) -> None:
-    """The ctypes signatures of the whole-step entry points (`fused.py` calls them)."""
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.dq_model_new.restype = p
-    lib.dq_model_new.argtypes = [i] * 7 + [f, p, p]
-    lib.dq_model_free.restype = None
-    lib.dq_model_free.argtypes = [p]
-    lib.dq_model_set_weight.restype = i
-    lib.dq_model_set_weight.argtypes = [p, i, i, i, i, i, p, p, p, p]
-    lib.dq_model_set_float_weight.restype = i
-    lib.dq_model_set_float_weight.argtypes = [p, i, i, i, i, p, p]
-    lib.dq_model_set_norms.restype = i
-    lib.dq_model_set_norms.argtypes = [p, i, p, p]
-    lib.dq_model_matmul.restype = i
-    lib.dq_model_matmul.argtypes = [p, i, i, p, i, p, i]
-    lib.dq_decode_step.restype = i
-    lib.dq_decode_step.argtypes = [p, i, p, p, p, i, i, p, p, ctypes.c_int64, p, p, i, p, p]
-
-
-def matmul(kernel: Kernel | None, x: torch.Tensor, w: QuantizedWeight, act_int8: bool = False) -> torch.Tensor:
-    """x (M, K) float → x · wᵀ (M, N) float32, with the C kernel when there is one.
+def matmul(kernel: Kernel, x: torch.Tensor, w: QuantizedWeight, act_int8: bool = False) -> torch.Tensor:
+    """x (M, K) float on the CPU → x · wᵀ (M, N) float32 on the C kernel.
 
     act_int8: round x to int8 blocks first and use integer dot products (llama.cpp's way; faster
     where the CPU has VNNI, less exact); otherwise x stays float32."""
-    if kernel is None or kernel.lib is None or x.device.type != "cpu":
-        return reference_matmul(x, w)
+    assert x.device.type == "cpu", "the C kernel multiplies CPU tensors"
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         x = x.float().contiguous()
     m, n = x.shape[0], w.out_features
@@ -204,7 +175,7 @@ def unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
 
 def gemm(kernel: Kernel, x: torch.Tensor, panels: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x (M, K) float32 on the CPU · Wᵀ + bias → (M, N) float32, W packed by `pack_panels`."""
-    assert kernel.lib is not None and panels.dtype == torch.float32 and panels.is_contiguous()
+    assert panels.dtype == torch.float32 and panels.is_contiguous()
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -224,7 +195,7 @@ def decode_attention(kernel: Kernel, q: torch.Tensor, keys: torch.Tensor, values
     q (B, H, hd) float32; keys/values (slots, KV, hd) float32 of one layer; block_table (B, max
     blocks) int32; seq_lens (B,) int32 keys per sequence, the new one included → (B, H, hd).
     """
-    assert kernel.lib is not None and q.dtype == keys.dtype == torch.float32
+    assert q.dtype == keys.dtype == torch.float32
     assert block_table.dtype == seq_lens.dtype == torch.int32 and keys.is_contiguous() and values.is_contiguous()
     q = q.contiguous()
     b, h, hd = q.shape
@@ -240,7 +211,7 @@ def decode_attention(kernel: Kernel, q: torch.Tensor, keys: torch.Tensor, values
 def argmax_rows(kernel: Kernel | None, logits: torch.Tensor) -> list[int]:
     """The greedy token of each row of logits (B, V): torch.argmax's answer, first index of the
     largest, read at memory speed by the kernel where there is one (float32 on the CPU)."""
-    if (kernel is None or kernel.lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32
+    if (kernel is None or logits.device.type != "cpu" or logits.dtype != torch.float32
             or logits.dim() != 2 or logits.stride(1) != 1):
         return logits.argmax(dim=-1).tolist()
     out = torch.empty(logits.shape[0], dtype=torch.int64)

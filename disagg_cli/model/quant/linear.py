@@ -15,68 +15,33 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from disagg_cli.model.hardware import DENSE_MIN_ROWS
 from disagg_cli.model.quant.blocks import QuantizedWeight, concat_rows, from_gguf_blocks, quantize
-from disagg_cli.model.quant.kernels import Kernel, matmul
-from disagg_cli.model.quant.panel import PanelLinear
+from disagg_cli.model.quant.methods import LinearMethod
 
-# From this many rows the fused step's quantized panels run as exact float GEMM tiles (kernel.c
-# QPANEL_MIN_ROWS), faster than widening each block per row: prompts on a decode worker, mixed steps.
-PACKED_MIN_ROWS = 5
+# The backend's choice of method for one weight: (quantized weight, bias, the float weight when kept
+# too, whether that float weight is shared with the embedding) → the method (`methods.py`).
+MethodFor = Callable[[QuantizedWeight, torch.Tensor | None, torch.Tensor | None, bool], LinearMethod]
 
 
 class QuantizedLinear(nn.Module):
-    """y = x · Wᵀ + b with W held as int8/int4 blocks; optionally the float W too, for big batches."""
+    """y = x · Wᵀ + b with W held as int8/int4 blocks, multiplied by the method picked at load."""
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, kernel: Kernel | None,
-                 dense: torch.Tensor | None = None, dense_min_rows: int = DENSE_MIN_ROWS,
-                 dense_gemm: PanelLinear | None = None) -> None:
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, method: LinearMethod) -> None:
         super().__init__()
         self.weight_q = weight
-        self.kernel = kernel
         self.bias: torch.Tensor | None
         self.register_buffer("bias", bias, persistent=False)
-        self.dense: torch.Tensor | None
-        self.register_buffer("dense", dense, persistent=False)
-        # or the float weights as the kernel's GEMM panels (bias included)
-        self.dense_gemm = dense_gemm
-        self.dense_min_rows = dense_min_rows
+        self.method = method  # replaced once at load when the fused step's packed weights exist
         self.in_features, self.out_features = weight.in_features, weight.out_features
-        # Set by the fused decode step (`fused.py`) while it lives: its repacked copy of this weight
-        # multiplied as float panels (bias included), for steps of PACKED_MIN_ROWS rows or more that
-        # do not take the float weights; it returns None once that step is gone.
-        self.packed: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.dense_gemm is not None and rows >= self.dense_min_rows:
-            return self.dense_gemm(x)
-        if self.dense is not None and rows >= self.dense_min_rows:
-            return F.linear(x, self.dense, self.bias)
-        packed = self.packed
-        if packed is not None and rows >= PACKED_MIN_ROWS and x.dtype == torch.float32:
-            y = packed(x)
-            if y is not None:
-                return y
-        # Float activations on every CPU, never int8-rounded (VNNI's one-instruction dot product):
-        # that parts greedy text from float32's within ~30 tokens (`quantize_row16` in kernel.c) and
-        # made one model's numbers differ between AVX2 and VNNI machines.
-        y = matmul(self.kernel, x, self.weight_q)  # (N, out) float32
-        if self.bias is not None:
-            y += self.bias
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
-
-    @property
-    def has_float(self) -> bool:
-        """Float weights are kept too, for steps of dense_min_rows rows or more."""
-        return self.dense is not None or self.dense_gemm is not None
+        y = self.method.apply(x)  # (N, out)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features} → {self.out_features}, {self.weight_q.kind}, "
-                f"kernel={'C' if self.kernel and self.kernel.available else 'torch'}, dense={self.has_float}")
+        return f"{self.in_features} → {self.out_features}, {self.weight_q.kind}, {self.method.name}"
 
 
 # GGUF raw blocks under HF names: name → (GGML type name, raw rows (N, row bytes)), rows already in HF order.
@@ -100,8 +65,9 @@ def _group(names: list[str], weights: list[torch.Tensor], kind: str, blocks: Blo
     return concat_rows(parts)
 
 
-def quantize_model(model: nn.Module, kind: str, blocks: Blocks, kernel: Kernel | None, keep_dense: bool) -> None:
-    """Replace the fused model's matmuls (and lm_head) by `QuantizedLinear`s of `kind`, in place."""
+def quantize_model(model: nn.Module, kind: str, blocks: Blocks, method_for: MethodFor, keep_dense: bool) -> None:
+    """Replace the fused model's matmuls (and lm_head) by `QuantizedLinear`s of `kind`, in place, each
+    multiplied by `method_for`'s choice; keep_dense: their float weights are kept too."""
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}."
         a, mlp = layer.self_attn, layer.mlp
@@ -109,29 +75,23 @@ def quantize_model(model: nn.Module, kind: str, blocks: Blocks, kernel: Kernel |
         qkv = a.qkv_proj.weight
         split = qkv.split((h * hd, kv * hd, kv * hd))
         names = [p + f"self_attn.{x}_proj.weight" for x in "qkv"]
-        a.qkv_proj = _module(_group(names, list(split), kind, blocks), a.qkv_proj, kernel, keep_dense)
+        a.qkv_proj = _module(_group(names, list(split), kind, blocks), a.qkv_proj, method_for, keep_dense)
         a.o_proj = _module(_weight(p + "self_attn.o_proj.weight", a.o_proj.weight, kind, blocks), a.o_proj,
-                           kernel, keep_dense)
+                           method_for, keep_dense)
         gate_up = mlp.gate_up_proj.weight.split(mlp.intermediate_size)
         names = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-        mlp.gate_up_proj = _module(_group(names, list(gate_up), kind, blocks), mlp.gate_up_proj, kernel, keep_dense)
+        mlp.gate_up_proj = _module(_group(names, list(gate_up), kind, blocks), mlp.gate_up_proj, method_for, keep_dense)
         mlp.down_proj = _module(_weight(p + "mlp.down_proj.weight", mlp.down_proj.weight, kind, blocks),
-                                mlp.down_proj, kernel, keep_dense)
+                                mlp.down_proj, method_for, keep_dense)
     if model.lm_head is None:
         emb = model.model.embed_tokens.weight
-        model.lm_head = QuantizedLinear(_weight("model.embed_tokens.weight", emb, kind, blocks), None, kernel,
-                                        emb if keep_dense else None)
+        w = _weight("model.embed_tokens.weight", emb, kind, blocks)
+        model.lm_head = QuantizedLinear(w, None, method_for(w, None, emb if keep_dense else None, True))
     else:
         model.lm_head = _module(_weight("lm_head.weight", model.lm_head.weight, kind, blocks), model.lm_head,
-                                kernel, keep_dense)
+                                method_for, keep_dense)
 
 
-def _module(w: QuantizedWeight, old: nn.Linear, kernel: Kernel | None, keep_dense: bool) -> QuantizedLinear:
+def _module(w: QuantizedWeight, old: nn.Linear, method_for: MethodFor, keep_dense: bool) -> QuantizedLinear:
     bias = None if old.bias is None else old.bias.detach()
-    if not keep_dense:
-        return QuantizedLinear(w, bias, kernel)
-    weight = old.weight.detach()
-    if kernel is not None and kernel.available and weight.dtype == torch.float32 and weight.device.type == "cpu":
-        # the float copy as the kernel's GEMM panels (see panel.py), not torch's matmul
-        return QuantizedLinear(w, bias, kernel, dense_gemm=PanelLinear(weight, bias, kernel))
-    return QuantizedLinear(w, bias, kernel, weight)
+    return QuantizedLinear(w, bias, method_for(w, bias, old.weight.detach() if keep_dense else None, False))

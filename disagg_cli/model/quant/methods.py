@@ -1,0 +1,130 @@
+"""Linear methods: the code that multiplies one weight, picked per weight at load (vLLM's `quant_method`).
+
+A `QuantizedLinear` holds one method and its forward is one call into it. The backend
+(`model/backend.py`) picks them when the model loads and says which in `extra_repr`:
+- `TorchDequant`: the torch fallback, dequantize then one float32 matmul (exact, slower);
+- `CQuant`: the C kernel's quantized matmul, float activations (never int8-rounded: that parted
+  greedy text from float32's within ~30 tokens and made numbers differ between AVX2 and VNNI CPUs);
+- `CPacked`: the fused decode step's panel-ordered copy of the weight, widened to float and run on
+  the GEMM's tiles (exact; faster than the above from `PACKED_MIN_ROWS` rows: prompts on a decode
+  worker, mixed steps). The fused step owns that copy; the method holds the step;
+- `TorchFloat` / `CFloatPanels`: float weights kept beside the quantized ones (colocated workers),
+  on torch's matmul or the kernel's GEMM, for steps of many rows (prefill is compute-bound);
+- `ByRows`: the methods above by the step's row count, thresholds fixed at load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from disagg_cli.model.quant.blocks import QuantizedWeight
+from disagg_cli.model.quant.kernels import Kernel, matmul, reference_matmul
+from disagg_cli.model.quant.panel import PanelLinear
+
+if TYPE_CHECKING:
+    from disagg_cli.model.quant.fused import FusedDecoder
+
+# From this many rows the fused step's quantized panels run as exact float GEMM tiles (kernel.c
+# QPANEL_MIN_ROWS), faster than widening each block per row.
+PACKED_MIN_ROWS = 5
+
+
+class LinearMethod(Protocol):
+    @property
+    def name(self) -> str:
+        """What multiplies the weight, as `extra_repr` shows it."""
+        ...
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) → x · Wᵀ + b (M, N), float32 (or x's dtype for a float weight)."""
+        ...
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is not None:
+        y += bias
+    return y
+
+
+@dataclass(frozen=True, eq=False)
+class TorchDequant:
+    weight: QuantizedWeight
+    bias: torch.Tensor | None
+    name: str = "dequantized on torch"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return _add_bias(reference_matmul(x, self.weight), self.bias)
+
+
+@dataclass(frozen=True, eq=False)
+class CQuant:
+    kernel: Kernel
+    weight: QuantizedWeight
+    bias: torch.Tensor | None
+    name: str = "C quantized matmul"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return _add_bias(matmul(self.kernel, x, self.weight), self.bias)
+
+
+@dataclass(frozen=True, eq=False)
+class CPacked:
+    fused: FusedDecoder
+    layer: int  # -1: the head
+    which: str  # "qkv", "o", "gate_up", "down" or "head"
+    name: str = "C packed float tiles"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused.matmul(self.layer, self.which, x)  # bias included
+
+
+@dataclass(frozen=True, eq=False)
+class TorchFloat:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    name: str = "float on torch"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass(frozen=True, eq=False)
+class CFloatPanels:
+    panels: PanelLinear
+    name: str = "float on the C GEMM"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return self.panels(x)
+
+
+@dataclass(frozen=True, eq=False)
+class ByRows:
+    """The first method whose minimum row count the step reaches; the last one's is 0."""
+
+    tiers: tuple[tuple[int, LinearMethod], ...]  # (min rows, method), min rows descending
+
+    def __post_init__(self) -> None:
+        mins = [m for m, _ in self.tiers]
+        assert mins == sorted(mins, reverse=True) and mins[-1] == 0, mins
+
+    @property
+    def name(self) -> str:
+        return ", ".join(f"{m.name} from {n} rows" if n else m.name for n, m in self.tiers)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        for min_rows, method in self.tiers:
+            if rows >= min_rows:
+                return method.apply(x)
+        raise AssertionError("the last tier takes every row count")
+
+
+def with_tier(method: LinearMethod, min_rows: int, faster: LinearMethod) -> LinearMethod:
+    """`method`, with `faster` for steps from `min_rows` up to the next tier above it."""
+    tiers = list(method.tiers) if isinstance(method, ByRows) else [(0, method)]
+    tiers.append((min_rows, faster))
+    return ByRows(tuple(sorted(tiers, key=lambda t: -t[0])))
