@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 
 WAITING_STATES = ("queued", "reserving")  # not yet past the decode worker's memory check
 DRAIN_TIMEOUT_S = 60.0
+# A normalizer may merge a few characters into one (NFC composes a base and its marks), so a
+# token covers at most this many times its own length of the text as given.
+MAX_CHARS_MERGED_BY_NORMALIZER = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,7 @@ class CoordinatorService:
         self.tokenizer: Tokenizer | None = None
         self.model_path: Path | None = None
         self.context_limit = sys.maxsize
+        self.max_prompt_chars = sys.maxsize  # longer texts cannot fit the context (see `prepare`)
         self.topology: ClusterConfig | None = None  # what is started here; None: workers elsewhere
         self.coordinator: Coordinator | None = None
         self.cluster: LocalCluster | None = None
@@ -126,6 +130,11 @@ class CoordinatorService:
         self.context_limit = context_length(self.model_path) or sys.maxsize
         self.topology = topology
         self.tokenizer = load_tokenizer(tokenizer_path)
+        if self.context_limit != sys.maxsize:
+            # No token covers more text than its own (byte-level) string: a longer text is refused
+            # at once, not after seconds of tokenizing (a 1M-token prompt took 12 s).
+            longest = max(map(len, self.tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
+            self.max_prompt_chars = self.context_limit * longest * MAX_CHARS_MERGED_BY_NORMALIZER
 
     async def start(self) -> None:
         from disagg_cli.coordinator.client import Coordinator
@@ -206,8 +215,19 @@ class CoordinatorService:
     # --- requests ----------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """The model's token ids of `text`; BOS first where the model wants one, unless told not to."""
-        return self._tok.encode(text, add_bos=None if add_special_tokens else False)
+        """The model's token ids of `text`; BOS first where the model wants one, unless told not to.
+        A text longer than the context could hold is refused before it is tokenized. Tokenizing
+        releases the GIL, so a caller on the event loop hands this to a thread and the loop runs on."""
+        if len(text) > self.max_prompt_chars:
+            raise InvalidPromptError(f"the prompt is {len(text)} characters long, more than this model's context "
+                                     f"of {self.context_limit} tokens can hold ({self.max_prompt_chars} characters "
+                                     "at most, whatever they tokenize to); shorten it")
+        tok = self._tok
+        # tokenizers' `encode` (under `Tokenizer.encode`) holds the GIL to the end; `encode_batch` lets it go.
+        ids: list[int] = tok.backend.encode_batch([text], add_special_tokens=False)[0].ids
+        if add_special_tokens and tok.add_bos and tok.bos_token_id is not None:
+            ids.insert(0, tok.bos_token_id)
+        return ids
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
         self._check_ids(token_ids)
