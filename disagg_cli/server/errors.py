@@ -24,7 +24,8 @@ RETRY_AFTER_S = 1
 
 # The class names OpenAI's SDK raises per status, as vLLM puts them in `type`.
 _TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
-          500: "InternalServerError", 503: "ServiceUnavailableError"}
+          413: "RequestTooLargeError", 500: "InternalServerError", 503: "ServiceUnavailableError"}
+MAX_ECHOED_INPUT_CHARS = 200  # of a refused value quoted back in a message
 # A failed request's reason code (coordinator) → HTTP status, for errors before any byte was sent.
 _FAILURE_STATUS = {"too-long": 400, "rejected": 400, "no-worker": 503, "draining": 503, "shutdown": 503}
 
@@ -50,7 +51,8 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def from_service_error(e: DisaggError) -> APIError:
+def from_service_error(e: DisaggError, param: str | None = None) -> APIError:
+    """The service's refusal as an HTTP error; `param`: the field a refused prompt came from."""
     if isinstance(e, QueueFullError | UnavailableError):
         return APIError(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, DrainingError):
@@ -58,7 +60,7 @@ def from_service_error(e: DisaggError) -> APIError:
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), param="max_tokens")
     if isinstance(e, UsageError):
-        return APIError(400, str(e))
+        return APIError(400, str(e), param)
     return APIError(500, str(e))
 
 
@@ -80,7 +82,8 @@ def install_handlers(app: FastAPI) -> None:
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
         # 400, not FastAPI's 422: OpenAI's and vLLM's answer to a body that does not parse or fit.
         errors = e.errors()
-        first = errors[0] if errors else {}
+        # Of a union's failed members, the one our own check refused says the most.
+        first = next((x for x in errors if x.get("type") == "value_error"), errors[0] if errors else {})
         # pydantic names the union member that failed last ("prompt.str"); the field is the rest.
         loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _is_type_tag(str(x))]
         param = ".".join(loc) or None
@@ -88,9 +91,12 @@ def install_handlers(app: FastAPI) -> None:
             message = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
             param = None
         elif param:
-            message = f"{param}: {first.get('msg', 'invalid value')}"
+            message = f"{param}: {str(first.get('msg', 'invalid value')).removeprefix('Value error, ')}"
             if "input" in first and first["type"] != "missing":
-                message += f" (got {first['input']!r})"
+                got = repr(first["input"])  # repr escapes a lone surrogate, which JSON could not encode
+                if len(got) > MAX_ECHOED_INPUT_CHARS:
+                    got = got[:MAX_ECHOED_INPUT_CHARS] + f"… ({len(got)} characters)"
+                message += f" (got {got})"
         else:
             message = str(first.get("msg", "invalid request"))
         return APIError(400, message, param).response()

@@ -2,6 +2,8 @@
 
 Requests tolerate unknown fields (OpenAI clients send `user`, `frequency_penalty`, …); values are
 checked where they become `SamplingParams` (`server/params.py`), so every refusal names its field.
+Text is checked here: JSON may carry a lone surrogate (`"\\ud800"`), which no UTF-8 tokenizer, wire
+or response can hold, so a field holding one is a 400 naming it.
 Responses are plain dicts in OpenAI's shapes (`text_completion`, `chat.completion`, their chunks),
 with our per-request figures under `disagg`.
 """
@@ -12,11 +14,30 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @field_validator("*")
+    @classmethod
+    def _encodable(cls, value: Any) -> Any:
+        _check_utf8(value)
+        return value
+
+
+def _check_utf8(value: Any) -> None:
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"holds a lone surrogate ({value[e.start]!r} at character {e.start}), which "
+                                 "UTF-8 cannot encode; send valid Unicode text") from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_utf8(item)
 
 
 class StreamOptions(_Lenient):
