@@ -21,6 +21,7 @@ from disagg_cli.cli_options import (
 )
 from disagg_cli.cli_options import disagg_threshold as parse_threshold
 from disagg_cli.config import Deadlines
+from disagg_cli.server.limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUED_REQUESTS
 from disagg_cli.worker_settings import WorkerSettings
 
 
@@ -33,8 +34,11 @@ def serve(
         help="Name(s) clients use in `model` (repeatable; default: --model).")] = None,
     api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 routes.",
                                                 envvar="DISAGG_API_KEY")] = None,
-    max_queued_requests: Annotated[int | None, typer.Option(
-        help="Answer 503 (Retry-After) while this many requests wait for decode memory.")] = None,
+    max_queued_requests: Annotated[int, typer.Option(
+        help="Answer 503 (Retry-After) while this many requests wait for decode memory.",
+    )] = DEFAULT_MAX_QUEUED_REQUESTS,
+    max_body_bytes: Annotated[int, typer.Option(
+        help="Answer 413 to a request body larger than this, without reading it.")] = DEFAULT_MAX_BODY_BYTES,
     disagg_threshold: DisaggThresholdOpt = "0",
     prefill: Annotated[list[str] | None, typer.Option(help="Address (host:port) of a running prefill worker; "
                                                       "repeatable. Needs --decode.")] = None,
@@ -69,7 +73,8 @@ def serve(
     from disagg_cli.server.app import ServerConfig
     from disagg_cli.server.run import run_server
 
-    server = ServerConfig(host=host, port=port, served_model_names=tuple(served_model_name or ()), api_key=api_key)
+    server = ServerConfig(host=host, port=port, served_model_names=tuple(served_model_name or ()), api_key=api_key,
+                          max_body_bytes=max_body_bytes)
     service = ServiceConfig(
         model=model, cache_dir=cache_dir(),
         runtime=settings.runtime(), engine=settings.engine(),

@@ -2,8 +2,9 @@
 
 Routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`, `POST /tokenize`,
 `POST /detokenize` (these take the Bearer key when one is set), and `GET /health`, `GET /version`,
-`GET /metrics` (open, as vLLM's are, for load balancers and Prometheus). The handlers only
-translate: the service tokenizes, checks limits and runs the requests.
+`GET /metrics`, `GET /openapi.json` (open, as vLLM's are, for load balancers, Prometheus and
+client generators). The handlers only translate: the service tokenizes (in a thread), checks
+limits and runs the requests. A body past `max_body_bytes` is refused with 413 before it is read.
 """
 
 from __future__ import annotations
@@ -19,17 +20,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from disagg_cli import __version__
 from disagg_cli.coordinator.service import CoordinatorService
-from disagg_cli.errors import DisaggError, UsageError
+from disagg_cli.errors import UsageError
 from disagg_cli.server.access_log import AccessLog
+from disagg_cli.server.body_limit import BodyLimit
 from disagg_cli.server.completions import create_chat_completion, create_completion
-from disagg_cli.server.errors import APIError, from_service_error, install_handlers
+from disagg_cli.server.errors import APIError, install_handlers
+from disagg_cli.server.limits import DEFAULT_MAX_BODY_BYTES
 from disagg_cli.server.metrics import ServerMetrics
+from disagg_cli.server.prompts import chat_prompt, off_loop
 from disagg_cli.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
-    message_dicts,
 )
 
 
@@ -40,8 +43,11 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()  # empty: the model's name as given
     api_key: str | None = None
     access_log: bool = True  # one line per request on stderr (off a terminal)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise UsageError(f"--max-body-bytes must be at least 1, got {self.max_body_bytes}")
         if not 0 <= self.port < 65536:
             raise UsageError(f"--port must be 1-65535 (or 0 for any free port), got {self.port}")
         if self.api_key == "":
@@ -79,11 +85,12 @@ def create_app(service: CoordinatorService, config: ServerConfig, model_name: st
     names = config.served_model_names or (model_name,)
     created = int(time.time())
     metrics = ServerMetrics(service, names[0])
-    app = FastAPI(title="disagg", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="disagg", version=__version__, docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.service = service
     app.state.metrics = metrics
     app.state.api_key = config.api_key
     install_handlers(app)
+    app.add_middleware(BodyLimit, max_body_bytes=config.max_body_bytes)  # inside the access log, which logs its 413s
     if config.access_log:
         app.add_middleware(AccessLog)
 
@@ -112,23 +119,18 @@ def create_app(service: CoordinatorService, config: ServerConfig, model_name: st
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, _: Auth) -> dict[str, object]:
         model_of(body.model)
-        if (body.prompt is None) == (body.messages is None):
+        if body.prompt is not None and body.messages is None:
+            ids = await off_loop("prompt", service.tokenize, body.prompt, body.add_special_tokens)
+        elif body.messages is not None and body.prompt is None:
+            ids = await chat_prompt(service, body.messages, body.add_generation_prompt, body.add_special_tokens)
+        else:
             raise APIError(400, "give exactly one of prompt or messages", "prompt")
-        try:
-            text = (body.prompt if body.prompt is not None else
-                    service.render_chat(message_dicts(body.messages or []), body.add_generation_prompt))
-            ids = service.tokenize(text, body.add_special_tokens)
-        except DisaggError as e:
-            raise from_service_error(e) from None
         return {"count": len(ids), "max_model_len": service.context_limit, "tokens": ids, "token_strs": None}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, _: Auth) -> dict[str, object]:
         model_of(body.model)
-        try:
-            return {"prompt": service.detokenize(body.tokens)}
-        except DisaggError as e:
-            raise from_service_error(e) from None
+        return {"prompt": await off_loop("tokens", service.detokenize, body.tokens)}
 
     @app.get("/health")
     async def health() -> Response:

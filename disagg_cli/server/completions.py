@@ -1,16 +1,20 @@
 """`POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed, as vLLM answers them.
 
-1. the body's fields become `SamplingParams` (`params.py`) and token ids (the service tokenizes;
-   chat goes through the model's own chat template first);
+1. the body's fields become `SamplingParams` (`params.py`) and token ids (the service tokenizes,
+   in a thread: `prompts.py`; chat goes through the model's own chat template first);
 2. `prompts × n` choices are submitted at once (`streams.py`): a refusal is an error response;
-3. whole: every choice collected, one object with `usage`; a choice that failed makes the whole
-   answer an error. Streamed: a chunk per delta with text, the finishing chunk of each choice
-   with our figures under `disagg`, a usage chunk when `stream_options.include_usage`, then
-   `[DONE]`; a failure mid-stream is an error event, then `[DONE]`.
+3. whole: every choice collected, one object with `usage` (built in a thread: logprobs decode
+   every token); a choice that failed makes the whole answer an error. Streamed: a chunk per
+   delta with text (chat: the first chunk of a choice, with its first token, carries the role, as
+   vLLM's does, so a client's TTFT clock stops at the real first token), the finishing chunk of
+   each choice with our figures under `disagg`, a usage chunk when
+   `stream_options.include_usage`, then `[DONE]`; a failure mid-stream is an error event, then
+   `[DONE]`.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,8 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from disagg_cli.coordinator.service import CoordinatorService
 from disagg_cli.coordinator.stream import Delta
-from disagg_cli.errors import DisaggError
-from disagg_cli.server.errors import from_failure, from_service_error
+from disagg_cli.server.errors import from_failure
 from disagg_cli.server.logprobs import chat_logprobs, completion_logprobs
 from disagg_cli.server.params import (
     chat_logprobs_count,
@@ -29,12 +32,12 @@ from disagg_cli.server.params import (
     prompts_of,
     sampling_params,
 )
+from disagg_cli.server.prompts import chat_prompt, completion_prompts
 from disagg_cli.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ResponseHead,
     disagg_figures,
-    message_dicts,
     usage,
 )
 from disagg_cli.server.streams import SSE_DONE, Choice, collect, merged, sse, submit_choices
@@ -46,12 +49,7 @@ ChunkChoice = Callable[[int, Delta], dict[str, Any] | None]
 async def create_completion(req: CompletionRequest, model: str, service: CoordinatorService,
                             request: Request) -> JSONResponse | StreamingResponse:
     params = completion_params(req)
-    try:
-        prompts = [service.tokenize(p) if isinstance(p, str) else p for p in prompts_of(req)]
-        echo = [(p if isinstance(p, str) else service.detokenize(ids)) if req.echo else ""
-                for p, ids in zip(prompts_of(req), prompts, strict=True)]
-    except DisaggError as e:
-        raise from_service_error(e) from None
+    prompts, echo = await completion_prompts(service, prompts_of(req), params.max_tokens, req.echo)
     streams = submit_choices(service, prompts, params, req.n)
     head = ResponseHead("cmpl", model)
     num_prompt_tokens = sum(len(p) for p in prompts)
@@ -74,25 +72,25 @@ async def create_completion(req: CompletionRequest, model: str, service: Coordin
                 "stop_reason": None}
 
     if req.stream:
-        return _stream(head, "text_completion", streams, chunk_choice, None, num_prompt_tokens, req)
+        return _stream(head, "text_completion", streams, chunk_choice, num_prompt_tokens, req)
     choices = await collect(streams, request)
     _raise_failure(choices)
-    body = head.body("text_completion", choices=[
-        {"index": i, "text": echo[i // req.n] + "".join(c.text),
-         "logprobs": completion_logprobs(service.detokenize, c.token_ids, c.logprobs, len(echo[i // req.n]))
-         if params.logprobs is not None else None,
-         "finish_reason": _last(c).finish_reason, "stop_reason": None}
-        for i, c in enumerate(choices)])
-    return _whole(body, choices, num_prompt_tokens)
+
+    def whole() -> JSONResponse:
+        body = head.body("text_completion", choices=[
+            {"index": i, "text": echo[i // req.n] + "".join(c.text),
+             "logprobs": completion_logprobs(service.detokenize, c.token_ids, c.logprobs, len(echo[i // req.n]))
+             if params.logprobs is not None else None,
+             "finish_reason": _last(c).finish_reason, "stop_reason": None}
+            for i, c in enumerate(choices)])
+        return _whole(body, choices, num_prompt_tokens)
+
+    return await asyncio.to_thread(whole)
 
 
 async def create_chat_completion(req: ChatCompletionRequest, model: str, service: CoordinatorService,
                                  request: Request) -> JSONResponse | StreamingResponse:
-    try:
-        prompt = service.render_chat(message_dicts(req.messages), req.add_generation_prompt)
-        ids = service.tokenize(prompt)
-    except DisaggError as e:
-        raise from_service_error(e) from None
+    ids = await chat_prompt(service, req.messages, req.add_generation_prompt)
     params = sampling_params(req, chat_max_tokens(req, service.context_limit - len(ids)), chat_logprobs_count(req))
     streams = submit_choices(service, [ids], params, req.n)
     head = ResponseHead("chatcmpl", model)
@@ -100,8 +98,11 @@ async def create_chat_completion(req: ChatCompletionRequest, model: str, service
     _note(request, streams)
 
     def chunk_choice(index: int, delta: Delta) -> dict[str, Any] | None:
-        if delta.is_last:
-            body: dict[str, Any] = {"content": delta.text} if delta.text else {}
+        if index not in started:  # the choice's first token: its role goes with it, never before
+            started.add(index)
+            body: dict[str, Any] = {"role": "assistant", "content": delta.text}
+        elif delta.is_last:
+            body = {"content": delta.text} if delta.text else {}
         elif delta.text or delta.logprobs:
             body = {"content": delta.text}
         else:
@@ -109,34 +110,29 @@ async def create_chat_completion(req: ChatCompletionRequest, model: str, service
         logprobs = chat_logprobs(service.detokenize, delta.token_ids, delta.logprobs) if delta.logprobs else None
         return {"index": index, "delta": body, "logprobs": logprobs, "finish_reason": delta.finish_reason}
 
-    def first_chunks() -> list[dict[str, Any]]:  # vLLM opens every choice with the role
-        started.update(range(len(streams)))
-        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                for i in range(len(streams))]
-
     if req.stream:
-        return _stream(head, "chat.completion.chunk", streams, chunk_choice, first_chunks, len(ids), req)
+        return _stream(head, "chat.completion.chunk", streams, chunk_choice, len(ids), req)
     choices = await collect(streams, request)
     _raise_failure(choices)
-    body = head.body("chat.completion", choices=[
-        {"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
-         "logprobs": chat_logprobs(service.detokenize, c.token_ids, c.logprobs) if params.logprobs is not None
-         else None,
-         "finish_reason": _last(c).finish_reason}
-        for i, c in enumerate(choices)])
-    return _whole(body, choices, len(ids))
+
+    def whole() -> JSONResponse:
+        body = head.body("chat.completion", choices=[
+            {"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
+             "logprobs": chat_logprobs(service.detokenize, c.token_ids, c.logprobs) if params.logprobs is not None
+             else None,
+             "finish_reason": _last(c).finish_reason}
+            for i, c in enumerate(choices)])
+        return _whole(body, choices, len(ids))
+
+    return await asyncio.to_thread(whole)
 
 
-def _stream(head: ResponseHead, obj: str, streams: list[Any], chunk_choice: ChunkChoice,
-            first_chunks: Callable[[], list[dict[str, Any]]] | None, num_prompt_tokens: int,
+def _stream(head: ResponseHead, obj: str, streams: list[Any], chunk_choice: ChunkChoice, num_prompt_tokens: int,
             req: CompletionRequest | ChatCompletionRequest) -> StreamingResponse:
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
         completion_tokens = 0
-        if first_chunks is not None:
-            for choice in first_chunks():
-                yield sse(head.body(obj, choices=[choice]))
         async for index, delta in merged(streams):
             completion_tokens += len(delta.token_ids)
             if delta.error is not None:

@@ -33,3 +33,13 @@ def test_a_port_in_use_is_refused_before_any_worker_starts() -> None:
 ])
 def test_bad_flags_are_one_line_errors(args: list[str], fragment: str) -> None:
     assert_one_line_error(disagg("serve", *args, timeout=60), fragment)
+
+
+def test_serve_bounds_bodies_and_the_queue_by_default() -> None:
+    # One request once queued 32,000 choices, and a 100 MB body was read whole: both are bounded
+    # unless a flag says otherwise.
+    proc = disagg("serve", "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "--max-queued-requests <int> Answer 503" in text and "[default: 1024]" in text
+    assert "--max-body-bytes <int> Answer 413" in text and f"[default: {8 * 1024 * 1024}]" in text
