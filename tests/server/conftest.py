@@ -1,4 +1,5 @@
-"""`disagg serve` as a subprocess on a free 127.0.0.1 port, and an in-process engine to compare with.
+"""`disagg serve` as a subprocess on a free 127.0.0.1 port, an in-process engine to compare with,
+and the check of an answer in OpenAI's error shape.
 
 Each test module starts one server (module-scoped) and reuses it; the server is stopped with
 SIGTERM (its one exit path, which also stops its workers) and must exit 0.
@@ -79,6 +80,17 @@ def running_server(log_dir: Path, model: Path, *args: str) -> Iterator[Server]:
             raise AssertionError(f"disagg serve did not stop within {STOP_TIMEOUT_S:.0f} s:\n{server.log_text()}") \
                 from None
     assert code == 0, f"disagg serve exited with {code}:\n{server.log_text()}"
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None, words: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == status
+    assert body["error"]["type"] == {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                                     503: "ServiceUnavailableError"}[status]
+    assert body["error"]["param"] == param
+    assert words in body["error"]["message"], body["error"]["message"]
 
 
 def engine_output(model: LoadedModel, tokenizer: Tokenizer, prompt_ids: list[int], params: SamplingParams,

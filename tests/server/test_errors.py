@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import Server, running_server
+from tests.server.conftest import Server, assert_error, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -41,17 +41,6 @@ def http(server: Server) -> Iterator[httpx.Client]:
         ok = c.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
         assert ok.status_code == 200, ok.text
         assert ok.json()["usage"]["completion_tokens"] == 1
-
-
-def assert_error(response: httpx.Response, status: int, param: str | None, words: str) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["code"] == status
-    assert body["error"]["type"] == {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                                     503: "ServiceUnavailableError"}[status]
-    assert body["error"]["param"] == param
-    assert words in body["error"]["message"], body["error"]["message"]
 
 
 def test_malformed_json_is_400(http: httpx.Client) -> None:

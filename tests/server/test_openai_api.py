@@ -8,8 +8,6 @@ import http.client
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,63 +232,6 @@ def test_logprobs_agree_with_the_in_process_engine(client: openai.OpenAI, defaul
     assert len(content) == chat.usage.completion_tokens
     assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
     assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)  # greedy
-
-
-def test_top_logprobs_always_hold_the_sampled_token(client: openai.OpenAI) -> None:
-    # At temperature 1.5 most sampled tokens are outside the top 2 (logprobs are of the raw logits);
-    # OpenAI and vLLM list the sampled token among the top ones anyway: up to k + 1 entries.
-    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=1.5, seed=7, logprobs=2,
-                                    extra_body={"ignore_eos": True})
-    lp = got.choices[0].logprobs
-    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
-    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
-        assert token in top and 2 <= len(top) <= 3, (token, top)
-        assert top[token] == pytest.approx(logprob)
-    assert any(len(top) == 3 for top in lp.top_logprobs)  # a sampled token outside the top 2 was added
-    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=1.5, seed=7,
-                                          logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
-    content = chat.choices[0].logprobs.content
-    assert len(content) == 24
-    for c in content:
-        assert c.token in [t.token for t in c.top_logprobs] and 2 <= len(c.top_logprobs) <= 3, c
-    assert any(len(c.top_logprobs) == 3 for c in content)
-
-
-def test_chat_stream_sends_the_role_with_the_first_token(client: openai.OpenAI, default_model: LoadedModel,
-                                                         default_tokenizer: Tokenizer) -> None:
-    # vLLM sends the role with the first token, and clients such as `vllm bench serve --backend
-    # openai-chat` stop their TTFT clock at the first chunk: a role chunk sent at once measured
-    # 26 ms where the first token took 225 ms or more. Here each choice's first chunk carries the
-    # role and its first token's text, and no chunk before it exists.
-    ids = default_tokenizer.encode(default_tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True))
-    ref = engine_output(default_model, default_tokenizer, ids, SamplingParams(max_tokens=6, ignore_eos=True))
-    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=6, n=2,
-                                                 temperature=0, stream=True, extra_body={"ignore_eos": True}))
-    for index in (0, 1):
-        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
-        assert mine[0].delta.role == "assistant" and mine[0].delta.content, mine[0]
-        assert ref.text.startswith(mine[0].delta.content)
-        assert all(c.delta.role is None for c in mine[1:])
-        assert "".join(c.delta.content or "" for c in mine) == ref.text
-
-
-@pytest.mark.parametrize("backend", ["openai", "openai-chat"])
-def test_bench_serve_against_the_url_counts_what_the_server_counts(server: Server, default_gguf: Path,
-                                                                   backend: str) -> None:
-    generated = ("disagg:generation_tokens_total", (("model_name", MODEL),))
-    before = server.metrics()[generated]
-    proc = subprocess.run([sys.executable, "-m", "disagg_cli", "bench", "serve", "--base-url", server.url,
-                           "--backend", backend, "--model", MODEL, "--tokenizer", str(default_gguf),
-                           "--num-prompts", "3", "--random-input-len", "16", "--random-output-len", "4",
-                           "--ignore-eos", "--json"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
-    assert (result["backend"], result["base_url"]) == (backend, server.url)
-    assert (result["completed"], result["total_output_tokens"]) == (3, 12)
-    assert result["output_lens"] == [4, 4, 4] and len(result["ttfts"]) == 3
-    assert all(len(itls) <= 3 for itls in result["itls"])  # a gap between text chunks; 4 tokens at most 4 chunks
-    assert result["disagg"]["kv"]["raw_bytes"] > 0  # from the server's own `disagg` figures
-    assert server.metrics()[generated] - before == 12
 
 
 def _rx_queued(server_port: int, client_port: int) -> int:
