@@ -23,6 +23,12 @@ QUANTIZATIONS = ("none", "int8", "int4", "auto")  # weight-only; auto: what is f
 KERNELS = ("auto", "c", "torch")  # the execution backend (model/backend.py); auto: c wherever it builds
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_LOGPROBS = 20  # OpenAI's limit on top alternatives per token
+# Below this a temperature is greedy: dividing logits by 1e-40 overflows them to inf, and
+# torch.multinomial refuses the NaN probabilities that follow (issue 24).
+MIN_TEMPERATURE = 1e-5
+# What `torch.Generator.manual_seed` accepts; a seed outside fails in the worker, not at the edge.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_TOP_K = 2**63 - 1  # torch.topk's k is an int64
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +100,8 @@ class RuntimeConfig:
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How one request picks tokens and when it stops. temperature 0 means greedy."""
+    """How one request picks tokens and when it stops. temperature 0 (or below `MIN_TEMPERATURE`)
+    means greedy."""
 
     max_tokens: int = 128
     temperature: float = 0.0
@@ -114,14 +121,16 @@ class SamplingParams:
             raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise UsageError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise UsageError(f"--top-k must be between 0 (off) and {MAX_TOP_K}, got {self.top_k}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise UsageError(f"--seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {self.seed}")
         if any(s == "" for s in self.stop):
             raise UsageError("--stop strings must not be empty")
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 @dataclass(frozen=True, slots=True)
