@@ -8,7 +8,13 @@ Life of a request in the engine:
    `enable_prefix_caching`), and reports `TokenEvent`s;
 3. a sequence finishes on EOS, `max_tokens`, `abort()` (a stop string seen by the caller, a client
    gone), or, in a `prefill_only` engine, right after its first token, where the caller may
-   `export_kv` before `release`; its blocks return to the pool.
+   `export_kv` before `release`; its blocks return to the pool;
+4. or it fails: an exception in sampling its token fails it alone, one in the model's step (no
+   row to blame) every sequence of that step; each is aborted (blocks freed) and listed with the
+   reason for the caller's `take_failures()`, and the engine goes on with the others.
+
+Token ids from outside (prompts, an imported first token) are checked against the vocabulary
+where they enter (`add_*` raise `ValueError`), as the model's embedding would index past its table.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from disagg_cli.config import EngineConfig, SamplingParams
@@ -58,6 +63,8 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.samplers: dict[str, Sampler] = {}
         self.last_step = StepStats()
+        self.failures: list[tuple[str, str]] = []  # (request id, why) failed in steps, for take_failures
+        self.step_request_ids: list[str] = []  # whom the current (or last) step scheduled
 
     # --- requests in ----------------------------------------------------------------------------
 
@@ -67,6 +74,7 @@ class LLMEngine:
             raise ValueError(f"request {request_id} is already in the engine")
         if not prompt_ids:
             raise ValueError(f"request {request_id} has an empty prompt")
+        self.check_token_ids(request_id, prompt_ids, "prompt_ids")
         seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), params,
                        frozenset() if params.ignore_eos else eos_ids)
         self.scheduler.add(seq)
@@ -92,6 +100,7 @@ class LLMEngine:
         """Join a sequence prefilled elsewhere: its KV (already placed layer by layer with
         `import_kv_layer`, or given here whole) fills its reserved blocks; decoding continues from
         `first_token`. Returns a finish event when that first token already ends it."""
+        self.check_token_ids(request_id, [*prompt_ids, first_token], "prompt_ids and first_token")
         if request_id not in self.pool.tables:
             self.pool.reserve(request_id, len(prompt_ids))
         if kv is not None:
@@ -121,6 +130,7 @@ class LLMEngine:
         tokens of the reservation are not computed again."""
         if request_id in self.seqs:
             raise ValueError(f"request {request_id} is already in the engine")
+        self.check_token_ids(request_id, prompt_ids, "prompt_ids")
         table = self.pool.tables[request_id]
         cached = table.num_shared * self.pool.block_size
         self.pool.rewind(request_id, cached)
@@ -141,6 +151,13 @@ class LLMEngine:
         return {"cached_blocks": self.pool.num_cached, "prefix_queried_tokens": c.queried_tokens,
                 "prefix_hit_tokens": c.hit_tokens, "prefix_evicted_blocks": c.evicted_blocks}
 
+    def check_token_ids(self, request_id: str, token_ids: list[int], what: str) -> None:
+        """Raise `ValueError` unless every id indexes the model's vocabulary."""
+        vocab = self.lm.config.vocab_size
+        if bad := [t for t in token_ids if not 0 <= t < vocab][:1]:
+            raise ValueError(f"request {request_id}: {what} holds token id {bad[0]}, outside the vocabulary "
+                             f"0..{vocab - 1}")
+
     # --- what roles ask of a request ---------------------------------------------------------------
 
     def has_request(self, request_id: str) -> bool:
@@ -160,15 +177,14 @@ class LLMEngine:
     def sampler_state(self, request_id: str) -> bytes | None:
         """The request's random generator state (seeded sampling), for a decode worker to go on from."""
         sampler = self.samplers.get(request_id)
-        if sampler is None or sampler.generator is None:
-            return None
-        return bytes(sampler.generator.get_state().numpy().tobytes())
+        return None if sampler is None else sampler.state_bytes()
 
     def set_sampler_state(self, request_id: str, state: bytes) -> None:
-        """Continue a request's seeded sampling from the state its prefill engine left."""
+        """Continue a request's seeded sampling from the state its prefill engine left; a state torch
+        cannot load raises `ValueError` (and leaves the request as it was)."""
         sampler = self.samplers.get(request_id)
-        if sampler is not None and sampler.generator is not None:
-            sampler.generator.set_state(torch.from_numpy(np.frombuffer(state, dtype=np.uint8).copy()))
+        if sampler is not None:
+            sampler.load_state(state)
 
     @property
     def num_blocks(self) -> int:
@@ -205,17 +221,25 @@ class LLMEngine:
 
     def step(self, on_layer: LayerHook | None = None) -> list[TokenEvent]:
         t0 = time.perf_counter()
+        self.step_request_ids = []
         out = self.scheduler.schedule()
+        self.step_request_ids = [item.seq.request_id for item in out.scheduled]
         if not out.scheduled:
             self.last_step = StepStats(num_preempted=len(out.preempted))
             return []
-        logits = self.runner.execute(out.scheduled, on_layer)
+        try:
+            logits = self.runner.execute(out.scheduled, on_layer)
+            # Every greedy row's token in one pass over the logits (one call instead of one per row).
+            greedy = (argmax_rows(self.runner.kernel, logits) if any(
+                self.samplers[i.seq.request_id].params.is_greedy for i in out.scheduled if i.samples) else [])
+        except Exception as e:  # the batch's rows cannot be trusted, nor one of them blamed
+            for rid in self.step_request_ids:
+                self.fail(rid, f"the model step failed: {type(e).__name__}: {e}")
+            self.last_step = StepStats(num_preempted=len(out.preempted), elapsed_ms=(time.perf_counter() - t0) * 1e3)
+            return []
         events: list[TokenEvent] = []
         row = 0
         stats = StepStats(num_preempted=len(out.preempted))
-        # Every greedy row's token in one pass over the logits (one call instead of one per row).
-        greedy = (argmax_rows(self.runner.kernel, logits)
-                  if any(self.samplers[i.seq.request_id].params.is_greedy for i in out.scheduled if i.samples) else [])
         for item in out.scheduled:
             seq = item.seq
             samples = item.samples  # read before num_computed_tokens moves
@@ -228,9 +252,14 @@ class LLMEngine:
             if not samples:
                 continue  # a prefill chunk with more of its prompt to come
             sampler = self.samplers[seq.request_id]
-            token = greedy[row] if sampler.params.is_greedy else sampler(logits[row])
-            logprobs = sampler.logprobs(logits[row], token)
-            row += 1
+            try:
+                token = greedy[row] if sampler.params.is_greedy else sampler(logits[row])
+                logprobs = sampler.logprobs(logits[row], token)
+            except Exception as e:  # this request's sampling alone: the batch's other rows stand
+                self.fail(seq.request_id, f"sampling failed: {type(e).__name__}: {e}")
+                continue
+            finally:
+                row += 1
             seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason == "prefilled":  # the caller exports the KV first, then `release`s
@@ -242,6 +271,16 @@ class LLMEngine:
         stats.elapsed_ms = (time.perf_counter() - t0) * 1e3
         self.last_step = stats
         return events
+
+    def fail(self, request_id: str, why: str) -> None:
+        """Abort a request that broke (blocks freed) and list it for `take_failures`."""
+        self.abort(request_id)
+        self.failures.append((request_id, why))
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        """(request id, why) of the requests failed since the last call, for the caller to report."""
+        out, self.failures = self.failures, []
+        return out
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         if self.prefill_only:
