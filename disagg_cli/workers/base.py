@@ -11,7 +11,8 @@ Threads:
 Life of a connection: the peer's first message is `Hello`; it is answered with `HelloAck`, or
 `Refuse` when its model fingerprint differs from ours (the message names both). Anything before
 `Hello` is answered with `Error(reason="no-hello")`; a malformed message is dropped with a logged
-reason and an `Error` back; the worker keeps serving either way.
+reason and an `Error` back; the worker keeps serving either way. Greeted peers are remembered
+within a bound (`workers/greeted.py`), so a flood of hellos cannot grow memory without end.
 
 Shutdown: SIGINT or SIGTERM sets a flag; the engine thread aborts what is in flight (each
 request's coordinator gets `Error(reason="shutdown")`), frees every block, the I/O thread flushes
@@ -48,6 +49,7 @@ from disagg_cli.protocol import (
     decode_message,
     encode_message,
 )
+from disagg_cli.workers.greeted import GreetedPeers
 from disagg_cli.workers.peers import PeerLinks
 
 # Where a message goes: ("router", identity) for a peer connected to us, ("peer", (address,
@@ -102,7 +104,7 @@ class WorkerIO:
         self._poller = zmq.Poller()
         self._links = PeerLinks(self._ctx, self._hello, lambda lost: self.inbox.put((("peer", lost.address), lost)),
                                 self._register, keys)
-        self._greeted: set[bytes] = set()
+        self._greeted = GreetedPeers()
         # When each coordinator was last heard (coordinators heartbeat every second): the engine
         # thread aborts the requests of one gone silent, so a vanished client holds no blocks.
         self.coordinator_seen: dict[bytes, float] = {}
@@ -206,12 +208,12 @@ class WorkerIO:
             return
         if who in self.coordinator_seen:
             self.coordinator_seen[who] = time.monotonic()
-        if who not in self._greeted:
+        if not self._greeted.heard(who):
             self._reply(who, Error(getattr(msg, "request_id", None), "no-hello",
                                    f"{msg.kind} before hello; say hello first"))
             return
         if isinstance(msg, Heartbeat):
-            self._reply(who, Heartbeat(msg.seq, dict(self.stats)))
+            self._reply(who, Heartbeat(msg.seq, {**self.stats, "greeted_peers": len(self._greeted)}))
             return
         item: Any = msg
         if self._preprocess is not None:
@@ -232,7 +234,7 @@ class WorkerIO:
             log(i.role, f"refused a {hello.role}: {text}")
             self._reply(who, Refuse("fingerprint-mismatch", text))
             return
-        self._greeted.add(who)
+        self._greeted.greet(who)
         self._reply(who, HelloAck(i.role, i.fingerprint, i.kv_layout, i.capacity, i.runtime, i.instance_id))
 
     def _reply(self, who: bytes, msg: Message) -> None:
