@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,13 +140,16 @@ class WorkerIO:
         poller.register(self._wake_r, zmq.POLLIN)
         while self._running:
             for sock, _ in poller.poll(timeout=500):
-                if sock is self._router:
-                    self._receive_router()
-                elif sock == self._wake_r:
-                    os.read(self._wake_r, 4096)
-                    self._flush_outbox()
-                elif self._links.owns(sock):
-                    self._receive_peer(sock)
+                try:
+                    if sock is self._router:
+                        self._receive_router()
+                    elif sock == self._wake_r:
+                        os.read(self._wake_r, 4096)
+                        self._flush_outbox()
+                    elif self._links.owns(sock):
+                        self._receive_peer(sock)
+                except Exception:  # a bug met by one message must not silence the worker's sockets
+                    log(self.ident.role, f"I/O thread: {traceback.format_exc(limit=-3)}")
             self._links.check()
         self._links.close()
         self._router.close()
@@ -164,7 +168,13 @@ class WorkerIO:
             (kind, where), msg = item
             if not isinstance(msg, Message):
                 assert self._prepare is not None
-                msg = self._prepare(msg)
+                try:
+                    msg = self._prepare(msg)
+                except Exception as e:  # e.g. KV that would not encode: fail its request, on the engine thread
+                    rid = getattr(msg, "request_id", None)
+                    log(self.ident.role, f"could not prepare a message of request {rid!r}: {type(e).__name__}: {e}")
+                    self.inbox.put(((kind, where), Error(rid, "internal-error", f"{type(e).__name__}: {e}")))
+                    continue
                 if msg is None:
                     continue
             try:
@@ -173,8 +183,8 @@ class WorkerIO:
                 else:
                     address, instance = where
                     self._links.send(address, instance, msg)
-            except zmq.ZMQError as e:  # the peer went away; its requests time out on their side
-                log(self.ident.role, f"could not send {msg.kind} to {where!r}: {e}")
+            except Exception as e:  # the peer went away (its requests time out on their side), or a bug
+                log(self.ident.role, f"could not send {msg.kind} to {where!r:.80}: {type(e).__name__}: {e}")
 
     def _hello(self) -> Hello:
         i = self.ident
@@ -218,12 +228,25 @@ class WorkerIO:
         item: Any = msg
         if self._preprocess is not None:
             try:
-                item = self._preprocess(dest, msg)
+                item = self._preprocessed(dest, msg)
             except WireError as e:
+                # The sender learns (a prefill worker then fails the request at its coordinator),
+                # and so does the engine thread, which frees what the request held here.
                 log(self.ident.role, f"dropped {msg.kind}: {e}")
+                self._reply(who, Error(e.request_id, e.reason, str(e)))
                 self.inbox.put((dest, Error(e.request_id, e.reason, str(e))))
                 return
         self.inbox.put((dest, item))
+
+    def _preprocessed(self, dest: Dest, msg: Message) -> Any:
+        """The role's `preprocess(dest, msg)`; whatever goes wrong in it, a `WireError`."""
+        assert self._preprocess is not None
+        try:
+            return self._preprocess(dest, msg)
+        except WireError:
+            raise
+        except Exception as e:  # a decoder's bug or an input it did not foresee
+            raise WireError("bad-payload", f"{type(e).__name__}: {e}", getattr(msg, "request_id", None)) from e
 
     def _greet(self, who: bytes, hello: Hello) -> None:
         i = self.ident

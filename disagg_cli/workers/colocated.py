@@ -12,7 +12,7 @@ from typing import Any
 
 from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.protocol import Error, FirstToken, Generate, RequestStats, Tokens
-from disagg_cli.workers.base import Dest
+from disagg_cli.workers.base import Dest, log
 from disagg_cli.workers.worker import Worker
 
 
@@ -23,6 +23,9 @@ class ColocatedWorker(Worker):
         self.started: set[str] = set()
 
     def handle(self, dest: Dest, item: Any) -> None:
+        if isinstance(item, Error):  # never answered: two workers would trade errors for ever
+            log("colocated", f"peer error: {item.reason}: {item.message:.300}")
+            return
         if not isinstance(item, Generate):
             self.io.send(dest, Error(getattr(item, "request_id", None), "unexpected",
                                      f"a colocated worker does not take {item.kind}"))

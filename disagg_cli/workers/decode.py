@@ -5,9 +5,11 @@ Life of a request here:
    once (the leading ones shared from this worker's prefix cache when it holds them), or the
    reservation waits in FIFO order until finished requests free enough (backpressure; the pool
    never over-commits); `Reserved` answers when they are, with how many prompt tokens are cached;
-2. `KVLayers` from the prefill worker, for the prompt tokens past the cached ones: decoded on the
-   I/O thread (checksum, decompression), cast to this worker's dtype and placed into the reserved
-   blocks by the engine thread, layer by layer (a layer may come in chunks, in order);
+2. `KVLayers` from the prefill worker, for the prompt tokens past the cached ones: checked on the
+   I/O thread against the reservation before anything is decompressed (`ReservedKV`: a request
+   reserved here, tokens and layers inside it, sizes that fit), then decoded there (checksum,
+   decompression), cast to this worker's dtype and placed into the reserved blocks by the engine
+   thread, layer by layer (a layer may come in chunks, in order);
 3. `KVDone`: every layer must have arrived whole; the request joins the running batch (continuous
    batching) with the prefill's first token and sampler state;
    or instead of 2-3, `PrefillHere` (selective disaggregation: a short uncached part): the prompt
@@ -42,6 +44,7 @@ from disagg_cli.protocol import (
     Tokens,
 )
 from disagg_cli.workers.base import Dest, log
+from disagg_cli.workers.checks import ReservedKV
 from disagg_cli.workers.worker import Worker
 
 
@@ -80,6 +83,7 @@ class DecodeWorker(Worker):
         self.local: dict[str, tuple[float, int]] = {}  # prefilled here: id → (asked, cached tokens)
         self._step_start = 0.0
         self.kv_done_s: dict[str, float] = {}  # when each request's KVDone arrived (this clock)
+        self.reserved_kv = ReservedKV(self.limits)  # what the I/O thread may decode: `incoming`'s windows
 
     # --- the I/O thread ----------------------------------------------------------------------------
 
@@ -87,6 +91,7 @@ class DecodeWorker(Worker):
         if not isinstance(msg, KVLayers):
             return msg
         arrival = time.perf_counter()
+        self.reserved_kv.admit(msg)  # raises WireError, before a byte is decompressed
         k, v = decode_kv_layers(msg)  # raises WireError (bad checksum, …) naming the request
         return _DecodedKV(msg.request_id, msg.layer_start, msg.token_start, k, v, arrival,
                           (time.perf_counter() - arrival) * 1e3)
@@ -103,7 +108,7 @@ class DecodeWorker(Worker):
         elif isinstance(item, PrefillHere):
             self._prefill_here(dest, item)
         elif isinstance(item, Error):
-            log("decode", f"peer error: {item.reason}: {item.message}")
+            log("decode", f"peer error: {item.reason}: {item.message:.300}")
             if item.request_id is not None and item.request_id in self.incoming:
                 self.abort(item.request_id, notify=True, reason=item.reason, message=item.message)
         else:
@@ -135,6 +140,7 @@ class DecodeWorker(Worker):
             inc.cached_tokens = cached
             inc.next_pos = [cached] * self.lm.config.num_layers
             self.incoming[rid] = inc
+            self.reserved_kv.open(rid, cached, len(inc.prompt_ids))  # before Reserved: KV may follow it at once
             queued_ms = (time.perf_counter() - inc.asked_s) * 1e3
             self.io.send(inc.owner, Reserved(rid, self.engine.blocks_held(rid), queued_ms, cached))
 
@@ -163,6 +169,7 @@ class DecodeWorker(Worker):
         inc = self.incoming.pop(rid, None)
         if inc is None:
             return
+        self.reserved_kv.close(rid)
         if done.num_tokens != len(inc.prompt_ids) or any(n != len(inc.prompt_ids) for n in inc.next_pos):
             missing = [i for i, n in enumerate(inc.next_pos) if n != len(inc.prompt_ids)]
             self.incoming[rid] = inc  # so abort below finds and frees it
@@ -171,7 +178,7 @@ class DecodeWorker(Worker):
             return
         event = self.engine.add_imported(rid, inc.prompt_ids, done.first_token, inc.sampling, eos_ids=inc.eos_ids)
         if done.sampler_state:
-            self.engine.set_sampler_state(rid, done.sampler_state)
+            self.engine.set_sampler_state(rid, done.sampler_state)  # checked on arrival (workers/checks.py)
         self.kv_done_s[rid] = time.perf_counter()
         first, last = inc.first_arrival_s or time.perf_counter(), inc.last_arrival_s or time.perf_counter()
         self.first_stats[rid] = replace(  # the prefill worker's figures, and ours (this clock)
@@ -191,6 +198,7 @@ class DecodeWorker(Worker):
         if inc is None:
             self.io.send(dest, Error(rid, "unknown", f"request {rid} holds no reservation here"))
             return
+        self.reserved_kv.close(rid)
         if inc.next_pos and any(n != inc.cached_tokens for n in inc.next_pos):
             self.incoming[rid] = inc
             self.abort(rid, notify=True, reason="bad-field", message="PrefillHere after KV began to arrive")
@@ -233,6 +241,7 @@ class DecodeWorker(Worker):
             self.owners.pop(rid, None)
 
     def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
+        self.reserved_kv.close(request_id)
         self.incoming.pop(request_id, None)
         self.local.pop(request_id, None)
         self.first_stats.pop(request_id, None)

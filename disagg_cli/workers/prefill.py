@@ -99,7 +99,7 @@ class PrefillWorker(Worker):
             for rid in [r for r, (_, decode) in self._streams() if _lost_to(decode, item)]:
                 self._fail(rid, item.reason, item.message)
         elif isinstance(item, Error):
-            log("prefill", f"peer error: {item.reason}: {item.message}")
+            log("prefill", f"peer error: {item.reason}: {item.message:.300}")
             if item.request_id is not None:
                 self._fail(item.request_id, item.reason, item.message)
         else:

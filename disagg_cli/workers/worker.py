@@ -7,6 +7,14 @@
 4. on SIGINT/SIGTERM: drain: refuse new requests (reason "draining"), let in-flight ones finish
    for up to `grace_s` seconds (a second signal cuts that short), then fail what is left with
    reason "shutdown", free all blocks, stop the I/O thread, exit 0.
+
+Nothing a request does can end the loop. Each message's fields are checked before the role sees
+it (`workers/checks.py`): a bad one is refused with `Error(reason="bad-field")` naming the field.
+An exception while the role handles a message fails the request that message belongs to; one in
+an engine step fails the request the engine blames it on (its sampling), or else every request
+of that step; one while answering a step's event fails that event's request. A failed request's
+blocks are freed, its coordinator gets `Error(reason="internal-error")` with the exception, the
+worker logs it and serves the others.
 """
 
 from __future__ import annotations
@@ -22,8 +30,12 @@ from disagg_cli.engine.engine import LLMEngine, StepStats, TokenEvent
 from disagg_cli.keys import Keys
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.registry import resolve_model
-from disagg_cli.protocol import Abort, Error, Generate, KVLayout, Message, Prefill, Reserve
+from disagg_cli.protocol import Abort, Error, Generate, KVLayout, Message, Prefill, Reserve, WireError
 from disagg_cli.workers.base import Dest, StopFlag, WorkerIdentity, WorkerIO, log
+from disagg_cli.workers.checks import Limits, check_message
+
+# Messages that start a request: refusing one must not touch a request of the same id already here.
+_STARTS = (Prefill, Reserve, Generate)
 
 
 class Worker:
@@ -46,6 +58,7 @@ class Worker:
                          f"({self.lm.quantization_reason})" + (f"; {self.lm.kernel_reason}" if self.lm.kernel_reason
                                                                 else ""))
         self.engine = LLMEngine(self.lm, config.engine, prefill_only=self.prefill_only)
+        self.limits = Limits.of(self.lm)
         if not self.prefill_only:
             fused = self.engine.runner.fused
             log(config.role, "decode steps: " + ("fused, one C call per step" if fused is not None
@@ -117,7 +130,7 @@ class Worker:
             busy = self.engine.has_unfinished()
             self._drain(block=not busy)
             if self.engine.has_unfinished():
-                self.on_events(self.step())
+                self._step()
                 self._measure(self.engine.last_step)
                 self._publish_stats()
         self.shutdown()
@@ -137,17 +150,63 @@ class Worker:
             return
         while True:
             dest, msg = item
-            if isinstance(msg, Abort):
-                self.abort(msg.request_id, notify=False)
-            elif self.stop.count and isinstance(msg, Prefill | Reserve | Generate):
-                self.io.send(dest, Error(msg.request_id, "draining",
-                                         f"{self.config.role} worker {self.address} is shutting down"))
-            else:
-                self.handle(dest, msg)
+            try:
+                if isinstance(msg, Abort):
+                    self.abort(msg.request_id, notify=False)
+                elif self.stop.count and isinstance(msg, _STARTS):
+                    self.io.send(dest, Error(msg.request_id, "draining",
+                                             f"{self.config.role} worker {self.address} is shutting down"))
+                else:
+                    check_message(self.limits, msg)
+                    self.handle(dest, msg)
+            except WireError as e:
+                self._refuse(dest, msg, e.reason, e.detail)
+            except Exception as e:  # a bug or a value no check foresaw: this request's, not the loop's
+                self._refuse(dest, msg, "internal-error", f"{type(e).__name__}: {e}", broke=True)
             try:
                 item = self.io.inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _refuse(self, dest: Dest, msg: Any, reason: str, text: str, broke: bool = False) -> None:
+        """Fail the request `msg` belongs to, or answer its sender when none lives here; `broke`: the
+        message raised half-way, so whatever it set up for its request is undone too."""
+        rid = getattr(msg, "request_id", None)
+        rid = rid if isinstance(rid, str) else None
+        log(self.config.role, f"refused {getattr(msg, 'kind', type(msg).__name__)} of request {rid!r:.60}: "
+                              f"{text:.300} [{reason}]")
+        if isinstance(msg, Error):
+            return  # answering an error with one could ping-pong between two workers forever
+        mine = rid is not None and rid in self.owners and (broke or not isinstance(msg, _STARTS))
+        if rid is not None and mine:
+            self.abort(rid, notify=True, reason=reason, message=text)
+            return
+        if rid is not None and broke:
+            self.abort(rid, notify=False)
+        if dest[0] == "router":  # a peer connected to us; events of our own links have no one to tell
+            self.io.send(dest, Error(rid, reason, text))
+
+    def _step(self) -> None:
+        """One engine step and its events, each failure confined to the requests it belongs to."""
+        try:
+            events = self.step()
+        except Exception as e:  # past the engine's own blame: fail the step's requests, or all
+            stepped = [r for r in self.engine.step_request_ids if self.engine.has_request(r)]
+            for rid in stepped or list(self.engine.seqs):
+                self.engine.fail(rid, f"the engine step failed: {type(e).__name__}: {e}")
+            events = []
+        failed = self.engine.take_failures()
+        for rid, why in failed:
+            log(self.config.role, f"request {rid} failed: {why}")
+            self.abort(rid, notify=True, reason="internal-error", message=f"{self.config.role} worker: {why}")
+        for ev in events:
+            try:
+                self.on_events([ev])
+            except Exception as e:
+                why = f"answering its token failed: {type(e).__name__}: {e}"
+                log(self.config.role, f"request {ev.request_id} failed: {why}")
+                self.abort(ev.request_id, notify=True, reason="internal-error",
+                           message=f"{self.config.role} worker: {why}")
 
     def _abort_orphans(self) -> None:
         """Abort the requests of coordinators that went silent (killed, cut off, hung)."""
