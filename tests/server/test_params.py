@@ -33,6 +33,36 @@ def test_bad_values_are_400_naming_the_field(fields: dict, param: str) -> None:
     assert (e.value.status, e.value.param) == (400, param)
 
 
+@pytest.mark.parametrize("fields,param", [
+    ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"seed": 2**64 - 1, "n": 2}, "seed"),
+    ({"top_k": 2**64}, "top_k"), ({"max_tokens": 2**64}, "max_tokens"), ({"n": 2**64}, "n"),
+    ({"logprobs": 2**64}, "logprobs"), ({"stop": ["x" * 1025]}, "stop"), ({"stop": ["é" * 513]}, "stop"),
+    ({"stop": ["x" * 1000] * 5}, "stop"), ({"stop": ["x"] * 17}, "stop"),
+    ({"prompt": ["a"] * 257}, "prompt"), ({"prompt": ["a"] * 17, "n": 16}, "n"),
+])
+def test_values_past_what_a_worker_can_use_are_400_naming_the_field(fields: dict, param: str) -> None:
+    with pytest.raises(APIError) as e:
+        req = CompletionRequest(**{"prompt": "x", **fields})
+        prompts_of(req)
+        completion_params(req)
+    assert (e.value.status, e.value.param) == (400, param), e.value.message
+
+
+def test_edges_of_the_ranges_are_served() -> None:
+    req = CompletionRequest(prompt=["a"] * 16, n=16, seed=2**64 - 16, top_k=2**63 - 1,
+                            stop=["x" * 1024] * 4, temperature=1e-5)
+    params = completion_params(req)
+    assert (params.seed, params.top_k, params.temperature) == (2**64 - 16, 2**63 - 1, 1e-5)
+    assert len(prompts_of(req)) == 16
+    assert completion_params(CompletionRequest(prompt="x", seed=-(2**63))).seed == -(2**63)
+
+
+def test_a_temperature_below_the_floor_is_greedy() -> None:
+    for t in (1e-40, 5e-324, 9.9e-6):
+        params = completion_params(CompletionRequest(prompt="x", temperature=t))
+        assert params.temperature == 0.0 and params.is_greedy
+
+
 def test_chat_max_tokens_prefers_max_completion_tokens_then_max_tokens_then_the_context_left() -> None:
     msgs = [{"role": "user", "content": "hi"}]
     assert chat_max_tokens(ChatCompletionRequest(messages=msgs, max_completion_tokens=7, max_tokens=9), 100) == 7
