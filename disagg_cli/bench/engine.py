@@ -295,7 +295,8 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
     if opts.perplexity_modes is None:
         ppl = {f"{lm.runtime.dtype}+{lm.runtime.quantization}": perplexity(lm, ppl_ids)}
     else:
-        ppl = perplexity_per_mode(lm.path, ppl_ids, opts.perplexity_modes, opts.runtime.threads, opts.cache_dir)
+        ppl = perplexity_per_mode(lm.path, ppl_ids, opts.perplexity_modes, opts.runtime.threads, opts.cache_dir,
+                                  lm.backend.name)
     return {"model": opts.model, "path": str(lm.path), "dtype": lm.runtime.dtype,
             "quantization": lm.runtime.quantization, "kernel": lm.backend.name, "runtime": lm.describe_runtime(),
             "cpu_capability": probe_cpu().capability, "decode_step": decode_step,

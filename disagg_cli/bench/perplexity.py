@@ -36,12 +36,12 @@ PPL_TEXT = (
 )
 
 
-def runtime_for_mode(mode: str, threads: int | None) -> RuntimeConfig:
+def runtime_for_mode(mode: str, threads: int | None, kernel: str = "auto") -> RuntimeConfig:
     if mode not in PPL_MODES:
         raise ValueError(f"perplexity mode must be one of {', '.join(PPL_MODES)}, got {mode!r}")
     if mode in ("int8", "int4"):
-        return RuntimeConfig(dtype="float32", threads=threads, quantization=mode)
-    return RuntimeConfig(dtype=mode, threads=threads, quantization="none")
+        return RuntimeConfig(dtype="float32", threads=threads, quantization=mode, kernel=kernel)
+    return RuntimeConfig(dtype=mode, threads=threads, quantization="none", kernel=kernel)
 
 
 @torch.inference_mode()
@@ -55,8 +55,9 @@ def perplexity(lm: LoadedModel, ids: list[int]) -> float:
 
 
 def perplexity_per_mode(path: Path, ids: list[int], modes: tuple[str, ...], threads: int | None,
-                        cache_dir: Path) -> dict[str, float]:
+                        cache_dir: Path, kernel: str = "auto") -> dict[str, float]:
+    """Each mode loaded on the bench's own backend (`--kernel`), so the modes differ in nothing else."""
     from disagg_cli.model.loader import load_model
 
-    return {mode: perplexity(load_model(path, runtime_for_mode(mode, threads), cache_dir=cache_dir), ids)
+    return {mode: perplexity(load_model(path, runtime_for_mode(mode, threads, kernel), cache_dir=cache_dir), ids)
             for mode in modes}

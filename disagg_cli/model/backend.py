@@ -76,17 +76,18 @@ class Backend:
             quantize_model(model, quantization, blocks, self.linear_method, keep_dense)
         elif float_gemm and self.kernel is not None:
             use_float_gemm(model, self.kernel)
-        float32_cpu = model.model.embed_tokens.weight.dtype == torch.float32 and \
-            model.model.embed_tokens.weight.device.type == "cpu"
+        emb = model.model.embed_tokens.weight
+        float32_cpu = emb.dtype == torch.float32 and emb.device.type == "cpu"
+        dense_min_rows = DENSE_MIN_ROWS if keep_dense else None
         if self.kernel is None:
-            return Execution(self, TorchAttention(), None, "the torch backend has no fused step", None)
+            return Execution(self, TorchAttention(), None, "the torch backend has no fused step", dense_min_rows)
         fused, why = fused_decoder(model, self.kernel)
         if fused is not None:
             for layer, which, mod in matmuls(model):
                 if isinstance(mod, QuantizedLinear):  # from 5 rows, the step's packed copy as float tiles
                     mod.method = with_tier(mod.method, PACKED_MIN_ROWS, CPacked(fused, layer, which))
         attention: AttentionImpl = KernelAttention(self.kernel) if float32_cpu else TorchAttention()
-        return Execution(self, attention, fused, why, DENSE_MIN_ROWS if keep_dense else None)
+        return Execution(self, attention, fused, why, dense_min_rows)
 
 
 @dataclass(frozen=True)
