@@ -8,17 +8,22 @@
    (later ones are held so outputs never interleave), or collect it for `--json`; a live timing
    table on stderr when it is a terminal;
 4. print per-request timings (stderr) or one JSON object per prompt (stdout); stop what was started.
+Ctrl-C or SIGTERM at any point: the requests still running are aborted on their workers (their
+KV blocks freed), what was started is stopped, and the command exits 130 within seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
@@ -32,6 +37,8 @@ from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:  # torch stays out of the coordinator's process unless --in-process
     from disagg_cli.model.loader import LoadedModel
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +160,41 @@ def _run_served(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput
         ids = service.tokenize(service.render_chat(chat_messages(prompt, opts.system)) if opts.chat else prompt)
         service.validate(ids, opts.sampling)  # refuse before any worker starts
         prompt_ids.append(ids)
-    return asyncio.run(_serve(service, prompts, prompt_ids, opts))
+    return _run_until_signal(_serve(service, prompts, prompt_ids, opts))
+
+
+def _run_until_signal(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)`, with SIGTERM taken as Ctrl-C is: `main` is cancelled once, so its
+    `finally` aborts the requests and stops the workers, then `KeyboardInterrupt` (exit 130).
+
+    (`cli.main`'s own SIGTERM handler raises `KeyboardInterrupt` wherever the loop happens to be,
+    which may be inside a zmq callback; asyncio.run then cancels every task at once, the requests'
+    own ones beside the task that was to abort them in order.)"""
+    terminated = False
+
+    async def guarded() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_sigterm() -> None:
+            nonlocal terminated
+            if not terminated:  # a second SIGTERM must not interrupt the aborts of the first
+                terminated = True
+                task.cancel()
+
+        with contextlib.suppress(NotImplementedError):  # no loop signal handlers on Windows
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+        return await main
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        if terminated:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # the loop's close put back SIG_DFL, not this
 
 
 async def _serve(service: CoordinatorService, prompts: list[str], prompt_ids: list[list[int]],
@@ -190,7 +231,10 @@ async def _serve(service: CoordinatorService, prompts: list[str], prompt_ids: li
             show_workers()
             table.refresh()
     finally:
-        for stream in streams:  # Ctrl-C: abort what still runs on its workers
+        # Ctrl-C: abort what still runs on its workers, all at once (each abort may wait on a send).
+        for stream in streams:
+            stream.cancel()
+        for stream in streams:
             await stream.aclose()
         await service.stop()
     if not opts.json_output:

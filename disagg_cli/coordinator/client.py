@@ -37,6 +37,7 @@ from disagg_cli.coordinator.connections import WorkerConnections
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.request_stats import copy_stats
 from disagg_cli.coordinator.router import NoWorkerError, WorkerRecord, local_prefill_pays
+from disagg_cli.coordinator.timeouts import wait_within
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.kv.pool import pool_misfit
 from disagg_cli.protocol import (
@@ -238,7 +239,7 @@ class Coordinator(WorkerConnections):
         progress deadline) or before the request's own deadline."""
         left = run.deadline - time.monotonic()
         try:
-            src, msg = await asyncio.wait_for(run.queue.get(), max(0.0, min(timeout, left)))
+            src, msg = await wait_within(run.queue.get(), min(timeout, left))
         except asyncio.TimeoutError:
             names = ", ".join(c.name for c in run.active) or "no worker"
             run.avoid.update(c.record.address for c in run.active)
@@ -286,7 +287,7 @@ class Coordinator(WorkerConnections):
             if conn.record.is_alive:
                 try:
                     reason = run.out.finish_reason or "abort"
-                    await asyncio.wait_for(conn.sock.send_multipart(encode_message(Abort(rid, reason))), 1.0)
+                    await wait_within(conn.sock.send_multipart(encode_message(Abort(rid, reason))), 1.0)
                 except (asyncio.TimeoutError, zmq.ZMQError):
                     log.warning("could not send abort of %s to %s", rid, conn.name)
             conn.request_ids.discard(rid)

@@ -31,6 +31,7 @@ import zmq.asyncio
 from disagg_cli.coordinator.connection import Connection, RequestFailed, WorkerGone
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.router import Router, WorkerRecord
+from disagg_cli.coordinator.timeouts import wait_within
 from disagg_cli.errors import DisaggError
 from disagg_cli.keys import Keys
 from disagg_cli.protocol import (
@@ -186,7 +187,7 @@ class WorkerConnections:
 
         live = [c for c in self._conns.values() if c.record.is_alive]
         try:
-            await asyncio.wait_for(asyncio.gather(*(one(c) for c in live)), timeout_s)
+            await wait_within(asyncio.gather(*(one(c) for c in live)), timeout_s)
         except asyncio.TimeoutError:
             raise DisaggError(f"no heartbeat answer within {timeout_s:.0f} s") from None
         return {c.record.address: dict(c.record.stats) for c in live}
@@ -217,7 +218,7 @@ class WorkerConnections:
 
     async def _send(self, conn: Connection, msg: Message) -> None:
         try:
-            await asyncio.wait_for(conn.sock.send_multipart(encode_message(msg)), self.config.send_timeout_s)
+            await wait_within(conn.sock.send_multipart(encode_message(msg)), self.config.send_timeout_s)
         except asyncio.TimeoutError:
             raise RequestFailed("timeout", f"could not send {msg.kind} to {conn.name} within "
                           f"{self.config.send_timeout_s:.0f} s") from None
@@ -311,7 +312,7 @@ class WorkerConnections:
                 self.router.pick(role)  # raises NoWorkerError naming the role and the known workers
             self._alive_changed.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._alive_changed.wait(), min(left, 1.0))
+                await wait_within(self._alive_changed.wait(), min(left, 1.0))
 
     def _restarted(self, conn: Connection) -> None:
         """The worker answered as if it never met us: it restarted faster than the heartbeat noticed.
