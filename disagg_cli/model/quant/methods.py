@@ -16,7 +16,7 @@ A `QuantizedLinear` holds one method and its forward is one call into it. The ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,6 @@ import torch.nn.functional as F
 from disagg_cli.model.quant.blocks import QuantizedWeight
 from disagg_cli.model.quant.kernels import Kernel, matmul, reference_matmul
 from disagg_cli.model.quant.panel import PanelLinear
-
-if TYPE_CHECKING:
-    from disagg_cli.model.quant.fused import FusedDecoder
 
 # From this many rows the fused step's quantized panels run as exact float GEMM tiles (kernel.c
 # QPANEL_MIN_ROWS), faster than widening each block per row.
@@ -42,6 +39,12 @@ class LinearMethod(Protocol):
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) → x · Wᵀ + b (M, N), float32 (or x's dtype for a float weight)."""
         ...
+
+
+class PackedWeights(Protocol):
+    """The fused decode step's own copy of the model's weights (`fused.FusedDecoder`)."""
+
+    def matmul(self, layer: int, which: str, x: torch.Tensor) -> torch.Tensor: ...
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -73,7 +76,7 @@ class CQuant:
 
 @dataclass(frozen=True, eq=False)
 class CPacked:
-    fused: FusedDecoder
+    fused: PackedWeights
     layer: int  # -1: the head
     which: str  # "qkv", "o", "gate_up", "down" or "head"
     name: str = "C packed float tiles"
