@@ -8,7 +8,11 @@ Life of a cluster:
 2. readiness is the coordinator's handshake succeeding (zmq holds the hello until the worker
    binds), while `check()` turns a worker that exits during start into one line quoting the last
    line of its log;
-3. `stop()`: SIGTERM (a worker's one exit path), wait, then SIGKILL what is left.
+3. `supervise()` (the service calls it once every worker answered): a worker that exits from then
+   on is started again on its address, with back-off and a cap (`supervisor.py`); `restart(i)`
+   does the same on demand (tests that kill workers on purpose restart them themselves);
+4. `stop()`: supervision ends first (nothing is restarted while stopping), then SIGTERM (a
+   worker's one exit path), wait, then SIGKILL what is left.
 
 Placement: a spec without `threads` gets an even share of the cores this process may use (at
 least one), and without `cpus` a run of that many cores, round-robin. The worker sets that
@@ -30,6 +34,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from disagg_cli.coordinator.supervisor import RestartPolicy, Supervisor
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec
 from disagg_cli.errors import DisaggError, UsageError
 
@@ -103,6 +108,7 @@ class LocalCluster:
         self.log_dir = Path(tempfile.mkdtemp(prefix="disagg-cluster-")) if log_dir is None else log_dir
         self.workers: list[WorkerProcess] = []
         self.keep_logs = False  # set when a worker failed, so the quoted log path stays valid
+        self.supervisor: Supervisor | None = None
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -117,10 +123,7 @@ class LocalCluster:
                 if spec.port == 0:
                     spec = replace(spec, port=free_port(spec.host))
                 log_path = self.log_dir / f"{i}-{spec.role}-{spec.port}.log"
-                with log_path.open("wb") as log:
-                    process = subprocess.Popen(
-                        worker_command(spec, self.model), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                        start_new_session=True)
+                process = self._spawn(spec, log_path)
                 self.workers.append(WorkerProcess(spec, f"tcp://{spec.host}:{spec.port}", process, log_path))
         except BaseException:
             self.stop()
@@ -136,12 +139,23 @@ class LocalCluster:
         self.keep_logs |= old.process.returncode not in (0, -signal.SIGKILL)
         # Named from the spec, not the last log's name: a name grown by every restart outgrows the file system's.
         log_path = self.log_dir / f"{index}-{old.spec.role}-{old.spec.port}.r{time.monotonic_ns()}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                worker_command(old.spec, self.model), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
-        self.workers[index] = WorkerProcess(old.spec, old.address, process, log_path)
+        self.workers[index] = WorkerProcess(old.spec, old.address, self._spawn(old.spec, log_path), log_path)
         return self.workers[index]
+
+    def _spawn(self, spec: WorkerSpec, log_path: Path) -> subprocess.Popen[bytes]:
+        with log_path.open("wb") as log:
+            return subprocess.Popen(worker_command(spec, self.model), stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log, start_new_session=True)
+
+    def supervise(self, policy: RestartPolicy | None = None) -> None:
+        """From now until `stop()`, start again every worker that exits (see `supervisor.py`)."""
+        if self.supervisor is None:
+            self.supervisor = Supervisor(self, policy or RestartPolicy())
+            self.supervisor.start()
+
+    def restarts(self) -> dict[str, int]:
+        """How many times supervision started a worker of each role again."""
+        return dict(self.supervisor.restarts) if self.supervisor is not None else {}
 
     def addresses(self) -> list[tuple[str, str]]:
         """(role, address) of every worker, in the topology's order."""
@@ -161,6 +175,8 @@ class LocalCluster:
                 raise DisaggError(f"{w.name} exited with code {code} while starting: {last} (log: {w.log_path})")
 
     def stop(self) -> None:
+        if self.supervisor is not None:  # first: a worker stopped below must not be started again
+            self.supervisor.stop()
         for w in self.workers:
             if w.process.poll() is None:
                 w.process.send_signal(signal.SIGTERM)

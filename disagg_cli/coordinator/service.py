@@ -162,6 +162,7 @@ class CoordinatorService:
         try:
             if self.cluster is not None:
                 await self.coordinator.connect(self.cluster.check)
+                self.cluster.supervise()  # from now on a worker that exits is started again
             else:  # workers started elsewhere (or restarted by Ray meanwhile) join when they come up
                 await self.coordinator.connect(join_grace_s=JOIN_GRACE_S)
             if self.ray_cluster is not None:

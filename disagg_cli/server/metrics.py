@@ -1,10 +1,10 @@
 """Prometheus `/metrics`: vLLM's metric names and buckets under `disagg:`, plus the KV transfer.
 
 Request-level series (histograms, counters) are observed once per request when it ends (the
-service's `on_finished`); server-level gauges (requests waiting/running, KV usage and liveness per
-worker) are read from the service at scrape time. Everything lives in this server's own
-`CollectorRegistry`, never prometheus_client's global one, so two servers in one process (tests)
-do not share counters.
+service's `on_finished`); server-level series (requests waiting/running, KV usage and liveness per
+worker, restarts of the local workers by role) are read from the service at scrape time.
+Everything lives in this server's own `CollectorRegistry`, never prometheus_client's global one,
+so two servers in one process (tests) do not share counters.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from disagg_cli.coordinator.service import CoordinatorService
@@ -73,8 +73,12 @@ class ServerMetrics:
             self.success.labels(model_name, reason)
         for kind in ("raw", "wire"):
             self.kv_bytes.labels(model_name, kind)
-        for counter in (self.cache_queries, self.cache_hits, self.decode_hits, self.local_prefills, self.retries):
-            counter.labels(model_name)
+        # Every series at zero from the first scrape, so a rate or a before/after difference never
+        # meets a missing one.
+        for series in (self.prompt_tokens, self.generation_tokens, self.cache_queries, self.cache_hits,
+                       self.decode_hits, self.local_prefills, self.retries, self.ttft, self.itl, self.e2e,
+                       self.queue, self.kv_seconds, self.kv_hidden):
+            series.labels(model_name)
         r.register(_LiveGauges(service, model_name))
         service.on_finished(self.observe)
 
@@ -120,7 +124,7 @@ class ServerMetrics:
 
 
 class _LiveGauges(Collector):
-    """Gauges read from the service at scrape time."""
+    """Gauges (and the restart counter, which the cluster keeps) read from the service at scrape time."""
 
     def __init__(self, service: CoordinatorService, model_name: str) -> None:
         self.service = service
@@ -147,4 +151,11 @@ class _LiveGauges(Collector):
                 cached.add_metric([m, w.role, w.address], float(w.stats["cached_blocks"]))
             if w.kv_usage is not None:
                 usage.add_metric([m, w.role, w.address], w.kv_usage)
-        yield from (running, waiting, usage, up, cached)
+        # Counted by the local cluster's supervisor; every role served at zero, as vLLM's counters start.
+        restarts = CounterMetricFamily(PREFIX + "worker_restarts", "Local workers started again after they "
+                                       "exited unexpectedly, by role.", labels=["model_name", "role"])
+        cluster = self.service.cluster
+        counts = cluster.restarts() if cluster is not None else {}
+        for role in sorted({w.role for w in self.service.workers()} | set(counts)):
+            restarts.add_metric([m, role], float(counts.get(role, 0)))
+        yield from (running, waiting, usage, up, cached, restarts)
