@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import zmq
 import zmq.asyncio
@@ -280,7 +280,7 @@ class WorkerConnections:
                 if self._probe is not None and self._probe(conn.record.address):
                     self._mark_dead(conn, f"{conn.name}'s process is gone")
                     continue
-                if now - conn.last_seen_s > timeout and conn.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if now - conn.last_seen_s > timeout and cast(int, conn.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                     conn.last_seen_s = now  # answers wait unread: this loop was late, not the worker
                 if now - conn.last_seen_s > timeout:
                     self._mark_dead(conn, f"{conn.name} sent nothing for {now - conn.last_seen_s:.0f} s "
