@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,22 +16,11 @@ import typer
 
 from disagg_cli import ui
 from disagg_cli.cli_bench import bench_app
-from disagg_cli.cli_options import (
-    DEFAULT_DEADLINES,
-    DisaggThresholdOpt,
-    FirstTokenTimeoutOpt,
-    ModelOpt,
-    RequestTimeoutOpt,
-    ReserveTimeoutOpt,
-    RouterOpt,
-    TokenTimeoutOpt,
-    cache_dir,
-    worker_options,
-)
-from disagg_cli.cli_options import disagg_threshold as parse_threshold
+from disagg_cli.cli_options import PLACEMENT_PANEL, ModelOpt, cache_dir, placement_options, worker_options
 from disagg_cli.cli_serve import serve
 from disagg_cli.cli_workers import colocated_worker, decode_worker, prefill_worker, run_worker
-from disagg_cli.config import Deadlines, SamplingParams
+from disagg_cli.config import SamplingParams
+from disagg_cli.coordinator.options import ServeOptions
 from disagg_cli.errors import DisaggError, Interrupted, UsageError
 from disagg_cli.worker_settings import WorkerSettings
 
@@ -49,6 +39,7 @@ app.add_typer(bench_app, name="bench")
 
 @app.command()
 @worker_options()
+@placement_options()
 def generate(
     prompts: Annotated[list[str] | None, typer.Argument(help="Prompts; '-' reads stdin.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="One prompt per line; .jsonl: JSON.")] = None,
@@ -63,28 +54,13 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap each prompt in the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message for --chat.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
-    disagg_threshold: DisaggThresholdOpt = "0",
-    prefill: Annotated[list[str] | None, typer.Option(help="Address (host:port) of a running prefill worker; "
-                                                      "repeatable. Needs --decode.")] = None,
-    decode: Annotated[list[str] | None, typer.Option(help="Address of a running decode worker; repeatable.")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="Start this TOML topology (see configs/).")] = None,
-    colocated: Annotated[bool, typer.Option(help="One worker doing both phases (the baseline).")] = False,
-    colocated_addr: Annotated[str | None, typer.Option(help="Address of a running colocated worker.")] = None,
-    in_process: Annotated[bool, typer.Option(help="Run in this process's own engine, no workers.")] = False,
-    router: RouterOpt = "round-robin",
-    worker_timeout: Annotated[float, typer.Option(help="Seconds of silence after which a worker is dead.")] = 10.0,
-    keys: Annotated[Path | None, typer.Option(help="CurveZMQ keys to reach workers started with --keys.")] = None,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for every worker's hello.")] = 120.0,
-    reserve_timeout: ReserveTimeoutOpt = DEFAULT_DEADLINES.reserve_s,
-    first_token_timeout: FirstTokenTimeoutOpt = DEFAULT_DEADLINES.first_token_s,
-    token_timeout: TokenTimeoutOpt = DEFAULT_DEADLINES.token_s,
-    request_timeout: RequestTimeoutOpt = DEFAULT_DEADLINES.request_s,
-    *, settings: WorkerSettings,
+    in_process: Annotated[bool, typer.Option(help="Run in this process's own engine, no workers.",
+                                             rich_help_panel=PLACEMENT_PANEL)] = False,
+    *, settings: WorkerSettings, serve: ServeOptions,
 ) -> None:
     """Generate text for prompts, streaming it as it is produced.
 
     With no addresses, starts a local 1 prefill + 1 decode cluster and stops it afterwards."""
-    from disagg_cli.coordinator.options import ServeOptions
     from disagg_cli.generate import GenerateOptions, read_prompts, run_generate
 
     opts = GenerateOptions(
@@ -97,11 +73,7 @@ def generate(
         chat=chat,
         system=system,
         json_output=json_output,
-        serve=ServeOptions(in_process=in_process, prefill=tuple(prefill or ()), decode=tuple(decode or ()),
-                           colocated=colocated, colocated_addr=colocated_addr, config=config, router=router,
-                           kv_codec=settings.kv_codec, worker_timeout_s=worker_timeout, keys_dir=keys,
-                           connect_timeout_s=connect_timeout, disagg_threshold=parse_threshold(disagg_threshold),
-                           deadlines=Deadlines(reserve_timeout, first_token_timeout, token_timeout, request_timeout)),
+        serve=replace(serve, in_process=in_process, kv_codec=settings.kv_codec),
     )
     if system is not None and not chat:
         raise UsageError("--system only applies with --chat")

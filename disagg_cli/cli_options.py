@@ -21,11 +21,11 @@ from disagg_cli.worker_settings import DEFAULTS, WORKER_SETTINGS, WorkerSettings
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A model name (see `disagg model list`), "
                                        "a .gguf file or a Hugging Face checkpoint folder.")]
-DisaggThresholdOpt = Annotated[str, typer.Option(
-    "--disagg-threshold", help="Selective disaggregation: prompts whose part not cached on their decode worker is "
-                               "at most this many tokens are prefilled there, with no transfer; 0: never; auto: "
-                               "when that is sooner than a prefill worker and stalls decoding at most a few steps "
-                               "(from the workers' measured speeds).")]
+DISAGG_THRESHOLD_HELP = ("Selective disaggregation: prompts whose part not cached on their decode worker is at "
+                         "most this many tokens are prefilled there, with no transfer; 0: never; auto: when that is "
+                         "sooner than a prefill worker and stalls decoding at most a few steps (from the workers' "
+                         "measured speeds).")
+DisaggThresholdOpt = Annotated[str, typer.Option("--disagg-threshold", help=DISAGG_THRESHOLD_HELP)]
 RouterOpt = Annotated[str, typer.Option(help="round-robin, least-loaded, or cache-aware (the longest cached prefix "
                                              "weighed against queued work).")]
 
@@ -48,36 +48,103 @@ KernelOpt = _option("kernel")
 BlockSizeOpt = _option("block_size")
 
 
+def with_options(options: list[inspect.Parameter], param: str,
+                  build: Callable[[dict[str, Any]], Any]) -> Callable[[Command], Command]:
+    """Add `options` (keyword parameters whose annotations are Typer options) to a command's signature
+    and hand the command, as `param`, what `build` makes of their values instead of each value."""
+
+    def wrap(command: Command) -> Command:
+        signature = inspect.signature(command)
+        own = [p for p in signature.parameters.values() if p.name != param]
+        hints = {k: v for k, v in typing.get_type_hints(command, include_extras=True).items() if k != param}
+        hints.update({o.name: o.annotation for o in options})
+
+        @functools.wraps(command)
+        def with_options(*args: Any, **kwargs: Any) -> Any:
+            values = {o.name: kwargs.pop(o.name) for o in options}
+            return command(*args, **{param: build(values)}, **kwargs)
+
+        with_options.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name]) for p in own]
+            + options)
+        with_options.__annotations__ = hints
+        return with_options  # type: ignore[return-value]
+
+    return wrap
+
+
+def keyword_option(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
 def worker_options(role: str | None = None) -> Callable[[Command], Command]:
     """Give a command every worker setting as an option (those of `role` only, for a worker command),
     grouped in `--help`; the command takes `settings: WorkerSettings` instead of one parameter each."""
     rows = [s for s in WORKER_SETTINGS if role is None or role in s.roles]
+    return with_options([keyword_option(s.name, _option(s.name), DEFAULTS[s.name]) for s in rows], "settings",
+                         lambda values: WorkerSettings(**values))
 
-    def wrap(command: Command) -> Command:
-        signature = inspect.signature(command)
-        own = [p for p in signature.parameters.values() if p.name != "settings"]
-        hints = {k: v for k, v in typing.get_type_hints(command, include_extras=True).items() if k != "settings"}
-        added = []
-        for s in rows:
-            annotation = _option(s.name)
-            added.append(inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, default=DEFAULTS[s.name],
-                                           annotation=annotation))
-            hints[s.name] = annotation
 
-        @functools.wraps(command)
-        def with_settings(*args: Any, **kwargs: Any) -> Any:
-            values = {s.name: kwargs.pop(s.name) for s in rows}
-            return command(*args, settings=WorkerSettings(**values), **kwargs)
+PLACEMENT_PANEL = "Where the workers run"
+COORDINATOR_PANEL = "Coordinator: routing and deadlines"
 
-        own_positional = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
-        own_keyword = [p for p in own if p.kind == inspect.Parameter.KEYWORD_ONLY]
-        with_settings.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name])
-                        for p in own_positional + own_keyword] + added)
-        with_settings.__annotations__ = hints
-        return with_settings  # type: ignore[return-value]
 
-    return wrap
+def placement_options() -> Callable[[Command], Command]:
+    """Give a front end (`generate`, `serve`) the options that pick where its workers run and how its
+    coordinator routes and times requests; the command takes them as one `serve: ServeOptions`
+    (whose `kv_codec` and `in_process` it fills in from its own options)."""
+    from disagg_cli.coordinator.options import ServeOptions
+
+    def opt(*decls: str, help: str, panel: str = PLACEMENT_PANEL, **kw: Any) -> Any:
+        return typer.Option(*decls, help=help, rich_help_panel=panel, **kw)
+
+    d, kw = DEFAULT_DEADLINES, keyword_option
+    options = [
+        kw("prefill", Annotated[list[str] | None, opt(help="Address (host:port) of a running prefill worker; "
+                                                              "repeatable. Needs --decode.")], None),
+        kw("decode", Annotated[list[str] | None, opt(help="Address of a running decode worker; repeatable.")],
+                 None),
+        kw("colocated_addr", Annotated[str | None, opt(help="Address of a running colocated worker.")], None),
+        kw("config", Annotated[Path | None, opt("--config", help="Start this TOML topology (see "
+                                                                       "configs/).")], None),
+        kw("colocated", Annotated[bool, opt(help="Start one worker doing both phases (the baseline).")], False),
+        kw("prefill_replicas", Annotated[int | None, opt(help="Prefill workers to start (default 1, or the "
+                                                                    "topology's).")], None),
+        kw("decode_replicas", Annotated[int | None, opt(help="Decode workers to start (default 1, or the "
+                                                                   "topology's).")], None),
+        kw("ray", Annotated[str | None, opt("--ray", metavar="ADDRESS|auto", help="Run the workers as Ray "
+                                                  "actors in the Ray cluster at ADDRESS (the head node's host:port; "
+                                                  "auto: RAY_ADDRESS or the one on this machine). Needs "
+                                                  "disagg-cli[ray].")], None),
+        kw("keys", Annotated[Path | None, opt(help="CurveZMQ keys to reach workers started with --keys; with "
+                                                        "--ray, the workers' own (the same folder on every "
+                                                        "node).")], None),
+        kw("router", Annotated[str, opt(help="round-robin, least-loaded, or cache-aware (the longest cached "
+                                                   "prefix weighed against queued work).",
+                                              panel=COORDINATOR_PANEL)], "round-robin"),
+        kw("disagg_threshold", Annotated[str, opt("--disagg-threshold", help=DISAGG_THRESHOLD_HELP,
+                                                        panel=COORDINATOR_PANEL)], "0"),
+        kw("worker_timeout", Annotated[float, opt(help="Seconds of silence after which a worker is dead.",
+                                                        panel=COORDINATOR_PANEL)], 10.0),
+        kw("connect_timeout", Annotated[float, opt(help="Seconds to wait for every worker's hello.",
+                                                         panel=COORDINATOR_PANEL)], 120.0),
+        kw("reserve_timeout", ReserveTimeoutOpt, d.reserve_s),
+        kw("first_token_timeout", FirstTokenTimeoutOpt, d.first_token_s),
+        kw("token_timeout", TokenTimeoutOpt, d.token_s),
+        kw("request_timeout", RequestTimeoutOpt, d.request_s),
+    ]
+
+    def build(v: dict[str, Any]) -> ServeOptions:
+        return ServeOptions(
+            prefill=tuple(v["prefill"] or ()), decode=tuple(v["decode"] or ()), colocated=v["colocated"],
+            colocated_addr=v["colocated_addr"], config=v["config"], router=v["router"],
+            worker_timeout_s=v["worker_timeout"], keys_dir=v["keys"], connect_timeout_s=v["connect_timeout"],
+            disagg_threshold=disagg_threshold(v["disagg_threshold"]), ray_address=v["ray"],
+            prefill_replicas=v["prefill_replicas"], decode_replicas=v["decode_replicas"],
+            deadlines=Deadlines(v["reserve_timeout"], v["first_token_timeout"], v["token_timeout"],
+                                v["request_timeout"]))
+
+    return with_options(options, "serve", build)
 
 
 def disagg_threshold(text: str) -> int | str:
@@ -109,12 +176,16 @@ def int_list(flag: str, text: str) -> tuple[int, ...]:
 
 # A request's progress deadlines (config.Deadlines), shared by every command that sends requests.
 DEFAULT_DEADLINES = Deadlines()
-ReserveTimeoutOpt = Annotated[float, typer.Option("--reserve-timeout", help="Seconds a KV reservation may queue "
-                                                  "for decode memory before the request counts as stalled.")]
-FirstTokenTimeoutOpt = Annotated[float, typer.Option("--first-token-timeout", help="Seconds from sending a "
-                                                     "prompt to its first token before it counts as stalled.")]
-TokenTimeoutOpt = Annotated[float, typer.Option("--token-timeout", help="Seconds between tokens (and from the "
-                                                "first token to the KV landing) before a request counts as "
-                                                "stalled and is retried elsewhere.")]
-RequestTimeoutOpt = Annotated[float, typer.Option("--request-timeout", help="Seconds a request may take in all, "
-                                                  "retries and waits for a worker to come back included.")]
+ReserveTimeoutOpt = Annotated[float, typer.Option(
+    "--reserve-timeout", rich_help_panel=COORDINATOR_PANEL,
+    help="Seconds a KV reservation may queue for decode memory before the request counts as stalled.")]
+FirstTokenTimeoutOpt = Annotated[float, typer.Option(
+    "--first-token-timeout", rich_help_panel=COORDINATOR_PANEL,
+    help="Seconds from sending a prompt to its first token before it counts as stalled.")]
+TokenTimeoutOpt = Annotated[float, typer.Option(
+    "--token-timeout", rich_help_panel=COORDINATOR_PANEL,
+    help="Seconds between tokens (and from the first token to the KV landing) before a request counts as stalled "
+         "and is retried elsewhere.")]
+RequestTimeoutOpt = Annotated[float, typer.Option(
+    "--request-timeout", rich_help_panel=COORDINATOR_PANEL,
+    help="Seconds a request may take in all, retries and waits for a worker to come back included.")]

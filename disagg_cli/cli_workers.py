@@ -5,13 +5,15 @@ Plain functions: cli.py registers them as top-level commands (a role is not a co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from disagg_cli.cli_options import ModelOpt, cache_dir, worker_options
+from disagg_cli.cli_options import ModelOpt, cache_dir, keyword_option, with_options, worker_options
 from disagg_cli.config import WorkerConfig
+from disagg_cli.model.registry import DEFAULT_MODEL
 from disagg_cli.worker_settings import WorkerSettings
 
 HostOpt = Annotated[str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the worker off the network.")]
@@ -45,50 +47,29 @@ def run_worker(config_json: Annotated[str, typer.Argument(help="A WorkerConfig a
     run_worker_config(WorkerConfig.from_json(config_json))
 
 
-@worker_options("prefill")
-def prefill_worker(
-    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 7100,
-    host: HostOpt = "127.0.0.1",
-    model: ModelOpt = "smollm2-135m-instruct",
-    link_gbps: LinkOpt = None,
-    advertise_host: AdvertiseOpt = None,
-    keys: KeysOpt = None,
-    grace_s: GraceOpt = 10.0,
-    client_timeout: ClientTimeoutOpt = 30.0,
-    *, settings: WorkerSettings,
-) -> None:
-    """Serve prefill: prompts in, KV streamed layer by layer to decode workers."""
-    _serve("prefill", settings, host=host, port=port, model=model, advertise_host=advertise_host, keys=keys,
-           grace_s=grace_s, client_timeout=client_timeout, link_gbps=link_gbps)
+def _worker_command(role: str, port: int, doc: str) -> Callable[..., None]:
+    """The `ROLE-worker` command: where it listens and how it treats peers, then its role's worker settings."""
+    options = [
+        keyword_option("port", Annotated[int, typer.Option(help="TCP port to listen on.")], port),
+        keyword_option("host", HostOpt, "127.0.0.1"),
+        keyword_option("model", ModelOpt, DEFAULT_MODEL),
+        keyword_option("advertise_host", AdvertiseOpt, None),
+        keyword_option("keys", KeysOpt, None),
+        keyword_option("grace_s", GraceOpt, 10.0),
+        keyword_option("client_timeout", ClientTimeoutOpt, 30.0),
+    ]
+    if role == "prefill":  # the sender picks the codec, for its link
+        options.append(keyword_option("link_gbps", LinkOpt, None))
+
+    def command(*, process: dict[str, Any], settings: WorkerSettings) -> None:
+        _serve(role, settings, **process)
+
+    command.__doc__ = doc
+    return worker_options(role)(with_options(options, "process", dict)(command))
 
 
-@worker_options("decode")
-def decode_worker(
-    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 7200,
-    host: HostOpt = "127.0.0.1",
-    model: ModelOpt = "smollm2-135m-instruct",
-    advertise_host: AdvertiseOpt = None,
-    keys: KeysOpt = None,
-    grace_s: GraceOpt = 10.0,
-    client_timeout: ClientTimeoutOpt = 30.0,
-    *, settings: WorkerSettings,
-) -> None:
-    """Serve decode: KV caches in, tokens streamed to coordinators."""
-    _serve("decode", settings, host=host, port=port, model=model, advertise_host=advertise_host, keys=keys,
-           grace_s=grace_s, client_timeout=client_timeout)
-
-
-@worker_options("colocated")
-def colocated_worker(
-    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 7300,
-    host: HostOpt = "127.0.0.1",
-    model: ModelOpt = "smollm2-135m-instruct",
-    advertise_host: AdvertiseOpt = None,
-    keys: KeysOpt = None,
-    grace_s: GraceOpt = 10.0,
-    client_timeout: ClientTimeoutOpt = 30.0,
-    *, settings: WorkerSettings,
-) -> None:
-    """Serve both phases in one process: the baseline disaggregation is compared against."""
-    _serve("colocated", settings, host=host, port=port, model=model, advertise_host=advertise_host, keys=keys,
-           grace_s=grace_s, client_timeout=client_timeout)
+prefill_worker = _worker_command("prefill", 7100, "Serve prefill: prompts in, KV streamed layer by layer to decode "
+                                                  "workers.")
+decode_worker = _worker_command("decode", 7200, "Serve decode: KV caches in, tokens streamed to coordinators.")
+colocated_worker = _worker_command("colocated", 7300, "Serve both phases in one process: the baseline "
+                                                      "disaggregation is compared against.")

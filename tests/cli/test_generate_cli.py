@@ -29,7 +29,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], fragment: str)
 @pytest.mark.parametrize("args,fragment", [
     (["--temperature", "-1"], "--temperature must be"),
     (["--top-p", "0"], "--top-p must be in (0, 1]"),
-    (["--top-k", "-2"], "--top-k must be >= 0"),
+    (["--top-k", "-2"], "--top-k must be between 0 (off) and"),
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["--dtype", "float64"], "--dtype must be one of auto, float32, bfloat16, float16"),
     (["--quantization", "int3"], "--quantization must be one of none, int8, int4, auto"),

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from disagg_cli.bench.runs import ServeBenchOptions
 from disagg_cli.bench.serve import topologies
 from disagg_cli.cli import app
-from disagg_cli.cli_options import worker_options
+from disagg_cli.cli_options import COORDINATOR_PANEL, PLACEMENT_PANEL, worker_options
 from disagg_cli.config import EngineConfig, RuntimeConfig
 from disagg_cli.coordinator.options import ServeOptions, build_topology
 from disagg_cli.coordinator.topology import WorkerSpec
@@ -84,3 +84,14 @@ def test_flags_reach_the_command_as_one_worker_settings() -> None:
 def test_every_setting_has_help_and_a_panel() -> None:
     assert len({s.name for s in WORKER_SETTINGS}) == len(WORKER_SETTINGS) == len(fields(WorkerSettings))
     assert all(s.help.endswith((".", ").")) and s.panel for s in WORKER_SETTINGS)
+
+
+def test_generate_and_serve_share_the_placement_and_coordinator_options() -> None:
+    def options(path: tuple[str, ...]) -> dict[str, object]:
+        return {p.name: p.default for p in _command(path).params
+                if getattr(p, "rich_help_panel", None) in (PLACEMENT_PANEL, COORDINATOR_PANEL)}
+
+    generate, serve = options(("generate",)), options(("serve",))
+    assert generate.pop("in_process") is False  # generate alone can run in its own process
+    assert generate == serve
+    assert {"prefill", "decode", "config", "ray", "router", "worker_timeout", "request_timeout"} <= set(serve)
