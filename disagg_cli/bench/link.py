@@ -2,11 +2,11 @@
 
 Life of one transfer:
 1. `KVLink` binds a PUSH socket (KV out) and a PULL socket (acks in) on tcp://127.0.0.1, spawns
-   the receiver process, which connects both and says ready (a `Heartbeat`);
+   the receiver process, which connects both and says ready (a `LinkAck` of round 0);
 2. `transfer` encodes a request's KV layer by layer and sends each `KVLayers` message as soon as it
    is encoded, optionally paced to a link speed (sleeping so bytes sent / elapsed ≤ the rate);
 3. the receiver checks and decodes every message as it arrives and, after the last layer, acks
-   with a `Heartbeat` whose `seq` is the round number (an `Error` if a message was refused);
+   with a `LinkAck` of the round number and its decode time (an `Error` if a message was refused);
 4. the time from the first encode to the ack is the end-to-end transfer time;
 5. closing sends a `Heartbeat` with `seq` -1; the receiver exits, and every receive has a timeout.
 """
@@ -23,7 +23,7 @@ from torch import Tensor
 from disagg_cli.errors import DisaggError
 from disagg_cli.kv.codec import KVCodec
 from disagg_cli.kv.transfer import decode_kv_layers, encode_request_kv
-from disagg_cli.protocol import Error, Heartbeat, KVLayers, WireError, decode_message, encode_message
+from disagg_cli.protocol import Error, Heartbeat, KVLayers, LinkAck, WireError, decode_message, encode_message
 
 HOST = "tcp://127.0.0.1"
 TIMEOUT_MS = 60_000
@@ -45,7 +45,7 @@ def _receive(data_addr: str, ack_addr: str, num_layers: int) -> None:
     push.setsockopt(zmq.LINGER, 1000)
     pull.connect(data_addr)
     push.connect(ack_addr)
-    push.send_multipart(encode_message(Heartbeat(0)))
+    push.send_multipart(encode_message(LinkAck(0)))
     decode_s, refused = 0.0, None  # refused: the request whose later layers are skipped
     try:
         while pull.poll(TIMEOUT_MS):
@@ -67,7 +67,7 @@ def _receive(data_addr: str, ack_addr: str, num_layers: int) -> None:
                 continue
             if msg.layer_end == num_layers:
                 rnd = int(msg.request_id.rsplit("#", 1)[1])
-                push.send_multipart(encode_message(Heartbeat(rnd, {"decode_s": decode_s})))
+                push.send_multipart(encode_message(LinkAck(rnd, decode_s)))
                 decode_s = 0.0
     finally:
         pull.close()
@@ -91,7 +91,7 @@ class KVLink:
         self.child = spawn.Process(target=_receive, daemon=True,
                                    args=(f"{HOST}:{data_port}", f"{HOST}:{ack_port}", num_layers))
         self.child.start()
-        self._expect(Heartbeat)  # ready
+        self._expect(LinkAck)  # ready
 
     def __enter__(self) -> KVLink:
         return self
@@ -110,7 +110,7 @@ class KVLink:
         self.pull.close()
         self.ctx.term()
 
-    def _expect(self, kind: type[Heartbeat]) -> Heartbeat:
+    def _expect(self, kind: type[LinkAck]) -> LinkAck:
         deadline = time.monotonic() + TIMEOUT_MS / 1e3
         while not self.pull.poll(200):  # in slices, to notice a receiver that died
             if not self.child.is_alive():
@@ -136,7 +136,7 @@ class KVLink:
             if pace_bytes_per_s is not None and (ahead := sent / pace_bytes_per_s - (time.perf_counter() - start)) > 0:
                 time.sleep(ahead)
             self.push.send_multipart(encode_message(msg), copy=False)
-        ack = self._expect(Heartbeat)
+        ack = self._expect(LinkAck)
         elapsed = time.perf_counter() - start
         assert ack.seq == self.rounds, (ack.seq, self.rounds)
-        return elapsed, float(ack.stats["decode_s"])
+        return elapsed, ack.decode_s

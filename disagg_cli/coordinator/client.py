@@ -223,9 +223,10 @@ class Coordinator(WorkerConnections):
             self.router.release(conn.record)
 
     def _check_fits(self, out: RequestOutput, conn: Connection) -> None:
-        cap = conn.ack.capacity if conn.ack else {}
-        num_blocks, block_size = cap.get("num_blocks"), cap.get("block_size")
-        if not num_blocks or not block_size:
+        if conn.ack is None:
+            return
+        num_blocks, block_size = conn.ack.capacity.num_blocks, conn.ack.capacity.block_size
+        if num_blocks <= 0 or block_size <= 0:
             return
         misfit = pool_misfit(len(out.prompt_token_ids) + out.params.max_tokens, num_blocks, block_size)
         if misfit:

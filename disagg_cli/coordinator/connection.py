@@ -67,6 +67,6 @@ class Connection:
         self.ack = msg
         self.last_seen_s = time.monotonic()
         cap = msg.capacity
-        # What its prefix cache can hold: nothing with caching off (or from a worker that predates it).
-        capacity = cap.get("num_blocks", 0) if cap.get("prefix_caching") else 0
-        self.record.prefix = PrefixView(cap.get("block_size", 16) or 16, capacity)
+        # What its prefix cache can hold: nothing with caching off.
+        self.record.prefix = PrefixView(cap.block_size if cap.block_size > 0 else 16,
+                                        cap.num_blocks if cap.prefix_caching else 0)

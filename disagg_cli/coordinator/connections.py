@@ -169,7 +169,7 @@ class WorkerConnections:
 
     def capacity(self, address: str) -> dict[str, int]:
         ack = self._conns[address].ack
-        return dict(ack.capacity) if ack else {}
+        return ack.capacity.as_dict() if ack else {}
 
     @property
     def model_fingerprint(self) -> str | None:
@@ -237,7 +237,7 @@ class WorkerConnections:
 
     def _dispatch(self, conn: Connection, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
-            conn.record.stats = dict(msg.stats)
+            conn.record.last_stats = msg.stats
             conn.acked_seq = max(conn.acked_seq, msg.seq)
             conn.beat.set()
             return

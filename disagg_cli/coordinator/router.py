@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from disagg_cli.errors import DisaggError, UsageError
 from disagg_cli.kv.pool import BlockHash, hash_blocks
-from disagg_cli.protocol import WORKER_ROLES
+from disagg_cli.protocol import WORKER_ROLES, WorkerStats
 
 POLICIES = ("round-robin", "least-loaded", "cache-aware")
 _BALANCE_SLACK = 1  # cache-aware decode: workers this close to the least loaded compete on prefix
@@ -46,21 +46,31 @@ def local_prefill_pays(uncached: int, decode: WorkerRecord, prefills: Sequence[W
     prompt, at its measured speed, plus the hops) and short enough not to stall the decode batch
     for more than a few of its steps; from the workers' heartbeat figures (`prefill_tokens_per_s`,
     `decode_step_ms`)."""
-    rates = [float(w.stats.get("prefill_tokens_per_s", 0)) for w in prefills]
+    rates = [_prefill_rate(w) for w in prefills]
     rate_p = max(rates, default=0.0)
-    rate_d = float(decode.stats.get("prefill_tokens_per_s", 0))
+    rate_d = _prefill_rate(decode)
     if rate_d <= 0 and rate_p > 0:  # not measured here yet: a prefill worker's, per thread
-        threads_p = max(1.0, float(prefills[rates.index(rate_p)].stats.get("threads", 1)))
-        rate_d = rate_p * max(1.0, float(decode.stats.get("threads", 1))) / threads_p
+        threads_p = max(1.0, _threads(prefills[rates.index(rate_p)]))
+        rate_d = rate_p * max(1.0, _threads(decode)) / threads_p
     if rate_d <= 0:
         return uncached <= AUTO_THRESHOLD_FALLBACK
     stall_s = uncached / rate_d
-    budget_s = max(_ITL_BUDGET_MIN_S, _ITL_BUDGET_STEPS * float(decode.stats.get("decode_step_ms", 0)) / 1e3)
+    step_ms = decode.last_stats.decode_step_ms if decode.last_stats is not None else 0.0
+    budget_s = max(_ITL_BUDGET_MIN_S, _ITL_BUDGET_STEPS * step_ms / 1e3)
     if not prefills:
         return stall_s <= budget_s
     remote_s = min((w.queued_tokens + uncached) / r if r > 0 else float("inf")
                    for w, r in zip(prefills, rates, strict=True)) + _HOP_S
     return stall_s <= budget_s and stall_s <= remote_s
+
+
+def _prefill_rate(w: WorkerRecord) -> float:
+    """Prompt tokens per second the worker measured (0 until measured or heard)."""
+    return w.last_stats.prefill_tokens_per_s if w.last_stats is not None else 0.0
+
+
+def _threads(w: WorkerRecord) -> float:
+    return float(w.last_stats.threads) if w.last_stats is not None else 1.0
 
 
 class NoWorkerError(DisaggError):
@@ -106,18 +116,23 @@ class WorkerRecord:
     address: str
     role: str
     num_inflight: int = 0  # requests this coordinator has routed here and not yet seen end
-    stats: dict[str, float] = field(default_factory=dict)  # the last heartbeat's figures
+    last_stats: WorkerStats | None = None  # the last heartbeat's figures; None until one is answered
     is_alive: bool = True
     prefix: PrefixView = field(default_factory=PrefixView)  # what its prefix cache holds, as we think
     queued_tokens: int = 0  # prompt tokens routed here to compute whose first token has not come
 
     @property
+    def stats(self) -> dict[str, float]:
+        """The last heartbeat's figures by name, for display ({} until one is answered)."""
+        return self.last_stats.as_dict() if self.last_stats is not None else {}
+
+    @property
     def load(self) -> float:
-        return self.num_inflight + float(self.stats.get("waiting", 0))
+        return self.num_inflight + (self.last_stats.waiting if self.last_stats is not None else 0)
 
     @property
     def free_blocks(self) -> float:
-        return float(self.stats.get("free_blocks", 0))
+        return float(self.last_stats.free_blocks) if self.last_stats is not None else 0.0
 
 
 class Router:
@@ -189,8 +204,8 @@ class Router:
         assert record.num_inflight > 0, f"release without pick on {record.address}"
         record.num_inflight -= 1
 
-    def update_stats(self, address: str, stats: dict[str, float]) -> None:
-        self.get(address).stats = dict(stats)
+    def update_stats(self, address: str, stats: WorkerStats) -> None:
+        self.get(address).last_stats = stats
 
     def mark_dead(self, address: str) -> None:
         self.get(address).is_alive = False
@@ -199,5 +214,5 @@ class Router:
         """A worker that was taken as dead answered a new hello (restarted): route to it again."""
         w = self.get(address)
         w.is_alive = True
-        w.stats = {}
+        w.last_stats = None
         w.prefix.clear()  # a restarted worker starts with an empty cache

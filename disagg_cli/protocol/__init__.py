@@ -2,7 +2,7 @@
 
 - `names.py`: worker roles, codec names, KV dtypes, finish reasons (defined once);
 - `messages.py`: every message kind, as frozen dataclasses, and `WireError`;
-- `stats.py`: `RequestStats`, the per-request figures workers send with them;
+- `stats.py`: `RequestStats` (per request), `WorkerCapacity` and `WorkerStats` (per worker);
 - `frames.py`: messages ⇄ zmq frames, trusting nothing on the way in;
 - `schema.py`: type hints as the schema (dataclasses ⇄ msgpack-ready maps, checked).
 """
@@ -30,6 +30,7 @@ from disagg_cli.protocol.messages import (
     KVLayers,
     KVLayout,
     KVMeta,
+    LinkAck,
     Message,
     Prefill,
     PrefillHere,
@@ -48,6 +49,7 @@ from disagg_cli.protocol.names import (
     PEER_ROLES,
     WORKER_ROLES,
 )
+from disagg_cli.protocol.stats import WorkerCapacity, WorkerStats
 
 __all__ = [
     "COMPLETED_REASONS",
@@ -66,6 +68,7 @@ __all__ = [
     "KVLayers",
     "KVLayout",
     "KVMeta",
+    "LinkAck",
     "MAX_FRAMES",
     "MAX_FRAME_BYTES",
     "MAX_HEADER_BYTES",
@@ -82,6 +85,8 @@ __all__ = [
     "Reserved",
     "Tokens",
     "WORKER_ROLES",
+    "WorkerCapacity",
+    "WorkerStats",
     "WireError",
     "decode_message",
     "encode_message",

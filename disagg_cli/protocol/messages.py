@@ -19,14 +19,16 @@ from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.errors import DisaggError
 from disagg_cli.protocol.names import DTYPE_ITEMSIZE
 from disagg_cli.protocol.schema import frames_field
-from disagg_cli.protocol.stats import RequestStats
+from disagg_cli.protocol.stats import RequestStats, WorkerCapacity, WorkerStats
 
 # 2: HelloAck names the worker's instance and Prefill the decode instance it streams to.
 # 3: prefix caching: `Reserved` says how many leading prompt tokens the decode worker holds,
 #    `Prefill` passes that on, `KVLayers` carry the position of their first token, and
 #    `PrefillHere` has a decode worker compute a short prompt itself (selective disaggregation).
 # 4: per-request figures travel as a typed `RequestStats`, no longer a map of floats.
-PROTOCOL_VERSION = 4
+# 5: a worker's capacity (`Hello`, `HelloAck`) and heartbeat figures travel as typed `WorkerCapacity`
+#    and `WorkerStats` (None where there are none), no longer maps; `LinkAck` answers `bench link`.
+PROTOCOL_VERSION = 5
 
 REASONS = frozenset(
     [
@@ -133,7 +135,7 @@ class Hello(Message):
     role: str  # "coordinator", "prefill", "decode", "colocated"
     model_fingerprint: str  # "" from a coordinator, which holds no weights
     kv_layout: KVLayout | None = None
-    capacity: dict[str, int] = field(default_factory=dict)
+    capacity: WorkerCapacity | None = None  # None from a coordinator
     # A worker's resolved dtype and weight quantization, with the reasons (`--dtype auto` etc.).
     runtime: dict[str, str] = field(default_factory=dict)
 
@@ -146,7 +148,7 @@ class HelloAck(Message):
     role: str
     model_fingerprint: str
     kv_layout: KVLayout
-    capacity: dict[str, int] = field(default_factory=dict)
+    capacity: WorkerCapacity
     runtime: dict[str, str] = field(default_factory=dict)
     # Random per worker process: a peer that sees a new one knows the worker restarted and forgot
     # every greeting, reservation and KV it held.
@@ -209,7 +211,16 @@ class Heartbeat(Message):
     """I am alive; `seq` increases by one per beat so a peer can count missed ones."""
 
     seq: int
-    stats: dict[str, int | float] = field(default_factory=dict)
+    stats: WorkerStats | None = None  # a worker's answer to a coordinator's beat; None in the beat
+
+
+@_message("link_ack")
+@dataclass(frozen=True, slots=True)
+class LinkAck(Message):
+    """`bench link`'s receiver: round `seq` arrived whole (seq 0: ready), decoded in `decode_s`."""
+
+    seq: int
+    decode_s: float = 0.0
 
 
 # --- serving: the life of one disaggregated request ------------------------------------------

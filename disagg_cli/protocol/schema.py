@@ -54,7 +54,10 @@ def _check(value: Any, tp: Any, path: str) -> Any:
     """`value` if it fits type hint `tp` (lists become tuples, maps nested dataclasses)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        for arg in args:
+        arms = [a for a in args if a is not type(None)] if value is not None else list(args)
+        if len(arms) == 1:  # `X | None` given a value: X's own error names the field that is wrong
+            return _check(value, arms[0], path)
+        for arg in arms:
             try:
                 return _check(value, arg, path)
             except SchemaError:

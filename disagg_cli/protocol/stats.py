@@ -1,5 +1,8 @@
-"""What workers measured of one request, as it travels on the wire (`FirstToken`, `KVDone`,
-`Tokens` in `messages.py`); the coordinator maps it into a request's output (`coordinator/client.py`)."""
+"""Typed figures on the wire (`messages.py`), each a frozen dataclass whose type hints are its schema:
+- `RequestStats`: what workers measured of one request (`FirstToken`, `KVDone`, `Tokens`); the
+  coordinator maps it into a request's output (`coordinator/client.py`);
+- `WorkerCapacity`: what a worker was built with (`Hello`, `HelloAck`);
+- `WorkerStats`: a worker's queues, pool and speeds, answered to each `Heartbeat`."""
 
 from __future__ import annotations
 
@@ -36,3 +39,56 @@ class RequestStats:
     def items(self) -> list[tuple[str, float]]:
         """(name, value) of every measured figure, in field order."""
         return [(f.name, float(v)) for f in fields(self) if (v := getattr(self, f.name)) is not None]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCapacity:
+    """What a worker was built with, sent in its `Hello` / `HelloAck`: the coordinator sizes its
+    view of the worker's prefix cache and refuses requests that can never fit its pool by it."""
+
+    num_blocks: int  # KV blocks in its pool
+    block_size: int  # tokens per block
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    chunked_prefill: bool
+    prefix_caching: bool
+    threads: int  # torch threads of its engine
+
+    def as_dict(self) -> dict[str, int]:
+        """name → value, for display and JSON."""
+        return {f.name: int(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    """A worker's figures, answered to every `Heartbeat`: a snapshot taken between engine steps.
+
+    Read by the router (load, free blocks, measured speeds for `--disagg-threshold auto`), the live
+    table and /metrics. Every field is required on the wire except the decode role's own."""
+
+    # the scheduler and the pool (exact counts)
+    waiting: int  # requests waiting for a batch slot
+    running: int  # requests in the running batch
+    free_blocks: int
+    num_blocks: int
+    reserved_blocks: int  # set aside for KV on its way (decode)
+    used_blocks: int
+    time_unix_s: float  # when the snapshot was taken; the worker's clock
+    # the prefix cache (zeros with caching off)
+    cached_blocks: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+    prefix_evicted_blocks: int
+    # measured speeds (moving averages; 0 until measured)
+    prefill_tokens_per_s: float
+    decode_step_ms: float
+    threads: int
+    greeted_peers: int  # peers whose hello this worker remembers (the I/O thread's count)
+    # a decode worker's reservations: None from other roles
+    queued_reservations: int | None = None  # waiting for free blocks
+    incoming: int | None = None  # reserved, KV on its way
+
+    def as_dict(self) -> dict[str, float]:
+        """name → value of every figure reported, for display and JSON (the decode role's own only
+        from a decode worker)."""
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}

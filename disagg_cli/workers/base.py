@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zmq
@@ -47,6 +47,8 @@ from disagg_cli.protocol import (
     Message,
     Refuse,
     WireError,
+    WorkerCapacity,
+    WorkerStats,
     decode_message,
     encode_message,
 )
@@ -64,7 +66,7 @@ class WorkerIdentity:
     address: str
     fingerprint: str
     kv_layout: KVLayout
-    capacity: dict[str, int]
+    capacity: WorkerCapacity
     runtime: dict[str, str] = field(default_factory=dict)  # resolved dtype/quantization and why
     # This process's incarnation, new at every start: peers tell a restart from a reconnect by it.
     instance_id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -109,7 +111,10 @@ class WorkerIO:
         # When each coordinator was last heard (coordinators heartbeat every second): the engine
         # thread aborts the requests of one gone silent, so a vanished client holds no blocks.
         self.coordinator_seen: dict[bytes, float] = {}
-        self.stats: dict[str, int | float] = {}  # replaced whole by the engine thread
+        # The engine thread's latest figures, answered to heartbeats here: a hand-off between the
+        # two threads (the engine publishes, this thread reads), so under a lock.
+        self._stats_lock = threading.Lock()
+        self._stats: WorkerStats | None = None
         self._thread = threading.Thread(target=self._run, name="worker-io", daemon=True)
         self._running = True
 
@@ -120,6 +125,11 @@ class WorkerIO:
         """Queue `msg` for the I/O thread (any thread may call this)."""
         self._outbox.put((dest, msg))
         os.write(self._wake_w, b"\0")
+
+    def publish_stats(self, stats: WorkerStats) -> None:
+        """Replace the figures heartbeats are answered with (the engine thread, between steps)."""
+        with self._stats_lock:
+            self._stats = stats
 
     def stop(self) -> None:
         self._outbox.put(None)
@@ -223,7 +233,11 @@ class WorkerIO:
                                    f"{msg.kind} before hello; say hello first"))
             return
         if isinstance(msg, Heartbeat):
-            self._reply(who, Heartbeat(msg.seq, {**self.stats, "greeted_peers": len(self._greeted)}))
+            with self._stats_lock:
+                stats = self._stats
+            if stats is not None:
+                stats = replace(stats, greeted_peers=len(self._greeted))
+            self._reply(who, Heartbeat(msg.seq, stats))
             return
         item: Any = msg
         if self._preprocess is not None:

@@ -250,5 +250,5 @@ class DecodeWorker(Worker):
         super().abort(request_id, notify, reason, message)
         self._admit_reservations()
 
-    def extra_stats(self) -> dict[str, int | float]:
+    def extra_stats(self) -> dict[str, int]:
         return {"queued_reservations": len(self.queued), "incoming": len(self.incoming)}

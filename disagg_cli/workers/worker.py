@@ -30,7 +30,18 @@ from disagg_cli.engine.engine import LLMEngine, StepStats, TokenEvent
 from disagg_cli.keys import Keys
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.registry import resolve_model
-from disagg_cli.protocol import Abort, Error, Generate, KVLayout, Message, Prefill, Reserve, WireError
+from disagg_cli.protocol import (
+    Abort,
+    Error,
+    Generate,
+    KVLayout,
+    Message,
+    Prefill,
+    Reserve,
+    WireError,
+    WorkerCapacity,
+    WorkerStats,
+)
 from disagg_cli.workers.base import Dest, StopFlag, WorkerIdentity, WorkerIO, log
 from disagg_cli.workers.checks import Limits, check_message
 
@@ -68,10 +79,8 @@ class Worker:
         self.address = f"tcp://{host}:{config.port}"
         layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, lr.dtype, config.engine.block_size)
         e = config.engine
-        capacity = {"num_blocks": self.engine.num_blocks, "block_size": e.block_size,
-                    "max_num_seqs": e.max_num_seqs, "max_num_batched_tokens": e.max_num_batched_tokens,
-                    "chunked_prefill": int(e.chunked_prefill), "prefix_caching": int(e.enable_prefix_caching),
-                    "threads": torch.get_num_threads()}
+        capacity = WorkerCapacity(self.engine.num_blocks, e.block_size, e.max_num_seqs, e.max_num_batched_tokens,
+                                  e.chunked_prefill, e.enable_prefix_caching, torch.get_num_threads())
         self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity,
                                     self.lm.describe_runtime())
         if io is None:
@@ -80,7 +89,7 @@ class Worker:
         self.io = io
         self.owners: dict[str, Dest] = {}  # request id → the coordinator to answer
         # Measured speeds (moving averages) for `--disagg-threshold auto`, sent in heartbeats.
-        self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0, "threads": float(torch.get_num_threads())}
+        self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0}
 
     # --- role hooks -----------------------------------------------------------------------------
 
@@ -98,12 +107,14 @@ class Worker:
     def on_events(self, events: list[TokenEvent]) -> None:
         raise NotImplementedError
 
-    def extra_stats(self) -> dict[str, int | float]:
+    def extra_stats(self) -> dict[str, int]:
+        """The role's own figures for `WorkerStats` (its optional fields)."""
         return {}
 
     # --- the loop -------------------------------------------------------------------------------
 
     def serve(self) -> int:
+        self._publish_stats()  # before the first heartbeat can come
         self.io.start()
         c = self.config
         if c.keys_dir:
@@ -244,8 +255,12 @@ class Worker:
         self.speed[key] = value if old == 0 else 0.8 * old + 0.2 * value
 
     def _publish_stats(self) -> None:
-        self.io.stats = {**self.engine.pool_stats(), "time_unix_s": time.time(), **self.engine.cache_stats(),
-                         **self.speed, **self.extra_stats()}
+        cache = {k: int(v) for k, v in self.engine.cache_stats().items()}
+        self.io.publish_stats(WorkerStats(
+            **self.engine.pool_stats(), time_unix_s=time.time(), **cache,
+            prefill_tokens_per_s=self.speed["prefill_tokens_per_s"], decode_step_ms=self.speed["decode_step_ms"],
+            threads=self.ident.capacity.threads, greeted_peers=0,  # the I/O thread counts its peers
+            **self.extra_stats()))
 
     def shutdown(self) -> None:
         in_flight = list(self.owners)

@@ -36,7 +36,7 @@ def decode_stats(address: str) -> dict:
     peer.send(Heartbeat(1))
     (beat,) = peer.recv_until(lambda m: isinstance(m, Heartbeat), 10)
     peer.close()
-    return beat.stats
+    return beat.stats.as_dict()
 
 
 def start_long_generation(workers: dict[str, str], model: Path) -> subprocess.Popen:

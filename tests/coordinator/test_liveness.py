@@ -14,10 +14,19 @@ import pytest
 import zmq
 
 from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
-from disagg_cli.protocol import Heartbeat, Hello, HelloAck, KVLayout, decode_message, encode_message
+from disagg_cli.protocol import (
+    Heartbeat,
+    Hello,
+    HelloAck,
+    KVLayout,
+    WorkerCapacity,
+    decode_message,
+    encode_message,
+)
 from tests.workers.peer import free_port
 
 LAYOUT = KVLayout(2, 1, 4, "float32", 16)
+CAPACITY = WorkerCapacity(64, 16, 8, 256, False, False, 1)
 CONFIG = CoordinatorConfig(worker_timeout_s=1.0, heartbeat_interval_s=0.2)
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,7 +51,7 @@ class ScriptedWorker(threading.Thread):
         while not self.done.is_set():
             if held and time.monotonic() - start >= self.answer_after_s:
                 for who in held:
-                    self._send(who, HelloAck(self.role, "fp", LAYOUT, {}, instance_id=self.role))
+                    self._send(who, HelloAck(self.role, "fp", LAYOUT, CAPACITY, instance_id=self.role))
                 held = []
             if not self.sock.poll(20):
                 continue
@@ -54,7 +63,7 @@ class ScriptedWorker(threading.Thread):
                 held.append(who)
             elif isinstance(msg, Heartbeat):
                 self.beats += 1
-                self._send(who, Heartbeat(msg.seq, {}))
+                self._send(who, Heartbeat(msg.seq))
         self.sock.close(linger=0)
 
     def _send(self, who: bytes, msg: HelloAck | Heartbeat) -> None:

@@ -6,6 +6,13 @@ import pytest
 
 from disagg_cli.coordinator.router import NoWorkerError, Router, WorkerRecord
 from disagg_cli.errors import UsageError
+from disagg_cli.protocol import WorkerStats
+
+
+def figures(**given: float) -> WorkerStats:
+    """A heartbeat's figures: zeros except those given."""
+    zero = {f: 0 for f in WorkerStats.__dataclass_fields__ if f not in ("queued_reservations", "incoming")}
+    return WorkerStats(**{**zero, **given})  # type: ignore[arg-type]
 
 
 def workers(role: str, n: int) -> list[WorkerRecord]:
@@ -31,9 +38,9 @@ def test_round_robin_skips_dead_workers() -> None:
 
 def test_least_loaded_counts_inflight_and_waiting() -> None:
     router = Router(workers("decode", 3), "least-loaded")
-    router.update_stats("tcp://127.0.0.1:5000", {"waiting": 2, "free_blocks": 100})
-    router.update_stats("tcp://127.0.0.1:5001", {"waiting": 0, "free_blocks": 10})
-    router.update_stats("tcp://127.0.0.1:5002", {"waiting": 0, "free_blocks": 50})
+    router.update_stats("tcp://127.0.0.1:5000", figures(waiting=2, free_blocks=100))
+    router.update_stats("tcp://127.0.0.1:5001", figures(waiting=0, free_blocks=10))
+    router.update_stats("tcp://127.0.0.1:5002", figures(waiting=0, free_blocks=50))
     # loads (2, 0, 0) → 5002 (more free blocks); (2, 0, 1) → 5001; (2, 1, 1) → 5002 (blocks); (2, 1, 2) → 5001
     assert ports([router.pick("decode") for _ in range(4)]) == [5002, 5001, 5002, 5001]
 
@@ -123,12 +130,13 @@ def test_auto_threshold_prefills_locally_only_when_sooner_and_short() -> None:
     # Nothing measured yet: the fallback threshold.
     assert local_prefill_pays(AUTO_THRESHOLD_FALLBACK, decode, [prefill])
     assert not local_prefill_pays(AUTO_THRESHOLD_FALLBACK + 1, decode, [prefill])
-    prefill.stats = {"prefill_tokens_per_s": 200.0, "threads": 1}
-    decode.stats = {"decode_step_ms": 50.0, "threads": 1}  # budget: max(0.1, 4 x 0.05) = 0.2 s
+    prefill.last_stats = figures(prefill_tokens_per_s=200.0, threads=1)
+    decode.last_stats = figures(decode_step_ms=50.0, threads=1)  # budget: max(0.1, 4 x 0.05) = 0.2 s
     assert local_prefill_pays(40, decode, [prefill])  # 0.2 s here, 0.22 s there
     assert not local_prefill_pays(41, decode, [prefill])  # 0.205 s: past the stall budget
     prefill.queued_tokens = 1000  # the prefill worker is 5 s behind: still only a short stall here
     assert local_prefill_pays(40, decode, [prefill]) and not local_prefill_pays(60, decode, [prefill])
-    decode.stats["prefill_tokens_per_s"] = 1000.0  # measured on the decode worker itself
+    # measured on the decode worker itself
+    decode.last_stats = figures(decode_step_ms=50.0, threads=1, prefill_tokens_per_s=1000.0)
     assert local_prefill_pays(200, decode, [prefill]) and not local_prefill_pays(201, decode, [prefill])
     assert local_prefill_pays(100, decode, [])  # no prefill worker alive: the budget alone decides

@@ -159,7 +159,7 @@ def test_a_flood_of_hellos_keeps_only_the_most_recently_heard_peers(cluster: Tin
             assert isinstance(steady.recv(10), Heartbeat)
     steady.send(Heartbeat(1))
     beat = steady.recv(10)
-    assert isinstance(beat, Heartbeat) and beat.stats["greeted_peers"] == MAX_GREETED_PEERS
+    assert isinstance(beat, Heartbeat) and beat.stats.greeted_peers == MAX_GREETED_PEERS
     steady.close()
     cluster.assert_serving("hellos")
 

@@ -83,7 +83,7 @@ def pool_stats(ns: str, address: str) -> dict:
     """Heartbeat stats of a worker, asked from the coordinator's host."""
     code = ("import json; from tests.workers.peer import Peer; from disagg_cli.protocol import Heartbeat\n"
             f"p = Peer({address!r}); p.hello(); p.send(Heartbeat(1))\n"
-            "m = p.recv_until(lambda m: isinstance(m, Heartbeat), 10)[-1]; print(json.dumps(m.stats))")
+            "m = p.recv_until(lambda m: isinstance(m, Heartbeat), 10)[-1]; print(json.dumps(m.stats.as_dict()))")
     out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, timeout=60, check=True)
     return json.loads(out.stdout)

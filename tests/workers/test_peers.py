@@ -17,6 +17,7 @@ from disagg_cli.protocol import (
     HelloAck,
     KVLayout,
     Message,
+    WorkerCapacity,
     decode_message,
     encode_message,
 )
@@ -24,6 +25,7 @@ from disagg_cli.workers.peers import PeerLinks, PeerLost
 from tests.workers.peer import free_port
 
 LAYOUT = KVLayout(2, 1, 4, "float32", 16)
+CAPACITY = WorkerCapacity(64, 16, 8, 256, False, False, 1)
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -57,7 +59,7 @@ class ScriptedDecode:
             self.seen.append(msg)
             if isinstance(msg, Hello):
                 self.greeted.add(who)
-                reply: Message = HelloAck("decode", "fp", LAYOUT, {}, instance_id=self.instance)
+                reply: Message = HelloAck("decode", "fp", LAYOUT, CAPACITY, instance_id=self.instance)
             elif who not in self.greeted:
                 reply = Error(getattr(msg, "request_id", None), "no-hello", f"{msg.kind} before hello")
             else:

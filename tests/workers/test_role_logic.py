@@ -30,6 +30,7 @@ from disagg_cli.protocol import (
     Reserve,
     Reserved,
     Tokens,
+    WorkerStats,
 )
 from disagg_cli.workers.base import Dest
 from disagg_cli.workers.decode import DecodeWorker
@@ -48,11 +49,14 @@ class LocalIO:
     def __init__(self) -> None:
         self.sent: list[tuple[Dest, Any]] = []
         self.inbox: queue.Queue[tuple[Dest, Any]] = queue.Queue()
-        self.stats: dict[str, int | float] = {}
+        self.stats: WorkerStats | None = None
         self.coordinator_seen: dict[bytes, float] = {}
 
     def send(self, dest: Dest, msg: Any) -> None:
         self.sent.append((dest, msg))
+
+    def publish_stats(self, stats: WorkerStats) -> None:
+        self.stats = stats
 
     def take(self) -> list[tuple[Dest, Any]]:
         out, self.sent = self.sent, []

@@ -113,7 +113,7 @@ def pool_stats(address: str) -> dict:
     peer.send(Heartbeat(7))
     (beat,) = peer.recv_until(lambda m: isinstance(m, Heartbeat), 10)
     peer.close()
-    return beat.stats
+    return beat.stats.as_dict()
 
 
 def test_disaggregated_equals_in_process(cluster: dict, default_model: LoadedModel,

@@ -121,8 +121,8 @@ class TinyCluster:
         peer.send(Heartbeat(1))
         (*_, beat) = peer.recv_until(lambda m: isinstance(m, Heartbeat), 10)
         peer.close()
-        assert isinstance(beat, Heartbeat)
-        return beat.stats
+        assert isinstance(beat, Heartbeat) and beat.stats is not None
+        return beat.stats.as_dict()
 
     def assert_idle(self, timeout_s: float = 15) -> None:
         """Every worker holds no request and every KV block is free (stats lag an engine loop)."""
