@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -109,6 +110,7 @@ class LocalCluster:
         self.workers: list[WorkerProcess] = []
         self.keep_logs = False  # set when a worker failed, so the quoted log path stays valid
         self.supervisor: Supervisor | None = None
+        self._restarting = threading.Lock()  # the supervisor's thread and a caller's may restart at once
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -132,6 +134,17 @@ class LocalCluster:
     def restart(self, index: int) -> WorkerProcess:
         """Start worker `index` again with the same spec and port (SIGKILLing it first if it still
         runs), so a coordinator that knew its address can find it again; its log gets a suffix."""
+        with self._restarting:
+            return self._restart(index)
+
+    def restart_exited(self, exited: WorkerProcess) -> WorkerProcess | None:
+        """`restart` the worker whose process `exited` was; None if it has been restarted (or the
+        cluster stopped) since."""
+        with self._restarting:
+            index = next((i for i, w in enumerate(self.workers) if w is exited), None)
+            return None if index is None else self._restart(index)
+
+    def _restart(self, index: int) -> WorkerProcess:
         old = self.workers[index]
         if old.process.poll() is None:
             old.process.kill()

@@ -5,11 +5,12 @@ The new process binds the same address, so the coordinator takes it back by its 
 requests wait for it as for any returning worker. A thread per cluster polls the processes.
 
 Life of a supervised worker:
-1. it exits (a crash, the OOM killer, a stray signal): one line is logged naming its role,
-   address, exit code and the last line of its log, and its restart falls due after a back-off
+1. it exits (a crash, the OOM killer, a stray signal): its restart falls due after a back-off
    (`RestartPolicy`: 1 s, doubling with each restart it had in the window, at most 30 s);
-2. when due, `LocalCluster.restart` starts it again (same spec and port, a fresh log) and it is
-   counted in `restarts[role]` (`disagg:worker_restarts_total` in `/metrics`);
+2. when due, `LocalCluster.restart_exited` starts it again (same spec and port, a fresh log),
+   unless someone else did meanwhile (bench serve's chaos soak restarts what it kills); it is
+   counted in `restarts[role]` (`disagg:worker_restarts_total` in `/metrics`) and one line is
+   logged naming its role, address, exit code and the last line of its log;
 3. past `max_restarts` within `window_s` it stays down and an error line says so: a worker that
    dies at every start must not restart forever;
 4. `stop()`, the first step of `LocalCluster.stop`, ends the thread (a restart under way finishes
@@ -71,7 +72,7 @@ class Supervisor:
         # Every role at zero from the start, so a scrape shows the series before any restart.
         self.restarts: Counter[str] = Counter({w.spec.role: 0 for w in cluster.workers})
         self._history: dict[int, deque[float]] = {}  # worker index -> monotonic times of its restarts
-        self._due: dict[int, float] = {}  # worker index -> when its restart is due
+        self._due: dict[int, tuple[WorkerProcess, float, float]] = {}  # index -> (who exited, when due, back-off)
         self._given_up: set[int] = set()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker supervisor", daemon=True)
@@ -89,38 +90,52 @@ class Supervisor:
         while not self._stopping.wait(self.policy.poll_s):
             now = time.monotonic()
             for index, worker in enumerate(list(self.cluster.workers)):
+                pending = self._due.get(index)
+                if pending is not None and pending[0] is not worker:
+                    del self._due[index]  # started again by someone else (bench serve's chaos soak)
+                    pending = None
                 if index in self._given_up or worker.process.poll() is None:
                     continue
-                due = self._due.get(index)
-                if due is None:
+                if pending is None:
                     self._exited(index, worker, now)
-                elif now >= due and not self._stopping.is_set():
+                elif now >= pending[1] and not self._stopping.is_set():
                     self._restart(index)
 
-    def _exited(self, index: int, worker: WorkerProcess, now: float) -> None:
+    def _recent(self, index: int, now: float) -> deque[float]:
         history = self._history.setdefault(index, deque())
         while history and now - history[0] > self.policy.window_s:
             history.popleft()
-        what = (f"{worker.name} exited with code {describe_exit(worker.process.returncode)} (last log line: "
-                f"{worker.last_log_line() or '(nothing logged)'}; log: {worker.log_path})")
-        self.cluster.keep_logs = True  # the log the line below quotes must outlive the cluster
-        if len(history) >= self.policy.max_restarts:
+        return history
+
+    def _exited(self, index: int, worker: WorkerProcess, now: float) -> None:
+        recent = len(self._recent(index, now))
+        self.cluster.keep_logs = True  # the log the lines quote must outlive the cluster
+        if recent >= self.policy.max_restarts:
             self._given_up.add(index)
-            log.error("%s; not started again: it was restarted %d times within %.0f min", what, len(history),
-                      self.policy.window_s / 60)
+            log.error("%s; not started again: it was restarted %d times within %.0f min", _exit_line(worker),
+                      recent, self.policy.window_s / 60)
             return
-        delay = self.policy.delay_s(len(history))
-        self._due[index] = now + delay
-        log.warning("%s; starting it again on the same address in %g s (restart %d of at most %d within "
-                    "%.0f min)", what, delay, len(history) + 1, self.policy.max_restarts, self.policy.window_s / 60)
+        delay = self.policy.delay_s(recent)
+        self._due[index] = (worker, now + delay, delay)
 
     def _restart(self, index: int) -> None:
-        del self._due[index]
+        exited, _, delay = self._due.pop(index)
         try:
-            worker = self.cluster.restart(index)
+            # None: restarted by someone else since it was seen to exit.
+            worker = self.cluster.restart_exited(exited)
         except OSError as e:  # the interpreter or the log folder went away: trying again will not help
             self._given_up.add(index)
-            log.error("could not start %s again: %s", self.cluster.workers[index].name, e)
+            log.error("%s; could not start it again: %s", _exit_line(exited), e)
             return
-        self._history[index].append(time.monotonic())
+        if worker is None:
+            return
+        recent = self._recent(index, time.monotonic())
+        recent.append(time.monotonic())
         self.restarts[worker.spec.role] += 1
+        log.warning("%s; started again on the same address after %g s (restart %d of at most %d within %.0f min)",
+                    _exit_line(exited), delay, len(recent), self.policy.max_restarts, self.policy.window_s / 60)
+
+
+def _exit_line(worker: WorkerProcess) -> str:
+    return (f"{worker.name} exited with code {describe_exit(worker.process.returncode)} (last log line: "
+            f"{worker.last_log_line() or '(nothing logged)'}; log: {worker.log_path})")

@@ -39,6 +39,10 @@ def test_requests_wait_for_a_killed_worker_and_chaos_restarts_it(default_gguf: P
         async with CoordinatorService(config) as service:
             cluster = service.cluster
             assert cluster is not None and [w.spec.role for w in cluster.workers] == ["prefill", "decode"]
+            # This test kills and restarts workers itself; the supervisor, 1 s after a kill, could restart
+            # one before the service has seen it dead (test_supervision.py tests the supervisor).
+            assert cluster.supervisor is not None
+            cluster.supervisor.stop()
             # The only decode worker dies: once the service has noticed, a new request is still taken …
             cluster.workers[1].process.kill()
             await until(lambda: not service.health()[0], "noticed the dead decode worker")

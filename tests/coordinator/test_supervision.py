@@ -81,6 +81,6 @@ def test_a_killed_prefill_worker_is_started_again(default_gguf: Path, default_mo
                    "every KV block free", 20.0)
         assert sample(server, "disagg:worker_restarts_total", "prefill") == 1
         assert sample(server, "disagg:worker_restarts_total", "decode") == 0
-        (line,) = [ln for ln in server.log_text().splitlines() if "starting it again" in ln]
+        (line,) = [ln for ln in server.log_text().splitlines() if "started again on the same address" in ln]
         assert "prefill worker tcp://127.0.0.1:" in line and "exited with code -9 (SIGKILL)" in line, line
         assert "(last log line: " in line

@@ -92,7 +92,8 @@ def test_a_worker_that_exits_is_started_again_on_its_address(cluster_of, caplog:
     assert cluster.restarts() == {"prefill": 1, "decode": 0}
     (line,) = [r.getMessage() for r in caplog.records]
     assert f"prefill worker {victim.address} exited with code -9 (SIGKILL)" in line
-    assert "last log line: stand-in ready" in line and "starting it again" in line
+    assert "last log line: stand-in ready" in line and "started again on the same address after 0.05 s" in line
+    assert "(restart 1 of at most 5 within 1 min)" in line
     assert not cluster.is_gone(victim.address)  # what the coordinator's probe asks
 
 
@@ -107,7 +108,7 @@ def test_a_worker_that_keeps_dying_is_left_down_at_the_cap(cluster_of, caplog: p
     decode_runs = [p for p in cluster.spawned if p.args[-1] == DIES]
     assert len(decode_runs) == 4  # the first start and three restarts
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert [w.split("same address in ")[1].split(" s ")[0] for w in warnings] == ["0.05", "0.1", "0.2"]
+    assert [w.split("same address after ")[1].split(" s ")[0] for w in warnings] == ["0.05", "0.1", "0.2"]
     assert all("exited with code 3 (last log line: stand-in failed: boom" in w for w in warnings)
     assert "restart 3 of at most 3" in warnings[-1]
     (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -124,6 +125,23 @@ def test_the_gaps_between_restarts_double(cluster_of) -> None:
     starts = [t for p, t in zip(cluster.spawned, cluster.spawned_at, strict=True) if p.args[-1] == DIES]
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
     assert [g >= d for g, d in zip(gaps, (0.2, 0.4, 0.8), strict=True)] == [True] * 3, gaps
+
+
+def test_a_worker_restarted_by_someone_else_is_left_alone(cluster_of, caplog: pytest.LogCaptureFixture) -> None:
+    """bench serve's chaos soak kills a worker and restarts it at once, beside the supervisor."""
+    policy = RestartPolicy(first_delay_s=0.5, max_delay_s=1.0, max_restarts=5, window_s=60, poll_s=0.02)
+    cluster = cluster_of(lambda role: SERVES)
+    wait_logged(cluster)
+    cluster.supervise(policy)
+    with caplog.at_level(logging.WARNING, logger="disagg_cli.coordinator.supervisor"):
+        cluster.workers[0].process.send_signal(signal.SIGKILL)
+        cluster.workers[0].process.wait()
+        time.sleep(0.2)  # the supervisor has seen it exit: its restart is due in 0.5 s
+        mine = cluster.restart(0)
+        time.sleep(1.0)  # past that
+    assert cluster.workers[0] is mine and mine.process.poll() is None
+    assert len(cluster.spawned) == 3 and cluster.restarts() == {"prefill": 0, "decode": 0}
+    assert not caplog.records
 
 
 def test_stopping_the_cluster_restarts_nothing(cluster_of) -> None:
