@@ -7,6 +7,9 @@ Threads:
   DEALERs it opens to other workers. It checks and decodes what arrives (size limits, version,
   handshake; a role may decode payloads here, e.g. KV, so the engine only places tensors), answers
   `Hello` and `Heartbeat` itself, and sends what the engine queued. A pipe wakes it for sends.
+  What it sees that the engine must act on, it posts to the inbox (`CoordinatorGone`, `PeerLost`).
+- between them, only queues, and two guarded hand-offs: the heartbeat figures (`publish_stats`,
+  under a lock) and a decode worker's `ReservedKV` (`workers/checks.py`, under its lock).
 
 Life of a connection: the peer's first message is `Hello`; it is answered with `HelloAck`, or
 `Refuse` when its model fingerprint differs from ours (the message names both). Anything before
@@ -77,13 +80,23 @@ def log(role: str, message: str) -> None:
     sys.stderr.flush()
 
 
+@dataclass(frozen=True, slots=True)
+class CoordinatorGone:
+    """Posted by the I/O thread: a coordinator said nothing (coordinators heartbeat every second)
+    for `silent_s`, past the worker's `client_timeout_s`; its requests are to be aborted, so a
+    vanished client holds no blocks."""
+
+    who: bytes
+    silent_s: float
+
+
 class WorkerIO:
     """The I/O thread and the queues between it and the engine thread."""
 
     def __init__(self, ident: WorkerIdentity, bind_host: str, port: int,
                  preprocess: Callable[[Dest, Message], Any] | None = None,
                  prepare: Callable[[Any], Message | None] | None = None,
-                 keys: Keys | None = None) -> None:
+                 keys: Keys | None = None, client_timeout_s: float = 30.0) -> None:
         self.ident = ident
         self.inbox: queue.Queue[tuple[Dest, Any]] = queue.Queue()
         # Messages, or work items that `prepare` turns into messages on the I/O thread (e.g. KV to
@@ -108,9 +121,9 @@ class WorkerIO:
         self._links = PeerLinks(self._ctx, self._hello, lambda lost: self.inbox.put((("peer", lost.address), lost)),
                                 self._register, keys)
         self._greeted = GreetedPeers()
-        # When each coordinator was last heard (coordinators heartbeat every second): the engine
-        # thread aborts the requests of one gone silent, so a vanished client holds no blocks.
-        self.coordinator_seen: dict[bytes, float] = {}
+        # When each coordinator was last heard; this thread's own (one silent too long is posted).
+        self._coordinator_seen: dict[bytes, float] = {}
+        self._client_timeout_s = client_timeout_s
         # The engine thread's latest figures, answered to heartbeats here: a hand-off between the
         # two threads (the engine publishes, this thread reads), so under a lock.
         self._stats_lock = threading.Lock()
@@ -161,10 +174,18 @@ class WorkerIO:
                 except Exception:  # a bug met by one message must not silence the worker's sockets
                     log(self.ident.role, f"I/O thread: {traceback.format_exc(limit=-3)}")
             self._links.check()
+            self._check_coordinators()
         self._links.close()
         self._router.close()
         if self._auth is not None:
             self._auth.stop()
+
+    def _check_coordinators(self) -> None:
+        now = time.monotonic()
+        for who, seen in list(self._coordinator_seen.items()):
+            if now - seen > self._client_timeout_s:
+                del self._coordinator_seen[who]
+                self.inbox.put((("router", who), CoordinatorGone(who, now - seen)))
 
     def _flush_outbox(self) -> None:
         while True:
@@ -224,10 +245,10 @@ class WorkerIO:
         if isinstance(msg, Hello):
             self._greet(who, msg)
             if msg.role == "coordinator":
-                self.coordinator_seen[who] = time.monotonic()
+                self._coordinator_seen[who] = time.monotonic()
             return
-        if who in self.coordinator_seen:
-            self.coordinator_seen[who] = time.monotonic()
+        if who in self._coordinator_seen:
+            self._coordinator_seen[who] = time.monotonic()
         if not self._greeted.heard(who):
             self._reply(who, Error(getattr(msg, "request_id", None), "no-hello",
                                    f"{msg.kind} before hello; say hello first"))

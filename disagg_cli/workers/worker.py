@@ -42,7 +42,7 @@ from disagg_cli.protocol import (
     WorkerCapacity,
     WorkerStats,
 )
-from disagg_cli.workers.base import Dest, StopFlag, WorkerIdentity, WorkerIO, log
+from disagg_cli.workers.base import CoordinatorGone, Dest, StopFlag, WorkerIdentity, WorkerIO, log
 from disagg_cli.workers.checks import Limits, check_message
 
 # Messages that start a request: refusing one must not touch a request of the same id already here.
@@ -85,7 +85,8 @@ class Worker:
                                     self.lm.describe_runtime())
         if io is None:
             keys = Keys.load(config.keys_dir, config.role) if config.keys_dir else None
-            io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare, keys)
+            io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare, keys,
+                          config.client_timeout_s)
         self.io = io
         self.owners: dict[str, Dest] = {}  # request id → the coordinator to answer
         # Measured speeds (moving averages) for `--disagg-threshold auto`, sent in heartbeats.
@@ -126,11 +127,7 @@ class Worker:
         log(c.role, f"serving on {self.address} ({where}); model fingerprint {self.lm.fingerprint}; "
                     f"{self.engine.num_blocks} KV blocks of {c.engine.block_size}")
         deadline: float | None = None
-        next_client_check = time.monotonic()
         while True:
-            if time.monotonic() >= next_client_check:
-                self._abort_orphans()
-                next_client_check = time.monotonic() + 1.0
             if self.stop.count and deadline is None:
                 deadline = time.monotonic() + self.config.grace_s
                 log(self.config.role, f"draining: {len(self.owners)} in-flight request(s) get "
@@ -164,6 +161,8 @@ class Worker:
             try:
                 if isinstance(msg, Abort):
                     self.abort(msg.request_id, notify=False)
+                elif isinstance(msg, CoordinatorGone):
+                    self._abort_orphans(msg)
                 elif self.stop.count and isinstance(msg, _STARTS):
                     self.io.send(dest, Error(msg.request_id, "draining",
                                              f"{self.config.role} worker {self.address} is shutting down"))
@@ -219,14 +218,9 @@ class Worker:
                 self.abort(ev.request_id, notify=True, reason="internal-error",
                            message=f"{self.config.role} worker: {why}")
 
-    def _abort_orphans(self) -> None:
-        """Abort the requests of coordinators that went silent (killed, cut off, hung)."""
-        now = time.monotonic()
-        gone = {who for who, seen in list(self.io.coordinator_seen.items())
-                if now - seen > self.config.client_timeout_s}
-        for who in gone:
-            self.io.coordinator_seen.pop(who, None)
-        orphans = [rid for rid, (kind, who) in self.owners.items() if kind == "router" and who in gone]
+    def _abort_orphans(self, gone: CoordinatorGone) -> None:
+        """Abort the requests of a coordinator that went silent (killed, cut off, hung)."""
+        orphans = [rid for rid, (kind, who) in self.owners.items() if kind == "router" and who == gone.who]
         if orphans:
             log(self.config.role, f"a coordinator was silent for over {self.config.client_timeout_s:g} s; "
                                   f"aborting its {len(orphans)} request(s)")

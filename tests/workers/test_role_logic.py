@@ -44,13 +44,12 @@ GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
 
 
 class LocalIO:
-    """What a role needs of its I/O: an outbox (recorded here), the inbox, stats, coordinators seen."""
+    """What a role needs of its I/O: an outbox (recorded here), the inbox, the published stats."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[Dest, Any]] = []
         self.inbox: queue.Queue[tuple[Dest, Any]] = queue.Queue()
         self.stats: WorkerStats | None = None
-        self.coordinator_seen: dict[bytes, float] = {}
 
     def send(self, dest: Dest, msg: Any) -> None:
         self.sent.append((dest, msg))
