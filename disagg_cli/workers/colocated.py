@@ -1,27 +1,30 @@
 """`disagg colocated-worker`: both phases in one process, the baseline disaggregation is measured
 against. The same engine interleaves prefills and decodes in one loop (chunked prefill optional).
 
-Life of a request here: `Generate` → waits for a batch slot → prefilled (possibly in chunks that
-share steps with running decodes) → `FirstToken` → one `Tokens` per step until EOS or max_tokens.
+Life of a request here (its `ColocatedRequest`): `Generate` → waits for a batch slot → prefilled
+(possibly in chunks that share steps with running decodes) → `FirstToken` (`first_token_sent`) →
+one `Tokens` per step until EOS or max_tokens, when its record is dropped (or `abort` drops it).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.protocol import Error, FirstToken, Generate, RequestStats, Tokens
 from disagg_cli.workers.base import Dest, log
-from disagg_cli.workers.worker import Worker
+from disagg_cli.workers.worker import Worker, WorkerRequest
 
 
-class ColocatedWorker(Worker):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.arrival_s: dict[str, float] = {}
-        self.started: set[str] = set()
+@dataclass
+class ColocatedRequest(WorkerRequest):
+    arrival_s: float = field(default_factory=time.perf_counter)
+    first_token_sent: bool = False
 
+
+class ColocatedWorker(Worker[ColocatedRequest]):
     def handle(self, dest: Dest, item: Any) -> None:
         if isinstance(item, Error):  # never answered: two workers would trade errors for ever
             log("colocated", f"peer error: {item.reason}: {item.message:.300}")
@@ -31,7 +34,7 @@ class ColocatedWorker(Worker):
                                      f"a colocated worker does not take {item.kind}"))
             return
         rid = item.request_id
-        if rid in self.owners:
+        if rid in self.requests:
             self.io.send(dest, Error(rid, "duplicate", f"request {rid} is already running here"))
             return
         try:
@@ -39,8 +42,7 @@ class ColocatedWorker(Worker):
         except ValueError as e:
             self.io.send(dest, Error(rid, "rejected", str(e)))
             return
-        self.owners[rid] = dest
-        self.arrival_s[rid] = time.perf_counter()
+        self.requests[rid] = ColocatedRequest(dest)
 
     def step(self) -> list[TokenEvent]:
         self._step_start = time.perf_counter()
@@ -50,12 +52,13 @@ class ColocatedWorker(Worker):
         now = time.perf_counter()
         for ev in events:
             rid = ev.request_id
-            owner = self.owners.get(rid)
-            if owner is None:
+            req = self.requests.get(rid)
+            if req is None:
                 continue
-            if rid not in self.started:
-                self.started.add(rid)
-                arrival = self.arrival_s.pop(rid, self._step_start)
+            owner = req.owner
+            if not req.first_token_sent:
+                req.first_token_sent = True
+                arrival = req.arrival_s
                 self.io.send(owner, FirstToken(rid, ev.token_id, RequestStats(
                     queue_ms=max(0.0, self._step_start - arrival) * 1e3,
                     prefill_ms=(now - max(arrival, self._step_start)) * 1e3), ev.logprobs))
@@ -65,10 +68,4 @@ class ColocatedWorker(Worker):
                 self.io.send(owner, Tokens(rid, (ev.token_id,), ev.finish_reason,
                                            logprobs=(ev.logprobs,) if ev.logprobs else ()))
             if ev.finish_reason is not None:
-                self.owners.pop(rid, None)
-                self.started.discard(rid)
-
-    def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
-        self.started.discard(request_id)
-        self.arrival_s.pop(request_id, None)
-        super().abort(request_id, notify, reason, message)
+                del self.requests[rid]  # its blocks went with its sequence

@@ -1,28 +1,30 @@
 """`disagg decode-worker`: receives KV caches and generates tokens from them.
 
-Life of a request here:
-1. `Reserve` (prompt, sampling) from a coordinator: blocks for the prompt's KV are set aside at
-   once (the leading ones shared from this worker's prefix cache when it holds them), or the
+Life of a request here: one `DecodeRequest` in `requests`, its `state` moving forward only:
+1. `Reserve` (prompt, sampling) from a coordinator: QUEUED; blocks for the prompt's KV are set aside
+   at once (the leading ones shared from this worker's prefix cache when it holds them), or the
    reservation waits in FIFO order until finished requests free enough (backpressure; the pool
-   never over-commits); `Reserved` answers when they are, with how many prompt tokens are cached;
+   never over-commits); `Reserved` answers when they are (RESERVED), with how many prompt tokens
+   are cached;
 2. `KVLayers` from the prefill worker, for the prompt tokens past the cached ones: checked on the
    I/O thread against the reservation before anything is decompressed (`ReservedKV`: a request
    reserved here, tokens and layers inside it, sizes that fit), then decoded there (checksum,
    decompression), cast to this worker's dtype and placed into the reserved blocks by the engine
    thread, layer by layer (a layer may come in chunks, in order);
 3. `KVDone`: every layer must have arrived whole; the request joins the running batch (continuous
-   batching) with the prefill's first token and sampler state;
+   batching) with the prefill's first token and sampler state (RUNNING);
    or instead of 2-3, `PrefillHere` (selective disaggregation: a short uncached part): the prompt
-   is computed here, in the reserved blocks, and `FirstToken` goes to the coordinator from here;
-4. each engine step streams `Tokens` to the coordinator until EOS or max_tokens; `Abort` at any
-   point frees the blocks.
+   is computed here, in the reserved blocks (PREFILLING_HERE), and `FirstToken` goes to the
+   coordinator from here (RUNNING);
+4. each engine step streams `Tokens` to the coordinator until EOS or max_tokens, when the record is
+   dropped; `abort`, from any state, frees the blocks and drops the record.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 import torch
@@ -45,22 +47,35 @@ from disagg_cli.protocol import (
 )
 from disagg_cli.workers.base import Dest, log
 from disagg_cli.workers.checks import ReservedKV
-from disagg_cli.workers.worker import Worker
+from disagg_cli.workers.worker import Worker, WorkerRequest
+
+
+class DecodeState(Enum):
+    """Where a request is on this worker; forward only (abort may end it from any state)."""
+
+    QUEUED = "queued"  # waiting in FIFO order for free blocks
+    RESERVED = "reserved"  # blocks set aside, `Reserved` sent: KV on its way (or `PrefillHere`)
+    PREFILLING_HERE = "prefilling_here"  # `PrefillHere`: its prompt computed here, first token not out
+    RUNNING = "running"  # in the running batch, streaming `Tokens`
 
 
 @dataclass
-class _Incoming:
-    owner: Dest
+class DecodeRequest(WorkerRequest):
+    """One request on a decode worker, from `Reserve` until its last `Tokens` or abort."""
+
     prompt_ids: list[int]
     sampling: SamplingParams
     eos_ids: frozenset[int]
-    asked_s: float
+    asked_s: float = field(default_factory=time.perf_counter)  # when `Reserve` came
+    state: DecodeState = DecodeState.QUEUED
     cached_tokens: int = 0  # leading prompt tokens held here before the reservation
     next_pos: list[int] = field(default_factory=list)  # per layer: KV present up to this position
     first_arrival_s: float | None = None
     last_arrival_s: float | None = None
     decode_ms: float = 0.0
-    prefill_stats: dict[str, float] = field(default_factory=dict)
+    first_stats: RequestStats | None = None  # sent with its first Tokens (KVDone's figures and ours)
+    kv_done_s: float | None = None  # when its KVDone arrived (this clock)
+    prefill_here_s: float | None = None  # when `PrefillHere` came (this clock)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +89,12 @@ class _DecodedKV:
     decode_ms: float
 
 
-class DecodeWorker(Worker):
+class DecodeWorker(Worker[DecodeRequest]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.queued: deque[tuple[str, _Incoming]] = deque()  # reservations waiting for blocks
-        self.incoming: dict[str, _Incoming] = {}  # reserved, KV on its way
-        self.first_stats: dict[str, RequestStats] = {}  # sent with a request's first Tokens
-        self.local: dict[str, tuple[float, int]] = {}  # prefilled here: id → (asked, cached tokens)
         self._step_start = 0.0
-        self.kv_done_s: dict[str, float] = {}  # when each request's KVDone arrived (this clock)
-        self.reserved_kv = ReservedKV(self.limits)  # what the I/O thread may decode: `incoming`'s windows
+        # What the I/O thread may decode: the windows of the RESERVED requests (a locked hand-off).
+        self.reserved_kv = ReservedKV(self.limits)
 
     # --- the I/O thread ----------------------------------------------------------------------------
 
@@ -109,43 +120,44 @@ class DecodeWorker(Worker):
             self._prefill_here(dest, item)
         elif isinstance(item, Error):
             log("decode", f"peer error: {item.reason}: {item.message:.300}")
-            if item.request_id is not None and item.request_id in self.incoming:
+            if item.request_id is not None and self._in(item.request_id, DecodeState.RESERVED):
                 self.abort(item.request_id, notify=True, reason=item.reason, message=item.message)
         else:
             self.io.send(dest, Error(getattr(item, "request_id", None), "unexpected",
                                      f"a decode worker does not take {item.kind}"))
 
+    def _in(self, rid: str, state: DecodeState) -> DecodeRequest | None:
+        """The request's record when it is in `state`, else None."""
+        req = self.requests.get(rid)
+        return req if req is not None and req.state is state else None
+
     def _reserve(self, dest: Dest, msg: Reserve) -> None:
         rid = msg.request_id
-        if rid in self.incoming or self.engine.has_request(rid) or any(r == rid for r, _ in self.queued):
+        if rid in self.requests or self.engine.has_request(rid):
             self.io.send(dest, Error(rid, "duplicate", f"request {rid} is already reserved here"))
             return
         misfit = self.engine.misfit(len(msg.prompt_ids) + msg.sampling.max_tokens)
         if misfit:
             self.io.send(dest, Error(rid, "rejected", f"request {rid} {misfit}"))
             return
-        self.owners[rid] = dest
-        self.queued.append((rid, _Incoming(dest, list(msg.prompt_ids), msg.sampling, frozenset(msg.eos_ids),
-                                           time.perf_counter())))
+        self.requests[rid] = DecodeRequest(dest, list(msg.prompt_ids), msg.sampling, frozenset(msg.eos_ids))
         self._admit_reservations()
 
     def _admit_reservations(self) -> None:
-        # FIFO: a large reservation at the head is not overtaken, so it cannot starve.
-        while self.queued:
-            rid, inc = self.queued[0]
-            cached = self.engine.reserve_imported(rid, inc.prompt_ids)
+        # FIFO (records keep their arrival order): a large reservation at the head is not
+        # overtaken, so it cannot starve.
+        for rid, req in [(r, q) for r, q in self.requests.items() if q.state is DecodeState.QUEUED]:
+            cached = self.engine.reserve_imported(rid, req.prompt_ids)
             if cached is None:
                 return
-            self.queued.popleft()
-            inc.cached_tokens = cached
-            inc.next_pos = [cached] * self.lm.config.num_layers
-            self.incoming[rid] = inc
-            self.reserved_kv.open(rid, cached, len(inc.prompt_ids))  # before Reserved: KV may follow it at once
-            queued_ms = (time.perf_counter() - inc.asked_s) * 1e3
-            self.io.send(inc.owner, Reserved(rid, self.engine.blocks_held(rid), queued_ms, cached))
+            req.state, req.cached_tokens = DecodeState.RESERVED, cached
+            req.next_pos = [cached] * self.lm.config.num_layers
+            self.reserved_kv.open(rid, cached, len(req.prompt_ids))  # before Reserved: KV may follow it at once
+            queued_ms = (time.perf_counter() - req.asked_s) * 1e3
+            self.io.send(req.owner, Reserved(rid, self.engine.blocks_held(rid), queued_ms, cached))
 
     def _place(self, kv: _DecodedKV) -> None:
-        inc = self.incoming.get(kv.request_id)
+        inc = self._in(kv.request_id, DecodeState.RESERVED)
         if inc is None:
             return  # aborted, or never reserved here: nothing to place it in
         n, layers = kv.k.shape[1], range(kv.layer_start, kv.layer_start + kv.k.shape[0])
@@ -166,22 +178,21 @@ class DecodeWorker(Worker):
 
     def _join(self, done: KVDone) -> None:
         rid = done.request_id
-        inc = self.incoming.pop(rid, None)
+        inc = self._in(rid, DecodeState.RESERVED)
         if inc is None:
             return
         self.reserved_kv.close(rid)
         if done.num_tokens != len(inc.prompt_ids) or any(n != len(inc.prompt_ids) for n in inc.next_pos):
             missing = [i for i, n in enumerate(inc.next_pos) if n != len(inc.prompt_ids)]
-            self.incoming[rid] = inc  # so abort below finds and frees it
             self.abort(rid, notify=True, reason="truncated", message=f"KV of layers {missing[:5]} never arrived")
-            self.incoming.pop(rid, None)
             return
         event = self.engine.add_imported(rid, inc.prompt_ids, done.first_token, inc.sampling, eos_ids=inc.eos_ids)
+        inc.state = DecodeState.RUNNING
         if done.sampler_state:
             self.engine.set_sampler_state(rid, done.sampler_state)  # checked on arrival (workers/checks.py)
-        self.kv_done_s[rid] = time.perf_counter()
+        inc.kv_done_s = time.perf_counter()
         first, last = inc.first_arrival_s or time.perf_counter(), inc.last_arrival_s or time.perf_counter()
-        self.first_stats[rid] = replace(  # the prefill worker's figures, and ours (this clock)
+        inc.first_stats = replace(  # the prefill worker's figures, and ours (this clock)
             done.stats,
             kv_transfer_ms=(last - first) * 1e3,
             kv_decode_ms=inc.decode_ms,
@@ -194,17 +205,16 @@ class DecodeWorker(Worker):
 
     def _prefill_here(self, dest: Dest, msg: PrefillHere) -> None:
         rid = msg.request_id
-        inc = self.incoming.pop(rid, None)
+        inc = self._in(rid, DecodeState.RESERVED)
         if inc is None:
             self.io.send(dest, Error(rid, "unknown", f"request {rid} holds no reservation here"))
             return
         self.reserved_kv.close(rid)
         if inc.next_pos and any(n != inc.cached_tokens for n in inc.next_pos):
-            self.incoming[rid] = inc
             self.abort(rid, notify=True, reason="bad-field", message="PrefillHere after KV began to arrive")
             return
         self.engine.prefill_reserved(rid, inc.prompt_ids, inc.sampling, inc.eos_ids)
-        self.local[rid] = (time.perf_counter(), inc.cached_tokens)
+        inc.state, inc.prefill_here_s = DecodeState.PREFILLING_HERE, time.perf_counter()
 
     def step(self) -> list[TokenEvent]:
         self._step_start = time.perf_counter()
@@ -213,14 +223,16 @@ class DecodeWorker(Worker):
     def on_events(self, events: list[TokenEvent]) -> None:
         now = time.perf_counter()
         for ev in events:
-            local = self.local.pop(ev.request_id, None)
-            owner = self.owners.get(ev.request_id)
-            if local is not None and owner is not None:  # the first token of a prompt computed here
-                asked, cached = local
-                self.io.send(owner, FirstToken(ev.request_id, ev.token_id, RequestStats(
+            req = self.requests.get(ev.request_id)
+            if req is None:
+                continue
+            if req.state is DecodeState.PREFILLING_HERE:  # the first token of a prompt computed here
+                asked = req.prefill_here_s or now
+                req.state = DecodeState.RUNNING
+                self.io.send(req.owner, FirstToken(ev.request_id, ev.token_id, RequestStats(
                     queue_ms=max(0.0, self._step_start - asked) * 1e3,
                     prefill_ms=(now - max(asked, self._step_start)) * 1e3,
-                    prefix_cached_tokens=cached, decode_cached_tokens=cached), ev.logprobs))
+                    prefix_cached_tokens=req.cached_tokens, decode_cached_tokens=req.cached_tokens), ev.logprobs))
                 if ev.finish_reason is not None:
                     self._send_tokens(ev.request_id, (), ev.finish_reason)
                 continue
@@ -229,26 +241,23 @@ class DecodeWorker(Worker):
 
     def _send_tokens(self, rid: str, tokens: tuple[int, ...], finish_reason: str | None,
                      logprobs: TokenLogprobs | None = None) -> None:
-        owner = self.owners.get(rid)
-        if owner is None:
+        req = self.requests.get(rid)
+        if req is None:
             return
-        stats = self.first_stats.pop(rid, None)
-        done_s = self.kv_done_s.pop(rid, None)
+        stats, done_s = req.first_stats, req.kv_done_s
+        req.first_stats = req.kv_done_s = None  # the first Tokens only
         if stats is not None and done_s is not None:  # KVDone → the step that decoded its first token, this clock
             stats = replace(stats, handoff_ms=max(0.0, self._step_start - done_s) * 1e3)
-        self.io.send(owner, Tokens(rid, tokens, finish_reason, stats, (logprobs,) if logprobs else ()))
+        self.io.send(req.owner, Tokens(rid, tokens, finish_reason, stats, (logprobs,) if logprobs else ()))
         if finish_reason is not None:
-            self.owners.pop(rid, None)
+            del self.requests[rid]  # the engine freed its blocks as its sequence finished
 
     def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
         self.reserved_kv.close(request_id)
-        self.incoming.pop(request_id, None)
-        self.local.pop(request_id, None)
-        self.first_stats.pop(request_id, None)
-        self.kv_done_s.pop(request_id, None)
-        self.queued = deque((r, i) for r, i in self.queued if r != request_id)
-        super().abort(request_id, notify, reason, message)
+        super().abort(request_id, notify, reason, message)  # frees its blocks, drops its record
         self._admit_reservations()
 
     def extra_stats(self) -> dict[str, int]:
-        return {"queued_reservations": len(self.queued), "incoming": len(self.incoming)}
+        states = [r.state for r in self.requests.values()]
+        return {"queued_reservations": states.count(DecodeState.QUEUED),
+                "incoming": states.count(DecodeState.RESERVED)}

@@ -10,12 +10,17 @@ Life of a request here:
    the fresh tokens plus any cached here but not there (read from this worker's pool);
 3. after the step: `FirstToken` to the coordinator (its TTFT), then `KVDone` (first token, sampler
    state, timings) to the decode worker; the request's blocks are freed at once.
+Its record (`PrefillRequest`, the engine thread's) is PREFILLING in `requests` through 1-2 and
+HANDED_OFF after 3, in the bounded `handed_off`; the figures of its KV on the way out are its
+`KVStream`, which the I/O thread alone writes.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Any
 
 import torch
@@ -28,28 +33,46 @@ from disagg_cli.kv.transfer import encode_kv_message
 from disagg_cli.protocol import Error, FirstToken, KVDone, Message, Prefill, RequestStats
 from disagg_cli.workers.base import Dest, StopFlag, log
 from disagg_cli.workers.peers import PeerLost
-from disagg_cli.workers.worker import Worker
+from disagg_cli.workers.worker import Worker, WorkerRequest
 
 
 @dataclass
-class _Pending:
-    owner: Dest
-    decode: Dest  # ("peer", (address, instance)) of the decode process holding the reservation
-    arrival_s: float
-    num_tokens: int
-    sent_upto: list[int]  # per layer: the prompt position up to which the decode worker has the KV
-    # Filled on the I/O thread as layers are encoded and sent:
+class KVStream:
+    """The figures of one request's KV on its way out. Made by the engine thread, then written only
+    by the I/O thread as it encodes and sends (the work items carry it); the engine thread's one
+    touch afterwards is `cancelled`, an Event (thread-safe): an aborted request's queued layers and
+    `KVDone` are dropped."""
+
+    cancelled: threading.Event = field(default_factory=threading.Event)
     encode_ms: float = 0.0
     raw_bytes: int = 0
     wire_bytes: int = 0
     first_send_unix_s: float | None = None
     last_send_unix_s: float | None = None
     layers_sent: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
+
+
+class PrefillState(Enum):
+    PREFILLING = "prefilling"  # waiting for or in an engine step; its KV streams out layer by layer
+    HANDED_OFF = "handed_off"  # first token out, blocks freed; remembered so a lost decode fails it over
+
+
+@dataclass
+class PrefillRequest(WorkerRequest):
+    """One request on a prefill worker (the engine thread's), from `Prefill` to its hand-off."""
+
+    decode: Dest  # ("peer", (address, instance)) of the decode process holding the reservation
+    num_tokens: int
+    sent_upto: list[int]  # per layer: the prompt position up to which the decode worker has the KV
+    arrival_s: float = field(default_factory=time.perf_counter)
+    state: PrefillState = PrefillState.PREFILLING
+    stream: KVStream = field(default_factory=KVStream)
 
 
 @dataclass(frozen=True, slots=True)
 class _EncodeLayer:
+    stream: KVStream
+    decode: Dest
     request_id: str
     layer: int
     token_start: int
@@ -59,13 +82,15 @@ class _EncodeLayer:
 
 @dataclass(frozen=True, slots=True)
 class _Done:
+    stream: KVStream
+    num_tokens: int
     request_id: str
     first_token: int
     sampler_state: bytes | None
     prefill_end_unix_s: float
 
 
-class PrefillWorker(Worker):
+class PrefillWorker(Worker[PrefillRequest]):
     prefill_only = True
 
     def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None, **kwargs: Any) -> None:
@@ -74,15 +99,14 @@ class PrefillWorker(Worker):
         self.codecs: dict[str, KVCodec] = {}  # one per decode worker: `auto` keeps per-link state
         self._codec_factory = lambda: get_codec(config.kv_codec, link_bytes_per_s=link)
         get_codec(config.kv_codec)  # refuse an unknown name at start, not on the first request
-        self.pending: dict[str, _Pending] = {}
-        # Requests whose KV left this worker, by id → (coordinator, decode dest); bounded. Kept so a
-        # decode process lost after the hand-off still gets its requests failed over.
-        self.handed_off: dict[str, tuple[Dest, Dest]] = {}
+        # Requests whose KV left this worker (HANDED_OFF), by id; bounded. Kept so a decode process
+        # lost after the hand-off still gets its requests failed over.
+        self.handed_off: dict[str, PrefillRequest] = {}
 
     def handle(self, dest: Dest, item: Any) -> None:
         if isinstance(item, Prefill):
             rid = item.request_id
-            if rid in self.pending:
+            if rid in self.requests:
                 self.io.send(dest, Error(rid, "duplicate", f"request {rid} is already being prefilled here"))
                 return
             try:
@@ -90,13 +114,12 @@ class PrefillWorker(Worker):
             except ValueError as e:  # larger than the pool, empty prompt
                 self.io.send(dest, Error(rid, "rejected", str(e)))
                 return
-            self.owners[rid] = dest
             decode = ("peer", (item.decode_addr, item.decode_instance))
             held = [item.decode_cached_tokens] * self.lm.config.num_layers
-            self.pending[rid] = _Pending(dest, decode, time.perf_counter(), len(item.prompt_ids), held)
+            self.requests[rid] = PrefillRequest(dest, decode, len(item.prompt_ids), held)
         elif isinstance(item, PeerLost):
             log("prefill", f"{item.message} [{item.reason}]; failing the requests streamed there")
-            for rid in [r for r, (_, decode) in self._streams() if _lost_to(decode, item)]:
+            for rid in [r for r, req in self._streams() if _lost_to(req.decode, item)]:
                 self._fail(rid, item.reason, item.message)
         elif isinstance(item, Error):
             log("prefill", f"peer error: {item.reason}: {item.message:.300}")
@@ -115,7 +138,7 @@ class PrefillWorker(Worker):
 
     def _on_layer(self, layer: int, fresh: list[tuple[str, int, torch.Tensor, torch.Tensor]]) -> None:
         for rid, start, k, v in fresh:
-            p = self.pending.get(rid)
+            p = self.requests.get(rid)
             if p is None:
                 continue
             end, held = start + k.shape[0], p.sent_upto[layer]
@@ -128,14 +151,14 @@ class PrefillWorker(Worker):
                 k, v = k[held - start :], v[held - start :]
             p.sent_upto[layer] = end
             # KV leaves the engine thread as views; the I/O thread encodes it
-            self.io.send(p.decode, _EncodeLayer(rid, layer, held, k.to("cpu"), v.to("cpu")))
+            self.io.send(p.decode, _EncodeLayer(p.stream, p.decode, rid, layer, held, k.to("cpu"), v.to("cpu")))
 
     def on_events(self, events: list[TokenEvent]) -> None:
         end_unix = time.time()
         stats = self._step_stats
         for ev in events:
             rid = ev.request_id
-            p = self.pending.get(rid)
+            p = self.requests.pop(rid, None)
             if p is None:
                 continue
             state = self.engine.sampler_state(rid)
@@ -143,20 +166,20 @@ class PrefillWorker(Worker):
             self.engine.release(rid)
             first = replace(stats, queue_ms=(self._step_start - p.arrival_s) * 1e3, prefix_cached_tokens=cached)
             self.io.send(p.owner, FirstToken(rid, ev.token_id, first, ev.logprobs))
-            self.io.send(p.decode, _Done(rid, ev.token_id, state, end_unix))
-            self.owners.pop(rid, None)
-            self.handed_off[rid] = (p.owner, p.decode)
+            self.io.send(p.decode, _Done(p.stream, p.num_tokens, rid, ev.token_id, state, end_unix))
+            p.state = PrefillState.HANDED_OFF
+            self.handed_off[rid] = p
             if len(self.handed_off) > 10_000:
                 self.handed_off.pop(next(iter(self.handed_off)))
 
     # --- the I/O thread ----------------------------------------------------------------------------
 
     def prepare(self, item: Any) -> Message | None:
+        if item.stream.cancelled.is_set():
+            return None  # aborted while its layers were queued
+        p = item.stream
         if isinstance(item, _EncodeLayer):
-            p = self.pending.get(item.request_id)
-            if p is None:
-                return None  # aborted while its layers were queued
-            codec = self.codecs.setdefault(p.decode[1][0], self._codec_factory())
+            codec = self.codecs.setdefault(item.decode[1][0], self._codec_factory())
             t0 = time.perf_counter()
             msg = encode_kv_message(codec, item.request_id, self.lm.fingerprint, item.layer, item.k[None],
                                     item.v[None], item.token_start)
@@ -169,11 +192,8 @@ class PrefillWorker(Worker):
             p.layers_sent += 1
             return msg
         assert isinstance(item, _Done)
-        p = self.pending.pop(item.request_id, None)
-        if p is None:
-            return None
         first, last = p.first_send_unix_s or item.prefill_end_unix_s, p.last_send_unix_s or item.prefill_end_unix_s
-        return KVDone(item.request_id, item.first_token, p.num_tokens, p.layers_sent, item.sampler_state,
+        return KVDone(item.request_id, item.first_token, item.num_tokens, p.layers_sent, item.sampler_state,
                       RequestStats(
                           kv_encode_ms=p.encode_ms,
                           raw_bytes=p.raw_bytes,
@@ -184,24 +204,23 @@ class PrefillWorker(Worker):
                           kv_exposed_send_ms=max(0.0, last - item.prefill_end_unix_s) * 1e3,
                       ))
 
-    def _streams(self) -> list[tuple[str, tuple[Dest, Dest]]]:
-        """(request id, (coordinator, decode dest)) of every request prefilling or handed off."""
-        # `pending` shrinks on the I/O thread (a request's last message out): copy before reading.
-        pending = [(rid, (p.owner, p.decode)) for rid, p in list(self.pending.items())]
-        return pending + list(self.handed_off.items())
+    def _streams(self) -> list[tuple[str, PrefillRequest]]:
+        """Every request prefilling or handed off, by id."""
+        return [*self.requests.items(), *self.handed_off.items()]
 
     def _fail(self, rid: str, reason: str, message: str) -> None:
         """The request's KV cannot reach (or was lost by) its decode worker: tell its coordinator,
         whether or not its first token has gone out, so it retries; free what it holds here."""
-        p = self.pending.get(rid)
-        owner = p.owner if p is not None else self.handed_off.get(rid, (None, None))[0]
+        p = self.requests.get(rid) or self.handed_off.get(rid)
         self.handed_off.pop(rid, None)
-        if owner is not None:
-            self.io.send(owner, Error(rid, reason, message))
+        if p is not None:
+            self.io.send(p.owner, Error(rid, reason, message))
         self.abort(rid, notify=False)
 
     def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
-        self.pending.pop(request_id, None)
+        p = self.requests.get(request_id) or self.handed_off.get(request_id)
+        if p is not None:
+            p.stream.cancelled.set()  # its KV not yet out stays here
         super().abort(request_id, notify, reason, message)
 
 

@@ -16,7 +16,7 @@ from disagg_cli.workers.decode import DecodeWorker
 from disagg_cli.workers.prefill import PrefillWorker
 from disagg_cli.workers.worker import Worker
 
-ROLE_CLASSES: dict[str, type[Worker]] = {"prefill": PrefillWorker, "decode": DecodeWorker,
+ROLE_CLASSES: dict[str, type[Worker[Any]]] = {"prefill": PrefillWorker, "decode": DecodeWorker,
                                          "colocated": ColocatedWorker}
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import queue
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -49,7 +50,21 @@ from disagg_cli.workers.checks import Limits, check_message
 _STARTS = (Prefill, Reserve, Generate)
 
 
-class Worker:
+@dataclass
+class WorkerRequest:
+    """What every role keeps of a request in flight here; each role's record extends it."""
+
+    owner: Dest  # the coordinator to answer
+
+
+R = TypeVar("R", bound=WorkerRequest)
+
+
+class Worker(Generic[R]):
+    """A role's engine loop. `requests` holds one record per request in flight here, by id: made
+    by the role when the request arrives, changed only on the engine thread, and dropped when the
+    request ends here (finished, handed on) or by `abort`, which also frees its blocks."""
+
     prefill_only = False
 
     def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None, *,
@@ -88,7 +103,7 @@ class Worker:
             io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare, keys,
                           config.client_timeout_s)
         self.io = io
-        self.owners: dict[str, Dest] = {}  # request id → the coordinator to answer
+        self.requests: dict[str, R] = {}
         # Measured speeds (moving averages) for `--disagg-threshold auto`, sent in heartbeats.
         self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0}
 
@@ -130,9 +145,9 @@ class Worker:
         while True:
             if self.stop.count and deadline is None:
                 deadline = time.monotonic() + self.config.grace_s
-                log(self.config.role, f"draining: {len(self.owners)} in-flight request(s) get "
+                log(self.config.role, f"draining: {len(self.requests)} in-flight request(s) get "
                                       f"{self.config.grace_s:g} s to finish; new ones are refused")
-            if deadline is not None and (not self.owners or time.monotonic() > deadline or self.stop.count > 1):
+            if deadline is not None and (not self.requests or time.monotonic() > deadline or self.stop.count > 1):
                 break
             self._publish_stats()
             busy = self.engine.has_unfinished()
@@ -187,7 +202,7 @@ class Worker:
                               f"{text:.300} [{reason}]")
         if isinstance(msg, Error):
             return  # answering an error with one could ping-pong between two workers forever
-        mine = rid is not None and rid in self.owners and (broke or not isinstance(msg, _STARTS))
+        mine = rid is not None and rid in self.requests and (broke or not isinstance(msg, _STARTS))
         if rid is not None and mine:
             self.abort(rid, notify=True, reason=reason, message=text)
             return
@@ -220,7 +235,7 @@ class Worker:
 
     def _abort_orphans(self, gone: CoordinatorGone) -> None:
         """Abort the requests of a coordinator that went silent (killed, cut off, hung)."""
-        orphans = [rid for rid, (kind, who) in self.owners.items() if kind == "router" and who == gone.who]
+        orphans = [rid for rid, r in self.requests.items() if r.owner == ("router", gone.who)]
         if orphans:
             log(self.config.role, f"a coordinator was silent for over {self.config.client_timeout_s:g} s; "
                                   f"aborting its {len(orphans)} request(s)")
@@ -230,9 +245,9 @@ class Worker:
     def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
         """Stop a request here and free its blocks; tell its coordinator when it did not ask."""
         self.engine.abort(request_id)
-        owner = self.owners.pop(request_id, None)
-        if notify and owner is not None:
-            self.io.send(owner, Error(request_id, reason, message or f"{self.config.role} worker: {reason}"))
+        req = self.requests.pop(request_id, None)
+        if notify and req is not None:
+            self.io.send(req.owner, Error(request_id, reason, message or f"{self.config.role} worker: {reason}"))
 
     def _measure(self, step: StepStats) -> None:
         """Fold one step into the speed averages: prefill-heavy steps give tokens/s, decode-only
@@ -257,7 +272,7 @@ class Worker:
             **self.extra_stats()))
 
     def shutdown(self) -> None:
-        in_flight = list(self.owners)
+        in_flight = list(self.requests)
         log(self.config.role, f"shutting down; failing {len(in_flight)} in-flight request(s)")
         for rid in in_flight:
             self.abort(rid, notify=True, reason="shutdown", message=f"{self.config.role} worker {self.address} "

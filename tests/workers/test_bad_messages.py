@@ -227,5 +227,5 @@ def test_a_request_that_breaks_its_step_fails_alone_and_the_batch_goes_on(cluste
         worker.request_stop()
         thread.join(timeout=30)
     assert codes == [0] and not thread.is_alive()
-    assert worker.engine.pool.num_free == worker.engine.num_blocks and not worker.owners
+    assert worker.engine.pool.num_free == worker.engine.num_blocks and not worker.requests
     cluster.assert_serving("isolation")

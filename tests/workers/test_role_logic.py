@@ -137,7 +137,7 @@ def test_a_request_crosses_both_roles_and_equals_the_engine(tiny: tuple[Path, Lo
     assert stats.handoff_ms is not None and stats.decode_cached_tokens == 0
     assert stats.raw_bytes is not None and stats.raw_bytes > 0 and stats.kv_stream_ms is not None
     assert all(t.stats is None for t in tokens[1:])
-    assert decode.owners == {} and decode.engine.pool.num_free == decode.engine.num_blocks
+    assert decode.requests == {} and decode.engine.pool.num_free == decode.engine.num_blocks
 
 
 def test_decode_refuses_duplicates_misfits_and_strays(tiny: tuple[Path, LoadedModel], tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ def test_decode_fails_a_request_whose_kv_is_incomplete(tiny: tuple[Path, LoadedM
     decode.handle(COORD, done)
     [(to, err)] = decode.io.take()
     assert to == COORD and (err.request_id, err.reason) == ("r", "truncated") and "[1]" in err.message
-    assert decode.engine.pool.num_free == decode.engine.num_blocks and decode.owners == {}
+    assert decode.engine.pool.num_free == decode.engine.num_blocks and decode.requests == {}
 
 
 def test_prefill_here_computes_on_the_decode_worker(tiny: tuple[Path, LoadedModel], tmp_path: Path) -> None:
@@ -227,4 +227,4 @@ def test_a_draining_worker_refuses_new_work_and_serves_aborts(tiny: tuple[Path, 
     decode._drain(block=False)
     [(to, err)] = decode.io.take()
     assert to == COORD and (err.request_id, err.reason) == ("late", "draining")
-    assert decode.engine.blocks_held("kept") == 0 and decode.owners == {}
+    assert decode.engine.blocks_held("kept") == 0 and decode.requests == {}
