@@ -22,18 +22,18 @@ from disagg_cli import __version__
 from disagg_cli.coordinator.service import CoordinatorService
 from disagg_cli.errors import UsageError
 from disagg_cli.server.access_log import AccessLog
+from disagg_cli.server.bodies import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from disagg_cli.server.body_limit import BodyLimit
 from disagg_cli.server.completions import create_chat_completion, create_completion
 from disagg_cli.server.errors import APIError, install_handlers
 from disagg_cli.server.limits import DEFAULT_MAX_BODY_BYTES
 from disagg_cli.server.metrics import ServerMetrics
 from disagg_cli.server.prompts import chat_prompt, off_loop
-from disagg_cli.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeRequest,
-)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from disagg_cli.coordinator.service import CoordinatorService
 from disagg_cli.coordinator.stream import Delta
+from disagg_cli.server.bodies import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseHead,
+    disagg_figures,
+    usage,
+)
 from disagg_cli.server.errors import from_failure
-from disagg_cli.server.logprobs import chat_logprobs, completion_logprobs
+from disagg_cli.server.openai_logprobs import chat_logprobs, completion_logprobs
 from disagg_cli.server.params import (
     chat_logprobs_count,
     chat_max_tokens,
@@ -33,13 +40,6 @@ from disagg_cli.server.params import (
     sampling_params,
 )
 from disagg_cli.server.prompts import chat_prompt, completion_prompts
-from disagg_cli.server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ResponseHead,
-    disagg_figures,
-    usage,
-)
 from disagg_cli.server.streams import SSE_DONE, Choice, collect, merged, sse, submit_choices
 
 # (choice index, delta) → the chunk's one `choices` entry, or None to send nothing

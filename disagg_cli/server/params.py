@@ -20,6 +20,7 @@ import math
 from dataclasses import replace
 
 from disagg_cli.config import MAX_LOGPROBS, MAX_TOP_K, MIN_TEMPERATURE, SEED_RANGE, SamplingParams
+from disagg_cli.server.bodies import ChatCompletionRequest, CompletionRequest, _Sampling
 from disagg_cli.server.errors import APIError
 from disagg_cli.server.limits import (
     MAX_CHOICES,
@@ -29,7 +30,6 @@ from disagg_cli.server.limits import (
     MAX_STOP_STRINGS,
     MAX_TOKENS_FIELD,
 )
-from disagg_cli.server.protocol import ChatCompletionRequest, CompletionRequest, _Sampling
 
 
 def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None = None) -> SamplingParams:

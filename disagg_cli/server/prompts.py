@@ -14,8 +14,8 @@ from typing import TypeVar
 
 from disagg_cli.coordinator.service import CoordinatorService
 from disagg_cli.errors import DisaggError
+from disagg_cli.server.bodies import ChatMessage, message_dicts
 from disagg_cli.server.errors import from_service_error
-from disagg_cli.server.protocol import ChatMessage, message_dicts
 
 T = TypeVar("T")
 

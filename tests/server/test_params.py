@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from disagg_cli.config import SamplingParams
+from disagg_cli.server.bodies import ChatCompletionRequest, CompletionRequest
 from disagg_cli.server.errors import APIError
 from disagg_cli.server.params import chat_max_tokens, choice_params, completion_params, prompts_of
-from disagg_cli.server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def test_completion_defaults_are_vllms() -> None:
