@@ -1,12 +1,14 @@
 """The wire protocol: what crosses a process boundary and how.
 
 - `names.py`: worker roles, codec names, KV dtypes, finish reasons (defined once);
-- `messages.py`: every message kind, as frozen dataclasses, and `WireError`;
+- `messages.py`: every message kind, as frozen dataclasses;
+- `errors.py`: `WireError` and its reason codes;
 - `stats.py`: `RequestStats` (per request), `WorkerCapacity` and `WorkerStats` (per worker);
 - `frames.py`: messages ⇄ zmq frames, trusting nothing on the way in;
 - `schema.py`: type hints as the schema (dataclasses ⇄ msgpack-ready maps, checked).
 """
 
+from disagg_cli.protocol.errors import REASONS, WireError
 from disagg_cli.protocol.frames import (
     MAX_FRAME_BYTES,
     MAX_FRAMES,
@@ -17,7 +19,6 @@ from disagg_cli.protocol.frames import (
 )
 from disagg_cli.protocol.messages import (
     PROTOCOL_VERSION,
-    REASONS,
     Abort,
     Error,
     FirstToken,
@@ -39,7 +40,6 @@ from disagg_cli.protocol.messages import (
     Reserve,
     Reserved,
     Tokens,
-    WireError,
 )
 from disagg_cli.protocol.names import (
     CODEC_NAMES,

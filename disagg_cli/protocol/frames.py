@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import msgpack
 
 from disagg_cli.errors import DisaggError
-from disagg_cli.protocol.messages import _KINDS, PROTOCOL_VERSION, Frame, KVMeta, Message, WireError, _bad
+from disagg_cli.protocol.errors import WireError, bad_field
+from disagg_cli.protocol.messages import _KINDS, PROTOCOL_VERSION, Frame, KVMeta, Message
 from disagg_cli.protocol.schema import SchemaError, from_wire, has_frames, to_wire
 
 # Defaults sized for KV of small and medium models; a receiver may pass tighter ones.
@@ -86,15 +87,15 @@ def decode_message(
         raise WireError("oversized", f"a payload frame of {largest} bytes, limit {max_frame_bytes}", rid)
     fields = {k: v for k, v in header.items() if k not in ("v", "kind")}
     if len(views) > 1 and not has_frames(cls):
-        _bad(f"{kind} carries no payloads but got {len(views) - 1}", rid)
+        bad_field(f"{kind} carries no payloads but got {len(views) - 1}", rid)
     try:
         msg = from_wire(cls, fields, kind, **({"payloads": tuple(frames[1:])} if has_frames(cls) else {}))
     except SchemaError as e:
-        _bad(str(e), rid)
+        bad_field(str(e), rid)
     except WireError as e:  # from a __post_init__ check; name the request
         raise WireError(e.reason, e.detail, rid) from None
     except DisaggError as e:  # a nested config refusing its values (e.g. SamplingParams)
-        _bad(str(e), rid)
+        bad_field(str(e), rid)
     kv = getattr(msg, "kv", None)
     if isinstance(kv, KVMeta) and kv.raw_bytes > max_raw_bytes:
         raise WireError("oversized", f"KV of {kv.raw_bytes} raw bytes, limit {max_raw_bytes}", rid)

@@ -9,14 +9,13 @@ zmq, no torch (the coordinator imports it without loading torch). The tensor sid
 from __future__ import annotations
 
 import math
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from disagg_cli.config import SamplingParams
 from disagg_cli.engine.logprobs import TokenLogprobs
-from disagg_cli.errors import DisaggError
+from disagg_cli.protocol.errors import WireError, bad_field
 from disagg_cli.protocol.names import DTYPE_ITEMSIZE
 from disagg_cli.protocol.schema import frames_field
 from disagg_cli.protocol.stats import RequestStats, WorkerCapacity, WorkerStats
@@ -30,34 +29,8 @@ from disagg_cli.protocol.stats import RequestStats, WorkerCapacity, WorkerStats
 #    and `WorkerStats` (None where there are none), no longer maps; `LinkAck` answers `bench link`.
 PROTOCOL_VERSION = 5
 
-REASONS = frozenset(
-    [
-        "bad-version",
-        "bad-msgpack",
-        "unknown-kind",
-        "oversized",
-        "truncated",
-        "bad-checksum",
-        "bad-payload",
-        "fingerprint-mismatch",
-        "bad-field",
-    ]
-)
-
 # Anything exposing the buffer protocol: bytes, memoryview, numpy arrays, zmq.Frame.
 Frame = Any
-
-
-class WireError(DisaggError):
-    """A message that cannot be trusted; `reason` is a short code, `request_id` set when known."""
-
-    def __init__(self, reason: str, message: str, request_id: str | None = None) -> None:
-        assert reason in REASONS, reason
-        self.reason = reason
-        self.request_id = request_id
-        self.detail = message
-        where = f"request {request_id!r}: " if request_id is not None else ""
-        super().__init__(f"{where}{message} [{reason}]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +53,16 @@ class KVMeta:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_ITEMSIZE:
-            _bad(f"KV dtype {self.dtype!r} is not one of {sorted(DTYPE_ITEMSIZE)}")
+            bad_field(f"KV dtype {self.dtype!r} is not one of {sorted(DTYPE_ITEMSIZE)}")
         if not 3 <= len(self.shape) <= 4 or min(self.shape) < 1:
-            _bad(f"KV shape {self.shape} is not ([layers,] tokens, kv_heads, head_dim) with sizes >= 1")
+            bad_field(f"KV shape {self.shape} is not ([layers,] tokens, kv_heads, head_dim) with sizes >= 1")
         expected = 2 * math.prod(self.shape) * DTYPE_ITEMSIZE[self.dtype]
         if self.raw_bytes != expected:
-            _bad(f"raw_bytes {self.raw_bytes} != 2 x {self.shape} x {self.dtype} = {expected}")
+            bad_field(f"raw_bytes {self.raw_bytes} != 2 x {self.shape} x {self.dtype} = {expected}")
         if self.wire_bytes != sum(self.frame_bytes) or min(self.frame_bytes, default=0) < 0:
-            _bad(f"wire_bytes {self.wire_bytes} != sum of frame_bytes {self.frame_bytes}")
+            bad_field(f"wire_bytes {self.wire_bytes} != sum of frame_bytes {self.frame_bytes}")
         if not 0 <= self.checksum < 2**32:
-            _bad(f"checksum {self.checksum} is not a 32-bit crc")
+            bad_field(f"checksum {self.checksum} is not a 32-bit crc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,12 +155,12 @@ class KVLayers(Message):
     def __post_init__(self) -> None:
         rid = self.request_id
         if not 0 <= self.layer_start < self.layer_end:
-            _bad(f"layer range [{self.layer_start}, {self.layer_end}) is empty or negative", rid)
+            bad_field(f"layer range [{self.layer_start}, {self.layer_end}) is empty or negative", rid)
         if self.token_start < 0:
-            _bad(f"token_start {self.token_start} is negative", rid)
+            bad_field(f"token_start {self.token_start} is negative", rid)
         want = (self.layer_end - self.layer_start, self.num_tokens)
         if len(self.kv.shape) != 4 or tuple(self.kv.shape[:2]) != want:
-            _bad(f"KV shape {self.kv.shape} does not start with (layers, tokens) = {want}", rid)
+            bad_field(f"KV shape {self.kv.shape} does not start with (layers, tokens) = {want}", rid)
         sizes, declared = tuple(memoryview(p).nbytes for p in self.payloads), self.kv.frame_bytes
         if sizes != declared:
             short = len(sizes) < len(declared) or any(a < d for a, d in zip(sizes, declared, strict=False))
@@ -332,9 +305,3 @@ class Tokens(Message):
 class Abort(Message):
     request_id: str
     reason: str = "abort"
-
-
-def _bad(message: str, request_id: str | None = None) -> typing.NoReturn:
-    raise WireError("bad-field", message, request_id)
-
-

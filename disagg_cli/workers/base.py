@@ -17,9 +17,9 @@ Life of a connection: the peer's first message is `Hello`; it is answered with `
 reason and an `Error` back; the worker keeps serving either way. Greeted peers are remembered
 within a bound (`workers/greeted.py`), so a flood of hellos cannot grow memory without end.
 
-Shutdown: SIGINT or SIGTERM sets a flag; the engine thread aborts what is in flight (each
-request's coordinator gets `Error(reason="shutdown")`), frees every block, the I/O thread flushes
-and closes the sockets, and the process exits 0.
+Shutdown: SIGINT or SIGTERM sets a flag (`workers/stop.py`); the engine thread aborts what is in
+flight (each request's coordinator gets `Error(reason="shutdown")`), frees every block, the I/O
+thread flushes and closes the sockets, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import queue
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -300,21 +299,3 @@ class WorkerIO:
             self._router.send_multipart([who, *encode_message(msg)], copy=False)
         except zmq.ZMQError as e:
             log(self.ident.role, f"could not answer a peer: {e}")
-
-
-class StopFlag:
-    """Counts stop requests; the engine loop checks it between steps (first: drain, second: now).
-
-    `Worker.request_stop()` sets it from any thread; only a process's main thread may also let
-    SIGINT/SIGTERM set it (`on_signals`), so a worker hosted in a thread or an actor never touches
-    its host's signal handlers."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def set(self) -> None:
-        self.count += 1
-
-    def on_signals(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda s, f: self.set())

@@ -31,8 +31,9 @@ from disagg_cli.kv.codec import KVCodec
 from disagg_cli.kv.codecs import get_codec
 from disagg_cli.kv.transfer import encode_kv_message
 from disagg_cli.protocol import Error, FirstToken, KVDone, Message, Prefill, RequestStats
-from disagg_cli.workers.base import Dest, StopFlag, log
+from disagg_cli.workers.base import Dest, log
 from disagg_cli.workers.peers import PeerLost
+from disagg_cli.workers.stop import StopFlag
 from disagg_cli.workers.worker import Worker, WorkerRequest
 
 

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING
 
 from disagg_cli.coordinator.topology import WorkerSpec
 from disagg_cli.errors import DisaggError
-from disagg_cli.workers.base import StopFlag, log
+from disagg_cli.workers.base import log
+from disagg_cli.workers.stop import StopFlag
 
 if TYPE_CHECKING:  # the driver imports this module to name the actor class: no torch there
     from disagg_cli.workers.worker import Worker

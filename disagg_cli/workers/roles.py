@@ -10,10 +10,10 @@ import os
 from typing import Any
 
 from disagg_cli.config import WorkerConfig
-from disagg_cli.workers.base import StopFlag
 from disagg_cli.workers.colocated import ColocatedWorker
 from disagg_cli.workers.decode import DecodeWorker
 from disagg_cli.workers.prefill import PrefillWorker
+from disagg_cli.workers.stop import StopFlag
 from disagg_cli.workers.worker import Worker
 
 ROLE_CLASSES: dict[str, type[Worker[Any]]] = {"prefill": PrefillWorker, "decode": DecodeWorker,

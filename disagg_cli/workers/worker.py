@@ -43,8 +43,9 @@ from disagg_cli.protocol import (
     WorkerCapacity,
     WorkerStats,
 )
-from disagg_cli.workers.base import CoordinatorGone, Dest, StopFlag, WorkerIdentity, WorkerIO, log
+from disagg_cli.workers.base import CoordinatorGone, Dest, WorkerIdentity, WorkerIO, log
 from disagg_cli.workers.checks import Limits, check_message
+from disagg_cli.workers.stop import StopFlag
 
 # Messages that start a request: refusing one must not touch a request of the same id already here.
 _STARTS = (Prefill, Reserve, Generate)
