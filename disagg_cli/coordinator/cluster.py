@@ -32,33 +32,15 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from disagg_cli.coordinator.supervisor import RestartPolicy, Supervisor
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec
+from disagg_cli.coordinator.worker_process import WorkerProcess
 from disagg_cli.errors import DisaggError, UsageError
 
 STOP_TIMEOUT_S = 10.0
-
-
-@dataclass
-class WorkerProcess:
-    spec: WorkerSpec  # with port, threads and cpus filled in
-    address: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def name(self) -> str:
-        return f"{self.spec.role} worker {self.address}"
-
-    def last_log_line(self) -> str:
-        try:
-            lines = self.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return lines[-1].strip() if lines else ""
 
 
 def available_cpus() -> list[int]:
@@ -165,6 +147,10 @@ class LocalCluster:
         if self.supervisor is None:
             self.supervisor = Supervisor(self, policy or RestartPolicy())
             self.supervisor.start()
+
+    def returning_roles(self) -> set[str]:
+        """Roles with a worker running or that supervision will start again: requests may wait for it."""
+        return self.supervisor.returning_roles() if self.supervisor is not None else set()
 
     def restarts(self) -> dict[str, int]:
         """How many times supervision started a worker of each role again."""

@@ -271,7 +271,7 @@ class CoordinatorService:
         if self.draining:
             raise DrainingError("the server is shutting down and takes no new requests")
         healthy, why = self.health()
-        if not healthy and not self.config.wait_for_workers:
+        if not healthy and not self.config.wait_for_workers and not self._will_recover():
             raise UnavailableError(f"{why} right now; retry later")
         self.validate(out.prompt_token_ids, out.params)
         limit = self.config.max_queued_requests
@@ -323,15 +323,25 @@ class CoordinatorService:
         """(healthy, why): unhealthy while draining or while a needed role has no live worker."""
         if self.draining:
             return False, "draining"
-        views = self.workers()
-        if not views:
+        if not self.workers():
             return False, "not connected to any worker"
-        roles = {v.role for v in views}
-        needed = ("colocated",) if roles == {"colocated"} else ("prefill", "decode")
-        dead = [role for role in needed if not any(v.is_alive for v in views if v.role == role)]
+        dead = self._dead_roles()
         if dead:
             return False, "no live " + " or ".join(dead) + " worker"
         return True, "ok"
+
+    def _dead_roles(self) -> list[str]:
+        views = self.workers()
+        roles = {v.role for v in views}
+        needed = ("colocated",) if roles == {"colocated"} else ("prefill", "decode")
+        return [role for role in needed if not any(v.is_alive for v in views if v.role == role)]
+
+    def _will_recover(self) -> bool:
+        """Every role without a live worker has one that supervision is starting again: a new request
+        waits for it, as the ones in flight do, instead of a 503."""
+        dead = self._dead_roles()
+        return (bool(dead) and not self.draining and self.cluster is not None
+                and set(dead) <= self.cluster.returning_roles())
 
     async def kv_blocks(self, timeout_s: float = 5.0) -> dict[str, tuple[int, int]]:
         """(free, total) KV blocks per live worker, freshly asked for, once all are free or at

@@ -25,12 +25,10 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from disagg_cli.coordinator.worker_process import WorkerProcess
 from disagg_cli.errors import UsageError
-
-if TYPE_CHECKING:
-    from disagg_cli.coordinator.cluster import LocalCluster, WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +61,19 @@ def describe_exit(code: int | None) -> str:
     return str(code)
 
 
+class Restartable(Protocol):
+    """What supervision needs of a cluster (`LocalCluster`): its workers, and a way to start one again."""
+
+    workers: list[WorkerProcess]
+    keep_logs: bool
+
+    def restart_exited(self, exited: WorkerProcess) -> WorkerProcess | None: ...
+
+
 class Supervisor:
     """Restarts the workers of `cluster` that exit, per `policy`; see the module docstring."""
 
-    def __init__(self, cluster: LocalCluster, policy: RestartPolicy) -> None:
+    def __init__(self, cluster: Restartable, policy: RestartPolicy) -> None:
         self.cluster = cluster
         self.policy = policy
         # Every role at zero from the start, so a scrape shows the series before any restart.
@@ -85,6 +92,12 @@ class Supervisor:
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join()
+
+    def returning_roles(self) -> set[str]:
+        """Roles with a worker that runs or will be started again (one not given up on): a worker the
+        coordinator counts as dead in such a role is on its way back. Any thread."""
+        given_up = set(self._given_up)
+        return {w.spec.role for i, w in enumerate(list(self.cluster.workers)) if i not in given_up}
 
     def _run(self) -> None:
         while not self._stopping.wait(self.policy.poll_s):

@@ -1,6 +1,6 @@
 """Supervision for real: SIGKILL the prefill worker of a running `disagg serve`; it is started again on
-its address, the coordinator takes it back, a greedy request then answers exactly what the in-process
-engine does, every KV block is free again, and `/metrics` counts one prefill restart. (The policy:
+its address, the coordinator takes it back, a greedy request sent while it is down waits for it and
+answers exactly what the in-process engine does, every KV block is free again, and `/metrics` counts one prefill restart. (The policy:
 back-off, cap, stop: `test_supervisor.py`.)"""
 
 from __future__ import annotations
@@ -64,19 +64,19 @@ def test_a_killed_prefill_worker_is_started_again(default_gguf: Path, default_mo
         assert set(before) == {"prefill", "decode"}, before
         assert sample(server, "disagg:worker_restarts_total", "prefill") == 0
 
-        os.kill(before["prefill"], signal.SIGKILL)
-        wait_until(lambda: sample(server, "disagg:worker_restarts_total", "prefill") == 1, "a restart", BACK_S)
-        wait_until(lambda: sample(server, "disagg:worker_up", "prefill") == 1, "the restarted worker rejoined",
-                   BACK_S)
-        after = worker_pids(server.process.pid)
-        assert after["decode"] == before["decode"] and after["prefill"] != before["prefill"]
-
         ids = default_tokenizer.encode(PROMPT)
         ref = engine_output(default_model, default_tokenizer, ids, SamplingParams(max_tokens=16, ignore_eos=True))
+        os.kill(before["prefill"], signal.SIGKILL)
+        wait_until(lambda: sample(server, "disagg:worker_up", "prefill") == 0, "the dead worker noticed", BACK_S)
+        # Sent while the only prefill worker is down: it waits for the restart instead of a 503.
         got = httpx.post(f"{server.url}/v1/completions", timeout=HTTP_TIMEOUT_S, json={
             "model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True})
         assert got.status_code == 200, got.text
         assert got.json()["choices"][0]["text"] == ref.text
+        assert sample(server, "disagg:worker_restarts_total", "prefill") == 1
+        assert sample(server, "disagg:worker_up", "prefill") == 1
+        after = worker_pids(server.process.pid)
+        assert after["decode"] == before["decode"] and after["prefill"] != before["prefill"]
         wait_until(lambda: all(sample(server, "disagg:kv_cache_usage_perc", r) == 0 for r in ("prefill", "decode")),
                    "every KV block free", 20.0)
         assert sample(server, "disagg:worker_restarts_total", "prefill") == 1
