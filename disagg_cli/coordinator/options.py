@@ -2,7 +2,8 @@
 
 `ServeOptions` is the front ends' choice of place (a local cluster, a `--config` topology or one
 given whole, running workers, Ray actors) with the coordinator's settings, which it hands on as a
-`CoordinatorConfig` (timeouts, deadlines, routing policy, keys); `build_topology` makes
+`CoordinatorConfig` (timeouts, deadlines, routing policy, keys), and `ServiceConfig` is all a
+service is started with; `build_topology` makes
 the topology to start from it, `worker_address` reads an address flag, and `context_length` reads
 the model's context from its metadata (no weights). Used by `coordinator/service.py`, which every
 front end (`generate`, `bench serve`, `serve`) goes through. Pure: nothing is started here.
@@ -101,6 +102,27 @@ class ServeOptions:
         return CoordinatorConfig(policy=self.router, worker_timeout_s=self.worker_timeout_s, keys_dir=self.keys_dir,
                                  handshake_timeout_s=self.connect_timeout_s, deadlines=self.deadlines,
                                  disagg_threshold=self.disagg_threshold)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    model: str
+    cache_dir: Path
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    serve: ServeOptions = field(default_factory=ServeOptions)  # where the workers run
+    max_queued_requests: int | None = None  # None: no limit
+    tokenizer: str | None = None  # the model whose tokenizer to use; None: the served model's
+    # A request submitted while a role has no live worker: False, refused at once (a server's
+    # client retries); True, it waits for one up to its deadline (a batch: generate, bench).
+    wait_for_workers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.serve.in_process:
+            raise UsageError("the service runs requests on workers; --in-process is for `disagg generate` only")
+        if self.max_queued_requests is not None and self.max_queued_requests < 1:
+            raise UsageError(f"--max-queued-requests must be at least 1 (every request waits a moment), "
+                             f"got {self.max_queued_requests}")
 
 
 def build_topology(model: str, serve: ServeOptions, runtime: RuntimeConfig, engine: EngineConfig) -> ClusterConfig:

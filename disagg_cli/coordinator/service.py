@@ -30,16 +30,16 @@ import asyncio
 import itertools
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from disagg_cli import ui
-from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
-from disagg_cli.coordinator.options import ServeOptions, build_topology, context_length, worker_address
+from disagg_cli.config import SamplingParams
+from disagg_cli.coordinator.options import ServiceConfig, build_topology, context_length, worker_address
+from disagg_cli.coordinator.prompt_text import PromptText
 from disagg_cli.coordinator.refusals import (
     DrainingError,
-    InvalidPromptError,
     QueueFullError,
     UnavailableError,
     WorkerView,
@@ -57,30 +57,6 @@ if TYPE_CHECKING:
 
 WAITING_STATES = ("queued", "reserving")  # not yet past the decode worker's memory check
 DRAIN_TIMEOUT_S = 60.0
-# A normalizer may merge a few characters into one (NFC composes a base and its marks), so a
-# token covers at most this many times its own length of the text as given.
-MAX_CHARS_MERGED_BY_NORMALIZER = 4
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceConfig:
-    model: str
-    cache_dir: Path
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    serve: ServeOptions = field(default_factory=ServeOptions)  # where the workers run
-    max_queued_requests: int | None = None  # None: no limit
-    tokenizer: str | None = None  # the model whose tokenizer to use; None: the served model's
-    # A request submitted while a role has no live worker: False, refused at once (a server's
-    # client retries); True, it waits for one up to its deadline (a batch: generate, bench).
-    wait_for_workers: bool = False
-
-    def __post_init__(self) -> None:
-        if self.serve.in_process:
-            raise UsageError("the service runs requests on workers; --in-process is for `disagg generate` only")
-        if self.max_queued_requests is not None and self.max_queued_requests < 1:
-            raise UsageError(f"--max-queued-requests must be at least 1 (every request waits a moment), "
-                             f"got {self.max_queued_requests}")
 
 
 class CoordinatorService:
@@ -91,7 +67,7 @@ class CoordinatorService:
         self.tokenizer: Tokenizer | None = None
         self.model_path: Path | None = None
         self.context_limit = sys.maxsize
-        self.max_prompt_chars = sys.maxsize  # longer texts cannot fit the context (see `prepare`)
+        self.text: PromptText | None = None  # tokenizing and prompt checks, once `prepare`d
         self.topology: ClusterConfig | None = None  # what is started here; None: workers elsewhere
         self.coordinator: Coordinator | None = None
         self.cluster: LocalCluster | None = None
@@ -127,14 +103,10 @@ class CoordinatorService:
         if cfg.tokenizer is not None:
             with ui.pull_progress(cfg.tokenizer) as on_pull:
                 tokenizer_path = resolve_model(cfg.tokenizer, cfg.cache_dir, on_pull)
-        self.context_limit = context_length(self.model_path) or sys.maxsize
         self.topology = topology
         self.tokenizer = load_tokenizer(tokenizer_path)
-        if self.context_limit != sys.maxsize:
-            # No token covers more text than its own (byte-level) string: a longer text is refused
-            # at once, not after seconds of tokenizing (a 1M-token prompt took 12 s).
-            longest = max(map(len, self.tokenizer.backend.get_vocab(with_added_tokens=True)), default=1)
-            self.max_prompt_chars = self.context_limit * longest * MAX_CHARS_MERGED_BY_NORMALIZER
+        self.text = PromptText(self.tokenizer, context_length(self.model_path))
+        self.context_limit = self.text.context_limit
 
     async def start(self) -> None:
         from disagg_cli.coordinator.client import Coordinator
@@ -216,33 +188,13 @@ class CoordinatorService:
     # --- requests ----------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """The model's token ids of `text`; BOS first where the model wants one, unless told not to.
-        A text longer than the context could hold is refused before it is tokenized. Tokenizing
-        releases the GIL, so a caller on the event loop hands this to a thread and the loop runs on."""
-        if len(text) > self.max_prompt_chars:
-            raise InvalidPromptError(f"the prompt is {len(text)} characters long, more than this model's context "
-                                     f"of {self.context_limit} tokens can hold ({self.max_prompt_chars} characters "
-                                     "at most, whatever they tokenize to); shorten it")
-        tok = self._tok
-        # tokenizers' `encode` (under `Tokenizer.encode`) holds the GIL to the end; `encode_batch` lets it go.
-        ids: list[int] = tok.backend.encode_batch([text], add_special_tokens=False)[0].ids
-        if add_special_tokens and tok.add_bos and tok.bos_token_id is not None:
-            ids.insert(0, tok.bos_token_id)
-        return ids
+        return self._text.tokenize(text, add_special_tokens)  # see prompt_text.py (also: off the event loop)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        self._check_ids(token_ids)
-        return self._tok.decode(list(token_ids))
-
-    def _check_ids(self, token_ids: Sequence[int]) -> None:
-        vocab = self._tok.vocab_size
-        bad = [i for i in token_ids if not 0 <= i < vocab]
-        if bad:
-            raise InvalidPromptError(f"token id {bad[0]} is outside the vocabulary (0 to {vocab - 1})")
+        return self._text.detokenize(token_ids)
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The model's own chat template applied to `messages`."""
-        return self._tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self._text.render_chat(messages, add_generation_prompt)
 
     def check_context(self, num_prompt_tokens: int, max_tokens: int) -> None:
         ContextLengthError.check(num_prompt_tokens, max_tokens, self.context_limit)
@@ -250,10 +202,7 @@ class CoordinatorService:
     def validate(self, token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise unless these prompt ids can be served with `params` (works once `prepare`d, so a
         front end may refuse a prompt before any worker starts)."""
-        if not token_ids:
-            raise InvalidPromptError("the prompt is empty; give at least one token")
-        self._check_ids(token_ids)
-        self.check_context(len(token_ids), params.max_tokens)
+        self._text.validate(token_ids, params)
 
     def submit(self, prompt: str | Sequence[int], params: SamplingParams, request_id: str | None = None,
                prompt_text: str | None = None) -> RequestStream:
@@ -348,6 +297,12 @@ class CoordinatorService:
         `timeout_s` (a worker frees a request's blocks just after its last token)."""
         stats = await self._coordinator.wait_idle(timeout_s)
         return {address: (int(s.get("free_blocks", 0)), int(s.get("num_blocks", 0))) for address, s in stats.items()}
+
+    @property
+    def _text(self) -> PromptText:
+        if self.text is None:
+            raise DisaggError("the service is not prepared yet: call prepare() or start() first")
+        return self.text
 
     @property
     def _tok(self) -> Tokenizer:
