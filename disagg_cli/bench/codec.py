@@ -37,7 +37,7 @@ from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.errors import UsageError
 from disagg_cli.kv.codec import KVCodec
-from disagg_cli.kv.codecs import get_codec
+from disagg_cli.kv.registry import get_codec
 from disagg_cli.kv.transfer import assemble_request_kv, encode_request_kv
 from disagg_cli.protocol import CODEC_NAMES
 

@@ -27,7 +27,7 @@ import torch
 from disagg_cli.config import EngineConfig, SamplingParams
 from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.engine.runner import LayerHook, ModelRunner
-from disagg_cli.engine.scheduler import Scheduler, Sequence, Status
+from disagg_cli.engine.scheduler import Scheduler, Sequence
 from disagg_cli.kv.pool import BlockPool, pool_misfit
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.quant.kernels import argmax_rows
@@ -306,7 +306,3 @@ class LLMEngine:
         """Free a finished prefill_only sequence's blocks after its KV was exported."""
         self.pool.free(request_id)
         self._forget(request_id)
-
-    def is_running(self, request_id: str) -> bool:
-        seq = self.seqs.get(request_id)
-        return seq is not None and seq.status is Status.RUNNING

@@ -3,7 +3,7 @@
 The unit is one (k, v) pair in the wire layout: token-major, each a contiguous CPU tensor of
 shape ([layers,] tokens, kv_heads, head_dim) in float32, float16 or bfloat16. A codec turns the
 k stream and the v stream each into a fixed number of payload frames and fills a `KVMeta`
-(sizes, crc32 checksum, per-stream choices in `params`); `kv/codecs.py`'s `decode_kv` reverses any of them from
+(sizes, crc32 checksum, per-stream choices in `params`); `kv/registry.py`'s `decode_kv` reverses any of them from
 the metadata alone, checking every size and the checksum, and raises `WireError` on a mismatch.
 
 Choices measured on this machine kind (2 shared cores; one layer of bfloat16 KV, 1,024 tokens):

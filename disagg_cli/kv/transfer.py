@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from disagg_cli.kv.codec import KVCodec
-from disagg_cli.kv.codecs import decode_kv
+from disagg_cli.kv.registry import decode_kv
 from disagg_cli.protocol import KVLayers, WireError
 
 

@@ -44,7 +44,7 @@ from disagg_cli.protocol.messages import (
 from disagg_cli.protocol.names import (
     CODEC_NAMES,
     COMPLETED_REASONS,
-    DTYPE_ITEMSIZE,
+    DTYPE_BYTES,
     FINISH_REASONS,
     PEER_ROLES,
     WORKER_ROLES,
@@ -55,7 +55,7 @@ __all__ = [
     "COMPLETED_REASONS",
     "Abort",
     "CODEC_NAMES",
-    "DTYPE_ITEMSIZE",
+    "DTYPE_BYTES",
     "Error",
     "FINISH_REASONS",
     "FirstToken",

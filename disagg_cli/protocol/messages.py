@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 from disagg_cli.config import SamplingParams
 from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.protocol.errors import WireError, bad_field
-from disagg_cli.protocol.names import DTYPE_ITEMSIZE
+from disagg_cli.protocol.names import DTYPE_BYTES
 from disagg_cli.protocol.schema import frames_field
 from disagg_cli.protocol.stats import RequestStats, WorkerCapacity, WorkerStats
 
@@ -52,11 +52,11 @@ class KVMeta:
     params: dict[str, str | int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_ITEMSIZE:
-            bad_field(f"KV dtype {self.dtype!r} is not one of {sorted(DTYPE_ITEMSIZE)}")
+        if self.dtype not in DTYPE_BYTES:
+            bad_field(f"KV dtype {self.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
         if not 3 <= len(self.shape) <= 4 or min(self.shape) < 1:
             bad_field(f"KV shape {self.shape} is not ([layers,] tokens, kv_heads, head_dim) with sizes >= 1")
-        expected = 2 * math.prod(self.shape) * DTYPE_ITEMSIZE[self.dtype]
+        expected = 2 * math.prod(self.shape) * DTYPE_BYTES[self.dtype]
         if self.raw_bytes != expected:
             bad_field(f"raw_bytes {self.raw_bytes} != 2 x {self.shape} x {self.dtype} = {expected}")
         if self.wire_bytes != sum(self.frame_bytes) or min(self.frame_bytes, default=0) < 0:

@@ -3,16 +3,16 @@ float dtypes KV may travel in (with their sizes) and the finish reasons of a req
 
 from __future__ import annotations
 
+# Bytes per element of the float dtypes KV may travel in (names as torch spells them): config's one table.
+from disagg_cli.config import DTYPE_BYTES as DTYPE_BYTES
+
 # Who speaks on the wire (`Hello.role`): the three worker roles, and coordinators.
 WORKER_ROLES = ("prefill", "decode", "colocated")
 PEER_ROLES = ("coordinator", *WORKER_ROLES)
 
 # The KV codecs, by the name `KVMeta.codec` and `--kv-codec` spell them, in the order `disagg bench
-# codec` reports them (`kv/codecs.py` maps each to its class).
+# codec` reports them (`kv/registry.py` maps each to its class).
 CODEC_NAMES = ("none", "lz4", "shuffle-lz4", "auto", "int8", "int4")
-
-# Bytes per element of the float dtypes KV may travel in (names as torch spells them).
-DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 # Why a request ended, as workers report it and the OpenAI API spells it ("prefilled": a prefill
 # engine's request after its first token; "abort": stopped by the caller).

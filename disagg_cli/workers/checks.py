@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.sampling import state_problem
-from disagg_cli.protocol import DTYPE_ITEMSIZE, Generate, KVDone, KVLayers, Prefill, Reserve, WireError
+from disagg_cli.protocol import DTYPE_BYTES, Generate, KVDone, KVLayers, Prefill, Reserve, WireError
 
 MAX_REQUEST_ID_CHARS = 512  # ids are dict keys and go into every answer; ours are ~40 characters
 MAX_INSTANCE_CHARS = 64  # an `instance_id` is 16 hex digits
@@ -129,7 +129,7 @@ class ReservedKV:
             _bad(f"KV shape {msg.kv.shape}; this model's (kv_heads, head_dim) is "
                  f"{(lim.num_kv_heads, lim.head_dim)}", rid)
         layers, tokens = msg.layer_end - msg.layer_start, msg.num_tokens
-        expected = 2 * layers * tokens * lim.num_kv_heads * lim.head_dim * DTYPE_ITEMSIZE[msg.kv.dtype]
+        expected = 2 * layers * tokens * lim.num_kv_heads * lim.head_dim * DTYPE_BYTES[msg.kv.dtype]
         if msg.kv.raw_bytes != expected:
             _bad(f"raw_bytes {msg.kv.raw_bytes}; {layers} layers x {tokens} tokens of {msg.kv.dtype} KV "
                  f"are {expected}", rid)

@@ -28,7 +28,7 @@ import torch
 from disagg_cli.config import WorkerConfig
 from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.kv.codec import KVCodec
-from disagg_cli.kv.codecs import get_codec
+from disagg_cli.kv.registry import get_codec
 from disagg_cli.kv.transfer import encode_kv_message
 from disagg_cli.protocol import Error, FirstToken, KVDone, Message, Prefill, RequestStats
 from disagg_cli.workers.base import Dest, log

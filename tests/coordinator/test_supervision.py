@@ -1,7 +1,7 @@
 """Supervision for real: SIGKILL the prefill worker of a running `disagg serve`; it is started again on
 its address, the coordinator takes it back, a greedy request sent while it is down waits for it and
-answers exactly what the in-process engine does, every KV block is free again, and `/metrics` counts one prefill restart. (The policy:
-back-off, cap, stop: `test_supervisor.py`.)"""
+answers exactly what the in-process engine does, every KV block is free again, and `/metrics` counts
+one prefill restart. (The policy: back-off, cap, stop: `test_supervisor.py`.)"""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from disagg_cli.errors import UsageError
 from disagg_cli.kv.codec import AutoCodec, EncodedKV
-from disagg_cli.kv.codecs import decode_kv, get_codec
 from disagg_cli.kv.quant import Int4Codec
+from disagg_cli.kv.registry import decode_kv, get_codec
 from disagg_cli.protocol import CODEC_NAMES, KVMeta, WireError
 
 LOSSLESS = ("none", "lz4", "shuffle-lz4", "auto")

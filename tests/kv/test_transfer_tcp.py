@@ -19,7 +19,7 @@ import zmq
 from disagg_cli.bench.codec import prefill, prompt_ids
 from disagg_cli.config import RuntimeConfig
 from disagg_cli.kv.codec import NoneCodec, raw_bytes
-from disagg_cli.kv.codecs import get_codec
+from disagg_cli.kv.registry import get_codec
 from disagg_cli.kv.transfer import decode_kv_layers, encode_request_kv
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.tokenizer import Tokenizer

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from disagg_cli.kv.codecs import get_codec
+from disagg_cli.kv.registry import get_codec
 from disagg_cli.kv.transfer import assemble_request_kv, decode_kv_layers, encode_request_kv
 from disagg_cli.protocol import (
     PROTOCOL_VERSION,

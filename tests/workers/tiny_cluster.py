@@ -16,7 +16,7 @@ import torch
 
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.engine.engine import LLMEngine
-from disagg_cli.kv.codecs import get_codec
+from disagg_cli.kv.registry import get_codec
 from disagg_cli.kv.transfer import encode_kv_message
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.protocol import (
