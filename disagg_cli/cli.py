@@ -16,7 +16,7 @@ import typer
 
 from disagg_cli import ui
 from disagg_cli.cli_bench import bench_app
-from disagg_cli.cli_options import PLACEMENT_PANEL, ModelOpt, cache_dir, placement_options, worker_options
+from disagg_cli.cli_options import ModelOpt, cache_dir, placement_options, worker_options
 from disagg_cli.cli_serve import serve
 from disagg_cli.cli_workers import colocated_worker, decode_worker, prefill_worker, run_worker
 from disagg_cli.config import SamplingParams
@@ -39,7 +39,7 @@ app.add_typer(bench_app, name="bench")
 
 @app.command()
 @worker_options()
-@placement_options()
+@placement_options(in_process=True)
 def generate(
     prompts: Annotated[list[str] | None, typer.Argument(help="Prompts; '-' reads stdin.")] = None,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="One prompt per line; .jsonl: JSON.")] = None,
@@ -54,8 +54,6 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap each prompt in the model's chat template.")] = False,
     system: Annotated[str | None, typer.Option(help="System message for --chat.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object per prompt on stdout.")] = False,
-    in_process: Annotated[bool, typer.Option(help="Run in this process's own engine, no workers.",
-                                             rich_help_panel=PLACEMENT_PANEL)] = False,
     *, settings: WorkerSettings, serve: ServeOptions,
 ) -> None:
     """Generate text for prompts, streaming it as it is produced.
@@ -73,7 +71,7 @@ def generate(
         chat=chat,
         system=system,
         json_output=json_output,
-        serve=replace(serve, in_process=in_process, kv_codec=settings.kv_codec),
+        serve=replace(serve, kv_codec=settings.kv_codec),
     )
     if system is not None and not chat:
         raise UsageError("--system only applies with --chat")

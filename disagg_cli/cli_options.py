@@ -89,11 +89,13 @@ PLACEMENT_PANEL = "Where the workers run"
 COORDINATOR_PANEL = "Coordinator: routing and deadlines"
 
 
-def placement_options() -> Callable[[Command], Command]:
-    """Give a front end (`generate`, `serve`) the options that pick where its workers run and how its
-    coordinator routes and times requests; the command takes them as one `serve: ServeOptions`
-    (whose `kv_codec` and `in_process` it fills in from its own options)."""
-    from disagg_cli.coordinator.options import ServeOptions
+def placement_options(in_process: bool = False) -> Callable[[Command], Command]:
+    """Give a front end (`generate`, `serve`) the options that pick where its workers run (with
+    `--in-process` where it can run in its own process) and how its coordinator routes and times
+    requests; the command takes them as one `serve: ServeOptions` (whose `kv_codec` it fills in from
+    its worker settings)."""
+    from disagg_cli.coordinator.options import CoordinatorConfig, ServeOptions
+    from disagg_cli.coordinator.placement import placement_from_flags
 
     def opt(*decls: str, help: str, panel: str = PLACEMENT_PANEL, **kw: Any) -> Any:
         return typer.Option(*decls, help=help, rich_help_panel=panel, **kw)
@@ -133,16 +135,21 @@ def placement_options() -> Callable[[Command], Command]:
         kw("token_timeout", TokenTimeoutOpt, d.token_s),
         kw("request_timeout", RequestTimeoutOpt, d.request_s),
     ]
+    if in_process:
+        options.append(kw("in_process", Annotated[bool, opt(help="Run in this process's own engine, no workers.")],
+                          False))
 
     def build(v: dict[str, Any]) -> ServeOptions:
-        return ServeOptions(
-            prefill=tuple(v["prefill"] or ()), decode=tuple(v["decode"] or ()), colocated=v["colocated"],
-            colocated_addr=v["colocated_addr"], config=v["config"], router=v["router"],
-            worker_timeout_s=v["worker_timeout"], keys_dir=v["keys"], connect_timeout_s=v["connect_timeout"],
-            disagg_threshold=disagg_threshold(v["disagg_threshold"]), ray_address=v["ray"],
-            prefill_replicas=v["prefill_replicas"], decode_replicas=v["decode_replicas"],
+        placement = placement_from_flags(
+            in_process=v.get("in_process", False), prefill=v["prefill"] or (), decode=v["decode"] or (),
+            colocated=v["colocated"], colocated_addr=v["colocated_addr"], config=v["config"], ray=v["ray"],
+            keys=v["keys"], prefill_replicas=v["prefill_replicas"], decode_replicas=v["decode_replicas"])
+        coordinator = CoordinatorConfig(
+            policy=v["router"], worker_timeout_s=v["worker_timeout"], handshake_timeout_s=v["connect_timeout"],
+            disagg_threshold=disagg_threshold(v["disagg_threshold"]),
             deadlines=Deadlines(v["reserve_timeout"], v["first_token_timeout"], v["token_timeout"],
                                 v["request_timeout"]))
+        return ServeOptions(placement, coordinator)
 
     return with_options(options, "serve", build)
 

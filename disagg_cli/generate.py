@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from disagg_cli import ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.coordinator.options import ServeOptions
+from disagg_cli.coordinator.placement import InProcess
 from disagg_cli.coordinator.service import CoordinatorService, ServiceConfig
 from disagg_cli.coordinator.stream import RequestStream
 from disagg_cli.engine.request import RequestOutput
@@ -110,7 +111,11 @@ def chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
 
 
 def run_generate(prompts: list[str], opts: GenerateOptions) -> list[RequestOutput]:
-    requests = _run_in_process(prompts, opts) if opts.serve.in_process else _run_served(prompts, opts)
+    match opts.serve.placement:
+        case InProcess():
+            requests = _run_in_process(prompts, opts)
+        case _:  # workers started here or running elsewhere, through the coordinator service
+            requests = _run_served(prompts, opts)
     failed = [r for r in requests if r.state == "failed"]
     if failed:
         first = failed[0]

@@ -33,7 +33,8 @@ from disagg_cli.bench.workload import (
     sharegpt_workload,
 )
 from disagg_cli.config import SamplingParams
-from disagg_cli.coordinator.options import ServeOptions
+from disagg_cli.coordinator.options import CoordinatorConfig, ServeOptions
+from disagg_cli.coordinator.placement import Given, StartLocal
 from disagg_cli.coordinator.service import CoordinatorService, ServiceConfig
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.errors import DisaggError, UsageError
@@ -87,8 +88,9 @@ def run_mode(mode: str, cluster_config: ClusterConfig, workloads: list[tuple[flo
 
 def service_config(cluster_config: ClusterConfig, opts: ServeBenchOptions) -> ServiceConfig:
     """The service of one mode: `cluster_config` started here, with the benchmark's coordinator settings."""
-    serve = ServeOptions(topology=cluster_config, router=opts.router, worker_timeout_s=opts.worker_timeout_s,
-                         deadlines=opts.deadlines, disagg_threshold=opts.disagg_threshold)
+    coordinator = CoordinatorConfig(policy=opts.router, worker_timeout_s=opts.worker_timeout_s,
+                                    deadlines=opts.deadlines, disagg_threshold=opts.disagg_threshold)
+    serve = ServeOptions(StartLocal(Given(cluster_config)), coordinator)
     # A request sent while a killed worker restarts waits for it, as a client of a cluster would.
     return ServiceConfig(opts.model, opts.cache_dir, serve=serve, tokenizer=opts.tokenizer, wait_for_workers=True)
 

@@ -1,10 +1,9 @@
-"""Where a service's workers run, and what it reads of the model before any of them starts.
+"""What a service is started with, and what it reads of the model before any of its workers starts.
 
-`ServeOptions` is the front ends' choice of place (a local cluster, a `--config` topology or one
-given whole, running workers, Ray actors) with the coordinator's settings, which it hands on as a
-`CoordinatorConfig` (timeouts, deadlines, routing policy, keys), and `ServiceConfig` is all a
-service is started with; `build_topology` makes
-the topology to start from it, `worker_address` reads an address flag, and `context_length` reads
+`ServeOptions` is a front end's `Placement` (where the workers run, `coordinator/placement.py`) with
+the coordinator's settings, a `CoordinatorConfig` (timeouts, deadlines, routing policy, keys), and
+`ServiceConfig` is all a service is started with; `build_topology` makes the topology to start for
+a placement that starts workers, `worker_address` reads an address flag, and `context_length` reads
 the model's context from its metadata (no weights). Used by `coordinator/service.py`, which every
 front end (`generate`, `bench serve`, `serve`) goes through. Pure: nothing is started here.
 """
@@ -16,6 +15,18 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig
+from disagg_cli.coordinator.placement import (
+    Colocated,
+    Disaggregated,
+    FromFile,
+    Given,
+    InProcess,
+    Placement,
+    Replicas,
+    StartLocal,
+    StartOnRay,
+    keys_dir,
+)
 from disagg_cli.coordinator.router import POLICIES
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.errors import UsageError
@@ -25,9 +36,9 @@ from disagg_cli.worker_settings import WorkerSettings
 
 @dataclass(frozen=True, slots=True)
 class CoordinatorConfig:
-    policy: str = "round-robin"
+    policy: str = "round-robin"  # --router
     worker_timeout_s: float = 10.0  # silence after which a worker is dead
-    handshake_timeout_s: float = 120.0  # covers a worker's start-up (loading weights)
+    handshake_timeout_s: float = 120.0  # --connect-timeout: covers a worker's start-up (loading weights)
     deadlines: Deadlines = Deadlines()  # per stage of a request, and in all
     send_timeout_s: float = 10.0
     heartbeat_interval_s: float = 1.0
@@ -36,72 +47,33 @@ class CoordinatorConfig:
     # many tokens is computed there, with no transfer; 0: never; "auto": from measured speeds.
     disagg_threshold: int | str = 0
 
-
-
-@dataclass(frozen=True, slots=True)
-class ServeOptions:
-    """Where the prompts run; the default (all empty) starts a local 1 prefill + 1 decode cluster."""
-
-    in_process: bool = False
-    prefill: tuple[str, ...] = ()  # addresses of running workers
-    decode: tuple[str, ...] = ()
-    colocated: bool = False
-    colocated_addr: str | None = None
-    config: Path | None = None
-    # A topology given whole (`bench serve` makes its own), started as it is: no kv_codec or replicas applied.
-    topology: ClusterConfig | None = None
-    router: str = "round-robin"
-    kv_codec: str | None = None  # None: the prefill workers' default
-    worker_timeout_s: float = 10.0
-    keys_dir: Path | None = None  # CurveZMQ keys for workers started elsewhere with --keys
-    connect_timeout_s: float = 120.0  # for every worker's hello answer (covers loading weights)
-    deadlines: Deadlines = field(default_factory=Deadlines)
-    disagg_threshold: int | str = 0  # selective disaggregation (see CoordinatorConfig)
-    ray_address: str | None = None  # the workers as Ray actors in this cluster (auto or host:port)
-    prefill_replicas: int | None = None  # None: one, or what the topology says
-    decode_replicas: int | None = None
-
     def __post_init__(self) -> None:
         if self.disagg_threshold != "auto" and not (isinstance(self.disagg_threshold, int)
                                                     and self.disagg_threshold >= 0):
             raise UsageError(f"--disagg-threshold takes a token count >= 0 or auto, got {self.disagg_threshold!r}")
-        if bool(self.prefill) != bool(self.decode):
-            raise UsageError("--prefill and --decode go together: give at least one address of each")
-        if self.colocated_addr is not None and (self.prefill or self.config is not None):
-            raise UsageError("--colocated-addr cannot be combined with --prefill/--decode or --config")
-        chosen = [name for name, on in [("--in-process", self.in_process), ("--prefill/--decode", bool(self.prefill)),
-                                        ("--colocated", self.colocated or self.colocated_addr is not None),
-                                        ("--config", self.config is not None),
-                                        ("a topology given whole", self.topology is not None)] if on]
-        if len(chosen) > 1:
-            raise UsageError(f"choose one of {' and '.join(chosen)}; they pick different places to run")
-        if self.router not in POLICIES:
-            raise UsageError(f"--router must be one of {', '.join(POLICIES)}, got {self.router!r}")
-        if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
-            raise UsageError(f"--kv-codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
+        if self.policy not in POLICIES:
+            raise UsageError(f"--router must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if not self.worker_timeout_s > 0:
             raise UsageError(f"--worker-timeout must be positive, got {self.worker_timeout_s}")
-        if not self.connect_timeout_s > 0:
-            raise UsageError(f"--connect-timeout must be positive, got {self.connect_timeout_s}")
-        if self.keys_dir is not None and not (self.prefill or self.colocated_addr or self.ray_address or self.config):
-            raise UsageError("--keys is for workers started elsewhere: use it with --prefill/--decode, "
-                             "--colocated-addr or --ray")
-        if self.ray_address is not None and (self.in_process or self.prefill or self.colocated_addr):
-            raise UsageError("--ray starts the workers as Ray actors: it cannot be combined with --in-process, "
-                             "--prefill/--decode or --colocated-addr")
-        replicas = {"--prefill-replicas": self.prefill_replicas, "--decode-replicas": self.decode_replicas}
-        for flag, count in replicas.items():
-            if count is not None and count < 1:
-                raise UsageError(f"{flag} must be at least 1, got {count}")
-        given = [flag for flag, count in replicas.items() if count is not None]
-        if given and (self.in_process or self.prefill or self.colocated or self.colocated_addr or self.topology):
-            raise UsageError(f"{' and '.join(given)} size the prefill/decode workers started here; they do not go "
-                             "with --in-process, --prefill/--decode or --colocated")
+        if not self.handshake_timeout_s > 0:
+            raise UsageError(f"--connect-timeout must be positive, got {self.handshake_timeout_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """Where the workers run (the default: a local 1 prefill + 1 decode cluster) and how the coordinator
+    routes and times requests; its `keys_dir` is the placement's (`coordinator_config`)."""
+
+    placement: Placement = field(default_factory=StartLocal)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    kv_codec: str | None = None  # the prefill workers' codec where workers are made from flags or a file; None: theirs
+
+    def __post_init__(self) -> None:
+        if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
+            raise UsageError(f"--kv-codec must be one of {', '.join(CODEC_NAMES)}, got {self.kv_codec!r}")
 
     def coordinator_config(self) -> CoordinatorConfig:
-        return CoordinatorConfig(policy=self.router, worker_timeout_s=self.worker_timeout_s, keys_dir=self.keys_dir,
-                                 handshake_timeout_s=self.connect_timeout_s, deadlines=self.deadlines,
-                                 disagg_threshold=self.disagg_threshold)
+        return replace(self.coordinator, keys_dir=keys_dir(self.placement))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,34 +90,59 @@ class ServiceConfig:
     wait_for_workers: bool = False
 
     def __post_init__(self) -> None:
-        if self.serve.in_process:
+        if isinstance(self.serve.placement, InProcess):
             raise UsageError("the service runs requests on workers; --in-process is for `disagg generate` only")
         if self.max_queued_requests is not None and self.max_queued_requests < 1:
             raise UsageError(f"--max-queued-requests must be at least 1 (every request waits a moment), "
                              f"got {self.max_queued_requests}")
 
+    def to_start(self) -> ClusterConfig | None:
+        """The topology to start here (`build_topology`); None: the workers run elsewhere."""
+        match self.serve.placement:
+            case StartLocal() | StartOnRay() as start:
+                topology = build_topology(self.model, start, self.runtime, self.engine, self.serve.kv_codec)
+                if topology.backend != "ray" and start.keys_dir is not None:
+                    raise UsageError("--keys is for workers started elsewhere or on Ray (--ray); the workers "
+                                     "started here listen on 127.0.0.1")
+                return topology
+            case _:
+                return None
 
-def build_topology(model: str, serve: ServeOptions, runtime: RuntimeConfig, engine: EngineConfig) -> ClusterConfig:
-    """What to start: the topology given, `--config`'s, or 1 prefill + 1 decode (or one colocated) worker, with
-    `--prefill-replicas`/`--decode-replicas` workers of those roles; as Ray actors with `--ray`."""
-    if serve.topology is not None:
-        config = serve.topology
-    elif serve.config is not None:
-        config = load_cluster_config(serve.config, default_model=model)
-        if serve.kv_codec is not None:
-            config = replace(config, workers=tuple(replace(w, kv_codec=serve.kv_codec) if w.role == "prefill" else w
-                                                   for w in config.workers))
-        for role, count in (("prefill", serve.prefill_replicas), ("decode", serve.decode_replicas)):
-            if count is not None:
-                config = config.with_replicas(role, count)
-    else:
-        base = WorkerSpec.from_settings("prefill", WorkerSettings(
-            **{f.name: getattr(runtime, f.name) for f in fields(runtime)},
-            **{f.name: getattr(engine, f.name) for f in fields(engine)}, kv_codec=serve.kv_codec))
-        config = local_topology(model, base, num_prefill=serve.prefill_replicas or 1,
-                                num_decode=serve.decode_replicas or 1, colocated=serve.colocated)
-    if serve.ray_address is not None:  # --ray: this topology on Ray, whatever its file said
-        config = replace(config, backend="ray", ray_address=serve.ray_address)
+
+def build_topology(model: str, start: StartLocal | StartOnRay, runtime: RuntimeConfig, engine: EngineConfig,
+                   kv_codec: str | None = None) -> ClusterConfig:
+    """What to start: the topology given, `--config`'s, or 1 prefill + 1 decode (or one colocated) worker
+    made from the worker settings, with `--prefill-replicas`/`--decode-replicas` workers of those roles;
+    as Ray actors for `StartOnRay`. `kv_codec` (None: the workers' default) is the prefill workers'."""
+    match start.cluster:
+        case Given(topology=config):  # started as it is: the flags' settings are for topologies made from them
+            pass
+        case FromFile(path=path, replicas=replicas):
+            config = load_cluster_config(path, default_model=model)
+            if kv_codec is not None:
+                config = replace(config, workers=tuple(replace(w, kv_codec=kv_codec) if w.role == "prefill" else w
+                                                       for w in config.workers))
+            config = _resized(config, replicas)
+        case Disaggregated(replicas=replicas):
+            config = local_topology(model, _base_spec(runtime, engine, kv_codec), num_prefill=replicas.prefill or 1,
+                                    num_decode=replicas.decode or 1)
+        case Colocated():
+            config = local_topology(model, _base_spec(runtime, engine, kv_codec), colocated=True)
+    if isinstance(start, StartOnRay):  # this topology on Ray, whatever its file said
+        config = replace(config, backend="ray", ray_address=start.address)
+    return config
+
+
+def _base_spec(runtime: RuntimeConfig, engine: EngineConfig, kv_codec: str | None) -> WorkerSpec:
+    return WorkerSpec.from_settings("prefill", WorkerSettings(
+        **{f.name: getattr(runtime, f.name) for f in fields(runtime)},
+        **{f.name: getattr(engine, f.name) for f in fields(engine)}, kv_codec=kv_codec))
+
+
+def _resized(config: ClusterConfig, replicas: Replicas) -> ClusterConfig:
+    for role, count in (("prefill", replicas.prefill), ("decode", replicas.decode)):
+        if count is not None:
+            config = config.with_replicas(role, count)
     return config
 
 

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING
 
 from disagg_cli import ui
 from disagg_cli.config import SamplingParams
-from disagg_cli.coordinator.options import ServiceConfig, build_topology, context_length, worker_address
+from disagg_cli.coordinator.options import ServiceConfig, context_length, worker_address
+from disagg_cli.coordinator.placement import InProcess, RemoteColocated, RemoteDisagg, StartLocal, StartOnRay
 from disagg_cli.coordinator.prompt_text import PromptText
 from disagg_cli.coordinator.refusals import (
     DrainingError,
@@ -53,6 +54,7 @@ from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
 if TYPE_CHECKING:
     from disagg_cli.coordinator.client import Coordinator
     from disagg_cli.coordinator.cluster import LocalCluster
+    from disagg_cli.coordinator.options import CoordinatorConfig
     from disagg_cli.coordinator.ray_cluster import RayCluster
 
 WAITING_STATES = ("queued", "reserving")  # not yet past the decode worker's memory check
@@ -90,12 +92,8 @@ class CoordinatorService:
         """The topology, the model's path, its tokenizer and context; nothing started. Once."""
         if self.tokenizer is not None:
             return
-        cfg, serve = self.config, self.config.serve
-        local = not (serve.prefill or serve.colocated_addr)
-        topology = build_topology(cfg.model, serve, cfg.runtime, cfg.engine) if local else None
-        if topology is not None and topology.backend != "ray" and serve.keys_dir is not None:
-            raise UsageError("--keys is for workers started elsewhere or on Ray (--ray); the workers started "
-                             "here listen on 127.0.0.1")
+        cfg = self.config
+        topology = cfg.to_start()
         model = topology.model if topology is not None else cfg.model
         with ui.pull_progress(model) as on_pull:
             self.model_path = resolve_model(model, cfg.cache_dir, on_pull)
@@ -116,19 +114,24 @@ class CoordinatorService:
         self.prepare()
         assert self.tokenizer is not None and self.model_path is not None
         serve, topology = self.config.serve, self.topology
-        if topology is not None and topology.backend == "ray":
-            workers = await self._start_ray(topology)
-        elif topology is not None:
-            ui.info(f"starting {topology.counts()} worker(s)…")
-            self.cluster = LocalCluster(topology, str(self.model_path))
-            self.cluster.start()
-            workers = self.cluster.addresses()
-        elif serve.colocated_addr:
-            workers = [("colocated", worker_address(serve.colocated_addr))]
-        else:
-            workers = ([("prefill", worker_address(a)) for a in serve.prefill]
-                       + [("decode", worker_address(a)) for a in serve.decode])
         coord_config = serve.coordinator_config()
+        match serve.placement:
+            case StartLocal() | StartOnRay():
+                assert topology is not None
+                if topology.backend == "ray":
+                    workers = await self._start_ray(topology, coord_config)
+                else:
+                    ui.info(f"starting {topology.counts()} worker(s)…")
+                    self.cluster = LocalCluster(topology, str(self.model_path))
+                    self.cluster.start()
+                    workers = self.cluster.addresses()
+            case RemoteColocated(address=address):
+                workers = [("colocated", worker_address(address))]
+            case RemoteDisagg(prefill=prefill, decode=decode):
+                workers = ([("prefill", worker_address(a)) for a in prefill]
+                           + [("decode", worker_address(a)) for a in decode])
+            case InProcess():
+                raise AssertionError("ServiceConfig refuses --in-process")
         probe = self.cluster.is_gone if self.cluster is not None else None
         self.coordinator = Coordinator(workers, self.tokenizer.eos_token_ids, coord_config, probe)
         try:
@@ -144,7 +147,7 @@ class CoordinatorService:
             await self._close()
             raise
 
-    async def _start_ray(self, topology: ClusterConfig) -> list[tuple[str, str]]:
+    async def _start_ray(self, topology: ClusterConfig, coord_config: CoordinatorConfig) -> list[tuple[str, str]]:
         """The topology's workers as Ray actors; their (role, address) once every one has bound."""
         from disagg_cli.coordinator.ray_cluster import RayCluster
 
@@ -152,10 +155,10 @@ class CoordinatorService:
         # A name is resolved (pulled if need be) on each node; a path must be the same on every node.
         model = topology.model if topology.model in REGISTRY else str(self.model_path.resolve())
         ui.info(f"starting {topology.counts()} worker(s) as Ray actors (Ray cluster: {topology.ray_address})…")
-        self.ray_cluster = RayCluster(replace(topology, model=model), topology.ray_address, self.config.serve.keys_dir)
+        self.ray_cluster = RayCluster(replace(topology, model=model), topology.ray_address, coord_config.keys_dir)
         try:
             self.ray_cluster.start()
-            return await self.ray_cluster.wait_addresses(self.config.serve.connect_timeout_s)
+            return await self.ray_cluster.wait_addresses(coord_config.handshake_timeout_s)
         except BaseException:
             await self._close()
             raise

@@ -16,7 +16,8 @@ from disagg_cli.bench.serve import topologies
 from disagg_cli.cli import app
 from disagg_cli.cli_options import COORDINATOR_PANEL, PLACEMENT_PANEL, worker_options
 from disagg_cli.config import EngineConfig, RuntimeConfig
-from disagg_cli.coordinator.options import ServeOptions, build_topology
+from disagg_cli.coordinator.options import build_topology
+from disagg_cli.coordinator.placement import StartLocal
 from disagg_cli.coordinator.topology import WorkerSpec
 from disagg_cli.worker_settings import DEFAULTS, SETTING_NAMES, WORKER_SETTINGS, WorkerSettings
 
@@ -58,7 +59,7 @@ def test_topology_workers_default_to_the_table() -> None:
 
 def test_bench_serve_clusters_get_the_same_workers_as_generate() -> None:
     """`bench serve`'s default cluster and `generate`'s (same flags) start the same worker settings."""
-    generate = build_topology("m", ServeOptions(), RuntimeConfig(), EngineConfig())
+    generate = build_topology("m", StartLocal(), RuntimeConfig(), EngineConfig())
     bench = topologies(ServeBenchOptions(model="m", cache_dir=Path(".")))["disagg"]
     assert [w.role for w in bench.workers] == [w.role for w in generate.workers] == ["prefill", "decode"]
     assert [w.settings() for w in bench.workers] == [w.settings() for w in generate.workers]

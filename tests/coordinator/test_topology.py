@@ -142,36 +142,37 @@ def test_replicas_flags_resize_a_role() -> None:
 def test_serve_options_place_ray_and_replicas(tmp_path: Path) -> None:
     from disagg_cli.config import EngineConfig, RuntimeConfig
     from disagg_cli.coordinator.cluster import LocalCluster
-    from disagg_cli.coordinator.options import ServeOptions, build_topology
+    from disagg_cli.coordinator.options import build_topology
+    from disagg_cli.coordinator.placement import StartOnRay, placement_from_flags
 
-    serve = ServeOptions(ray_address="auto", prefill_replicas=2, decode_replicas=3)
-    config = build_topology("m", serve, RuntimeConfig(dtype="float32"), EngineConfig())
+    start = placement_from_flags(ray="auto", prefill_replicas=2, decode_replicas=3)
+    assert isinstance(start, StartOnRay)
+    config = build_topology("m", start, RuntimeConfig(dtype="float32"), EngineConfig())
     assert (config.backend, config.ray_address, config.counts()) == ("ray", "auto", "2 prefill, 3 decode")
     assert all(w.dtype == "float32" for w in config.workers)
-    on_file = build_topology("m", ServeOptions(config=CONFIGS / "ray-2node.toml", ray_address="10.0.0.1:6379",
-                                               decode_replicas=2), RuntimeConfig(), EngineConfig())
+    on_ray = placement_from_flags(config=CONFIGS / "ray-2node.toml", ray="10.0.0.1:6379", decode_replicas=2)
+    assert isinstance(on_ray, StartOnRay)
+    on_file = build_topology("m", on_ray, RuntimeConfig(), EngineConfig())
     assert (on_file.ray_address, on_file.counts()) == ("10.0.0.1:6379", "1 prefill, 2 decode")
     with pytest.raises(UsageError, match="this topology runs on ray"):
         LocalCluster(config, "m")
     with pytest.raises(UsageError, match="--ray starts the workers as Ray actors: it cannot be combined"):
-        ServeOptions(ray_address="auto", prefill=("h:1",), decode=("h:2",))
+        placement_from_flags(ray="auto", prefill=("h:1",), decode=("h:2",))
     with pytest.raises(UsageError, match="--decode-replicas size the prefill/decode workers started here"):
-        ServeOptions(colocated=True, decode_replicas=2)
+        placement_from_flags(colocated=True, decode_replicas=2)
     with pytest.raises(UsageError, match="--prefill-replicas must be at least 1"):
-        ServeOptions(prefill_replicas=0)
+        placement_from_flags(prefill_replicas=0)
 
 
 def test_serve_options_take_a_topology_whole() -> None:
     from disagg_cli.config import EngineConfig, RuntimeConfig
-    from disagg_cli.coordinator.options import ServeOptions, build_topology
+    from disagg_cli.coordinator.options import build_topology
+    from disagg_cli.coordinator.placement import Given, StartLocal, StartOnRay
 
     given = ClusterConfig("m", (WorkerSpec("colocated", dtype="float32", threads=2),))
-    # As it is: the flags' runtime and engine settings are for the topology made from them.
-    assert build_topology("other", ServeOptions(topology=given), RuntimeConfig(dtype="bfloat16"),
-                          EngineConfig()) is given
-    on_ray = build_topology("m", ServeOptions(topology=given, ray_address="auto"), RuntimeConfig(), EngineConfig())
+    # As it is: the flags' runtime, engine and codec settings are for the topologies made from them.
+    # (A topology given whole has no file beside it and no replica counts: the type has no room for them.)
+    assert build_topology("other", StartLocal(Given(given)), RuntimeConfig(dtype="bfloat16"), EngineConfig(),
+                          kv_codec="int8") is given
+    on_ray = build_topology("m", StartOnRay(Given(given), "auto"), RuntimeConfig(), EngineConfig())
     assert (on_ray.backend, on_ray.workers) == ("ray", given.workers)
-    with pytest.raises(UsageError, match="choose one of --config and a topology given whole"):
-        ServeOptions(topology=given, config=CONFIGS / "local.toml")
-    with pytest.raises(UsageError, match="--prefill-replicas size the prefill/decode workers started here"):
-        ServeOptions(topology=given, prefill_replicas=2)
