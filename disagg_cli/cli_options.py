@@ -95,7 +95,7 @@ def placement_options(in_process: bool = False) -> Callable[[Command], Command]:
     requests; the command takes them as one `serve: ServeOptions` (whose `kv_codec` it fills in from
     its worker settings)."""
     from disagg_cli.coordinator.options import CoordinatorConfig, ServeOptions
-    from disagg_cli.coordinator.placement import placement_from_flags
+    from disagg_cli.coordinator.placement import DEFAULT_MAX_WORKER_RESTARTS, placement_from_flags
 
     def opt(*decls: str, help: str, panel: str = PLACEMENT_PANEL, **kw: Any) -> Any:
         return typer.Option(*decls, help=help, rich_help_panel=panel, **kw)
@@ -121,6 +121,9 @@ def placement_options(in_process: bool = False) -> Callable[[Command], Command]:
         kw("keys", Annotated[Path | None, opt(help="CurveZMQ keys to reach workers started with --keys; with "
                                                         "--ray, the workers' own (the same folder on every "
                                                         "node).")], None),
+        kw("max_worker_restarts", Annotated[int, opt(help="Start a local worker that exits again, at most this "
+                                                          "many times within 10 minutes (back-off 1 s, doubling "
+                                                          "to 30 s); 0: never.")], DEFAULT_MAX_WORKER_RESTARTS),
         kw("router", Annotated[str, opt(help="round-robin, least-loaded, or cache-aware (the longest cached "
                                                    "prefix weighed against queued work).",
                                               panel=COORDINATOR_PANEL)], "round-robin"),
@@ -143,7 +146,8 @@ def placement_options(in_process: bool = False) -> Callable[[Command], Command]:
         placement = placement_from_flags(
             in_process=v.get("in_process", False), prefill=v["prefill"] or (), decode=v["decode"] or (),
             colocated=v["colocated"], colocated_addr=v["colocated_addr"], config=v["config"], ray=v["ray"],
-            keys=v["keys"], prefill_replicas=v["prefill_replicas"], decode_replicas=v["decode_replicas"])
+            keys=v["keys"], prefill_replicas=v["prefill_replicas"], decode_replicas=v["decode_replicas"],
+            max_worker_restarts=v["max_worker_restarts"])
         coordinator = CoordinatorConfig(
             policy=v["router"], worker_timeout_s=v["worker_timeout"], handshake_timeout_s=v["connect_timeout"],
             disagg_threshold=disagg_threshold(v["disagg_threshold"]),

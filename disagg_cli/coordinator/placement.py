@@ -68,12 +68,18 @@ class InProcess:
     pass
 
 
+DEFAULT_MAX_WORKER_RESTARTS = 5  # per worker within 10 minutes (supervisor.py); then it stays down
+
+
 @dataclass(frozen=True, slots=True)
 class StartLocal:
     cluster: Cluster = field(default_factory=Disaggregated)
     # Only for a --config file that puts its workers on Ray: workers started as processes here
     # listen on 127.0.0.1, and the service refuses keys for them once it has read the file.
     keys_dir: Path | None = None
+    # A worker that exits is started again up to this many times within the window; 0: never (an
+    # outside supervisor, or a test of what a dead worker looks like).
+    max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +113,8 @@ def keys_dir(placement: Placement) -> Path | None:
 def placement_from_flags(*, in_process: bool = False, prefill: Sequence[str] = (), decode: Sequence[str] = (),
                          colocated: bool = False, colocated_addr: str | None = None, config: Path | None = None,
                          ray: str | None = None, keys: Path | None = None, prefill_replicas: int | None = None,
-                         decode_replicas: int | None = None) -> Placement:
+                         decode_replicas: int | None = None,
+                         max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS) -> Placement:
     """The case the flags of `generate`/`serve` pick (none: a local 1 prefill + 1 decode cluster);
     a `UsageError` naming the flags for any two that pick different places."""
     prefill, decode = tuple(prefill), tuple(decode)
@@ -135,6 +142,9 @@ def placement_from_flags(*, in_process: bool = False, prefill: Sequence[str] = (
         raise UsageError(f"{' and '.join(given)} size the prefill/decode workers started here; they do not go "
                          "with --in-process, --prefill/--decode or --colocated")
 
+    if max_worker_restarts < 0:
+        raise UsageError(f"--max-worker-restarts must be 0 (never) or more, got {max_worker_restarts}")
+
     if in_process:
         return InProcess()
     if prefill:
@@ -144,4 +154,4 @@ def placement_from_flags(*, in_process: bool = False, prefill: Sequence[str] = (
     replicas = Replicas(prefill_replicas, decode_replicas)
     cluster: Cluster = (FromFile(config, replicas) if config is not None
                         else Colocated() if colocated else Disaggregated(replicas))
-    return StartOnRay(cluster, ray, keys) if ray is not None else StartLocal(cluster, keys)
+    return StartOnRay(cluster, ray, keys) if ray is not None else StartLocal(cluster, keys, max_worker_restarts)

@@ -110,6 +110,7 @@ class CoordinatorService:
         from disagg_cli.coordinator.client import Coordinator
         from disagg_cli.coordinator.cluster import LocalCluster
         from disagg_cli.coordinator.connections import JOIN_GRACE_S
+        from disagg_cli.coordinator.supervisor import RestartPolicy
 
         self.prepare()
         assert self.tokenizer is not None and self.model_path is not None
@@ -137,7 +138,10 @@ class CoordinatorService:
         try:
             if self.cluster is not None:
                 await self.coordinator.connect(self.cluster.check)
-                self.cluster.supervise()  # from now on a worker that exits is started again
+                placement = serve.placement
+                restarts = placement.max_worker_restarts if isinstance(placement, StartLocal) else 0
+                if restarts:  # from now on a worker that exits is started again
+                    self.cluster.supervise(RestartPolicy(max_restarts=restarts))
             else:  # workers started elsewhere (or restarted by Ray meanwhile) join when they come up
                 await self.coordinator.connect(join_grace_s=JOIN_GRACE_S)
             if self.ray_cluster is not None:

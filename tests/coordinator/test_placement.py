@@ -135,3 +135,10 @@ def test_generate_flags_reach_the_placement_and_are_checked() -> None:
     result = CliRunner().invoke(app, ["generate", "--in-process", "--prefill", "a:1", "--decode", "b:1", "hi"])
     assert result.exit_code != 0
     assert "choose one of --in-process and --prefill/--decode" in str(result.exception) + result.output
+
+
+def test_worker_restarts_are_a_local_cluster_setting() -> None:
+    assert placement_from_flags() == StartLocal(Disaggregated(), None, 5)  # supervision on by default
+    assert placement_from_flags(max_worker_restarts=0) == StartLocal(Disaggregated(), None, 0)
+    with pytest.raises(UsageError, match="--max-worker-restarts must be 0 \\(never\\) or more, got -1"):
+        placement_from_flags(max_worker_restarts=-1)
