@@ -10,9 +10,10 @@ worker to worker. Life of a Ray cluster (`disagg serve --ray ADDRESS`, or a topo
 2. `wait_addresses()`: every actor reports the address its worker bound; an actor Ray cannot
    place is an error naming its role and the resources it asks for: soon when no node has them
    (`INFEASIBLE_AFTER_S`), at the connect timeout when the nodes that have them are busy;
-3. `follow(coordinator)`: a task per actor holds the actor's `wait_stopped` call open; the moment
-   the actor's process dies that call fails, and the coordinator drops its address (its requests
-   are retried, as for any dead worker); when Ray has restarted it, its new address is added;
+3. `follow(connections)` (the coordinator's `WorkerConnections`): a task per actor holds the actor's
+   `wait_stopped` call open; the moment the actor's process dies that call fails, and the
+   coordinator drops its address (its requests are retried, as for any dead worker); when Ray has
+   restarted it, its new address is added;
 4. `stop()`: every worker drains, the actors are killed for good, the driver leaves Ray.
 """
 
@@ -34,7 +35,7 @@ from disagg_cli.errors import DisaggError
 from disagg_cli.workers.ray_actor import CALLS_AT_ONCE, WorkerActor
 
 if TYPE_CHECKING:
-    from disagg_cli.coordinator.connections import WorkerConnections
+    from disagg_cli.coordinator.membership import WorkerConnections
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'disagg-cli[ray]'"
@@ -154,9 +155,9 @@ class RayCluster:
 
     # --- membership while serving -----------------------------------------------------------------
 
-    def follow(self, coordinator: WorkerConnections) -> None:
-        """Keep `coordinator`'s workers in step with the actors (see the module docstring)."""
-        self._tasks = [asyncio.create_task(self._follow(slot, coordinator), name=f"follow {slot.name}")
+    def follow(self, connections: WorkerConnections) -> None:
+        """Keep the coordinator's workers in step with the actors (see the module docstring)."""
+        self._tasks = [asyncio.create_task(self._follow(slot, connections), name=f"follow {slot.name}")
                        for slot in self.slots]
 
     async def unfollow(self) -> None:
@@ -165,10 +166,10 @@ class RayCluster:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
-    async def _follow(self, slot: ActorSlot, coordinator: WorkerConnections) -> None:
+    async def _follow(self, slot: ActorSlot, connections: WorkerConnections) -> None:
         while True:
             try:
-                if not await self._follow_once(slot, coordinator):
+                if not await self._follow_once(slot, connections):
                     return
             except asyncio.CancelledError:
                 raise
@@ -176,7 +177,7 @@ class RayCluster:
                 log.exception("following the %s worker (%s) failed; trying again", slot.role, slot.name)
                 await asyncio.sleep(RESTART_PAUSE_S)
 
-    async def _follow_once(self, slot: ActorSlot, coordinator: WorkerConnections) -> bool:
+    async def _follow_once(self, slot: ActorSlot, connections: WorkerConnections) -> bool:
         """Join the actor's worker if it is not in, then wait for it to end; False: stop following."""
         exceptions = self._ray.exceptions
         if slot.address is None:
@@ -195,7 +196,7 @@ class RayCluster:
                 await asyncio.sleep(RESTART_PAUSE_S)
                 return True
             log.warning("Ray restarted the %s worker (%s); it rejoins at %s", slot.role, slot.name, address)
-            await coordinator.add_worker(slot.role, address)
+            await connections.add_worker(slot.role, address)
             slot.address, slot.instance_id = address, instance_id
             slot.joined += 1
         try:
@@ -206,7 +207,7 @@ class RayCluster:
         except exceptions.RayActorError as e:
             outcome, reason = "died", f"its Ray actor died: {_first_line(e)}"
         with contextlib.suppress(KeyError):
-            await coordinator.remove_worker(slot.address, reason)
+            await connections.remove_worker(slot.address, reason)
         slot.address = None
         return outcome != "stopped"
 

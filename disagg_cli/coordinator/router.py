@@ -1,11 +1,16 @@
 """Which worker serves the next request: the coordinator's view of its workers and the policies.
 
-Pure: no sockets, no clock of its own. The client (`coordinator/client.py`) owns the records'
-life cycle:
-1. a `WorkerRecord` per connected worker, made after its handshake;
-2. `Router.pick(role)` chooses a live worker and counts the request in flight there;
-3. heartbeats refresh `stats` (the worker's own queue and pool figures);
-4. `release(record)` when the request ends there; `mark_dead` when the worker falls silent.
+Pure: no sockets, no clock of its own. The router owns its `WorkerRecord`s: others read them and
+change them only through its methods, called by `WorkerConnections` (`membership.py`) and the
+`Coordinator` (`coordinator.py`):
+1. a `WorkerRecord` per worker (`add`, `remove`); `note_capacity` sizes its prefix view from the
+   hello answer;
+2. `pick(role)` chooses a live worker and counts the request in flight there; `queue_prefill` /
+   `unqueue_prefill` count a prompt's tokens a prefill worker has yet to compute, `note_cached`
+   what a worker's prefix cache now holds;
+3. heartbeats refresh `last_stats` (`note_stats`: the worker's own queue and pool figures);
+4. `release(record)` when the request ends there; `mark_dead` when the worker falls silent,
+   `mark_alive` when it answers again.
 
 Policies: `round-robin` cycles through live workers of the role in the order given;
 `least-loaded` takes the smallest in-flight + waiting count, then the most free KV blocks, then
@@ -27,7 +32,7 @@ from dataclasses import dataclass, field
 
 from disagg_cli.errors import DisaggError, UsageError
 from disagg_cli.kv.pool import BlockHash, hash_blocks
-from disagg_cli.protocol import WORKER_ROLES, WorkerStats
+from disagg_cli.protocol import WORKER_ROLES, WorkerCapacity, WorkerStats
 
 POLICIES = ("round-robin", "least-loaded", "cache-aware")
 _BALANCE_SLACK = 1  # cache-aware decode: workers this close to the least loaded compete on prefix
@@ -204,8 +209,30 @@ class Router:
         assert record.num_inflight > 0, f"release without pick on {record.address}"
         record.num_inflight -= 1
 
-    def update_stats(self, address: str, stats: WorkerStats) -> None:
+    def note_stats(self, address: str, stats: WorkerStats | None) -> None:
         self.get(address).last_stats = stats
+
+    def note_capacity(self, address: str, capacity: WorkerCapacity) -> None:
+        """The worker's hello answer: what its prefix cache can hold (nothing with caching off)."""
+        self.get(address).prefix = PrefixView(capacity.block_size if capacity.block_size > 0 else 16,
+                                              capacity.num_blocks if capacity.prefix_caching else 0)
+
+    def queue_prefill(self, record: WorkerRecord, prompt_ids: Sequence[int]) -> int:
+        """A prompt sent to prefill worker `record`: count the tokens it has yet to compute (those
+        its cache lacks, by our view) as queued there and note its blocks as cached; returns that
+        count, for `unqueue_prefill` once its first token comes."""
+        hashes = record.prefix.hashes(prompt_ids[:-1])
+        tokens = len(prompt_ids) - record.prefix.match_tokens(hashes)
+        record.queued_tokens += tokens
+        record.prefix.insert(hashes)
+        return tokens
+
+    def unqueue_prefill(self, record: WorkerRecord, tokens: int) -> None:
+        record.queued_tokens -= tokens
+
+    def note_cached(self, record: WorkerRecord, token_ids: Sequence[int]) -> None:
+        """The worker computed `token_ids`: its prefix cache holds their full blocks."""
+        record.prefix.insert(record.prefix.hashes(token_ids))
 
     def mark_dead(self, address: str) -> None:
         self.get(address).is_alive = False

@@ -52,8 +52,8 @@ from disagg_cli.model.registry import REGISTRY, resolve_model
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
-    from disagg_cli.coordinator.client import Coordinator
     from disagg_cli.coordinator.cluster import LocalCluster
+    from disagg_cli.coordinator.coordinator import Coordinator
     from disagg_cli.coordinator.options import CoordinatorConfig
     from disagg_cli.coordinator.ray_cluster import RayCluster
 
@@ -107,9 +107,9 @@ class CoordinatorService:
         self.context_limit = self.text.context_limit
 
     async def start(self) -> None:
-        from disagg_cli.coordinator.client import Coordinator
         from disagg_cli.coordinator.cluster import LocalCluster
-        from disagg_cli.coordinator.connections import JOIN_GRACE_S
+        from disagg_cli.coordinator.coordinator import Coordinator
+        from disagg_cli.coordinator.membership import JOIN_GRACE_S
         from disagg_cli.coordinator.supervisor import RestartPolicy
 
         self.prepare()
@@ -145,8 +145,8 @@ class CoordinatorService:
             else:  # workers started elsewhere (or restarted by Ray meanwhile) join when they come up
                 await self.coordinator.connect(join_grace_s=JOIN_GRACE_S)
             if self.ray_cluster is not None:
-                self.ray_cluster.follow(self.coordinator)
-            await self.coordinator.poll_stats()
+                self.ray_cluster.follow(self.coordinator.connections)
+            await self.coordinator.connections.poll_stats()
         except BaseException:
             await self._close()
             raise
@@ -302,7 +302,7 @@ class CoordinatorService:
     async def kv_blocks(self, timeout_s: float = 5.0) -> dict[str, tuple[int, int]]:
         """(free, total) KV blocks per live worker, freshly asked for, once all are free or at
         `timeout_s` (a worker frees a request's blocks just after its last token)."""
-        stats = await self._coordinator.wait_idle(timeout_s)
+        stats = await self._coordinator.connections.wait_idle(timeout_s)
         return {address: (int(s.get("free_blocks", 0)), int(s.get("num_blocks", 0))) for address, s in stats.items()}
 
     @property

@@ -1,7 +1,7 @@
 """Supervision of a local cluster's workers: one that exits while the service runs is started again.
 
 The new process binds the same address, so the coordinator takes it back by its usual path
-(`connections.py`: a dead worker is greeted again every beat and rejoins when it answers), and
+(`membership.py`: a dead worker is greeted again every beat and rejoins when it answers), and
 requests wait for it as for any returning worker. A thread per cluster polls the processes.
 
 Life of a supervised worker:

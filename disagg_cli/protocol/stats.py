@@ -1,6 +1,6 @@
 """Typed figures on the wire (`messages.py`), each a frozen dataclass whose type hints are its schema:
 - `RequestStats`: what workers measured of one request (`FirstToken`, `KVDone`, `Tokens`); the
-  coordinator maps it into a request's output (`coordinator/client.py`);
+  coordinator maps it into a request's output (`coordinator/coordinator.py`);
 - `WorkerCapacity`: what a worker was built with (`Hello`, `HelloAck`);
 - `WorkerStats`: a worker's queues, pool and speeds, answered to each `Heartbeat`."""
 

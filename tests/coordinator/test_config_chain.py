@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from disagg_cli.config import EngineConfig, RuntimeConfig, WorkerConfig
-from disagg_cli.coordinator.client import Coordinator
 from disagg_cli.coordinator.cluster import LocalCluster, worker_command
+from disagg_cli.coordinator.coordinator import Coordinator
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config
 from disagg_cli.errors import UsageError
 from tests.tiny_models import random_weights, write_gguf
@@ -88,7 +88,7 @@ def test_started_workers_report_what_they_were_given(tmp_path: Path) -> None:
     async def hellos(cluster: LocalCluster) -> list[dict[str, int]]:
         async with Coordinator(cluster.addresses(), frozenset({2})) as coordinator:
             await asyncio.wait_for(coordinator.connect(cluster.check), 120)
-            return [coordinator.capacity(w.address) for w in cluster.workers]
+            return [coordinator.connections.capacity(w.address) for w in cluster.workers]
 
     def affinities(pid: int) -> set[frozenset[int]]:
         """The CPU affinity of each thread of process `pid` (Linux sets it per thread)."""

@@ -13,7 +13,7 @@ import time
 import pytest
 import zmq
 
-from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
+from disagg_cli.coordinator.coordinator import Coordinator, CoordinatorConfig
 from disagg_cli.protocol import (
     Heartbeat,
     Hello,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from disagg_cli.config import SamplingParams
-from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
+from disagg_cli.coordinator.coordinator import Coordinator, CoordinatorConfig
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import DisaggError
 from disagg_cli.model.tokenizer import Tokenizer
@@ -46,9 +46,9 @@ def test_late_and_added_workers_are_used(default_gguf: Path, default_tokenizer: 
             procs.append(start_worker("decode", d2, default_gguf, log=tmp_path / "d2.log"))
             await until_alive(coordinator, late)
             procs.append(start_worker("decode", d3, default_gguf, log=tmp_path / "d3.log"))
-            await coordinator.add_worker("decode", added)
+            await coordinator.connections.add_worker("decode", added)
             with pytest.raises(DisaggError, match="already a worker"):
-                await coordinator.add_worker("decode", added)
+                await coordinator.connections.add_worker("decode", added)
             await until_alive(coordinator, added)
             outs = [request(f"r{i}") for i in range(6)]
             for out in outs:  # one at a time: round-robin visits every decode worker

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from disagg_cli.config import EngineConfig, SamplingParams
-from disagg_cli.coordinator.client import Coordinator
 from disagg_cli.coordinator.cluster import LocalCluster
+from disagg_cli.coordinator.coordinator import Coordinator
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec
 from disagg_cli.engine.engine import LLMEngine
@@ -71,7 +71,7 @@ def test_turns_reuse_both_caches_and_short_prompts_stay_on_decode(
         async with Coordinator(cluster.addresses(), tok.eos_token_ids, local) as coordinator:
             await asyncio.wait_for(coordinator.connect(cluster.check), 150)
             await ask(coordinator, "local", system + tok.encode(" Name a fruit.", add_bos=False))
-            return await coordinator.wait_idle()
+            return await coordinator.connections.wait_idle()
 
     with LocalCluster(topology, str(default_gguf)) as cluster:
         stats = asyncio.run(run(cluster))

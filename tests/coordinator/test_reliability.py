@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from disagg_cli.config import Deadlines, EngineConfig, SamplingParams
-from disagg_cli.coordinator.client import Coordinator, CoordinatorConfig
 from disagg_cli.coordinator.cluster import LocalCluster
+from disagg_cli.coordinator.coordinator import Coordinator, CoordinatorConfig
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec
 from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.engine.request import RequestOutput
@@ -106,7 +106,7 @@ def run_with_kill(cluster: LocalCluster, tokenizer: Tokenizer, victim: int,
             await asyncio.wait_for(asyncio.gather(*tasks), 180)
             if after is not None:
                 after(cluster)
-            return await coordinator.wait_idle(timeout_s=20)
+            return await coordinator.connections.wait_idle(timeout_s=20)
 
     return outs, asyncio.run(run(cluster))
 

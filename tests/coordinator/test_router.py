@@ -38,9 +38,9 @@ def test_round_robin_skips_dead_workers() -> None:
 
 def test_least_loaded_counts_inflight_and_waiting() -> None:
     router = Router(workers("decode", 3), "least-loaded")
-    router.update_stats("tcp://127.0.0.1:5000", figures(waiting=2, free_blocks=100))
-    router.update_stats("tcp://127.0.0.1:5001", figures(waiting=0, free_blocks=10))
-    router.update_stats("tcp://127.0.0.1:5002", figures(waiting=0, free_blocks=50))
+    router.note_stats("tcp://127.0.0.1:5000", figures(waiting=2, free_blocks=100))
+    router.note_stats("tcp://127.0.0.1:5001", figures(waiting=0, free_blocks=10))
+    router.note_stats("tcp://127.0.0.1:5002", figures(waiting=0, free_blocks=50))
     # loads (2, 0, 0) → 5002 (more free blocks); (2, 0, 1) → 5001; (2, 1, 1) → 5002 (blocks); (2, 1, 2) → 5001
     assert ports([router.pick("decode") for _ in range(4)]) == [5002, 5001, 5002, 5001]
 

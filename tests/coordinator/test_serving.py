@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from disagg_cli.config import EngineConfig, SamplingParams
-from disagg_cli.coordinator.client import Coordinator
 from disagg_cli.coordinator.cluster import LocalCluster
+from disagg_cli.coordinator.coordinator import Coordinator
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, local_topology
 from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.engine.request import RequestOutput
@@ -94,7 +94,7 @@ def serve(cluster: LocalCluster, names: tuple[str, ...], tokenizer: Tokenizer, p
             coordinator.router.policy = policy
             await asyncio.wait_for(coordinator.connect(cluster.check), 150)
             await asyncio.wait_for(asyncio.gather(*(coordinator.run_request(o) for o in outs.values())), 120)
-            return await coordinator.wait_idle()
+            return await coordinator.connections.wait_idle()
 
     stats = asyncio.run(run())
     assert set(stats) == {address for _, address in workers}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams, WorkerConfig
-from disagg_cli.coordinator.client import Coordinator
+from disagg_cli.coordinator.coordinator import Coordinator
 from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.model.loader import LoadedModel
@@ -54,7 +54,7 @@ def test_prefill_and_decode_in_threads(default_gguf: Path, default_model: Loaded
         async with Coordinator(addresses, default_tokenizer.eos_token_ids) as coordinator:
             await asyncio.wait_for(coordinator.connect(), 60)
             await asyncio.wait_for(asyncio.gather(*(coordinator.run_request(o) for o in outs)), 120)
-            return await coordinator.wait_idle()
+            return await coordinator.connections.wait_idle()
 
     try:
         stats = asyncio.run(run())

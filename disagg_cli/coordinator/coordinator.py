@@ -1,4 +1,9 @@
-"""The coordinator's drive of each request through the workers (connections: `connections.py`).
+"""The coordinator: drives each request through the workers, over the links it holds.
+
+`Coordinator` holds a `WorkerConnections` (`membership.py`: which workers there are, handshake,
+heartbeats, liveness, and the router whose records say who is alive) as `connections`; front ends
+call `connect`/`close` (or `async with`), `run_request`, and reach the workers through
+`coordinator.connections` (`poll_stats`, `wait_idle`, `add_worker`, …).
 
 Life of one disaggregated request in `run_request` (`out.state` in quotes):
 1. "queued": the router picks a decode and a prefill worker;
@@ -32,12 +37,12 @@ from dataclasses import dataclass, field, replace
 import zmq
 
 from disagg_cli.config import SamplingParams
-from disagg_cli.coordinator.connection import Connection, RequestFailed, WorkerGone
-from disagg_cli.coordinator.connections import WorkerConnections
+from disagg_cli.coordinator.membership import WorkerConnections
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.request_stats import copy_stats
-from disagg_cli.coordinator.router import NoWorkerError, WorkerRecord, local_prefill_pays
+from disagg_cli.coordinator.router import NoWorkerError, Router, WorkerRecord, local_prefill_pays
 from disagg_cli.coordinator.timeouts import wait_within
+from disagg_cli.coordinator.worker_link import RequestFailed, WorkerGone, WorkerLink
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.kv.pool import pool_misfit
 from disagg_cli.protocol import (
@@ -65,8 +70,34 @@ RETRYABLE = frozenset({"worker-dead", "shutdown", "draining", "truncated", "no-h
 _BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pause before retry n, so a failing worker is not hammered
 
 
-class Coordinator(WorkerConnections):
+class Coordinator:
     """Workers to send requests to; `run_request` many requests at once, one task each."""
+
+    def __init__(self, workers: list[tuple[str, str]], eos_ids: frozenset[int],
+                 config: CoordinatorConfig = CoordinatorConfig(),
+                 probe: Callable[[str], bool] | None = None) -> None:
+        """Arguments as `WorkerConnections`'s: (role, address) pairs, the tokenizer's EOS ids, the
+        settings, and `probe(address)` True when a worker's process is known to be gone."""
+        self.connections = WorkerConnections(workers, eos_ids, config, probe)
+        self.config = config
+        self.eos_ids = self.connections.eos_ids
+
+    @property
+    def router(self) -> Router:
+        return self.connections.router
+
+    async def connect(self, check: Callable[[], None] | None = None, join_grace_s: float | None = None) -> None:
+        """Greet every worker (see `WorkerConnections.connect`)."""
+        await self.connections.connect(check, join_grace_s)
+
+    async def close(self) -> None:
+        await self.connections.close()
+
+    async def __aenter__(self) -> Coordinator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -86,9 +117,8 @@ class Coordinator(WorkerConnections):
             done = len(out.token_ids)
             params = replace(out.params, max_tokens=out.params.max_tokens - done)
             wire_id = out.request_id if attempt == 0 else f"{out.request_id}.retry{attempt}"
-            run = _Run(out, on_text, asyncio.Queue(), wire_id, tuple(out.prompt_token_ids) + tuple(out.token_ids),
-                       params, deadline, avoid)
-            self._queues[wire_id] = run.queue
+            run = _Run(out, on_text, self.connections.open_queue(wire_id), wire_id,
+                       tuple(out.prompt_token_ids) + tuple(out.token_ids), params, deadline, avoid)
             try:
                 if self.router.by_role("colocated"):
                     await self._colocated(run)
@@ -125,7 +155,7 @@ class Coordinator(WorkerConnections):
         out.state = "reserving"
         t0 = time.perf_counter()
         eos_ids = () if out.params.ignore_eos else self.eos_ids
-        await self._send(decode, Reserve(run.wire_id, run.prompt_ids, run.params, eos_ids))
+        await self.connections.send(decode, Reserve(run.wire_id, run.prompt_ids, run.params, eos_ids))
         _, reserved = await self._expect(run, Reserved, "a reservation", self.config.deadlines.reserve_s)
         assert isinstance(reserved, Reserved)
         out.timings.stages_ms["reserve_ms"] = (time.perf_counter() - t0) * 1e3
@@ -136,20 +166,16 @@ class Coordinator(WorkerConnections):
             out.workers = {"decode": decode.record.address}
             out.kv["local_prefill"] = 1.0
             out.state = "prefilling"
-            await self._send(decode, PrefillHere(run.wire_id))
+            await self.connections.send(decode, PrefillHere(run.wire_id))
             await self._receive(run, self.config.deadlines.first_token_s)
             return
         prefill = await self._take(run, "prefill")
-        view = prefill.record.prefix
-        hashes = view.hashes(run.prompt_ids[:-1])
-        run.queued = (prefill.record, len(run.prompt_ids) - view.match_tokens(hashes))
-        prefill.record.queued_tokens += run.queued[1]
-        view.insert(hashes)
+        run.queued = (prefill.record, self.router.queue_prefill(prefill.record, run.prompt_ids))
         out.workers = {"prefill": prefill.record.address, "decode": decode.record.address}
         out.state = "prefilling"
         instance = decode.ack.instance_id if decode.ack else ""
-        await self._send(prefill, Prefill(run.wire_id, run.prompt_ids, run.params, decode.record.address, instance,
-                                          reserved.cached_tokens))
+        await self.connections.send(prefill, Prefill(run.wire_id, run.prompt_ids, run.params, decode.record.address,
+                                                     instance, reserved.cached_tokens))
         early: list[Tokens] = []  # decode tokens that overtook the first token on another socket
         while not out.is_finished:
             if run.got_first:
@@ -177,9 +203,9 @@ class Coordinator(WorkerConnections):
         out.workers = {"colocated": worker.record.address}
         out.state = "prefilling"
         eos_ids = () if out.params.ignore_eos else self.eos_ids
-        await self._send(worker, Generate(run.wire_id, run.prompt_ids, run.params, eos_ids))
+        await self.connections.send(worker, Generate(run.wire_id, run.prompt_ids, run.params, eos_ids))
         await self._receive(run, self.config.deadlines.first_token_s + self.config.deadlines.reserve_s)
-        worker.record.prefix.insert(worker.record.prefix.hashes(run.prompt_ids))
+        self.router.note_cached(worker.record, run.prompt_ids)
 
     async def _receive(self, run: _Run, first_token_s: float) -> None:
         """The first token, then tokens, from the one worker that computes the whole request."""
@@ -197,7 +223,7 @@ class Coordinator(WorkerConnections):
                 assert isinstance(msg, Tokens)
                 self._tokens(run, src, msg)
 
-    def _prefill_here(self, run: _Run, decode: Connection, cached_tokens: int) -> bool:
+    def _prefill_here(self, run: _Run, decode: WorkerLink, cached_tokens: int) -> bool:
         """Selective disaggregation: whether the decode worker computes this prompt itself."""
         uncached = len(run.prompt_ids) - cached_tokens
         threshold = self.config.disagg_threshold
@@ -205,24 +231,24 @@ class Coordinator(WorkerConnections):
             return uncached <= int(threshold)
         return local_prefill_pays(uncached, decode.record, [r for r in self.router.by_role("prefill") if r.is_alive])
 
-    async def _take(self, run: _Run, role: str) -> Connection:
+    async def _take(self, run: _Run, role: str) -> WorkerLink:
         """A live worker of `role` (waiting for one to join or come back, up to the request's
         deadline), preferring workers that have not stalled this request."""
-        await self.wait_for_worker(role, run.deadline)
+        await self.connections.wait_for_worker(role, run.deadline)
         record = self.router.pick(role, avoid=run.avoid, prompt_ids=run.prompt_ids)
-        conn = self._conns[record.address]
+        conn = self.connections.link(record.address)
         run.active.append(conn)
         conn.request_ids.add(run.wire_id)
         return conn
 
-    def _done_with(self, run: _Run, conn: Connection) -> None:
+    def _done_with(self, run: _Run, conn: WorkerLink) -> None:
         """The worker finished its part of the request itself: no abort needed there."""
         if conn in run.active:
             run.active.remove(conn)
             conn.request_ids.discard(run.wire_id)
             self.router.release(conn.record)
 
-    def _check_fits(self, out: RequestOutput, conn: Connection) -> None:
+    def _check_fits(self, out: RequestOutput, conn: WorkerLink) -> None:
         if conn.ack is None:
             return
         num_blocks, block_size = conn.ack.capacity.num_blocks, conn.ack.capacity.block_size
@@ -235,7 +261,7 @@ class Coordinator(WorkerConnections):
                                 "give it a larger --kv-cache-memory-mb or --kv-cache-tokens")
 
     async def _expect(self, run: _Run, kinds: type | tuple[type, ...], what: str,
-                      timeout: float) -> tuple[Connection, Message]:
+                      timeout: float) -> tuple[WorkerLink, Message]:
         """The request's next message; `stalled` when none comes within `timeout` (the stage's
         progress deadline) or before the request's own deadline."""
         left = run.deadline - time.monotonic()
@@ -257,11 +283,11 @@ class Coordinator(WorkerConnections):
 
     def _first_token(self, run: _Run, msg: FirstToken) -> None:
         run.got_first = True
-        run.unqueue()
+        self._unqueue(run)
         copy_stats(run.out, msg.stats)
         run.emit(run.out.append(msg.token_id, msg.logprobs))
 
-    def _tokens(self, run: _Run, src: Connection, msg: Tokens) -> None:
+    def _tokens(self, run: _Run, src: WorkerLink, msg: Tokens) -> None:
         out = run.out
         if out.state != "decoding":
             out.state = "decoding"
@@ -278,12 +304,11 @@ class Coordinator(WorkerConnections):
 
     async def _end(self, run: _Run) -> None:
         rid = run.wire_id
-        self._queues.pop(rid, None)
-        run.unqueue()
+        self.connections.close_queue(rid)
+        self._unqueue(run)
         if run.decode is not None and run.out.finish_reason in COMPLETED_REASONS:
             # The decode worker computed the prompt and all but the last token: its cache holds them.
-            computed = (*run.out.prompt_token_ids, *run.out.token_ids)[:-1]
-            run.decode.prefix.insert(run.decode.prefix.hashes(computed))
+            self.router.note_cached(run.decode, (*run.out.prompt_token_ids, *run.out.token_ids)[:-1])
         for conn in list(run.active):
             if conn.record.is_alive:
                 try:
@@ -295,6 +320,11 @@ class Coordinator(WorkerConnections):
             self.router.release(conn.record)
         run.active.clear()
 
+    def _unqueue(self, run: _Run) -> None:
+        if run.queued is not None:
+            self.router.unqueue_prefill(*run.queued)
+            run.queued = None
+
 
 @dataclass(eq=False)
 class _Run:
@@ -303,22 +333,16 @@ class _Run:
 
     out: RequestOutput
     on_text: Callable[[str], None] | None
-    queue: asyncio.Queue[tuple[Connection, Message | WorkerGone]]
+    queue: asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]
     wire_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     deadline: float  # time.monotonic() by which the whole request (all attempts) must end
     avoid: set[str]  # addresses that stalled an earlier attempt (shared by all attempts)
-    active: list[Connection] = field(default_factory=list)  # workers still holding the request
+    active: list[WorkerLink] = field(default_factory=list)  # workers still holding the request
     got_first: bool = False
     decode: WorkerRecord | None = None  # the decode worker of a disaggregated attempt
     queued: tuple[WorkerRecord, int] | None = None  # prompt tokens counted as queued at a prefill worker
-
-    def unqueue(self) -> None:
-        if self.queued is not None:
-            record, tokens = self.queued
-            record.queued_tokens -= tokens
-            self.queued = None
 
     def emit(self, text: str) -> None:
         if text and self.on_text is not None:

@@ -1,10 +1,10 @@
-"""One worker's connection as the coordinator holds it, and what it tells a request.
+"""The coordinator's link to one worker, and what it tells a request.
 
-A `Connection` is a DEALER socket to one worker plus what the coordinator knows of it: its hello
+A `WorkerLink` is a DEALER socket to one worker plus what the coordinator knows of it: its hello
 answer (`accept` checks it), heartbeat counters, the ids of the requests it holds and its reader
 task. When it is taken as dead, each of its requests gets `WorkerGone`; an attempt at a request
 that cannot go on raises `RequestFailed` with the reason code the retry policy reads. The set of
-connections, their handshake and liveness are `connections.py`'s.
+links, their handshake and liveness are `membership.py`'s.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import zmq.asyncio
 
-from disagg_cli.coordinator.router import PrefixView, WorkerRecord
+from disagg_cli.coordinator.router import WorkerRecord
 from disagg_cli.errors import DisaggError
 from disagg_cli.protocol import Error, HelloAck, Message, Refuse
 
@@ -37,7 +37,7 @@ class RequestFailed(Exception):
 
 
 @dataclass(eq=False)
-class Connection:
+class WorkerLink:
     record: WorkerRecord
     sock: zmq.asyncio.Socket
     hello: asyncio.Future[Message]
@@ -54,7 +54,7 @@ class Connection:
     def name(self) -> str:
         return f"{self.record.role} worker {self.record.address}"
 
-    def accept(self, msg: Message) -> None:
+    def accept(self, msg: Message) -> HelloAck:
         """Take the worker's answer to hello; a refusal, an error or the wrong role raises."""
         if isinstance(msg, Refuse):
             raise DisaggError(f"{self.name} refused this coordinator: {msg.message} [{msg.reason}]")
@@ -66,7 +66,4 @@ class Connection:
                               f"{self.record.role} worker")
         self.ack = msg
         self.last_seen_s = time.monotonic()
-        cap = msg.capacity
-        # What its prefix cache can hold: nothing with caching off.
-        self.record.prefix = PrefixView(cap.block_size if cap.block_size > 0 else 16,
-                                        cap.num_blocks if cap.prefix_caching else 0)
+        return msg

@@ -1,8 +1,10 @@
-"""The coordinator's connections to workers: handshake, heartbeats, liveness, message routing.
+"""Which workers the coordinator has and which are alive: handshake, heartbeats, joins and leaves.
 
-Owns one `Connection` per worker (`connection.py`: its DEALER socket and state) and a reader task
-per socket that routes each reply by request id to that request's queue; its settings are
-`CoordinatorConfig` (`options.py`). Life of a connection:
+`WorkerConnections` owns one `WorkerLink` per worker (`worker_link.py`: its DEALER socket and
+state), the `Router` whose records say who is alive (changed only through the router's methods),
+and a reader task per socket that routes each reply by request id to that request's queue
+(`open_queue`); its settings are `CoordinatorConfig` (`options.py`). The `Coordinator`
+(`coordinator.py`) holds one and drives requests over it. Life of a worker's link:
 1. `connect`: `Hello` to every worker, all answers awaited (a worker still loading its weights just
    answers later); fingerprints must agree;
 2. a heartbeat every second; the answers carry the worker's queues and free KV blocks, which the
@@ -23,15 +25,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import cast
 
 import zmq
 import zmq.asyncio
 
-from disagg_cli.coordinator.connection import Connection, RequestFailed, WorkerGone
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.router import Router, WorkerRecord
 from disagg_cli.coordinator.timeouts import wait_within
+from disagg_cli.coordinator.worker_link import RequestFailed, WorkerGone, WorkerLink
 from disagg_cli.errors import DisaggError
 from disagg_cli.keys import Keys
 from disagg_cli.protocol import (
@@ -48,7 +50,6 @@ from disagg_cli.protocol import (
 )
 
 log = logging.getLogger(__name__)
-_Self = TypeVar("_Self", bound="WorkerConnections")
 _SEND_LINGER_MS = 500  # on close, how long queued messages (aborts) may still go out
 JOIN_GRACE_S = 5.0  # for workers started elsewhere: how long connect() waits for stragglers
 
@@ -68,17 +69,11 @@ class WorkerConnections:
         self.eos_ids = tuple(sorted(eos_ids))
         self.router = Router([WorkerRecord(addr, role) for role, addr in workers], config.policy)
         self._ctx: zmq.asyncio.Context | None = None
-        self._conns: dict[str, Connection] = {}
-        self._queues: dict[str, asyncio.Queue[tuple[Connection, Message | WorkerGone]]] = {}
+        self._conns: dict[str, WorkerLink] = {}
+        self._queues: dict[str, asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._keys: Keys | None = None
         self._connected = False  # connect() returned: later hello answers are workers joining
-
-    async def __aenter__(self: _Self) -> _Self:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     # --- connections ----------------------------------------------------------------------------
 
@@ -102,7 +97,8 @@ class WorkerConnections:
                 check()
             for conn in self._conns.values():
                 if conn.ack is None and conn.hello.done():
-                    conn.accept(conn.hello.result())  # a refusal is an error at once
+                    ack = conn.accept(conn.hello.result())  # a refusal is an error at once
+                    self.router.note_capacity(conn.record.address, ack.capacity)
             pending = {c.hello for c in self._conns.values() if not c.hello.done()}
             if not pending:
                 break
@@ -162,10 +158,10 @@ class WorkerConnections:
         if self._keys is not None:
             self._keys.make_client(sock, record.role)
         sock.connect(record.address)  # zmq queues the hello until the worker is bound
-        conn = Connection(record, sock, asyncio.get_running_loop().create_future())
+        conn = WorkerLink(record, sock, asyncio.get_running_loop().create_future())
         conn.reader = asyncio.create_task(self._read(conn), name=f"read {record.address}")
         self._conns[record.address] = conn
-        await self._send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
+        await self.send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
 
     def capacity(self, address: str) -> dict[str, int]:
         ack = self._conns[address].ack
@@ -177,10 +173,10 @@ class WorkerConnections:
 
     async def poll_stats(self, timeout_s: float = 5.0) -> dict[str, dict[str, float]]:
         """Fresh heartbeat stats of every live worker, by address (a beat sent now, answered)."""
-        async def one(conn: Connection) -> None:
+        async def one(conn: WorkerLink) -> None:
             conn.seq += 1
             want = conn.seq
-            await self._send(conn, Heartbeat(want))
+            await self.send(conn, Heartbeat(want))
             while conn.acked_seq < want:
                 conn.beat.clear()
                 await conn.beat.wait()
@@ -216,14 +212,26 @@ class WorkerConnections:
             self._ctx.term()
             self._ctx = None
 
-    async def _send(self, conn: Connection, msg: Message) -> None:
+    def link(self, address: str) -> WorkerLink:
+        return self._conns[address]
+
+    def open_queue(self, request_id: str) -> asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]:
+        """Where the replies for `request_id` (and `WorkerGone` from a dying worker) will go."""
+        queue: asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]] = asyncio.Queue()
+        self._queues[request_id] = queue
+        return queue
+
+    def close_queue(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def send(self, conn: WorkerLink, msg: Message) -> None:
         try:
             await wait_within(conn.sock.send_multipart(encode_message(msg)), self.config.send_timeout_s)
         except asyncio.TimeoutError:
             raise RequestFailed("timeout", f"could not send {msg.kind} to {conn.name} within "
                           f"{self.config.send_timeout_s:.0f} s") from None
 
-    async def _read(self, conn: Connection) -> None:
+    async def _read(self, conn: WorkerLink) -> None:
         # Runs for the connection's life; liveness is the heartbeat task's job.
         while True:
             frames = await conn.sock.recv_multipart()
@@ -235,9 +243,9 @@ class WorkerConnections:
                 continue
             self._dispatch(conn, msg)
 
-    def _dispatch(self, conn: Connection, msg: Message) -> None:
+    def _dispatch(self, conn: WorkerLink, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
-            conn.record.last_stats = msg.stats
+            self.router.note_stats(conn.record.address, msg.stats)
             conn.acked_seq = max(conn.acked_seq, msg.seq)
             conn.beat.set()
             return
@@ -275,7 +283,7 @@ class WorkerConnections:
                 if not conn.record.is_alive:
                     # A restarted worker at the same address knows nobody: greet it again.
                     with contextlib.suppress(RequestFailed):
-                        await self._send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
+                        await self.send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
                     continue
                 if self._probe is not None and self._probe(conn.record.address):
                     self._mark_dead(conn, f"{conn.name}'s process is gone")
@@ -289,9 +297,9 @@ class WorkerConnections:
                 conn.seq += 1
                 # A beat that cannot go out is left to the silence check above.
                 with contextlib.suppress(RequestFailed):
-                    await self._send(conn, Heartbeat(conn.seq))
+                    await self.send(conn, Heartbeat(conn.seq))
 
-    def _rejoin(self, conn: Connection, ack: HelloAck) -> None:
+    def _rejoin(self, conn: WorkerLink, ack: HelloAck) -> None:
         expected = self.model_fingerprint
         if ack.role != conn.record.role or (expected and ack.model_fingerprint != expected):
             log.warning("%s came back as a %s worker of model %s; not routing to it", conn.name, ack.role,
@@ -314,7 +322,7 @@ class WorkerConnections:
             with contextlib.suppress(asyncio.TimeoutError):
                 await wait_within(self._alive_changed.wait(), min(left, 1.0))
 
-    def _restarted(self, conn: Connection) -> None:
+    def _restarted(self, conn: WorkerLink) -> None:
         """The worker answered as if it never met us: it restarted faster than the heartbeat noticed.
         What it held is gone; fail those requests over (they retry) and greet it again."""
         if conn.rehello:
@@ -323,7 +331,7 @@ class WorkerConnections:
         self._mark_dead(conn, f"{conn.name} restarted and lost its requests")
         conn.sock.send_multipart(encode_message(Hello(PROTOCOL_VERSION, "coordinator", "")))
 
-    def _mark_dead(self, conn: Connection, reason: str) -> None:
+    def _mark_dead(self, conn: WorkerLink, reason: str) -> None:
         log.warning("%s", reason)
         self.router.mark_dead(conn.record.address)
         for rid in conn.request_ids:
