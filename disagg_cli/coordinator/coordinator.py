@@ -32,19 +32,18 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import zmq
 
-from disagg_cli.config import SamplingParams
+from disagg_cli.coordinator.attempt import BACKOFF_S, RETRYABLE, Attempt
 from disagg_cli.coordinator.membership import WorkerConnections
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.request_stats import copy_stats
-from disagg_cli.coordinator.router import NoWorkerError, Router, WorkerRecord, local_prefill_pays
+from disagg_cli.coordinator.router import NoWorkerError, Router, local_prefill_pays
 from disagg_cli.coordinator.timeouts import wait_within
 from disagg_cli.coordinator.worker_link import RequestFailed, WorkerGone, WorkerLink
 from disagg_cli.engine.request import RequestOutput
-from disagg_cli.kv.pool import pool_misfit
 from disagg_cli.protocol import (
     COMPLETED_REASONS,
     Abort,
@@ -64,11 +63,6 @@ __all__ = ["Coordinator", "CoordinatorConfig"]
 
 log = logging.getLogger(__name__)
 
-# Failures another worker can mend: the worker (and the request's KV there) is gone, not the request.
-RETRYABLE = frozenset({"worker-dead", "shutdown", "draining", "truncated", "no-hello", "peer-restarted",
-                       "peer-unreachable", "stalled"})
-_BACKOFF_S = (0.05, 0.1, 0.2, 0.5, 1.0)  # pause before retry n, so a failing worker is not hammered
-
 
 class Coordinator:
     """Workers to send requests to; `run_request` many requests at once, one task each."""
@@ -87,7 +81,6 @@ class Coordinator:
         return self.connections.router
 
     async def connect(self, check: Callable[[], None] | None = None, join_grace_s: float | None = None) -> None:
-        """Greet every worker (see `WorkerConnections.connect`)."""
         await self.connections.connect(check, join_grace_s)
 
     async def close(self) -> None:
@@ -113,11 +106,11 @@ class Coordinator:
         avoid: set[str] = set()  # workers that stalled this request: others first on a retry
         while True:
             if attempt:  # after the last attempt's workers were told to abort (its `finally`)
-                await asyncio.sleep(_BACKOFF_S[min(attempt - 1, len(_BACKOFF_S) - 1)])
+                await asyncio.sleep(BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)])
             done = len(out.token_ids)
             params = replace(out.params, max_tokens=out.params.max_tokens - done)
             wire_id = out.request_id if attempt == 0 else f"{out.request_id}.retry{attempt}"
-            run = _Run(out, on_text, self.connections.open_queue(wire_id), wire_id,
+            run = Attempt(out, on_text, self.connections.open_queue(wire_id), wire_id,
                        tuple(out.prompt_token_ids) + tuple(out.token_ids), params, deadline, avoid)
             try:
                 if self.router.by_role("colocated"):
@@ -126,7 +119,7 @@ class Coordinator:
                     await self._disaggregated(run)
                 return
             except RequestFailed as e:
-                pause = _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
+                pause = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
                 retryable = e.reason in RETRYABLE and not out.is_finished
                 if retryable and time.monotonic() + pause < deadline:
                     attempt += 1
@@ -147,11 +140,11 @@ class Coordinator:
             finally:
                 await self._end(run)
 
-    async def _disaggregated(self, run: _Run) -> None:
+    async def _disaggregated(self, run: Attempt) -> None:
         out = run.out
         decode = await self._take(run, "decode")
         run.decode = decode.record
-        self._check_fits(out, decode)
+        decode.check_fits(len(out.prompt_token_ids), out.params.max_tokens)
         out.state = "reserving"
         t0 = time.perf_counter()
         eos_ids = () if out.params.ignore_eos else self.eos_ids
@@ -196,10 +189,10 @@ class Coordinator:
                 assert isinstance(msg, Tokens)
                 self._tokens(run, src, msg)
 
-    async def _colocated(self, run: _Run) -> None:
+    async def _colocated(self, run: Attempt) -> None:
         out = run.out
         worker = await self._take(run, "colocated")
-        self._check_fits(out, worker)
+        worker.check_fits(len(out.prompt_token_ids), out.params.max_tokens)
         out.workers = {"colocated": worker.record.address}
         out.state = "prefilling"
         eos_ids = () if out.params.ignore_eos else self.eos_ids
@@ -207,7 +200,7 @@ class Coordinator:
         await self._receive(run, self.config.deadlines.first_token_s + self.config.deadlines.reserve_s)
         self.router.note_cached(worker.record, run.prompt_ids)
 
-    async def _receive(self, run: _Run, first_token_s: float) -> None:
+    async def _receive(self, run: Attempt, first_token_s: float) -> None:
         """The first token, then tokens, from the one worker that computes the whole request."""
         out = run.out
         while not out.is_finished:
@@ -223,7 +216,7 @@ class Coordinator:
                 assert isinstance(msg, Tokens)
                 self._tokens(run, src, msg)
 
-    def _prefill_here(self, run: _Run, decode: WorkerLink, cached_tokens: int) -> bool:
+    def _prefill_here(self, run: Attempt, decode: WorkerLink, cached_tokens: int) -> bool:
         """Selective disaggregation: whether the decode worker computes this prompt itself."""
         uncached = len(run.prompt_ids) - cached_tokens
         threshold = self.config.disagg_threshold
@@ -231,7 +224,7 @@ class Coordinator:
             return uncached <= int(threshold)
         return local_prefill_pays(uncached, decode.record, [r for r in self.router.by_role("prefill") if r.is_alive])
 
-    async def _take(self, run: _Run, role: str) -> WorkerLink:
+    async def _take(self, run: Attempt, role: str) -> WorkerLink:
         """A live worker of `role` (waiting for one to join or come back, up to the request's
         deadline), preferring workers that have not stalled this request."""
         await self.connections.wait_for_worker(role, run.deadline)
@@ -241,26 +234,14 @@ class Coordinator:
         conn.request_ids.add(run.wire_id)
         return conn
 
-    def _done_with(self, run: _Run, conn: WorkerLink) -> None:
+    def _done_with(self, run: Attempt, conn: WorkerLink) -> None:
         """The worker finished its part of the request itself: no abort needed there."""
         if conn in run.active:
             run.active.remove(conn)
             conn.request_ids.discard(run.wire_id)
             self.router.release(conn.record)
 
-    def _check_fits(self, out: RequestOutput, conn: WorkerLink) -> None:
-        if conn.ack is None:
-            return
-        num_blocks, block_size = conn.ack.capacity.num_blocks, conn.ack.capacity.block_size
-        if num_blocks <= 0 or block_size <= 0:
-            return
-        misfit = pool_misfit(len(out.prompt_token_ids) + out.params.max_tokens, num_blocks, block_size)
-        if misfit:
-            raise RequestFailed("too-long", f"{len(out.prompt_token_ids)} prompt tokens + --max-tokens "
-                                f"{out.params.max_tokens} {misfit.replace('the pool', f'the KV pool of {conn.name}')}; "
-                                "give it a larger --kv-cache-memory-mb or --kv-cache-tokens")
-
-    async def _expect(self, run: _Run, kinds: type | tuple[type, ...], what: str,
+    async def _expect(self, run: Attempt, kinds: type | tuple[type, ...], what: str,
                       timeout: float) -> tuple[WorkerLink, Message]:
         """The request's next message; `stalled` when none comes within `timeout` (the stage's
         progress deadline) or before the request's own deadline."""
@@ -281,13 +262,13 @@ class Coordinator:
             raise RequestFailed("error", f"{src.name} sent {msg.kind} while {what} were expected")
         return src, msg
 
-    def _first_token(self, run: _Run, msg: FirstToken) -> None:
+    def _first_token(self, run: Attempt, msg: FirstToken) -> None:
         run.got_first = True
         self._unqueue(run)
         copy_stats(run.out, msg.stats)
         run.emit(run.out.append(msg.token_id, msg.logprobs))
 
-    def _tokens(self, run: _Run, src: WorkerLink, msg: Tokens) -> None:
+    def _tokens(self, run: Attempt, src: WorkerLink, msg: Tokens) -> None:
         out = run.out
         if out.state != "decoding":
             out.state = "decoding"
@@ -302,7 +283,7 @@ class Coordinator:
                 out.fail("error", f"{src.name} ended the request ({msg.finish_reason}) after "
                          f"{len(out.token_ids)} tokens, before EOS or --max-tokens {out.params.max_tokens}")
 
-    async def _end(self, run: _Run) -> None:
+    async def _end(self, run: Attempt) -> None:
         rid = run.wire_id
         self.connections.close_queue(rid)
         self._unqueue(run)
@@ -320,30 +301,7 @@ class Coordinator:
             self.router.release(conn.record)
         run.active.clear()
 
-    def _unqueue(self, run: _Run) -> None:
+    def _unqueue(self, run: Attempt) -> None:
         if run.queued is not None:
             self.router.unqueue_prefill(*run.queued)
             run.queued = None
-
-
-@dataclass(eq=False)
-class _Run:
-    """One attempt at a request: its id on the wire, and the prompt it prefills (a retry's prompt
-    includes the tokens produced before the failure)."""
-
-    out: RequestOutput
-    on_text: Callable[[str], None] | None
-    queue: asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]
-    wire_id: str
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    deadline: float  # time.monotonic() by which the whole request (all attempts) must end
-    avoid: set[str]  # addresses that stalled an earlier attempt (shared by all attempts)
-    active: list[WorkerLink] = field(default_factory=list)  # workers still holding the request
-    got_first: bool = False
-    decode: WorkerRecord | None = None  # the decode worker of a disaggregated attempt
-    queued: tuple[WorkerRecord, int] | None = None  # prompt tokens counted as queued at a prefill worker
-
-    def emit(self, text: str) -> None:
-        if text and self.on_text is not None:
-            self.on_text(text)

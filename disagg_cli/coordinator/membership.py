@@ -33,7 +33,7 @@ import zmq.asyncio
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.router import Router, WorkerRecord
 from disagg_cli.coordinator.timeouts import wait_within
-from disagg_cli.coordinator.worker_link import RequestFailed, WorkerGone, WorkerLink
+from disagg_cli.coordinator.worker_link import RequestFailed, WorkerGone, WorkerLink, same_model
 from disagg_cli.errors import DisaggError
 from disagg_cli.keys import Keys
 from disagg_cli.protocol import (
@@ -119,12 +119,7 @@ class WorkerConnections:
             if conn.ack is None:
                 log.warning("%s has not answered yet; it is greeted again and joins when it does", conn.name)
                 self.router.mark_dead(conn.record.address)
-        fingerprints = {c.record.address: c.ack.model_fingerprint for c in self._conns.values() if c.ack}
-        if len(set(fingerprints.values())) > 1:
-            (a, fa), (b, fb) = next(((a, fa), (b, fb)) for a, fa in fingerprints.items()
-                                    for b, fb in fingerprints.items() if fa != fb)
-            raise DisaggError(f"workers serve different models: {a} has fingerprint {fa}, {b} has {fb}; "
-                              "start every worker with the same --model")
+        same_model(self._conns.values())
         self._connected = True
         # The silence clock starts with the beats: a worker that answered hello early was asked
         # nothing while the slowest was awaited, and would otherwise be taken as dead at the first beat.

@@ -1,22 +1,25 @@
 """The coordinator's link to one worker, and what it tells a request.
 
 A `WorkerLink` is a DEALER socket to one worker plus what the coordinator knows of it: its hello
-answer (`accept` checks it), heartbeat counters, the ids of the requests it holds and its reader
-task. When it is taken as dead, each of its requests gets `WorkerGone`; an attempt at a request
-that cannot go on raises `RequestFailed` with the reason code the retry policy reads. The set of
-links, their handshake and liveness are `membership.py`'s.
+answer (`accept` checks it, `same_model` checks all of them agree; `check_fits` says whether a
+request could fit its KV pool), heartbeat counters, the ids of the requests it holds and its
+reader task. When it is taken as dead, each of its requests gets `WorkerGone`; an attempt at a
+request that cannot go on raises `RequestFailed` with the reason code the retry policy reads. The
+set of links, their handshake and liveness are `membership.py`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import zmq.asyncio
 
 from disagg_cli.coordinator.router import WorkerRecord
 from disagg_cli.errors import DisaggError
+from disagg_cli.kv.pool import pool_misfit
 from disagg_cli.protocol import Error, HelloAck, Message, Refuse
 
 
@@ -34,6 +37,16 @@ class RequestFailed(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+def same_model(links: Iterable[WorkerLink]) -> None:
+    """Raise unless every worker that answered hello serves the same model (by fingerprint)."""
+    fingerprints = {c.record.address: c.ack.model_fingerprint for c in links if c.ack}
+    if len(set(fingerprints.values())) > 1:
+        (a, fa), (b, fb) = next(((a, fa), (b, fb)) for a, fa in fingerprints.items()
+                                for b, fb in fingerprints.items() if fa != fb)
+        raise DisaggError(f"workers serve different models: {a} has fingerprint {fa}, {b} has {fb}; "
+                          "start every worker with the same --model")
 
 
 @dataclass(eq=False)
@@ -67,3 +80,16 @@ class WorkerLink:
         self.ack = msg
         self.last_seen_s = time.monotonic()
         return msg
+
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise `RequestFailed` ("too-long") when the request could never fit the worker's KV pool."""
+        if self.ack is None:
+            return
+        num_blocks, block_size = self.ack.capacity.num_blocks, self.ack.capacity.block_size
+        if num_blocks <= 0 or block_size <= 0:
+            return
+        misfit = pool_misfit(num_prompt_tokens + max_tokens, num_blocks, block_size)
+        if misfit:
+            raise RequestFailed("too-long", f"{num_prompt_tokens} prompt tokens + --max-tokens "
+                                f"{max_tokens} {misfit.replace('the pool', f'the KV pool of {self.name}')}; "
+                                "give it a larger --kv-cache-memory-mb or --kv-cache-tokens")
