@@ -79,7 +79,12 @@ def _base(kind: str, rid: str, cluster: TinyCluster) -> tuple[dict[str, Any], li
 def _spoil(fields: dict[str, Any], path: str, value: Any, index: int) -> None:
     if path == "prompt_ids[]":
         ids = fields["prompt_ids"]
-        ids[index % len(ids)] = value
+        if not isinstance(ids, list):  # `prompt_ids` itself was spoiled first, into something else
+            return
+        if ids:
+            ids[index % len(ids)] = value
+        else:  # spoiled into [] first: the bad id becomes the whole prompt
+            ids.append(value)
         return
     *outer, name = path.split(".")
     target = fields[outer[0]] if outer else fields
