@@ -37,7 +37,8 @@ from tests.workers.peer import free_port
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+# 480 s: a module setup that starts three actors loading weights on a loaded 2-core machine takes minutes
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(480)]
 LOOPBACK = "127.0.0.1"
 MODEL = "smollm2"
 NUM_TOKENS = 16  # of the golden check
@@ -103,8 +104,10 @@ def server(ray_cluster: Any, default_gguf: Path, tmp_path_factory: pytest.TempPa
                         '[defaults]\ndtype = "float32"\nthreads = 1\nkv_cache_tokens = 4096\n'
                         '[[workers]]\nrole = "prefill"\nkv_codec = "none"\nresources = { prefill = 1 }\n'
                         '[[workers]]\nrole = "decode"\nresources = { decode = 1 }\n')
+    # Three actors load the weights at once: on a 2-core machine with other work that takes longer than
+    # the default 120 s hello wait (seen with two busy loops beside the suite); the fixture waits 240 s.
     with running_server(folder, default_gguf, "--config", str(topology), "--decode-replicas", "2",
-                        "--served-model-name", MODEL) as s:
+                        "--served-model-name", MODEL, "--connect-timeout", "230") as s:
         yield s
 
 
