@@ -279,23 +279,18 @@ class CoordinatorService:
         """(healthy, why): unhealthy while draining or while a needed role has no live worker."""
         if self.draining:
             return False, "draining"
-        if not self.workers():
+        views = self.workers()
+        if not views:
             return False, "not connected to any worker"
-        dead = self._dead_roles()
+        dead = _dead_roles(views)
         if dead:
             return False, "no live " + " or ".join(dead) + " worker"
         return True, "ok"
 
-    def _dead_roles(self) -> list[str]:
-        views = self.workers()
-        roles = {v.role for v in views}
-        needed = ("colocated",) if roles == {"colocated"} else ("prefill", "decode")
-        return [role for role in needed if not any(v.is_alive for v in views if v.role == role)]
-
     def _will_recover(self) -> bool:
         """Every role without a live worker has one that supervision is starting again: a new request
         waits for it, as the ones in flight do, instead of a 503."""
-        dead = self._dead_roles()
+        dead = _dead_roles(self.workers())
         return (bool(dead) and not self.draining and self.cluster is not None
                 and set(dead) <= self.cluster.returning_roles())
 
@@ -322,3 +317,10 @@ class CoordinatorService:
         if self.coordinator is None:
             raise DisaggError("the service is not connected to its workers")
         return self.coordinator
+
+
+def _dead_roles(views: list[WorkerView]) -> list[str]:
+    """The roles the service needs that have no live worker among `views`."""
+    roles = {v.role for v in views}
+    needed = ("colocated",) if roles == {"colocated"} else ("prefill", "decode")
+    return [role for role in needed if not any(v.is_alive for v in views if v.role == role)]
