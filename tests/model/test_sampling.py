@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from disagg_cli.config import MIN_TEMPERATURE, SamplingParams
 from disagg_cli.errors import UsageError
-from disagg_cli.model.sampling import STATE_BYTES, Sampler, state_problem
+from disagg_cli.model.sampling import STATE_BYTES, Sampler, one_thread, state_problem
 
 V = 50
 
@@ -62,3 +62,31 @@ def test_a_sampler_state_of_the_wrong_size_or_shape_is_refused() -> None:
         assert state_problem(bad) is not None
         with pytest.raises(ValueError, match="sampler_state"):
             b.load_state(bad)
+
+
+def test_a_seed_gives_the_same_draws_and_zero_probabilities_are_never_drawn() -> None:
+    logits = torch.log(torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0]))
+    params = SamplingParams(temperature=1.0, seed=7)
+    a, b = Sampler(params), Sampler(params)
+    draws = [a(logits) for _ in range(4000)]
+    assert draws == [b(logits) for _ in range(4000)]
+    counts = [draws.count(i) for i in range(5)]
+    assert counts[1] == counts[4] == 0
+    # 4,000 draws: each share within 4 standard deviations of its probability
+    for token, p in ((0, 0.1), (2, 0.6), (3, 0.3)):
+        assert abs(counts[token] / 4000 - p) < 4 * (p * (1 - p) / 4000) ** 0.5, counts
+    # top-k 1 of these is greedy; the last token of the vocabulary can be drawn
+    assert Sampler(SamplingParams(temperature=1.0, top_k=1, seed=1))(logits) == 2
+    last = torch.tensor([float("-inf")] * 4 + [0.0])
+    assert Sampler(SamplingParams(temperature=1.0, seed=3))(last) == 4
+
+
+def test_one_thread_restores_the_thread_count() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
