@@ -211,7 +211,8 @@ class Coordinator:
             src, msg = await self._expect(run, (FirstToken, Tokens), what, timeout)
             if isinstance(msg, FirstToken):
                 self._first_token(run, msg)
-                out.state = "decoding"
+                if not out.is_finished:  # a first token that was also the last (max_tokens 1) ended it
+                    out.state = "decoding"
             else:
                 assert isinstance(msg, Tokens)
                 self._tokens(run, src, msg)
