@@ -82,7 +82,7 @@ class RuntimeConfig:
     device: str = "cpu"
     dtype: str = "auto"
     threads: int | None = None
-    quantization: str = "none"
+    quantization: str = "auto"
     kernel: str = "auto"
 
     def __post_init__(self) -> None:
@@ -142,7 +142,7 @@ class EngineConfig:
     kv_cache_memory_mb: float = 512.0
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
-    chunked_prefill: bool = False
+    chunked_prefill: bool = True
     enable_prefix_caching: bool = True  # full blocks kept after their request, shared by equal prefixes
 
     def __post_init__(self) -> None:

@@ -22,8 +22,8 @@ def default_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def default_model(default_gguf: Path) -> LoadedModel:
-    """SmolLM2-135M-Instruct in float32 on the CPU, 2 threads."""
-    return load_model(default_gguf, RuntimeConfig(dtype="float32", threads=2))
+    """SmolLM2-135M-Instruct in float32 on the CPU, 2 threads, float weights: the exact path HF is compared with."""
+    return load_model(default_gguf, RuntimeConfig(dtype="float32", quantization="none", threads=2))
 
 
 @pytest.fixture(scope="session")

@@ -20,13 +20,14 @@ hello, `model info` and `bench engine` report.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from disagg_cli.errors import UsageError
 from disagg_cli.model.attention import AttentionImpl, KernelAttention, TorchAttention
-from disagg_cli.model.hardware import DENSE_MIN_ROWS
+from disagg_cli.model.hardware import QuantChoice
 from disagg_cli.model.llama import LlamaForCausalLM
 from disagg_cli.model.quant.blocks import QuantizedWeight
 from disagg_cli.model.quant.build import KernelUnavailable
@@ -41,6 +42,7 @@ from disagg_cli.model.quant.methods import (
     LinearMethod,
     TorchDequant,
     TorchFloat,
+    bf16_linear,
     with_tier,
 )
 from disagg_cli.model.quant.panel import PanelLinear, use_float_gemm
@@ -55,30 +57,35 @@ class Backend:
     def __post_init__(self) -> None:
         assert (self.name == "c") == (self.kernel is not None), self
 
-    def linear_method(self, w: QuantizedWeight, bias: torch.Tensor | None, dense: torch.Tensor | None,
-                      shared: bool) -> LinearMethod:
+    def linear_method(self, quant: QuantChoice, w: QuantizedWeight, bias: torch.Tensor | None,
+                      dense: torch.Tensor | None, shared: bool) -> LinearMethod:
         """The method of one quantized weight; dense: its float weight, kept for steps of
-        DENSE_MIN_ROWS+ rows; shared: that float weight is the embedding (a tied head), multiplied
-        in place rather than packed again (V × D floats)."""
+        `quant.wide_min_rows`+ rows (as bfloat16 where `quant.wide_dtype` says); shared: that float
+        weight is the embedding (a tied head), multiplied in place rather than packed again (V × D
+        floats) unless it is copied to bfloat16 anyway."""
         method: LinearMethod = TorchDequant(w, bias) if self.kernel is None else CQuant(self.kernel, w, bias)
         if dense is None:
             return method
-        if self.kernel is not None and not shared and dense.dtype == torch.float32 and dense.device.type == "cpu":
-            wide: LinearMethod = CFloatPanels(PanelLinear(dense, bias, self.kernel))
+        wide: LinearMethod
+        if quant.wide_dtype == "bfloat16":
+            wide = bf16_linear(dense, bias)
+        elif self.kernel is not None and not shared and dense.dtype == torch.float32 and dense.device.type == "cpu":
+            wide = CFloatPanels(PanelLinear(dense, bias, self.kernel))
         else:
             wide = TorchFloat(dense, bias)
-        return with_tier(method, DENSE_MIN_ROWS, wide)
+        return with_tier(method, quant.wide_min_rows, wide)
 
-    def plan(self, model: LlamaForCausalLM, quantization: str, blocks: Blocks, keep_dense: bool,
+    def plan(self, model: LlamaForCausalLM, quantization: str, blocks: Blocks, quant: QuantChoice,
              float_gemm: bool) -> Execution:
         """Give the loaded (fused, cast) model its linear methods, fused step and attention, in place."""
+        keep_dense = quant.keep_dense
         if quantization != "none":
-            quantize_model(model, quantization, blocks, self.linear_method, keep_dense)
+            quantize_model(model, quantization, blocks, partial(self.linear_method, quant), keep_dense)
         elif float_gemm and self.kernel is not None:
             use_float_gemm(model, self.kernel)
         emb = model.model.embed_tokens.weight
         float32_cpu = emb.dtype == torch.float32 and emb.device.type == "cpu"
-        dense_min_rows = DENSE_MIN_ROWS if keep_dense else None
+        dense_min_rows = quant.wide_min_rows if keep_dense else None
         if self.kernel is None:
             return Execution(self, TorchAttention(), None, "the torch backend has no fused step", dense_min_rows)
         fused, why = fused_decoder(model, self.kernel)

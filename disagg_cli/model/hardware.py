@@ -21,8 +21,11 @@ from dataclasses import dataclass
 _BF16_CAPABILITY_WORDS = ("BF16", "AMX")
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # A step with at least this many rows runs on the float weights when they are kept (colocated):
-# float32 GEMM overtook the int8/int4 kernel between 32 and 128 rows on the AVX2 machine.
+# float32 GEMM overtook the int8/int4 kernel between 32 and 128 rows on the AVX2 machine; bfloat16
+# on torch's matmul (oneDNN: AVX512-BF16 dot products, AMX tiles) overtook the kernel's packed int4
+# tiles between 16 and 32 rows on Zen 4 (layers only, 2 threads: 32 rows 869 tok/s against 715).
 DENSE_MIN_ROWS = 64
+BF16_MIN_ROWS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +48,17 @@ class DtypeChoice:
 @dataclass(frozen=True, slots=True)
 class QuantChoice:
     quantization: str  # "none", "int8" or "int4"
-    keep_dense: bool  # also hold float weights, for steps of DENSE_MIN_ROWS rows or more
+    keep_dense: bool  # also hold float weights, for steps of `wide_min_rows` rows or more
     reason: str
     # float32 weights on the CPU multiplied by the C kernel's GEMM (`quant/panel.py`), not torch's
     float_gemm: bool = False
+    # the kept float weights' dtype: bfloat16 where the CPU multiplies it natively (torch's
+    # oneDNN matmul on AVX512-BF16 or AMX), float32 (the kernel's GEMM) elsewhere
+    wide_dtype: str = "float32"
+
+    @property
+    def wide_min_rows(self) -> int:
+        return BF16_MIN_ROWS if self.wide_dtype == "bfloat16" else DENSE_MIN_ROWS
 
 
 def probe_cpu() -> CPUInfo:
@@ -87,8 +97,10 @@ def choose_dtype(requested: str, device: str, cpu: CPUInfo, role: str = "colocat
                                   "(no AVX512-BF16 or AMX), where float32 is the fast dtype")
 
 
-def choose_quantization(requested: str, role: str, device: str, backend: str) -> QuantChoice:
-    """Weight quantization for `--quantization requested` in this role, on backend "c" or "torch"."""
+def choose_quantization(requested: str, role: str, device: str, backend: str,
+                        cpu: CPUInfo | None = None) -> QuantChoice:
+    """Weight quantization for `--quantization requested` in this role, on backend "c" or "torch";
+    cpu: what decides the kept float weights' dtype (None: float32)."""
     kernel = backend == "c"
     if requested != "auto":
         if requested != "none" and device != "cpu":
@@ -112,5 +124,9 @@ def choose_quantization(requested: str, role: str, device: str, backend: str) ->
     if role == "decode":
         return QuantChoice("int4", False, "auto: int4 weights for decode (bandwidth-bound: the fewest bytes "
                                           "per token)")
+    if cpu is not None and cpu.has_native_bf16:
+        return QuantChoice("int4", True, f"auto: int4 weights for decode steps, bfloat16 copies for steps of "
+                                         f"{BF16_MIN_ROWS}+ rows (prompts, wide batches) on torch's matmul, "
+                                         f"which this CPU computes natively ({cpu.capability})", True, "bfloat16")
     return QuantChoice("int4", True, f"auto: int4 weights for decode steps, float weights kept for steps of "
                                      f"{DENSE_MIN_ROWS}+ rows (prefill)", True)

@@ -52,6 +52,6 @@ def runtime_choices(cache_dir: Path, device: str = "cpu", kernel: str = "auto") 
     for role in ("prefill", "decode", "colocated"):
         d = choose_dtype("auto", device, cpu, role, backend.name)
         out[f"dtype_auto_{role}"] = f"{d.dtype} ({d.reason})"
-        q = choose_quantization("auto", role, device, backend.name)
+        q = choose_quantization("auto", role, device, backend.name, cpu)
         out[f"quantization_auto_{role}"] = f"{q.quantization} ({q.reason})"
     return out

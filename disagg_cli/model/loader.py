@@ -98,7 +98,7 @@ def resolve_runtime(runtime: RuntimeConfig, role: str, cpu: CPUInfo | None = Non
     dtype reason, the quantization choice)."""
     cpu = cpu or probe_cpu()
     d = choose_dtype(runtime.dtype, runtime.device, cpu, role, backend)
-    q = choose_quantization(runtime.quantization, role, runtime.device, backend)
+    q = choose_quantization(runtime.quantization, role, runtime.device, backend, cpu)
     return replace(runtime, dtype=d.dtype, quantization=q.quantization, kernel=backend), d.reason, q
 
 
@@ -132,7 +132,7 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
     model.to(runtime.device)
     float_gemm = quant.float_gemm and backend.name == "c" and dtype == torch.float32
     quant_reason = quant.reason + ("; float matmuls on the C kernel's GEMM" if float_gemm else "")
-    execution = backend.plan(model, resolved.quantization, ckpt.blocks, quant.keep_dense, float_gemm)
+    execution = backend.plan(model, resolved.quantization, ckpt.blocks, quant, float_gemm)
     model.eval()
     return LoadedModel(model, ckpt.config, ckpt.fingerprint, path, ckpt.file_type, resolved, execution,
                        dtype_reason, quant_reason)

@@ -78,7 +78,7 @@ def test_quantization_auto_without_kernel_or_cpu_and_as_asked() -> None:
 
 
 def test_runtime_config_validates_and_resolves() -> None:
-    assert RuntimeConfig().dtype == "auto" and RuntimeConfig().quantization == "none"
+    assert RuntimeConfig().dtype == "auto" and RuntimeConfig().quantization == "auto"
     with pytest.raises(UsageError, match="--quantization must be one of none, int8, int4, auto"):
         RuntimeConfig(quantization="int3")
     with pytest.raises(UsageError, match="--dtype must be one of auto, float32"):
@@ -93,3 +93,25 @@ def test_runtime_config_validates_and_resolves() -> None:
         assert resolved.dtype == dtype
     resolved, _, _ = resolve_runtime(RuntimeConfig(), "decode", zen4, "torch")  # torch backend: bf16
     assert resolved.dtype == "bfloat16"
+
+
+def test_colocated_keeps_bf16_copies_for_wide_steps_where_the_cpu_multiplies_bf16() -> None:
+    zen4 = CPUInfo("AVX512", frozenset({"avx512f", "avx512_bf16"}))
+    amx = CPUInfo("AMX_BF16", NO_FLAGS)
+    avx2 = CPUInfo("AVX2", frozenset({"avx2", "fma"}))
+    for cpu in (zen4, amx):
+        choice = choose_quantization("auto", "colocated", "cpu", "c", cpu)
+        assert (choice.quantization, choice.keep_dense, choice.wide_dtype, choice.wide_min_rows) == (
+            "int4", True, "bfloat16", 16)
+        assert cpu.capability in choice.reason
+    plain = choose_quantization("auto", "colocated", "cpu", "c", avx2)
+    assert (plain.quantization, plain.keep_dense, plain.wide_dtype, plain.wide_min_rows) == (
+        "int4", True, "float32", 64)
+    assert choose_quantization("auto", "colocated", "cpu", "c").wide_dtype == "float32"  # no CPU said: float32
+    # decode and prefill keep one copy: int4, and float as the dtype says
+    assert not choose_quantization("auto", "decode", "cpu", "c", zen4).keep_dense
+    assert choose_quantization("auto", "prefill", "cpu", "c", zen4).quantization == "none"
+
+
+def test_quantization_auto_is_the_default() -> None:
+    assert RuntimeConfig().quantization == "auto"
