@@ -563,15 +563,74 @@ static inline float dot_f32(const float *a, const float *b, int n) {
  * seq_lens (B): keys each sequence sees (its new one included). The H / KV query heads that share
  * a KV head are done together, so each K/V row is loaded once for all of them. */
 typedef struct {
-    const float *q, *keys, *values;
+    const float *q;
+    const void *keys, *values;  /* float32, or bfloat16 as uint16 where kv_bf16 */
     const int32_t *block_table, *seq_lens;
     int max_blocks, H, KV, hd, block_size;
     float scale;
     float *out;
+    int kv_bf16;
 } attention_job;
 
 static __thread float *scores_buf = NULL;  /* per thread, grown as contexts grow */
 static __thread size_t scores_cap = 0;
+
+/* A bfloat16 is the top half of a float32: it widens exactly with a 16-bit shift, so a bf16 pool
+ * halves the bytes attention reads while every product and sum stays float32. */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* float32 → bfloat16 rounded to nearest, ties to even, NaN → 0x7FC0: torch's
+ * `round_to_nearest_even`, so a pool written here holds what `.to(torch.bfloat16)` would store. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* element i of a float32 or bf16 pool, as float32 */
+static inline __attribute__((always_inline)) float kv_at(const void *p, int64_t i, const int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+#if defined(__AVX2__)
+/* elements i..i+7 of a float32 or bf16 pool, as float32 */
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, int64_t i, const int bf16) {
+    if (bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)p + i);
+}
+#endif
+
+static inline __attribute__((always_inline)) float dot_kv(const float *q, const void *k, int64_t off, int n,
+                                                           const int bf16) {
+    int i = 0;
+    float s = 0.0f;
+#if defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv_load8(k, off + i, bf16), acc);
+    s = hsum8(acc);
+#endif
+    for (; i < n; i++) s += q[i] * kv_at(k, off + i, bf16);
+    return s;
+}
+
+/* n floats into a pool at element `at`, as float32 or rounded to bf16 */
+static void store_kv(void *pool, int64_t at, const float *x, int n, int bf16) {
+    if (!bf16) {
+        memcpy((float *)pool + at, x, (size_t)n * sizeof(float));
+        return;
+    }
+    uint16_t *dst = (uint16_t *)pool + at;
+    for (int i = 0; i < n; i++) dst[i] = f32_to_bf16(x[i]);
+}
 
 #if defined(__AVX2__)
 /* e^x for 8 floats: x = n ln 2 + r, e^r by a degree-6 polynomial on |r| <= ln 2 / 2 (Cephes'
@@ -624,26 +683,28 @@ static void softmax_inplace(float *s, int n) {
     for (t = 0; t < n; t++) s[t] *= inv;
 }
 
-/* Ask for the `bs` rows of one KV head in a block (`row` floats each, `stride` floats apart) to
- * be brought into cache while the current block is worked on: the pool's blocks lie anywhere, so
- * the hardware prefetcher cannot guess the next one (~15 % of a batch-32 step's attention). */
-static inline void prefetch_rows(const float *first, int bs, int row, int64_t stride) {
+/* Ask for the `bs` rows of one KV head in a block (`row_bytes` each, `stride_bytes` apart) to be
+ * brought into cache while the current block is worked on: the pool's blocks lie anywhere, so the
+ * hardware prefetcher cannot guess the next one (~15 % of a batch-32 step's attention). */
+static inline void prefetch_rows(const void *first, int bs, int64_t row_bytes, int64_t stride_bytes) {
 #if defined(__AVX2__)
     for (int p = 0; p < bs; p++)
-        for (int c = 0; c < row; c += 16) _mm_prefetch((const char *)(first + p * stride + c), _MM_HINT_T0);
+        for (int64_t c = 0; c < row_bytes; c += 64)
+            _mm_prefetch((const char *)first + p * stride_bytes + c, _MM_HINT_T0);
 #else
-    (void)first, (void)bs, (void)row, (void)stride;
+    (void)first, (void)bs, (void)row_bytes, (void)stride_bytes;
 #endif
 }
 
 /* Sequence b = item / KV, KV head item % KV, with the query heads that share it: every score of
  * the group first (each key loaded once for all of them), a softmax per head, then each head's
  * output summed over the values 64 dimensions at a time in registers; the next block's keys (or
- * values) are prefetched while one block is computed on. */
-static void attention_item(void *arg, int item) {
-    const attention_job *a = (const attention_job *)arg;
+ * values) are prefetched while one block is computed on. Offsets into the pool are in elements
+ * (float32 or bf16: `bf16` is a constant in each of the two copies `attention_item` calls). */
+static inline __attribute__((always_inline)) void attention_body(const attention_job *a, int item, const int bf16) {
     int KV = a->KV, hd = a->hd, H = a->H, group = H / KV, bs = a->block_size;
     int b = item / KV, kvh = item % KV, len = a->seq_lens[b];
+    const int64_t es = bf16 ? 2 : 4;  /* bytes per pool element */
     size_t need = (size_t)group * (len > 0 ? len : 1);
     if (need > scores_cap) {
         float *grown = (float *)realloc(scores_buf, need * sizeof(float));
@@ -653,23 +714,26 @@ static void attention_item(void *arg, int item) {
     float *scores = scores_buf;
     const int32_t *table = a->block_table + (int64_t)b * a->max_blocks;
     const float *qb = a->q + ((int64_t)b * H + (int64_t)kvh * group) * hd;
+    const int64_t ks = (int64_t)KV * hd;  /* elements from one slot's key to the next */
     for (int t0 = 0; t0 < len; t0 += bs) {  /* block by block: the block's keys are consecutive slots */
-        const float *kb = a->keys + ((int64_t)table[t0 / bs] * bs * KV + kvh) * hd;
+        const int64_t kb = ((int64_t)table[t0 / bs] * bs * KV + kvh) * hd;
         int n = len - t0 < bs ? len - t0 : bs, u = 0;
-        const int64_t ks = (int64_t)KV * hd;  /* floats from one slot's key to the next */
-        if (t0 + bs < len) prefetch_rows(a->keys + ((int64_t)table[t0 / bs + 1] * bs * KV + kvh) * hd, bs, hd, ks);
+        if (t0 + bs < len)
+            prefetch_rows((const char *)a->keys + ((int64_t)table[t0 / bs + 1] * bs * KV + kvh) * hd * es, bs,
+                          hd * es, ks * es);
 #if defined(__AVX2__)
         if (hd % 8 == 0)
             for (; u + 4 <= n; u += 4)  /* four keys at once: four independent FMA chains */
                 for (int j = 0; j < group; j++) {
-                    const float *qj = qb + (int64_t)j * hd, *k0 = kb + u * ks;
+                    const float *qj = qb + (int64_t)j * hd;
+                    const int64_t k0 = kb + u * ks;
                     __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
                     for (int i = 0; i < hd; i += 8) {
                         __m256 qv = _mm256_loadu_ps(qj + i);
-                        c0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), c0);
-                        c1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + ks + i), c1);
-                        c2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * ks + i), c2);
-                        c3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * ks + i), c3);
+                        c0 = _mm256_fmadd_ps(qv, kv_load8(a->keys, k0 + i, bf16), c0);
+                        c1 = _mm256_fmadd_ps(qv, kv_load8(a->keys, k0 + ks + i, bf16), c1);
+                        c2 = _mm256_fmadd_ps(qv, kv_load8(a->keys, k0 + 2 * ks + i, bf16), c2);
+                        c3 = _mm256_fmadd_ps(qv, kv_load8(a->keys, k0 + 3 * ks + i, bf16), c3);
                     }
                     float *sj = scores + (int64_t)j * len + t0 + u;
                     sj[0] = hsum8(c0) * a->scale, sj[1] = hsum8(c1) * a->scale;
@@ -678,7 +742,8 @@ static void attention_item(void *arg, int item) {
 #endif
         for (; u < n; u++)
             for (int j = 0; j < group; j++)
-                scores[(int64_t)j * len + t0 + u] = dot_f32(qb + (int64_t)j * hd, kb + u * ks, hd) * a->scale;
+                scores[(int64_t)j * len + t0 + u] = dot_kv(qb + (int64_t)j * hd, a->keys, kb + u * ks, hd, bf16) *
+                                                    a->scale;
     }
     for (int j = 0; j < group; j++) {
         const float *s = scores + (int64_t)j * len;
@@ -690,14 +755,15 @@ static void attention_item(void *arg, int item) {
             __m256 acc[8];
             for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
             for (int t0 = 0; t0 < len; t0 += bs) {
-                const float *vb = a->values + ((int64_t)table[t0 / bs] * bs * KV + kvh) * hd + i0;
+                const int64_t vb = ((int64_t)table[t0 / bs] * bs * KV + kvh) * hd + i0;
                 int n = len - t0 < bs ? len - t0 : bs;
                 if (j == 0 && i0 == 0 && t0 + bs < len)
-                    prefetch_rows(a->values + ((int64_t)table[t0 / bs + 1] * bs * KV + kvh) * hd, bs, hd, KV * hd);
+                    prefetch_rows((const char *)a->values + ((int64_t)table[t0 / bs + 1] * bs * KV + kvh) * hd * es,
+                                  bs, hd * es, ks * es);
                 for (int u = 0; u < n; u++) {
-                    const float *vr = vb + (int64_t)u * KV * hd;
+                    const int64_t vr = vb + (int64_t)u * ks;
                     __m256 st = _mm256_set1_ps(s[t0 + u]);
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(st, _mm256_loadu_ps(vr + 8 * i), acc[i]);
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(st, kv_load8(a->values, vr + 8 * i, bf16), acc[i]);
                 }
             }
             for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + i0 + 8 * i, acc[i]);
@@ -707,21 +773,31 @@ static void attention_item(void *arg, int item) {
         if (i0 < hd)
             for (int t = 0; t < len; t++) {
                 int64_t slot = (int64_t)table[t / bs] * bs + t % bs;
-                const float *vr = a->values + (slot * KV + kvh) * hd;
-                for (int i = i0; i < hd; i++) o[i] += s[t] * vr[i];
+                const int64_t vr = (slot * KV + kvh) * hd;
+                for (int i = i0; i < hd; i++) o[i] += s[t] * kv_at(a->values, vr + i, bf16);
             }
     }
 }
 
+static void attention_item(void *arg, int item) {
+    const attention_job *a = (const attention_job *)arg;
+    if (a->kv_bf16)
+        attention_body(a, item, 1);
+    else
+        attention_body(a, item, 0);
+}
+
 /* One new query token per sequence, attending over its cached keys where they lie in the pool:
  * reads each key and value once through the block table, copying nothing.
- * q, out (B, H, hd); keys, values (num_slots, KV, hd) of one layer; block_table (B, max_blocks);
- * seq_lens (B): keys each sequence sees (its new one included). The H / KV query heads that share
- * a KV head are done together, so each K/V row is loaded once for all of them. */
-int dq_decode_attention(const float *q, const float *keys, const float *values, const int32_t *block_table,
+ * q, out (B, H, hd) float32; keys, values (num_slots, KV, hd) of one layer, float32 or (kv_bf16)
+ * bfloat16; block_table (B, max_blocks); seq_lens (B): keys each sequence sees (its new one
+ * included). The H / KV query heads that share a KV head are done together, so each K/V row is
+ * loaded once for all of them. */
+int dq_decode_attention(const float *q, const void *keys, const void *values, const int32_t *block_table,
                         int max_blocks, const int32_t *seq_lens, int B, int H, int KV, int hd, int block_size,
-                        float scale, float *out, int nthreads) {
-    attention_job job = {q, keys, values, block_table, seq_lens, max_blocks, H, KV, hd, block_size, scale, out};
+                        float scale, float *out, int nthreads, int kv_bf16) {
+    attention_job job = {q, keys, values, block_table, seq_lens, max_blocks, H, KV, hd, block_size, scale, out,
+                         kv_bf16};
     parallel_work(attention_item, &job, B * KV, nthreads);
     return 0;
 }
@@ -1167,12 +1243,13 @@ static void silu_row(void *arg, int b) {
 }
 
 /* B sequences, one new token each: tokens, positions (B); block_table (B, max_blocks) of block ids;
- * keys/values: the pool, (L, slots, KV, hd) float32, `layer_stride` floats per layer; cos/sin
+ * keys/values: the pool, (L, slots, KV, hd) float32, or bfloat16 where kv_bf16 (the new K/V rounded
+ * to nearest even, as torch rounds), `layer_stride` elements per layer; cos/sin
  * (positions, hd) tables covering every position given. Writes logits (B, V), and the final hidden
  * states (B, D) when `hidden` is not NULL. Returns 0, -1 when scratch could not be allocated, -2
  * for a token id out of range, -3 for a position past its block table. */
 int dq_decode_step(void *p, int B, const int32_t *tokens, const int32_t *positions, const int32_t *block_table,
-                   int max_blocks, int block_size, float *keys, float *values, int64_t layer_stride,
+                   int max_blocks, int block_size, void *keys, void *values, int64_t layer_stride, int kv_bf16,
                    const float *cos_table, const float *sin_table, int nthreads, float *logits, float *hidden) {
     dq_model *m = (dq_model *)p;
     if (ensure_scratch(m, B) != 0) return -1;
@@ -1187,7 +1264,8 @@ int dq_decode_step(void *p, int B, const int32_t *tokens, const int32_t *positio
     in_fused_step = 1;
     for (int l = 0; l < m->L; l++) {
         const dq_layer *ly = &m->layers[l];
-        float *lk = keys + (int64_t)l * layer_stride, *lv = values + (int64_t)l * layer_stride;
+        const int64_t layer_bytes = l * layer_stride * (kv_bf16 ? 2 : 4);
+        char *lk = (char *)keys + layer_bytes, *lv = (char *)values + layer_bytes;
         for (int b = 0; b < B; b++) rms_norm(m->x + (int64_t)b * D, ly->norm_in, D, m->eps, m->h + (int64_t)b * D);
         step_matmul(m, m->h, B, &ly->qkv, m->qkv, nthreads);
         for (int b = 0; b < B; b++) {
@@ -1198,11 +1276,11 @@ int dq_decode_step(void *p, int B, const int32_t *tokens, const int32_t *positio
             int pos = positions[b];
             int64_t slot = (int64_t)block_table[(int64_t)b * max_blocks + pos / block_size] * block_size +
                            pos % block_size;
-            memcpy(lk + slot * KV * hd, row + H * hd, (size_t)KV * hd * sizeof(float));
-            memcpy(lv + slot * KV * hd, row + (H + KV) * hd, (size_t)KV * hd * sizeof(float));
+            store_kv(lk, slot * KV * hd, row + H * hd, KV * hd, kv_bf16);
+            store_kv(lv, slot * KV * hd, row + (H + KV) * hd, KV * hd, kv_bf16);
         }
         attention_job aj = {m->q, lk, lv, block_table, m->lens, max_blocks, H, KV, hd, block_size,
-                            1.0f / sqrtf((float)hd), m->att};
+                            1.0f / sqrtf((float)hd), m->att, kv_bf16};
         parallel_chunks(attention_item, &aj, B * KV, nthreads);
         step_matmul(m, m->att, B, &ly->o, m->h, nthreads);
         for (int64_t i = 0; i < (int64_t)B * D; i++) m->x[i] += m->h[i];
