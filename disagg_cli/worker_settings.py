@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from disagg_cli.config import DTYPE_CHOICES, KERNELS, QUANTIZATIONS, EngineConfig, RuntimeConfig
+from disagg_cli.config import DTYPE_CHOICES, KERNELS, KV_CACHE_DTYPES, QUANTIZATIONS, EngineConfig, RuntimeConfig
 from disagg_cli.errors import UsageError
 from disagg_cli.protocol.names import CODEC_NAMES, WORKER_ROLES
 
@@ -29,6 +29,7 @@ class WorkerSettings:
     quantization: str = _RUNTIME.quantization
     threads: int | None = _RUNTIME.threads
     kernel: str = _RUNTIME.kernel
+    kv_cache_dtype: str = _RUNTIME.kv_cache_dtype
     block_size: int = _ENGINE.block_size
     kv_cache_tokens: int | None = _ENGINE.kv_cache_tokens
     kv_cache_memory_mb: float = _ENGINE.kv_cache_memory_mb
@@ -46,7 +47,7 @@ class WorkerSettings:
 
     def runtime(self) -> RuntimeConfig:
         return RuntimeConfig(device=self.device, dtype=self.dtype, threads=self.threads, quantization=self.quantization,
-                             kernel=self.kernel)
+                             kernel=self.kernel, kv_cache_dtype=self.kv_cache_dtype)
 
     def engine(self) -> EngineConfig:
         return EngineConfig(block_size=self.block_size, kv_cache_tokens=self.kv_cache_tokens,
@@ -83,6 +84,11 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
     Setting("kernel", f"Execution backend: {', '.join(KERNELS)} (c: the C kernel built for this CPU at first use; "
                       "torch: torch's ops only; auto: c wherever it builds, else torch, and the log says why). It "
                       "decides --dtype auto and --quantization auto too.", RUNTIME_PANEL),
+    Setting("kv_cache_dtype", f"KV pool dtype: {', '.join(KV_CACHE_DTYPES)} (auto: bfloat16 where the weights are "
+                              "quantized on the C kernel, whose attention widens it to float32 as it reads, "
+                              "half the bytes of float32; else the weights' dtype, so --dtype float32 "
+                              "--quantization none stays exact). A prefill worker's KV lands in its decode "
+                              "worker's pool dtype.", KV_PANEL),
     Setting("block_size", "Tokens per KV block.", KV_PANEL),
     Setting("kv_cache_tokens", "KV pool size in tokens (default: sized by --kv-cache-memory-mb).", KV_PANEL),
     Setting("kv_cache_memory_mb", "KV pool size in MiB when --kv-cache-tokens is not given.", KV_PANEL),
