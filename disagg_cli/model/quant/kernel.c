@@ -593,33 +593,22 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* element i of a float32 or bf16 pool, as float32 */
-static inline __attribute__((always_inline)) float kv_at(const void *p, int64_t i, const int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-#if defined(__AVX2__)
-/* elements i..i+7 of a float32 or bf16 pool, as float32 */
-static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, int64_t i, const int bf16) {
-    if (bf16) {
-        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-    return _mm256_loadu_ps((const float *)p + i);
-}
-#endif
-
-static inline __attribute__((always_inline)) float dot_kv(const float *q, const void *k, int64_t off, int n,
-                                                           const int bf16) {
+/* n bf16 → n float32: the 16-bit shift, 16 (AVX-512) or 8 (AVX2) at a time */
+static inline void widen_bf16(const uint16_t *src, float *dst, int n) {
     int i = 0;
-    float s = 0.0f;
-#if defined(__AVX2__)
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kv_load8(k, off + i, bf16), acc);
-    s = hsum8(acc);
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)(src + i));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
 #endif
-    for (; i < n; i++) s += q[i] * kv_at(k, off + i, bf16);
-    return s;
+#if defined(__AVX2__)
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(src + i));
+        _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+#endif
+    for (; i < n; i++) dst[i] = bf16_to_f32(src[i]);
 }
 
 /* n floats into a pool at element `at`, as float32 or rounded to bf16 */
@@ -696,74 +685,58 @@ static inline void prefetch_rows(const void *first, int bs, int64_t row_bytes, i
 #endif
 }
 
-/* Sequence b = item / KV, KV head item % KV, with the query heads that share it: every score of
- * the group first (each key loaded once for all of them), a softmax per head, then each head's
- * output summed over the values 64 dimensions at a time in registers; the next block's keys (or
- * values) are prefetched while one block is computed on. Offsets into the pool are in elements
- * (float32 or bf16: `bf16` is a constant in each of the two copies `attention_item` calls). */
-static inline __attribute__((always_inline)) void attention_body(const attention_job *a, int item, const int bf16) {
-    int KV = a->KV, hd = a->hd, H = a->H, group = H / KV, bs = a->block_size;
-    int b = item / KV, kvh = item % KV, len = a->seq_lens[b];
-    const int64_t es = bf16 ? 2 : 4;  /* bytes per pool element */
-    size_t need = (size_t)group * (len > 0 ? len : 1);
-    if (need > scores_cap) {
-        float *grown = (float *)realloc(scores_buf, need * sizeof(float));
-        if (!grown) abort();  /* a few KB per 1k keys; out of memory here is not recoverable */
-        scores_buf = grown, scores_cap = need;
-    }
-    float *scores = scores_buf;
-    const int32_t *table = a->block_table + (int64_t)b * a->max_blocks;
-    const float *qb = a->q + ((int64_t)b * H + (int64_t)kvh * group) * hd;
-    const int64_t ks = (int64_t)KV * hd;  /* elements from one slot's key to the next */
+/* The `group` query heads qb (group, hd) that share one KV head, over its first `len` keys: block
+ * k of the sequence starts at keys + table[k] · bs · ks + off (ks floats from one slot to the
+ * next), values alike. Every score of the group first (each key loaded once for all of them), a
+ * softmax per head, then each head's output summed over the values 64 dimensions at a time in
+ * registers; the next block's keys (or values) are prefetched while one block is computed on. */
+static void attend_group(const float *qb, int group, int hd, int len, int bs, const int32_t *table,
+                         const float *keys, const float *values, int64_t ks, int64_t off, float scale, float *scores,
+                         float *out) {
     for (int t0 = 0; t0 < len; t0 += bs) {  /* block by block: the block's keys are consecutive slots */
-        const int64_t kb = ((int64_t)table[t0 / bs] * bs * KV + kvh) * hd;
+        const float *kb = keys + (int64_t)table[t0 / bs] * bs * ks + off;
         int n = len - t0 < bs ? len - t0 : bs, u = 0;
-        if (t0 + bs < len)
-            prefetch_rows((const char *)a->keys + ((int64_t)table[t0 / bs + 1] * bs * KV + kvh) * hd * es, bs,
-                          hd * es, ks * es);
+        if (t0 + bs < len) prefetch_rows(keys + (int64_t)table[t0 / bs + 1] * bs * ks + off, bs, hd * 4, ks * 4);
 #if defined(__AVX2__)
         if (hd % 8 == 0)
             for (; u + 4 <= n; u += 4)  /* four keys at once: four independent FMA chains */
                 for (int j = 0; j < group; j++) {
-                    const float *qj = qb + (int64_t)j * hd;
-                    const int64_t k0 = kb + u * ks;
+                    const float *qj = qb + (int64_t)j * hd, *k0 = kb + u * ks;
                     __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
                     for (int i = 0; i < hd; i += 8) {
                         __m256 qv = _mm256_loadu_ps(qj + i);
-                        c0 = _mm256_fmadd_ps(qv, kv_load8(a->keys, k0 + i, bf16), c0);
-                        c1 = _mm256_fmadd_ps(qv, kv_load8(a->keys, k0 + ks + i, bf16), c1);
-                        c2 = _mm256_fmadd_ps(qv, kv_load8(a->keys, k0 + 2 * ks + i, bf16), c2);
-                        c3 = _mm256_fmadd_ps(qv, kv_load8(a->keys, k0 + 3 * ks + i, bf16), c3);
+                        c0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), c0);
+                        c1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + ks + i), c1);
+                        c2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * ks + i), c2);
+                        c3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * ks + i), c3);
                     }
                     float *sj = scores + (int64_t)j * len + t0 + u;
-                    sj[0] = hsum8(c0) * a->scale, sj[1] = hsum8(c1) * a->scale;
-                    sj[2] = hsum8(c2) * a->scale, sj[3] = hsum8(c3) * a->scale;
+                    sj[0] = hsum8(c0) * scale, sj[1] = hsum8(c1) * scale;
+                    sj[2] = hsum8(c2) * scale, sj[3] = hsum8(c3) * scale;
                 }
 #endif
         for (; u < n; u++)
             for (int j = 0; j < group; j++)
-                scores[(int64_t)j * len + t0 + u] = dot_kv(qb + (int64_t)j * hd, a->keys, kb + u * ks, hd, bf16) *
-                                                    a->scale;
+                scores[(int64_t)j * len + t0 + u] = dot_f32(qb + (int64_t)j * hd, kb + u * ks, hd) * scale;
     }
     for (int j = 0; j < group; j++) {
         const float *s = scores + (int64_t)j * len;
         softmax_inplace(scores + (int64_t)j * len, len);
-        float *o = a->out + ((int64_t)b * H + (int64_t)kvh * group + j) * hd;
+        float *o = out + (int64_t)j * hd;
         int i0 = 0;
 #if defined(__AVX2__)
         for (; i0 + 64 <= hd; i0 += 64) {
             __m256 acc[8];
             for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
             for (int t0 = 0; t0 < len; t0 += bs) {
-                const int64_t vb = ((int64_t)table[t0 / bs] * bs * KV + kvh) * hd + i0;
+                const float *vb = values + (int64_t)table[t0 / bs] * bs * ks + off + i0;
                 int n = len - t0 < bs ? len - t0 : bs;
                 if (j == 0 && i0 == 0 && t0 + bs < len)
-                    prefetch_rows((const char *)a->values + ((int64_t)table[t0 / bs + 1] * bs * KV + kvh) * hd * es,
-                                  bs, hd * es, ks * es);
+                    prefetch_rows(values + (int64_t)table[t0 / bs + 1] * bs * ks + off, bs, hd * 4, ks * 4);
                 for (int u = 0; u < n; u++) {
-                    const int64_t vr = vb + (int64_t)u * ks;
+                    const float *vr = vb + (int64_t)u * ks;
                     __m256 st = _mm256_set1_ps(s[t0 + u]);
-                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(st, kv_load8(a->values, vr + 8 * i, bf16), acc[i]);
+                    for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(st, _mm256_loadu_ps(vr + 8 * i), acc[i]);
                 }
             }
             for (int i = 0; i < 8; i++) _mm256_storeu_ps(o + i0 + 8 * i, acc[i]);
@@ -772,19 +745,71 @@ static inline __attribute__((always_inline)) void attention_body(const attention
         for (int i = i0; i < hd; i++) o[i] = 0.0f;
         if (i0 < hd)
             for (int t = 0; t < len; t++) {
-                int64_t slot = (int64_t)table[t / bs] * bs + t % bs;
-                const int64_t vr = (slot * KV + kvh) * hd;
-                for (int i = i0; i < hd; i++) o[i] += s[t] * kv_at(a->values, vr + i, bf16);
+                const float *vr = values + (int64_t)table[t / bs] * bs * ks + off + (int64_t)(t % bs) * ks;
+                for (int i = i0; i < hd; i++) o[i] += s[t] * vr[i];
             }
     }
 }
 
+static __thread float *widened_buf = NULL;  /* per thread: one KV head's keys and values, widened */
+static __thread size_t widened_cap = 0;
+static __thread int32_t *identity_buf = NULL;  /* 0, 1, 2, …: the block table of the widened copy */
+static __thread size_t identity_cap = 0;
+
+/* Sequence b = item / KV, KV head item % KV, with the query heads that share it. A float32 pool is
+ * read in place through the block table. A bf16 pool is first widened, this head's keys and values
+ * of the sequence, into a per-thread float32 copy (len × hd each: 74 KB at 290 tokens, in L2), once
+ * per element; the float32 code then reads that copy. Widening inside the score and value loops
+ * instead repeated the conversion for each of the group's query heads, and at 1 thread took 95 ms
+ * where the float32 pool took 74 (Zen 4, batch 32, 290 tokens, 30 layers). */
 static void attention_item(void *arg, int item) {
     const attention_job *a = (const attention_job *)arg;
-    if (a->kv_bf16)
-        attention_body(a, item, 1);
-    else
-        attention_body(a, item, 0);
+    int KV = a->KV, hd = a->hd, H = a->H, group = H / KV, bs = a->block_size;
+    int b = item / KV, kvh = item % KV, len = a->seq_lens[b];
+    size_t need = (size_t)group * (len > 0 ? len : 1);
+    if (need > scores_cap) {
+        float *grown = (float *)realloc(scores_buf, need * sizeof(float));
+        if (!grown) abort();  /* a few KB per 1k keys; out of memory here is not recoverable */
+        scores_buf = grown, scores_cap = need;
+    }
+    const int32_t *table = a->block_table + (int64_t)b * a->max_blocks;
+    const float *qb = a->q + ((int64_t)b * H + (int64_t)kvh * group) * hd;
+    float *out = a->out + ((int64_t)b * H + (int64_t)kvh * group) * hd;
+    const int64_t ks = (int64_t)KV * hd;  /* elements from one slot's key to the next */
+    if (!a->kv_bf16) {
+        attend_group(qb, group, hd, len, bs, table, (const float *)a->keys, (const float *)a->values, ks,
+                     (int64_t)kvh * hd, a->scale, scores_buf, out);
+        return;
+    }
+    int nblocks = (len + bs - 1) / bs;
+    size_t wneed = (size_t)2 * nblocks * bs * hd;
+    if (wneed > widened_cap) {
+        float *grown = (float *)realloc(widened_buf, wneed * sizeof(float));
+        if (!grown) abort();
+        widened_buf = grown, widened_cap = wneed;
+    }
+    if ((size_t)nblocks > identity_cap) {
+        int32_t *grown = (int32_t *)realloc(identity_buf, (size_t)nblocks * sizeof(int32_t));
+        if (!grown) abort();
+        for (int k = (int)identity_cap; k < nblocks; k++) grown[k] = k;
+        identity_buf = grown, identity_cap = (size_t)nblocks;
+    }
+    float *kf = widened_buf, *vf = widened_buf + (size_t)nblocks * bs * hd;
+    const uint16_t *keys = (const uint16_t *)a->keys, *values = (const uint16_t *)a->values;
+    for (int t0 = 0; t0 < len; t0 += bs) {
+        int64_t first = ((int64_t)table[t0 / bs] * bs * KV + kvh) * hd;
+        int n = len - t0 < bs ? len - t0 : bs;
+        if (t0 + bs < len) {
+            int64_t next = ((int64_t)table[t0 / bs + 1] * bs * KV + kvh) * hd;
+            prefetch_rows(keys + next, bs, hd * 2, ks * 2);
+            prefetch_rows(values + next, bs, hd * 2, ks * 2);
+        }
+        for (int u = 0; u < n; u++) {
+            widen_bf16(keys + first + u * ks, kf + (int64_t)(t0 + u) * hd, hd);
+            widen_bf16(values + first + u * ks, vf + (int64_t)(t0 + u) * hd, hd);
+        }
+    }
+    attend_group(qb, group, hd, len, bs, identity_buf, kf, vf, hd, 0, a->scale, scores_buf, out);
 }
 
 /* One new query token per sequence, attending over its cached keys where they lie in the pool:
