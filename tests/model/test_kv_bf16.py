@@ -65,6 +65,26 @@ def test_attention_over_a_bf16_pool_equals_torch_over_the_same_kv_widened(kernel
     assert torch.allclose(out, f32, atol=1e-6, rtol=1e-6)
 
 
+def test_bf16_attention_over_shared_and_reordered_blocks(kernel: Kernel) -> None:
+    """Rows whose tables share leading blocks (a cached prefix), a longer row before a shorter one,
+    and the same blocks in another order: each row attends exactly its own keys."""
+    g = torch.Generator().manual_seed(5)
+    heads, kv, hd, bs = 9, 3, 64, 4
+    keys = torch.randn(12 * bs, kv, hd, generator=g).to(torch.bfloat16)
+    values = torch.randn(12 * bs, kv, hd, generator=g).to(torch.bfloat16)
+    rows = [([3, 7, 1], 10), ([3, 7, 2], 11), ([3, 7, 1], 6), ([3, 7, 1], 12), ([7, 3, 1], 9), ([3], 2),
+            ([3, 7, 1, 5], 14), ([3, 7, 1, 5], 15)]
+    width = max(len(t) for t, _ in rows)
+    table = torch.tensor([t + [0] * (width - len(t)) for t, _ in rows], dtype=torch.int32)
+    lens = torch.tensor([n for _, n in rows], dtype=torch.int32)
+    q = torch.randn(len(rows), heads, hd, generator=g)
+    for _ in range(3):  # the next call's copy is its own, though the tables are the same
+        out = decode_attention(kernel, q, keys, values, table, lens, bs)
+        want = torch.stack([_reference(q[r], keys, values, t, n, bs) for r, (t, n) in enumerate(rows)])
+        assert torch.allclose(out, want, atol=1e-5, rtol=1e-5), (out - want).abs().max()
+        keys = (keys.float() + 1).to(torch.bfloat16)
+
+
 def _tiny(tmp_path: Path, qtype: str, kv_cache_dtype: str) -> LoadedModel:
     path = write_gguf(tmp_path / f"{qtype}.gguf", random_weights(seed=11), qtype=qtype)
     kind = "none" if qtype == "F32" else "int4"

@@ -570,6 +570,8 @@ typedef struct {
     float scale;
     float *out;
     int kv_bf16;
+    int B;  /* rows */
+    uint64_t call;  /* this call's id (`attention_calls`): what a thread's widened copy belongs to */
 } attention_job;
 
 static __thread float *scores_buf = NULL;  /* per thread, grown as contexts grow */
@@ -751,12 +753,28 @@ static void attend_group(const float *qb, int group, int hd, int len, int bs, co
     }
 }
 
-static __thread float *widened_buf = NULL;  /* per thread: one KV head's keys and values, widened */
-static __thread size_t widened_cap = 0;
+/* Per thread: one KV head's keys and values of one sequence, widened to float32, with what they
+ * are (the call, the head, the sequence's blocks) so the next row of the same sequence widens only
+ * its new tokens: a prompt's rows share their prefix, and widening it for each row made a 512-token
+ * prompt's attention quadratic in copies. */
+static __thread float *widened_k = NULL, *widened_v = NULL;
+static __thread size_t widened_cap = 0;  /* floats each holds */
+static __thread int32_t *widened_table = NULL;  /* the blocks widened from, in order */
+static __thread size_t widened_table_cap = 0;
 static __thread int32_t *identity_buf = NULL;  /* 0, 1, 2, …: the block table of the widened copy */
 static __thread size_t identity_cap = 0;
+static __thread uint64_t widened_call = 0;  /* the call (and layer) they belong to; 0: none */
+static __thread int widened_kvh = -1, widened_len = 0;
+static _Atomic uint64_t attention_calls = 0;  /* one id per call into the paged attention, per layer */
 
-/* Sequence b = item / KV, KV head item % KV, with the query heads that share it. A float32 pool is
+static void *grow(void *p, size_t bytes) {
+    void *grown = realloc(p, bytes);
+    if (!grown) abort();  /* tens of KB per 1k keys; out of memory here is not recoverable */
+    return grown;
+}
+
+/* Sequence b, KV head kvh, with the query heads that share it (items are head-major for a bf16
+ * pool, so a thread's next item is likely the next row of the same sequence). A float32 pool is
  * read in place through the block table. A bf16 pool is first widened, this head's keys and values
  * of the sequence, into a per-thread float32 copy (len × hd each: 74 KB at 290 tokens, in L2), once
  * per element; the float32 code then reads that copy. Widening inside the score and value loops
@@ -765,13 +783,9 @@ static __thread size_t identity_cap = 0;
 static void attention_item(void *arg, int item) {
     const attention_job *a = (const attention_job *)arg;
     int KV = a->KV, hd = a->hd, H = a->H, group = H / KV, bs = a->block_size;
-    int b = item / KV, kvh = item % KV, len = a->seq_lens[b];
+    int b = a->kv_bf16 ? item % a->B : item / KV, kvh = a->kv_bf16 ? item / a->B : item % KV, len = a->seq_lens[b];
     size_t need = (size_t)group * (len > 0 ? len : 1);
-    if (need > scores_cap) {
-        float *grown = (float *)realloc(scores_buf, need * sizeof(float));
-        if (!grown) abort();  /* a few KB per 1k keys; out of memory here is not recoverable */
-        scores_buf = grown, scores_cap = need;
-    }
+    if (need > scores_cap) scores_buf = (float *)grow(scores_buf, need * sizeof(float)), scores_cap = need;
     const int32_t *table = a->block_table + (int64_t)b * a->max_blocks;
     const float *qb = a->q + ((int64_t)b * H + (int64_t)kvh * group) * hd;
     float *out = a->out + ((int64_t)b * H + (int64_t)kvh * group) * hd;
@@ -782,34 +796,45 @@ static void attention_item(void *arg, int item) {
         return;
     }
     int nblocks = (len + bs - 1) / bs;
-    size_t wneed = (size_t)2 * nblocks * bs * hd;
-    if (wneed > widened_cap) {
-        float *grown = (float *)realloc(widened_buf, wneed * sizeof(float));
-        if (!grown) abort();
-        widened_buf = grown, widened_cap = wneed;
+    size_t floats = (size_t)nblocks * bs * hd;
+    if (floats > widened_cap) {
+        widened_k = (float *)grow(widened_k, floats * sizeof(float));
+        widened_v = (float *)grow(widened_v, floats * sizeof(float));
+        widened_cap = floats;
     }
     if ((size_t)nblocks > identity_cap) {
-        int32_t *grown = (int32_t *)realloc(identity_buf, (size_t)nblocks * sizeof(int32_t));
-        if (!grown) abort();
-        for (int k = (int)identity_cap; k < nblocks; k++) grown[k] = k;
-        identity_buf = grown, identity_cap = (size_t)nblocks;
+        identity_buf = (int32_t *)grow(identity_buf, (size_t)nblocks * sizeof(int32_t));
+        for (int k = (int)identity_cap; k < nblocks; k++) identity_buf[k] = k;
+        identity_cap = (size_t)nblocks;
     }
-    float *kf = widened_buf, *vf = widened_buf + (size_t)nblocks * bs * hd;
+    if ((size_t)nblocks > widened_table_cap) {
+        widened_table = (int32_t *)grow(widened_table, (size_t)nblocks * sizeof(int32_t));
+        widened_table_cap = (size_t)nblocks;
+    }
+    /* tokens already widened: the same call, head and blocks (a longer row of the same sequence) */
+    int from = 0;
+    if (widened_call == a->call && widened_kvh == kvh && widened_len <= len) {
+        int shared = (widened_len + bs - 1) / bs;
+        if (memcmp(widened_table, table, (size_t)shared * sizeof(int32_t)) == 0) from = widened_len;
+    }
     const uint16_t *keys = (const uint16_t *)a->keys, *values = (const uint16_t *)a->values;
-    for (int t0 = 0; t0 < len; t0 += bs) {
-        int64_t first = ((int64_t)table[t0 / bs] * bs * KV + kvh) * hd;
-        int n = len - t0 < bs ? len - t0 : bs;
-        if (t0 + bs < len) {
-            int64_t next = ((int64_t)table[t0 / bs + 1] * bs * KV + kvh) * hd;
+    for (int t = from; t < len;) {
+        int64_t first = ((int64_t)table[t / bs] * bs * KV + kvh) * hd;
+        int u0 = t % bs, n = len - t < bs - u0 ? len - t : bs - u0;
+        if (t / bs + 1 < nblocks) {
+            int64_t next = ((int64_t)table[t / bs + 1] * bs * KV + kvh) * hd;
             prefetch_rows(keys + next, bs, hd * 2, ks * 2);
             prefetch_rows(values + next, bs, hd * 2, ks * 2);
         }
-        for (int u = 0; u < n; u++) {
-            widen_bf16(keys + first + u * ks, kf + (int64_t)(t0 + u) * hd, hd);
-            widen_bf16(values + first + u * ks, vf + (int64_t)(t0 + u) * hd, hd);
+        for (int u = u0; u < u0 + n; u++) {
+            widen_bf16(keys + first + u * ks, widened_k + (int64_t)(t - u0 + u) * hd, hd);
+            widen_bf16(values + first + u * ks, widened_v + (int64_t)(t - u0 + u) * hd, hd);
         }
+        t += n;
     }
-    attend_group(qb, group, hd, len, bs, identity_buf, kf, vf, hd, 0, a->scale, scores_buf, out);
+    memcpy(widened_table, table, (size_t)nblocks * sizeof(int32_t));
+    widened_call = a->call, widened_kvh = kvh, widened_len = len;
+    attend_group(qb, group, hd, len, bs, identity_buf, widened_k, widened_v, hd, 0, a->scale, scores_buf, out);
 }
 
 /* One new query token per sequence, attending over its cached keys where they lie in the pool:
@@ -822,7 +847,7 @@ int dq_decode_attention(const float *q, const void *keys, const void *values, co
                         int max_blocks, const int32_t *seq_lens, int B, int H, int KV, int hd, int block_size,
                         float scale, float *out, int nthreads, int kv_bf16) {
     attention_job job = {q, keys, values, block_table, seq_lens, max_blocks, H, KV, hd, block_size, scale, out,
-                         kv_bf16};
+                         kv_bf16, B, atomic_fetch_add(&attention_calls, 1) + 1};
     parallel_work(attention_item, &job, B * KV, nthreads);
     return 0;
 }
@@ -1305,7 +1330,7 @@ int dq_decode_step(void *p, int B, const int32_t *tokens, const int32_t *positio
             store_kv(lv, slot * KV * hd, row + (H + KV) * hd, KV * hd, kv_bf16);
         }
         attention_job aj = {m->q, lk, lv, block_table, m->lens, max_blocks, H, KV, hd, block_size,
-                            1.0f / sqrtf((float)hd), m->att, kv_bf16};
+                            1.0f / sqrtf((float)hd), m->att, kv_bf16, B, atomic_fetch_add(&attention_calls, 1) + 1};
         parallel_chunks(attention_item, &aj, B * KV, nthreads);
         step_matmul(m, m->att, B, &ly->o, m->h, nthreads);
         for (int64_t i = 0; i < (int64_t)B * D; i++) m->x[i] += m->h[i];
