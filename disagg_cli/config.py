@@ -19,6 +19,9 @@ from disagg_cli.errors import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bfloat16 where the device computes it natively, else float32
+# The KV pool's dtype (vLLM's --kv-cache-dtype); auto: bfloat16 under quantized weights on the C
+# kernel, else the weights' dtype (model/hardware.py)
+KV_CACHE_DTYPES = ("auto", *DTYPES)
 QUANTIZATIONS = ("none", "int8", "int4", "auto")  # weight-only; auto: what is fastest for the role
 KERNELS = ("auto", "c", "torch")  # the execution backend (model/backend.py); auto: c wherever it builds
 # The dtype of the float weights a colocated worker keeps for wide steps (with --quantization auto):
@@ -78,7 +81,7 @@ class ModelConfig:
 class RuntimeConfig:
     """Where and how one process runs the model.
 
-    `dtype` and `quantization` may be "auto" here; `model/loader.py` resolves them for the machine
+    `dtype`, `quantization` and `kv_cache_dtype` may be "auto" here; `model/loader.py` resolves them for the machine
     and role it loads on (see `model/hardware.py`), and `LoadedModel.runtime` holds the result.
     """
 
@@ -88,10 +91,14 @@ class RuntimeConfig:
     quantization: str = "auto"
     kernel: str = "auto"
     wide_dtype: str = "float32"
+    kv_cache_dtype: str = "auto"  # the KV pool's dtype
 
     def __post_init__(self) -> None:
         if self.wide_dtype not in WIDE_DTYPES:
             raise UsageError(f"--wide-dtype must be one of {', '.join(WIDE_DTYPES)}, got {self.wide_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise UsageError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.kernel not in KERNELS:
             raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.dtype not in DTYPE_CHOICES:

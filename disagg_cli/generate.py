@@ -101,7 +101,8 @@ def prepare(model_spec: str, cache_dir: Path, runtime: RuntimeConfig) -> tuple[L
     with ui.load_progress(path.name) as on_load:
         loaded = load_model(path, runtime, on_load, cache_dir=cache_dir)
     ui.info(f"{loaded.runtime.dtype}: {loaded.dtype_reason}; weights {loaded.runtime.quantization}: "
-            f"{loaded.quantization_reason}" + (f"; {loaded.kernel_reason}" if loaded.kernel_reason else ""))
+            f"{loaded.quantization_reason}; KV {loaded.runtime.kv_cache_dtype}: {loaded.kv_cache_dtype_reason}"
+            + (f"; {loaded.kernel_reason}" if loaded.kernel_reason else ""))
     return loaded, tokenizer
 
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from disagg_cli.config import DTYPE_CHOICES, KERNELS, QUANTIZATIONS, WIDE_DTYPES, EngineConfig, RuntimeConfig
+from disagg_cli.config import (
+    DTYPE_CHOICES,
+    KERNELS,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    WIDE_DTYPES,
+    EngineConfig,
+    RuntimeConfig,
+)
 from disagg_cli.errors import UsageError
 from disagg_cli.protocol.names import CODEC_NAMES, WORKER_ROLES
 
@@ -30,6 +38,7 @@ class WorkerSettings:
     threads: int | None = _RUNTIME.threads
     kernel: str = _RUNTIME.kernel
     wide_dtype: str = _RUNTIME.wide_dtype
+    kv_cache_dtype: str = _RUNTIME.kv_cache_dtype
     block_size: int = _ENGINE.block_size
     kv_cache_tokens: int | None = _ENGINE.kv_cache_tokens
     kv_cache_memory_mb: float = _ENGINE.kv_cache_memory_mb
@@ -47,7 +56,7 @@ class WorkerSettings:
 
     def runtime(self) -> RuntimeConfig:
         return RuntimeConfig(device=self.device, dtype=self.dtype, threads=self.threads, quantization=self.quantization,
-                             kernel=self.kernel, wide_dtype=self.wide_dtype)
+                             kernel=self.kernel, wide_dtype=self.wide_dtype, kv_cache_dtype=self.kv_cache_dtype)
 
     def engine(self) -> EngineConfig:
         return EngineConfig(block_size=self.block_size, kv_cache_tokens=self.kv_cache_tokens,
@@ -89,6 +98,11 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
                           "multiplies it natively (AVX512-BF16, AMX): 2.2x float32's prompt speed on Zen 4, but "
                           "greedy agreement with float32 falls to 89% (97.9% a step; README, 'Speed').",
             RUNTIME_PANEL),
+    Setting("kv_cache_dtype", f"KV pool dtype: {', '.join(KV_CACHE_DTYPES)} (auto: bfloat16 where the weights are "
+                              "quantized on the C kernel, whose attention widens it to float32 as it reads, "
+                              "half the bytes of float32; else the weights' dtype, so --dtype float32 "
+                              "--quantization none stays exact). A prefill worker's KV lands in its decode "
+                              "worker's pool dtype.", KV_PANEL),
     Setting("block_size", "Tokens per KV block.", KV_PANEL),
     Setting("kv_cache_tokens", "KV pool size in tokens (default: sized by --kv-cache-memory-mb).", KV_PANEL),
     Setting("kv_cache_memory_mb", "KV pool size in MiB when --kv-cache-tokens is not given.", KV_PANEL),

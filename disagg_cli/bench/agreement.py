@@ -43,7 +43,7 @@ def greedy(lm: LoadedModel, prompts: list[list[int]], num_tokens: int) -> list[l
 @torch.inference_mode()
 def _argmax_along(lm: LoadedModel, prompt: list[int], text: list[int]) -> list[int]:
     ids = prompt + text
-    cache = DenseKVCache(lm.config, len(ids), lm.dtype, lm.device)
+    cache = DenseKVCache(lm.config, len(ids), lm.kv_dtype, lm.device)
     hidden = lm.model(torch.tensor(ids), torch.arange(len(ids)), cache)
     # Row i predicts token i + 1: the rows from the prompt's last onward predict `text`.
     return lm.model.compute_logits(hidden[len(prompt) - 1 : len(ids) - 1]).argmax(-1).tolist()

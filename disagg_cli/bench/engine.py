@@ -136,7 +136,7 @@ class OurEngine:
         need = max(max(opts.prompt_lens) + 1, max(opts.batch_sizes) * (opts.decode_context + opts.decode_tokens + 1))
         # The default pool (512 MiB), or twice the need when that is more: a pool sized to the exact
         # need would fragment sequences that a server's roomier pool keeps contiguous.
-        kv_bytes = lm.config.kv_bytes_per_token(lm.runtime.dtype)
+        kv_bytes = lm.config.kv_bytes_per_token(lm.runtime.kv_cache_dtype)
         default_tokens = EngineConfig(block_size=opts.block_size).num_blocks(kv_bytes) * opts.block_size
         self.config = EngineConfig(block_size=opts.block_size, kv_cache_tokens=max(2 * need, default_tokens),
                                    max_num_seqs=max(opts.batch_sizes),
@@ -232,7 +232,7 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
     check_context(lm, opts.decode_context, opts.decode_tokens + 1)
     c = lm.config
     layer_params, head_params, weight_bytes = _weight_bytes(lm)
-    cost = ModelCost(layer_params, head_params, weight_bytes, c.kv_bytes_per_token(lm.runtime.dtype),
+    cost = ModelCost(layer_params, head_params, weight_bytes, c.kv_bytes_per_token(lm.runtime.kv_cache_dtype),
                      4 * c.num_heads * c.head_dim * c.num_layers)
     spread = 7  # decode prompts start at different offsets so the B sequences differ
     base = _token_ids(lambda s: tokenizer.encode(s, add_bos=False),

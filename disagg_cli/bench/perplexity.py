@@ -47,7 +47,7 @@ def runtime_for_mode(mode: str, threads: int | None, kernel: str = "auto") -> Ru
 @torch.inference_mode()
 def perplexity(lm: LoadedModel, ids: list[int]) -> float:
     """exp(mean NLL) of ids[1:] given their prefixes, in one forward of all of `ids`."""
-    cache = DenseKVCache(lm.config, len(ids), lm.dtype, lm.device)
+    cache = DenseKVCache(lm.config, len(ids), lm.kv_dtype, lm.device)
     x = torch.tensor(ids, device=lm.device)
     hidden = lm.model(x, torch.arange(len(ids), device=lm.device), cache)  # (T, D)
     logits = lm.model.compute_logits(hidden[:-1])  # (T-1, V) float32

@@ -55,7 +55,7 @@ class LLMEngine:
         self.lm = lm
         self.config = config
         self.prefill_only = prefill_only
-        num_blocks = config.num_blocks(lm.config.kv_bytes_per_token(lm.runtime.dtype))
+        num_blocks = config.num_blocks(lm.config.kv_bytes_per_token(lm.runtime.kv_cache_dtype))
         self.pool = BlockPool(num_blocks, config.block_size, enable_caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.chunked_prefill)

@@ -31,8 +31,10 @@ class KVStorage:
     def __init__(self, lm: LoadedModel, num_slots: int) -> None:
         c = lm.config
         shape = (c.num_layers, num_slots, c.num_kv_heads, c.head_dim)
-        self.keys = torch.zeros(shape, dtype=lm.dtype, device=lm.device)  # (layers, slots, KV, hd)
-        self.values = torch.zeros(shape, dtype=lm.dtype, device=lm.device)
+        # the pool's dtype is `--kv-cache-dtype` as resolved at load: bfloat16 under float32 weights on
+        # the C kernel's attention, which widens it as it reads
+        self.keys = torch.zeros(shape, dtype=lm.kv_dtype, device=lm.device)  # (layers, slots, KV, hd)
+        self.values = torch.zeros(shape, dtype=lm.kv_dtype, device=lm.device)
 
 
 class StepAttention:
@@ -50,8 +52,8 @@ class StepAttention:
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.storage.keys[layer], self.storage.values[layer]
-        keys.index_copy_(0, self.slot_mapping, k)
-        values.index_copy_(0, self.slot_mapping, v)
+        keys.index_copy_(0, self.slot_mapping, k.to(keys.dtype))  # rounded to nearest even into bf16
+        values.index_copy_(0, self.slot_mapping, v.to(values.dtype))
         if self.on_layer is not None:  # views into this step's fresh K/V, no copy
             self.on_layer(layer, [(rid, pos, k[a:b], v[a:b]) for rid, a, b, pos in self.fresh])
         out, gathered = self.impl.attend(self.meta, q, k, v, keys, values)

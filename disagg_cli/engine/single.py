@@ -29,7 +29,7 @@ class SingleProcessGenerator:
     def prefill(self, prompt_ids: list[int], capacity: int) -> tuple[DenseKVCache, torch.Tensor]:
         """Run the prompt through the model → (its KV cache, logits (V,) for the next token)."""
         lm = self.loaded
-        cache = DenseKVCache(lm.config, capacity, lm.dtype, lm.device)
+        cache = DenseKVCache(lm.config, capacity, lm.kv_dtype, lm.device)
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
         positions = torch.arange(len(prompt_ids), device=lm.device)
         hidden = lm.model(ids, positions, cache)  # (T, D)

@@ -12,7 +12,8 @@ At load (`model/loader.py`), `Backend.plan(model, …)` then fixes, for that mod
    copies kept for wide steps;
 2. the fused decode step (`quant/fused.py`), where the model is float32 and every matmul is on the
    kernel; its packed weights become the quantized linears' method for steps of 5+ rows;
-3. the attention (`model/attention.py`): the kernel's paged attention for float32 KV, else torch's.
+3. the attention (`model/attention.py`): the kernel's paged attention for a float32 model on the
+   CPU (its pool float32 or bfloat16, as `--kv-cache-dtype` resolved), else torch's.
 The result, an `Execution`, is what the runner calls; `describe()` is what the worker log, the
 hello, `model info` and `bench engine` report.
 """

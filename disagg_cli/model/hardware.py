@@ -138,3 +138,30 @@ def choose_quantization(requested: str, role: str, device: str, backend: str,
                                          "bfloat16 as asked)", True, "bfloat16")
     return QuantChoice("int4", True, f"auto: int4 weights for decode steps, float32 copies kept for steps of "
                                      f"{DENSE_MIN_ROWS}+ rows (prefill) on the C GEMM", True)
+
+
+def choose_kv_cache_dtype(requested: str, dtype: str, quantization: str, device: str, backend: str) -> DtypeChoice:
+    """The KV pool's dtype for `--kv-cache-dtype requested`, given the resolved weights' dtype and
+    quantization, the device and the backend ("c" or "torch").
+
+    Only the C kernel's attention and fused step read a pool whose dtype differs from the
+    activations' (float32 model, bfloat16 pool: widened as read, rounded to nearest even as
+    written); torch's SDPA wants the two equal, so elsewhere the pool is the weights' dtype."""
+    widens = backend == "c" and device == "cpu" and dtype == "float32"
+    if requested != "auto":
+        if requested != dtype and not (widens and requested == "bfloat16"):
+            from disagg_cli.errors import UsageError
+
+            raise UsageError(f"--kv-cache-dtype {requested} with {dtype} weights needs the C kernel's attention "
+                             f"(--kernel c on the CPU, --dtype float32); here the pool must be {dtype}: pass "
+                             "--kv-cache-dtype auto")
+        return DtypeChoice(requested, f"--kv-cache-dtype {requested} as asked")
+    if widens and quantization != "none":
+        # Zen 4, 2 threads, batch 32 at ~290 tokens: attention reads 46 KB a token of float32 KV, a
+        # third of the step; bf16 halves it, and its rounding (2^-9) is far below int4 weights' error
+        return DtypeChoice("bfloat16", f"auto: bfloat16 KV under {quantization} weights: the C kernel's attention "
+                                       "widens it as it reads, half the bytes of float32 at a rounding far "
+                                       "below the weights'")
+    if widens:
+        return DtypeChoice("float32", "auto: float32 KV with float32 weights (--quantization none: the exact path)")
+    return DtypeChoice(dtype, f"auto: the weights' dtype ({dtype}), which this attention needs")

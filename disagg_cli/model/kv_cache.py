@@ -55,6 +55,8 @@ class DenseKVCache:
     """
 
     def __init__(self, config: ModelConfig, capacity: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """dtype: the KV's (`LoadedModel.kv_dtype`); a bfloat16 cache under float32 activations is
+        widened as read, as the C kernel's paged attention reads its pool."""
         shape = (config.num_layers, capacity, config.num_kv_heads, config.head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)  # (layers, capacity, KV, hd)
         self.values = torch.empty(shape, dtype=dtype, device=device)
@@ -65,9 +67,10 @@ class DenseKVCache:
         start, end = self.num_tokens, self.num_tokens + k.shape[0]
         if end > self.capacity:
             raise RuntimeError(f"KV cache holds {self.capacity} tokens; step needs {end}")
-        self.keys[layer, start:end] = k
+        self.keys[layer, start:end] = k  # rounded where the cache is narrower (bfloat16 KV)
         self.values[layer, start:end] = v
-        return causal_attention(q, self.keys[layer, :end], self.values[layer, :end], start)
+        keys, values = self.keys[layer, :end].to(q.dtype), self.values[layer, :end].to(q.dtype)
+        return causal_attention(q, keys, values, start)
 
     def advance(self, n: int) -> None:
         self.num_tokens += n

@@ -22,7 +22,14 @@ import torch
 from disagg_cli.config import ModelConfig, RuntimeConfig
 from disagg_cli.errors import ModelFormatError, UsageError
 from disagg_cli.model.backend import Backend, Execution, choose_backend
-from disagg_cli.model.hardware import CPUInfo, QuantChoice, choose_dtype, choose_quantization, probe_cpu
+from disagg_cli.model.hardware import (
+    CPUInfo,
+    QuantChoice,
+    choose_dtype,
+    choose_kv_cache_dtype,
+    choose_quantization,
+    probe_cpu,
+)
 from disagg_cli.model.llama import LlamaForCausalLM, fuse_projections
 from disagg_cli.model.weights import Progress, read_checkpoint
 
@@ -36,10 +43,11 @@ class LoadedModel:
     fingerprint: str
     path: Path
     file_type: str
-    runtime: RuntimeConfig  # as resolved: a concrete dtype, quantization and kernel ("c" or "torch")
+    runtime: RuntimeConfig  # as resolved: a concrete dtype, quantization, kernel ("c" or "torch") and KV dtype
     execution: Execution  # the backend's linear methods, fused step and attention for this model
     dtype_reason: str = ""
     quantization_reason: str = ""
+    kv_cache_dtype_reason: str = ""
 
     @property
     def backend(self) -> Backend:
@@ -53,6 +61,11 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.runtime.dtype]
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV pool's dtype (the weights' or, on the C kernel, bfloat16 under float32 weights)."""
+        return TORCH_DTYPES[self.runtime.kv_cache_dtype]
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +90,7 @@ class LoadedModel:
         """The resolved choices and why, as the worker's hello and `disagg model info` show them."""
         return {"dtype": self.runtime.dtype, "dtype_reason": self.dtype_reason,
                 "quantization": self.runtime.quantization, "quantization_reason": self.quantization_reason,
+                "kv_cache_dtype": self.runtime.kv_cache_dtype, "kv_cache_dtype_reason": self.kv_cache_dtype_reason,
                 **self.execution.describe()}
 
 
@@ -93,14 +107,17 @@ def check_device(device: str) -> None:
 
 
 def resolve_runtime(runtime: RuntimeConfig, role: str, cpu: CPUInfo | None = None,
-                    backend: str = "torch", stored_quantized: bool = True) -> tuple[RuntimeConfig, str, QuantChoice]:
-    """(runtime with dtype, quantization and kernel made concrete for `backend` ("c" or "torch"),
-    dtype reason, the quantization choice)."""
+                    backend: str = "torch", stored_quantized: bool = True
+                    ) -> tuple[RuntimeConfig, str, QuantChoice, str]:
+    """(runtime with dtype, quantization, kernel and KV dtype made concrete for `backend` ("c" or
+    "torch"), dtype reason, the quantization choice, KV dtype reason)."""
     cpu = cpu or probe_cpu()
     d = choose_dtype(runtime.dtype, runtime.device, cpu, role, backend)
     q = choose_quantization(runtime.quantization, role, runtime.device, backend, cpu, stored_quantized,
                             runtime.wide_dtype)
-    return replace(runtime, dtype=d.dtype, quantization=q.quantization, kernel=backend), d.reason, q
+    kv = choose_kv_cache_dtype(runtime.kv_cache_dtype, d.dtype, q.quantization, runtime.device, backend)
+    resolved = replace(runtime, dtype=d.dtype, quantization=q.quantization, kernel=backend, kv_cache_dtype=kv.dtype)
+    return resolved, d.reason, q, kv.reason
 
 
 def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = None,
@@ -112,8 +129,8 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
 
     backend = choose_backend(runtime.kernel, runtime.device, cache_dir or default_cache_dir())
     ckpt = read_checkpoint(path, progress)
-    resolved, dtype_reason, quant = resolve_runtime(runtime, role, backend=backend.name,
-                                                    stored_quantized=bool(ckpt.blocks))
+    resolved, dtype_reason, quant, kv_reason = resolve_runtime(runtime, role, backend=backend.name,
+                                                               stored_quantized=bool(ckpt.blocks))
     dtype = TORCH_DTYPES[resolved.dtype]
     model = LlamaForCausalLM(ckpt.config, device="meta")  # every parameter is assigned from the file below
     state = {name: t.to(dtype) for name, t in ckpt.state_dict.items()}
@@ -137,4 +154,4 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
     execution = backend.plan(model, resolved.quantization, ckpt.blocks, quant, float_gemm)
     model.eval()
     return LoadedModel(model, ckpt.config, ckpt.fingerprint, path, ckpt.file_type, resolved, execution,
-                       dtype_reason, quant_reason)
+                       dtype_reason, quant_reason, kv_reason)

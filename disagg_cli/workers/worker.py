@@ -82,8 +82,8 @@ class Worker(Generic[R]):
         self.lm: LoadedModel = lm
         lr = self.lm.runtime
         log(config.role, f"dtype {lr.dtype} ({self.lm.dtype_reason}); weights {lr.quantization} "
-                         f"({self.lm.quantization_reason})" + (f"; {self.lm.kernel_reason}" if self.lm.kernel_reason
-                                                                else ""))
+                         f"({self.lm.quantization_reason}); KV {lr.kv_cache_dtype} ({self.lm.kv_cache_dtype_reason})"
+                         + (f"; {self.lm.kernel_reason}" if self.lm.kernel_reason else ""))
         self.engine = LLMEngine(self.lm, config.engine, prefill_only=self.prefill_only)
         self.limits = Limits.of(self.lm)
         if not self.prefill_only:
@@ -93,7 +93,7 @@ class Worker(Generic[R]):
         c = self.lm.config
         host = config.advertise_host or config.host
         self.address = f"tcp://{host}:{config.port}"
-        layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, lr.dtype, config.engine.block_size)
+        layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, lr.kv_cache_dtype, config.engine.block_size)
         e = config.engine
         capacity = WorkerCapacity(self.engine.num_blocks, e.block_size, e.max_num_seqs, e.max_num_batched_tokens,
                                   e.chunked_prefill, e.enable_prefix_caching, torch.get_num_threads())

@@ -19,6 +19,7 @@ from disagg_cli.config import EngineConfig, RuntimeConfig
 from disagg_cli.coordinator.options import build_topology
 from disagg_cli.coordinator.placement import StartLocal
 from disagg_cli.coordinator.topology import WorkerSpec
+from disagg_cli.errors import UsageError
 from disagg_cli.worker_settings import DEFAULTS, SETTING_NAMES, WORKER_SETTINGS, WorkerSettings
 
 FRONT_ENDS = (("generate",), ("serve",), ("bench", "serve"))
@@ -76,10 +77,20 @@ def test_flags_reach_the_command_as_one_worker_settings() -> None:
         got.append(settings)
 
     result = CliRunner().invoke(probe, ["--kv-cache-memory-mb", "3", "--no-enable-prefix-caching", "--threads", "1",
-                                        "--kv-codec", "int8", "--dtype", "float32", "--name", "y"])
+                                        "--kv-codec", "int8", "--dtype", "float32", "--kv-cache-dtype", "bfloat16",
+                                        "--name", "y"])
     assert result.exit_code == 0, result.output
     assert got == [WorkerSettings(kv_cache_memory_mb=3.0, enable_prefix_caching=False, threads=1, kv_codec="int8",
-                                  dtype="float32")]
+                                  dtype="float32", kv_cache_dtype="bfloat16")]
+    assert got[0].runtime().kv_cache_dtype == "bfloat16"
+
+
+def test_kv_cache_dtype_is_one_row_with_the_runtime_default() -> None:
+    assert [s.name for s in WORKER_SETTINGS].count("kv_cache_dtype") == 1
+    assert DEFAULTS["kv_cache_dtype"] == RuntimeConfig().kv_cache_dtype == "auto"
+    assert WorkerSpec("prefill", kv_cache_dtype="float32").runtime().kv_cache_dtype == "float32"
+    with pytest.raises(UsageError, match="--kv-cache-dtype must be one of auto, float32, bfloat16, float16"):
+        WorkerSettings(kv_cache_dtype="int8")
 
 
 def test_every_setting_has_help_and_a_panel() -> None:

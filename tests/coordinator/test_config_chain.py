@@ -24,7 +24,8 @@ from tests.tiny_models import random_weights, write_gguf
 NON_DEFAULT = {"host": "127.0.0.2", "port": 7123, "device": "cuda", "dtype": "bfloat16", "quantization": "int8",
                "threads": 3, "kv_codec": "int8", "block_size": 8, "kv_cache_tokens": 64, "kv_cache_memory_mb": 7.5,
                "max_num_seqs": 5, "max_num_batched_tokens": 99, "chunked_prefill": False,
-               "enable_prefix_caching": False, "kernel": "torch", "wide_dtype": "bfloat16"}
+               "enable_prefix_caching": False, "kernel": "torch", "wide_dtype": "bfloat16",
+               "kv_cache_dtype": "float16"}
 
 
 def test_every_spec_field_reaches_the_worker_config() -> None:
@@ -48,7 +49,7 @@ def test_worker_config_round_trips_as_json() -> None:
     assert again.engine == EngineConfig(block_size=8, kv_cache_tokens=64, kv_cache_memory_mb=7.5, max_num_seqs=5,
                                         max_num_batched_tokens=99, chunked_prefill=False, enable_prefix_caching=False)
     assert again.runtime == RuntimeConfig(device="cuda", dtype="bfloat16", threads=3, quantization="int8",
-                                          kernel="torch", wide_dtype="bfloat16")
+                                          kernel="torch", wide_dtype="bfloat16", kv_cache_dtype="float16")
     # The child's command line carries that JSON, not a flag list rebuilt field by field.
     cmd = worker_command(config, "/models/x.gguf")
     assert cmd[-2] == "run-worker" and WorkerConfig.from_json(cmd[-1]) == made

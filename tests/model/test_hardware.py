@@ -83,15 +83,15 @@ def test_runtime_config_validates_and_resolves() -> None:
         RuntimeConfig(quantization="int3")
     with pytest.raises(UsageError, match="--dtype must be one of auto, float32"):
         RuntimeConfig(dtype="fp8")
-    resolved, dtype_reason, quant = resolve_runtime(
+    resolved, dtype_reason, quant, _ = resolve_runtime(
         RuntimeConfig(quantization="auto"), "decode", CPUInfo("AVX2", NO_FLAGS), "c")
     assert (resolved.dtype, resolved.quantization, quant.keep_dense) == ("float32", "int4", False)
     assert "AVX2" in dtype_reason and "decode" in quant.reason
     zen4 = CPUInfo("AVX512", frozenset({"avx512_bf16"}))
     for role, dtype in (("prefill", "bfloat16"), ("decode", "float32")):
-        resolved, _, _ = resolve_runtime(RuntimeConfig(quantization="auto"), role, zen4, "c")
+        resolved, _, _, _ = resolve_runtime(RuntimeConfig(quantization="auto"), role, zen4, "c")
         assert resolved.dtype == dtype
-    resolved, _, _ = resolve_runtime(RuntimeConfig(), "decode", zen4, "torch")  # torch backend: bf16
+    resolved, _, _, _ = resolve_runtime(RuntimeConfig(), "decode", zen4, "torch")  # torch backend: bf16
     assert resolved.dtype == "bfloat16"
 
 

@@ -42,11 +42,12 @@ def cluster(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     pp, dp, dp2 = free_port(), free_port(), free_port()
     procs = [
         start_worker("prefill", pp, default_gguf, "--kv-codec", "shuffle-lz4", log=logs / "p.log"),
+        # float32 prefill (float weights: a float32 pool) into a bfloat16 pool (int4 weights: auto)
         start_worker("decode", dp, default_gguf, "--block-size", "16", log=logs / "d.log"),
         # bfloat16 prefill into float32 decode with another block size, and a tiny pool (backpressure)
         start_worker("prefill", free_port(), default_gguf, "--dtype", "bfloat16", log=logs / "p16.log"),
         start_worker("decode", dp2, default_gguf, "--block-size", "5", "--kv-cache-tokens", "100",
-                     log=logs / "d2.log"),
+                     "--kv-cache-dtype", "float32", log=logs / "d2.log"),
     ]
     info = {"prefill": f"tcp://127.0.0.1:{pp}", "decode": f"tcp://127.0.0.1:{dp}",
             "prefill16": procs[2].args[procs[2].args.index("--port") + 1], "decode2": f"tcp://127.0.0.1:{dp2}",
@@ -118,6 +119,8 @@ def pool_stats(address: str) -> dict:
 
 def test_disaggregated_equals_in_process(cluster: dict, default_model: LoadedModel,
                                          default_tokenizer: Tokenizer) -> None:
+    # The prefill worker's float32 KV lands in the decode worker's bfloat16 pool (cast on arrival);
+    # 16 greedy tokens of these prompts still equal the float32 reference's.
     params = SamplingParams(max_tokens=16)
     got = run_disaggregated(cluster, default_tokenizer, PROMPTS, params)
     expected = in_process(default_model, default_tokenizer, PROMPTS, params)
@@ -141,10 +144,17 @@ def test_bfloat16_prefill_into_float32_decode_with_other_block_size_and_backpres
 
 def test_hello_says_the_resolved_dtype_and_quantization(cluster: dict) -> None:
     ack = Peer(cluster["decode"]).hello()
-    assert isinstance(ack, HelloAck) and ack.kv_layout.dtype == "float32"
-    assert ack.runtime["dtype"] == "float32" and ack.runtime["quantization"] == "none"
+    # --quantization auto is int4 for decode; under it --kv-cache-dtype auto is a bfloat16 pool
+    assert isinstance(ack, HelloAck) and ack.kv_layout.dtype == ack.runtime["kv_cache_dtype"] == "bfloat16"
+    assert ack.runtime["dtype"] == "float32" and ack.runtime["quantization"] == "int4"
     assert ack.runtime["dtype_reason"] == "--dtype float32 as asked"
-    assert "decode" not in ack.runtime["quantization_reason"]  # asked for none, not chosen for the role
+    assert "decode" in ack.runtime["quantization_reason"]
+    assert ack.runtime["kv_cache_dtype_reason"].startswith("auto: bfloat16 KV under int4 weights")
+    prefill = Peer(cluster["prefill"]).hello()  # float weights: the exact path keeps a float32 pool
+    assert isinstance(prefill, HelloAck) and prefill.kv_layout.dtype == "float32"
+    asked = Peer(cluster["decode2"]).hello()
+    assert isinstance(asked, HelloAck) and asked.kv_layout.dtype == "float32"
+    assert asked.runtime["kv_cache_dtype_reason"] == "--kv-cache-dtype float32 as asked"
 
 
 def test_wrong_fingerprint_is_refused_naming_both(cluster: dict) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 
 from disagg_cli.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from disagg_cli.model.quant.blocks import QuantizedWeight
-from disagg_cli.model.quant.kernels import Kernel
+from disagg_cli.model.quant.kernels import KV_DTYPES, Kernel
 from disagg_cli.model.quant.linear import QuantizedLinear
 from disagg_cli.model.quant.panel import PanelLinear
 
@@ -133,10 +133,12 @@ class FusedDecoder:
         """One decode step of B sequences → logits (B, V) float32.
 
         tokens, positions: each sequence's new token and its position; block_table (B, max blocks)
-        int32 of block ids; keys/values the pool, (layers, slots, KV, hd) float32 and contiguous:
-        each new K/V lands in slot table[pos // block_size] · block_size + pos % block_size."""
+        int32 of block ids; keys/values the pool, (layers, slots, KV, hd) float32 or bfloat16 and
+        contiguous: each new K/V lands in slot table[pos // block_size] · block_size + pos %
+        block_size (rounded to nearest even into a bfloat16 pool, as torch's cast rounds)."""
         b = len(tokens)
-        assert keys.dtype == values.dtype == torch.float32 and keys.is_contiguous() and values.is_contiguous()
+        assert keys.dtype == values.dtype and keys.dtype in KV_DTYPES, keys.dtype
+        assert keys.is_contiguous() and values.is_contiguous()
         assert block_table.dtype == torch.int32 and block_table.is_contiguous() and block_table.shape[0] == b
         rotary = self.rotary
         tok = torch.tensor(tokens, dtype=torch.int32)
@@ -146,7 +148,8 @@ class FusedDecoder:
             rotary.ensure(max(positions))
             rc = self.lib.dq_decode_step(self._handle, b, tok.data_ptr(), pos.data_ptr(), block_table.data_ptr(),
                                          block_table.shape[1], block_size, keys.data_ptr(), values.data_ptr(),
-                                         keys[0].numel(), rotary.cos_table.data_ptr(),
+                                         keys[0].numel(), int(keys.dtype == torch.bfloat16),
+                                         rotary.cos_table.data_ptr(),
                                          rotary.sin_table.data_ptr(), torch.get_num_threads(), logits.data_ptr(),
                                          None)
         if rc == -2:

@@ -37,8 +37,8 @@ SIGNATURES: dict[str, tuple[tuple[CType, ...], CType | None]] = {
     "dq_has_vnni": ((), _I),
     # kind, x, ldx, M, K, wq, wd, wm, N, y, ldy, nthreads, act_int8
     "dq_matmul": ((_I, _P, _I64, _I, _I, _P, _P, _P, _I, _P, _I64, _I, _I), _I),
-    # q, keys, values, block_table, max_blocks, seq_lens, B, H, KV, hd, block_size, scale, out, nthreads
-    "dq_decode_attention": ((_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F, _P, _I), _I),
+    # q, keys, values, block_table, max_blocks, seq_lens, B, H, KV, hd, block_size, scale, out, nthreads, kv_bf16
+    "dq_decode_attention": ((_P, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F, _P, _I, _I), _I),
     # x, ldx, M, K, panels, N, bias, y, ldy, nthreads
     "dq_gemm_f32": ((_P, _I64, _I, _I, _P, _I, _P, _P, _I64, _I), _I),
     # logits, B, n, ld, out
@@ -55,8 +55,8 @@ SIGNATURES: dict[str, tuple[tuple[CType, ...], CType | None]] = {
     # model, layer, which, x, M, y, nthreads
     "dq_model_matmul": ((_P, _I, _I, _P, _I, _P, _I), _I),
     # model, B, tokens, positions, block_table, max_blocks, block_size, keys, values, layer_stride,
-    # cos, sin, nthreads, logits, hidden
-    "dq_decode_step": ((_P, _I, _P, _P, _P, _I, _I, _P, _P, _I64, _P, _P, _I, _P, _P), _I),
+    # kv_bf16, cos, sin, nthreads, logits, hidden
+    "dq_decode_step": ((_P, _I, _P, _P, _P, _I, _I, _P, _P, _I64, _I, _P, _P, _I, _P, _P), _I),
 }
 _KIND_NAMES = {_P: "pointer", _I: "int", _I64: "int64_t", _F: "float", None: "void"}
 
@@ -156,6 +156,9 @@ def matmul(kernel: Kernel, x: torch.Tensor, w: QuantizedWeight, act_int8: bool =
     return y
 
 
+# The pool dtypes the paged attention and the fused step read (and the step writes).
+KV_DTYPES = (torch.float32, torch.bfloat16)
+
 PANEL = 16  # output columns per panel of the float GEMM (kernel.c GEMM_NR)
 
 
@@ -192,17 +195,19 @@ def decode_attention(kernel: Kernel, q: torch.Tensor, keys: torch.Tensor, values
                      block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
     """One new token per sequence over its pooled KV, read in place through its block table.
 
-    q (B, H, hd) float32; keys/values (slots, KV, hd) float32 of one layer; block_table (B, max
-    blocks) int32; seq_lens (B,) int32 keys per sequence, the new one included → (B, H, hd).
+    q (B, H, hd) float32; keys/values (slots, KV, hd) of one layer, float32 or bfloat16 (widened
+    to float32 as they are read); block_table (B, max blocks) int32; seq_lens (B,) int32 keys per
+    sequence, the new one included → (B, H, hd) float32.
     """
-    assert q.dtype == keys.dtype == torch.float32
+    assert q.dtype == torch.float32 and keys.dtype == values.dtype and keys.dtype in KV_DTYPES, (q.dtype, keys.dtype)
     assert block_table.dtype == seq_lens.dtype == torch.int32 and keys.is_contiguous() and values.is_contiguous()
     q = q.contiguous()
     b, h, hd = q.shape
     out = torch.empty_like(q)
     rc = kernel.lib.dq_decode_attention(q.data_ptr(), keys.data_ptr(), values.data_ptr(), block_table.data_ptr(),
                                         block_table.shape[1], seq_lens.data_ptr(), b, h, keys.shape[1], hd,
-                                        block_size, hd ** -0.5, out.data_ptr(), torch.get_num_threads())
+                                        block_size, hd ** -0.5, out.data_ptr(), torch.get_num_threads(),
+                                        int(keys.dtype == torch.bfloat16))
     if rc != 0:
         raise MemoryError(f"decode attention could not allocate scores for {int(seq_lens.max())} keys")
     return out
