@@ -222,6 +222,9 @@ def bench_serve(
         num_prefixes=num_prefixes,
         disagg_threshold=parse_threshold(disagg_threshold), router=router, planner=planner, phase_s=phase_duration)
     if base_url is not None:
+        if planner.is_on:
+            raise UsageError("--planner slo runs in the service bench serve starts; a server at --base-url runs its "
+                             "own (disagg serve --planner slo)")
         run_http_bench(HttpTarget(base_url, backend, endpoint, api_key), opts)
     else:
         run_serve_bench(opts)
