@@ -252,7 +252,8 @@ def test_worker_rows_show_why_the_planner_gave_each_its_role() -> None:
     from disagg_cli.ui import worker_table
 
     console = Console(record=True, width=200)
-    workers = {"tcp://127.0.0.1:7200": ("colocated", {"running": 5}), "tcp://127.0.0.1:7100": ("prefill", {})}
+    workers: dict[str, tuple[str, dict[str, float]]] = {"tcp://127.0.0.1:7200": ("colocated", {"running": 5.0}),
+                                                        "tcp://127.0.0.1:7100": ("prefill", {})}
     console.print(worker_table(workers, {"tcp://127.0.0.1:7200": "decode → colocated: TTFT missed"}))
     text = console.export_text()
     assert "planner" in text.splitlines()[0]
