@@ -345,7 +345,10 @@ class CoordinatorService:
 
 
 def _dead_roles(views: list[WorkerView]) -> list[str]:
-    """The roles the service needs that have no live worker among `views`."""
+    """The roles the service needs that have no live worker among `views`. A colocated worker does
+    both phases, so one among prefill and decode workers (the planner made it so) stands for either."""
     roles = {v.role for v in views}
-    needed = ("colocated",) if roles == {"colocated"} else ("prefill", "decode")
-    return [role for role in needed if not any(v.is_alive for v in views if v.role == role)]
+    if roles == {"colocated"}:
+        return [] if any(v.is_alive for v in views) else ["colocated"]
+    able = {"prefill": ("prefill", "colocated"), "decode": ("decode", "colocated")}
+    return [role for role, who in able.items() if not any(v.is_alive for v in views if v.role in who)]

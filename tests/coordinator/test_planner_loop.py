@@ -145,3 +145,19 @@ def test_recent_requests_leave_the_window() -> None:
     assert loop.snapshot().recent_ttft_ms == (1500.0,) and loop.snapshot().recent_tpot_ms == (pytest.approx(100.0),)
     now[0] = CONFIG.window_s + 1
     assert loop.snapshot().recent_ttft_ms == ()
+
+
+def test_health_counts_a_colocated_worker_for_both_phases() -> None:
+    from disagg_cli.coordinator.refusals import WorkerView
+    from disagg_cli.coordinator.service import _dead_roles
+
+    def views(*given: tuple[str, bool]) -> list[WorkerView]:
+        return [WorkerView(role, f"tcp://h:{i}", alive, {}) for i, (role, alive) in enumerate(given)]
+
+    # After the planner turned the decode worker colocated, nothing is missing.
+    assert _dead_roles(views(("prefill", True), ("colocated", True))) == []
+    assert _dead_roles(views(("prefill", True), ("colocated", False))) == ["decode"]
+    assert _dead_roles(views(("prefill", False), ("colocated", True))) == []  # it prefills too
+    assert _dead_roles(views(("prefill", True), ("decode", False))) == ["decode"]
+    assert _dead_roles(views(("colocated", False))) == ["colocated"]
+    assert _dead_roles(views(("colocated", True))) == []
