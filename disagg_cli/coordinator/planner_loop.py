@@ -144,6 +144,7 @@ class PlannerLoop:
     async def tick(self) -> Plan:
         plan = self.planner.tick(self.snapshot())
         self.last_plan = plan
+        log.debug("planner: %s", plan.summary)
         for change in plan.changes:
             log.warning("planner: %s %s → %s: %s", change.address, change.old_role, change.new_role, change.reason)
             t0 = self._clock()

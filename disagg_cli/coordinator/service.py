@@ -11,7 +11,9 @@ Life of the service:
    worker starts;
 2. `start()`: start the local cluster or the Ray actors (unless addresses were given), say hello
    to every worker and wait for every answer; Ray actors that die and come back are dropped and
-   added while the service runs (`ray_cluster.py`);
+   added while the service runs (`ray_cluster.py`); with `--planner slo` the planner loop starts
+   (`planner_loop.py`: workers' roles follow the latency targets), and with `--admission slo` its
+   prediction refuses a request that would miss the TTFT target (`OverloadedError`);
 3. `submit(prompt or ids, params)` checks the prompt against the context and the waiting queue
    (raising before any work is done), then drives the request in a task of its own and returns
    a `RequestStream` of `Delta`s; closing the stream early (a client gone) or `abort(id)` cancels
