@@ -14,7 +14,7 @@ from disagg_cli.worker_settings import WorkerSettings
 
 
 @worker_options()
-@placement_options()
+@placement_options(admission=True)
 def serve(
     model: ModelOpt = "smollm2-135m-instruct",
     host: Annotated[str, typer.Option(help="Interface to listen on; beyond loopback needs --api-key.")] = "127.0.0.1",

@@ -39,11 +39,13 @@ import zmq
 from disagg_cli.coordinator.attempt import BACKOFF_S, RETRYABLE, Attempt
 from disagg_cli.coordinator.membership import WorkerConnections
 from disagg_cli.coordinator.options import CoordinatorConfig
+from disagg_cli.coordinator.planner_loop import SwitchOutcome
 from disagg_cli.coordinator.request_stats import copy_stats
 from disagg_cli.coordinator.router import NoWorkerError, Router, local_prefill_pays
 from disagg_cli.coordinator.timeouts import wait_within
 from disagg_cli.coordinator.worker_link import RequestFailed, WorkerGone, WorkerLink
 from disagg_cli.engine.request import RequestOutput
+from disagg_cli.errors import DisaggError
 from disagg_cli.protocol import (
     COMPLETED_REASONS,
     Abort,
@@ -88,6 +90,12 @@ class Coordinator:
 
     async def __aenter__(self) -> Coordinator:
         return self
+
+    async def switch_role(self, address: str, role: str) -> SwitchOutcome:
+        """PLACEHOLDER(elastic-roles): the in-place role switch (requests moved with their KV) lands
+        from branch elastic-roles with this signature; until then the planner's switches fail here,
+        each one logged and counted as failed, and the roles stay as started."""
+        raise DisaggError(f"cannot switch {address} to {role}: this build has no in-place role switch yet")
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()

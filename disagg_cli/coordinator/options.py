@@ -27,6 +27,7 @@ from disagg_cli.coordinator.placement import (
     StartOnRay,
     keys_dir,
 )
+from disagg_cli.coordinator.planner import PlannerConfig
 from disagg_cli.coordinator.router import POLICIES
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.errors import UsageError
@@ -67,6 +68,7 @@ class ServeOptions:
     placement: Placement = field(default_factory=StartLocal)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     kv_codec: str | None = None  # the prefill workers' codec where workers are made from flags or a file; None: theirs
+    planner: PlannerConfig = field(default_factory=PlannerConfig)  # --planner, the SLO targets, --admission
 
     def __post_init__(self) -> None:
         if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
@@ -101,6 +103,8 @@ class ServiceConfig:
         match self.serve.placement:
             case StartLocal() | StartOnRay() as start:
                 topology = build_topology(self.model, start, self.runtime, self.engine, self.serve.kv_codec)
+                if self.serve.planner.is_on:
+                    topology = switchable(topology)
                 if topology.backend != "ray" and start.keys_dir is not None:
                     raise UsageError("--keys is for workers started elsewhere or on Ray (--ray); the workers "
                                      "started here listen on 127.0.0.1")
@@ -130,6 +134,16 @@ def build_topology(model: str, start: StartLocal | StartOnRay, runtime: RuntimeC
             config = local_topology(model, _base_spec(runtime, engine, kv_codec), colocated=True)
     if isinstance(start, StartOnRay):  # this topology on Ray, whatever its file said
         config = replace(config, backend="ray", ray_address=start.address)
+    return config
+
+
+def switchable(config: ClusterConfig) -> ClusterConfig:
+    """The topology with workers that can switch roles in place (`--planner slo`): loaded as a
+    colocated worker is, int4 for decode steps and float for prompts.
+
+    PLACEHOLDER(elastic-roles): the worker setting that loads them so (probably `elastic`) lands
+    from branch elastic-roles; set it here on every worker, e.g.
+    `replace(config, workers=tuple(replace(w, elastic=True) for w in config.workers))`."""
     return config
 
 

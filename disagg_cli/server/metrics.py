@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from disagg_cli.coordinator.service import CoordinatorService
 from disagg_cli.coordinator.stream import StreamingOutput
-from disagg_cli.protocol import COMPLETED_REASONS
+from disagg_cli.protocol import COMPLETED_REASONS, WORKER_ROLES
 
 PREFIX = "disagg:"
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours unchanged.
@@ -158,4 +158,23 @@ class _LiveGauges(Collector):
         counts = cluster.restarts() if cluster is not None else {}
         for role in sorted({w.role for w in self.service.workers()} | set(counts)):
             restarts.add_metric([m, role], float(counts.get(role, 0)))
-        yield from (running, waiting, usage, up, cached, restarts)
+        yield from (running, waiting, usage, up, cached, restarts, *self._roles())
+
+    def _roles(self) -> Iterator[Metric]:
+        """Each worker's role as a state set (1 for the role it has, 0 for the others), and the
+        planner's switches by (from, to), every pair at zero from the start."""
+        m = self.model_name
+        role = GaugeMetricFamily(PREFIX + "worker_role", "1 for the role each worker has now, 0 for the others "
+                                 "(--planner slo changes them).", labels=["model_name", "address", "role"])
+        for w in self.service.workers():
+            for r in WORKER_ROLES:
+                role.add_metric([m, w.address, r], 1.0 if w.role == r else 0.0)
+        switches = CounterMetricFamily(PREFIX + "role_switches", "Role switches the planner made, by the role "
+                                       "left and the role taken.", labels=["model_name", "from", "to"])
+        planner = self.service.planner
+        made = planner.switches if planner is not None else {}
+        for a in WORKER_ROLES:
+            for b in WORKER_ROLES:
+                if a != b:
+                    switches.add_metric([m, a, b], float(made.get((a, b), 0)))
+        yield from (role, switches)
