@@ -4,7 +4,10 @@
 2. bind the socket and start the I/O thread (`workers/base.py`);
 3. loop: handle what arrived, run one engine step if there is work, hand the step's events to the
    role, publish stats for heartbeats; block on the inbox only when idle;
-4. on SIGINT/SIGTERM: drain: refuse new requests (reason "draining"), let in-flight ones finish
+4. on `SwitchRole` (an elastic worker): the switch (`workers/switch.py`) runs between steps until
+   nothing is left in flight; then `serve` returns and the host (`workers/roles.py`) builds the new
+   role on this one's `carry()`: the model, engine (pool, prefix cache), I/O thread and KV sender;
+5. on SIGINT/SIGTERM: drain: refuse new requests (reason "draining"), let in-flight ones finish
    for up to `grace_s` seconds (a second signal cuts that short), then fail what is left with
    reason "shutdown", free all blocks, stop the I/O thread, exit 0.
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -37,15 +40,19 @@ from disagg_cli.protocol import (
     Generate,
     KVLayout,
     Message,
+    MoveOut,
     Prefill,
     Reserve,
+    SwitchRole,
     WireError,
     WorkerCapacity,
     WorkerStats,
 )
 from disagg_cli.workers.base import CoordinatorGone, Dest, WorkerIdentity, WorkerIO, log
 from disagg_cli.workers.checks import Limits, check_message
+from disagg_cli.workers.kv_out import KVSender
 from disagg_cli.workers.stop import StopFlag
+from disagg_cli.workers.switch import RoleSwitch
 
 # Messages that start a request: refusing one must not touch a request of the same id already here.
 _STARTS = (Prefill, Reserve, Generate)
@@ -61,6 +68,18 @@ class WorkerRequest:
 R = TypeVar("R", bound=WorkerRequest)
 
 
+@dataclass(frozen=True, slots=True)
+class RoleCarry:
+    """What a worker keeps across a role switch: everything but the role's own records."""
+
+    lm: LoadedModel
+    engine: LLMEngine
+    io: Any  # the `WorkerIO` (or a test's stand-in), its thread running
+    ident: WorkerIdentity
+    kv_out: KVSender
+    switch: RoleSwitch  # the switch that ended, answered by the new role
+
+
 class Worker(Generic[R]):
     """A role's engine loop. `requests` holds one record per request in flight here, by id: made
     by the role when the request arrives, changed only on the engine thread, and dropped when the
@@ -69,16 +88,23 @@ class Worker(Generic[R]):
     prefill_only = False
 
     def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None, *,
-                 lm: LoadedModel | None = None, io: Any = None) -> None:
+                 lm: LoadedModel | None = None, io: Any = None, carry: RoleCarry | None = None) -> None:
         """lm: a model already loaded for this config (a host that loads once); io: what carries the
-        role's messages, instead of the `WorkerIO` that binds the socket (in-process role tests)."""
+        role's messages, instead of the `WorkerIO` that binds the socket (in-process role tests);
+        carry: the previous role's model, engine and I/O, when this role replaces it in place."""
         self.config = config
         self.stop = stop or StopFlag()
+        self.switch: RoleSwitch | None = None
+        self._resumed = carry
+        if carry is not None:
+            self._take_over(carry)
+            return
         if lm is None:
             path = resolve_model(config.model, cache_dir)
             r = config.runtime
-            log(config.role, f"loading {path.name} (dtype {r.dtype}, quantization {r.quantization}, {r.device})")
-            lm = load_model(path, r, role=config.role, cache_dir=cache_dir)
+            log(config.role, f"loading {path.name} (dtype {r.dtype}, quantization {r.quantization}, {r.device}"
+                             f"{'; elastic: loaded for every role' if config.elastic else ''})")
+            lm = load_model(path, r, role=config.load_role, cache_dir=cache_dir)
         self.lm: LoadedModel = lm
         lr = self.lm.runtime
         log(config.role, f"dtype {lr.dtype} ({self.lm.dtype_reason}); weights {lr.quantization} "
@@ -86,6 +112,7 @@ class Worker(Generic[R]):
                                                                 else ""))
         self.engine = LLMEngine(self.lm, config.engine, prefill_only=self.prefill_only)
         self.limits = Limits.of(self.lm)
+        self.kv_out = KVSender(config.kv_codec, self.lm.fingerprint, config.link_gbps)
         if not self.prefill_only:
             fused = self.engine.runner.fused
             log(config.role, "decode steps: " + ("fused, one C call per step" if fused is not None
@@ -108,6 +135,25 @@ class Worker(Generic[R]):
         # Measured speeds (moving averages) for `--disagg-threshold auto`, sent in heartbeats.
         self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0}
 
+    def _take_over(self, carry: RoleCarry) -> None:
+        """Become this role on the previous one's model, pool and I/O thread (nothing reloaded)."""
+        self.lm, self.engine, self.kv_out = carry.lm, carry.engine, carry.kv_out
+        self.engine.prefill_only = self.prefill_only  # the scheduler's mode; the pool and cache stay
+        self.limits = Limits.of(self.lm)
+        self.address = carry.ident.address
+        self.ident = replace(carry.ident, role=self.config.role)  # same instance: peers keep what they know
+        self.io = carry.io  # rebound to this role's hooks by `announce`, once the subclass is built
+        self.requests = {}
+        self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0}
+
+    def carry(self) -> RoleCarry:
+        """What the next role takes over, once `serve` returned from a finished switch."""
+        assert self.switch is not None and self.switch.done
+        return RoleCarry(self.lm, self.engine, self.io, self.ident, self.kv_out, self.switch)
+
+    def log(self, message: str) -> None:
+        log(self.config.role, message)
+
     # --- role hooks -----------------------------------------------------------------------------
 
     def preprocess(self, dest: Dest, msg: Message) -> Any:
@@ -115,8 +161,8 @@ class Worker(Generic[R]):
         return msg
 
     def prepare(self, item: Any) -> Message | None:
-        """Runs on the I/O thread: turn a queued work item into the message to send."""
-        raise NotImplementedError
+        """Runs on the I/O thread: turn a queued work item into the message to send (KV leaving)."""
+        return self.kv_out.prepare(item)
 
     def handle(self, dest: Dest, item: Any) -> None:
         raise NotImplementedError
@@ -128,9 +174,19 @@ class Worker(Generic[R]):
         """The role's own figures for `WorkerStats` (its optional fields)."""
         return {}
 
+    def decoding_ids(self) -> list[str]:
+        """Requests decoding here (first token out), which a role switch may move with their KV."""
+        return []
+
+    def begin_switch(self) -> None:
+        """A role switch began: drop what can never settle here (the switch refuses new requests)."""
+
     # --- the loop -------------------------------------------------------------------------------
 
     def serve(self) -> int:
+        """Serve until stopped (the exit code) or until a role switch is done (then `carry()`)."""
+        if self._resumed is not None:
+            return self._loop()
         self._publish_stats()  # before the first heartbeat can come
         self.io.start()
         c = self.config
@@ -142,6 +198,9 @@ class Worker(Generic[R]):
             where = "WARNING: no --keys, so anyone who reaches this port can send requests and read KV"
         log(c.role, f"serving on {self.address} ({where}); model fingerprint {self.lm.fingerprint}; "
                     f"{self.engine.num_blocks} KV blocks of {c.engine.block_size}")
+        return self._loop()
+
+    def _loop(self) -> int:
         deadline: float | None = None
         while True:
             if self.stop.count and deadline is None:
@@ -157,6 +216,8 @@ class Worker(Generic[R]):
                 self._step()
                 self._measure(self.engine.last_step)
                 self._publish_stats()
+            if self.switch is not None and not self.stop.count and self.switch.tick(self.io.flush):
+                return 0  # the host builds the new role on `carry()`
         self.shutdown()
         return 0
 
@@ -179,12 +240,19 @@ class Worker(Generic[R]):
                     self.abort(msg.request_id, notify=False)
                 elif isinstance(msg, CoordinatorGone):
                     self._abort_orphans(msg)
-                elif self.stop.count and isinstance(msg, _STARTS):
-                    self.io.send(dest, Error(msg.request_id, "draining",
-                                             f"{self.config.role} worker {self.address} is shutting down"))
+                elif (self.stop.count or self.switch) and isinstance(msg, _STARTS):
+                    why = "is shutting down" if self.stop.count or self.switch is None else \
+                        f"is switching to {self.switch.role}"
+                    self.io.send(dest, Error(msg.request_id, "draining", f"{self.config.role} worker {self.address} "
+                                                                         f"{why}"))
                 else:
                     check_message(self.limits, msg)
-                    self.handle(dest, msg)
+                    if isinstance(msg, SwitchRole):
+                        self._begin_switch(dest, msg)
+                    elif isinstance(msg, MoveOut):
+                        self._move_out(dest, msg)
+                    else:
+                        self.handle(dest, msg)
             except WireError as e:
                 self._refuse(dest, msg, e.reason, e.detail)
             except Exception as e:  # a bug or a value no check foresaw: this request's, not the loop's
@@ -193,6 +261,41 @@ class Worker(Generic[R]):
                 item = self.io.inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _begin_switch(self, dest: Dest, msg: SwitchRole) -> None:
+        switch = RoleSwitch(self, dest, msg)
+        refused = ""
+        if not self.config.elastic:
+            refused = f"it was not started --elastic, so its weights are loaded for {self.config.role} only"
+        elif self.switch is not None:
+            refused = f"it is already switching to {self.switch.role}"
+        elif self.stop.count:
+            refused = "it is shutting down"
+        if refused or msg.role == self.config.role:
+            self.io.send(dest, switch.answer(refused))
+            return
+        log(self.config.role, f"switching to {msg.role}: {len(self.requests)} request(s) in flight "
+                              f"({'moving' if msg.move else 'finishing'} those decoding)")
+        self.switch = switch
+        self.begin_switch()
+
+    def _move_out(self, dest: Dest, msg: MoveOut) -> None:
+        if self.switch is None:
+            self.io.send(dest, Error(msg.request_id, "unknown", f"{self.address} is not switching roles"))
+            return
+        self.switch.move_out(dest, msg)
+
+    def announce(self) -> None:
+        """The new role is up: tell the coordinator that asked for it (`RoleSwitched`)."""
+        if self._resumed is None:
+            return
+        sw = self._resumed.switch
+        self.io.rebind(self.ident, self.preprocess, self.prepare)
+        answer = sw.answer()
+        self._publish_stats()
+        log(self.config.role, f"was {sw.previous}; switched in {answer.elapsed_ms:.0f} ms ({sw.moved} request(s) "
+                              f"moved with their KV, {sw.finished} finished)")
+        self.io.send(sw.owner, answer)
 
     def _refuse(self, dest: Dest, msg: Any, reason: str, text: str, broke: bool = False) -> None:
         """Fail the request `msg` belongs to, or answer its sender when none lives here; `broke`: the
@@ -245,6 +348,8 @@ class Worker(Generic[R]):
 
     def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
         """Stop a request here and free its blocks; tell its coordinator when it did not ask."""
+        if self.switch is not None:
+            self.switch.forget(request_id)
         self.engine.abort(request_id)
         req = self.requests.pop(request_id, None)
         if notify and req is not None:
@@ -270,11 +375,13 @@ class Worker(Generic[R]):
             **self.engine.pool_stats(), time_unix_s=time.time(), **cache,
             prefill_tokens_per_s=self.speed["prefill_tokens_per_s"], decode_step_ms=self.speed["decode_step_ms"],
             threads=self.ident.capacity.threads, greeted_peers=0,  # the I/O thread counts its peers
-            **self.extra_stats()))
+            role=self.config.role, **self.extra_stats()))
 
     def shutdown(self) -> None:
         in_flight = list(self.requests)
         log(self.config.role, f"shutting down; failing {len(in_flight)} in-flight request(s)")
+        if self.switch is not None:
+            self.switch.abort_all("shutdown", f"{self.config.role} worker {self.address} shut down")
         for rid in in_flight:
             self.abort(rid, notify=True, reason="shutdown", message=f"{self.config.role} worker {self.address} "
                                                                      "shut down")
