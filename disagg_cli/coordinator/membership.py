@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import cast
 
 import zmq
@@ -43,7 +44,9 @@ from disagg_cli.protocol import (
     Hello,
     HelloAck,
     Message,
+    Parked,
     Refuse,
+    RoleSwitched,
     WireError,
     decode_message,
     encode_message,
@@ -71,6 +74,10 @@ class WorkerConnections:
         self._ctx: zmq.asyncio.Context | None = None
         self._conns: dict[str, WorkerLink] = {}
         self._queues: dict[str, asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]] = {}
+        # A role switch's side channels (`role_switch.py`): a worker's switch messages by its address,
+        # and one request's replies from one worker by (address, request id), ahead of its queue.
+        self._control: dict[str, asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]] = {}
+        self._taps: dict[tuple[str, str], asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._keys: Keys | None = None
         self._connected = False  # connect() returned: later hello answers are workers joining
@@ -219,6 +226,28 @@ class WorkerConnections:
     def close_queue(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
+    def queue_of(self, request_id: str) -> asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]] | None:
+        return self._queues.get(request_id)
+
+    def open_control(self, address: str) -> asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]:
+        """Where a worker's role-switch messages (`Parked`, `RoleSwitched`) and its death will go."""
+        queue: asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]] = asyncio.Queue()
+        self._control[address] = queue
+        return queue
+
+    def close_control(self, address: str) -> None:
+        self._control.pop(address, None)
+
+    def tap(self, address: str, request_id: str) -> asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]:
+        """Take the replies for `request_id` from the worker at `address` (and its death) until
+        `untap`, instead of the request's queue: a moved request's reservation on its new worker."""
+        queue: asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]] = asyncio.Queue()
+        self._taps[(address, request_id)] = queue
+        return queue
+
+    def untap(self, address: str, request_id: str) -> None:
+        self._taps.pop((address, request_id), None)
+
     async def send(self, conn: WorkerLink, msg: Message) -> None:
         try:
             await wait_within(conn.sock.send_multipart(encode_message(msg)), self.config.send_timeout_s)
@@ -263,7 +292,15 @@ class WorkerConnections:
             else:
                 log.warning("%s: %s after the handshake: %s", conn.name, msg.kind, msg)
             return
-        queue = self._queues.get(rid) if isinstance(rid, str) else None
+        if isinstance(msg, Parked | RoleSwitched):
+            control = self._control.get(conn.record.address)
+            if control is None:
+                log.warning("%s: %s with no switch asked of it", conn.name, msg.kind)
+            else:
+                control.put_nowait((conn, msg))
+            return
+        queue = self._taps.get((conn.record.address, rid)) if isinstance(rid, str) else None
+        queue = queue or (self._queues.get(rid) if isinstance(rid, str) else None)
         if queue is None:  # a late message for a request that already ended here
             log.debug("%s: %s for unknown request %r", conn.name, msg.kind, rid)
             return
@@ -307,9 +344,22 @@ class WorkerConnections:
         self._alive_changed.set()
         log.warning("%s is back and takes requests again", conn.name)
 
+    def note_switch(self, address: str, role: str | None) -> None:
+        """A worker's role switch ended (None: it failed): route by its new role, and wake requests
+        waiting for a worker."""
+        self.router.end_switch(address, role)
+        conn = self._conns.get(address)
+        if role is not None and conn is not None and conn.ack is not None:
+            conn.ack = replace(conn.ack, role=role)
+        self._alive_changed.set()
+
     async def wait_for_worker(self, role: str, deadline: float) -> None:
-        """Return once a worker of `role` is alive; raise `NoWorkerError` at `deadline` (monotonic)."""
-        while not any(w.is_alive for w in self.router.by_role(role)):
+        """Return once a worker of `role` is routable; raise `NoWorkerError` at `deadline` (monotonic),
+        and `RequestFailed("draining")` (retried, routed anew) when no worker has that role any more
+        (they switched roles)."""
+        while not any(w.routable for w in self.router.by_role(role)):
+            if not self.router.by_role(role):
+                raise RequestFailed("draining", f"no worker is a {role} worker any more (roles switched)")
             left = deadline - time.monotonic()
             if left <= 0:
                 self.router.pick(role)  # raises NoWorkerError naming the role and the known workers
@@ -328,7 +378,13 @@ class WorkerConnections:
 
     def _mark_dead(self, conn: WorkerLink, reason: str) -> None:
         log.warning("%s", reason)
-        self.router.mark_dead(conn.record.address)
+        address = conn.record.address
+        self.router.mark_dead(address)
         for rid in conn.request_ids:
             if rid in self._queues:
                 self._queues[rid].put_nowait((conn, WorkerGone(reason)))
+        for (where, _), tap in list(self._taps.items()):
+            if where == address:
+                tap.put_nowait((conn, WorkerGone(reason)))
+        if address in self._control:
+            self._control[address].put_nowait((conn, WorkerGone(reason)))

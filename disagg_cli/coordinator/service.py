@@ -322,5 +322,7 @@ class CoordinatorService:
 def _dead_roles(views: list[WorkerView]) -> list[str]:
     """The roles the service needs that have no live worker among `views`."""
     roles = {v.role for v in views}
+    if any(v.is_alive for v in views if v.role == "colocated"):
+        return []  # serves every request itself (elastic roles may leave one beside prefill or decode workers)
     needed = ("colocated",) if roles == {"colocated"} else ("prefill", "decode")
     return [role for role in needed if not any(v.is_alive for v in views if v.role == role)]
