@@ -2,7 +2,8 @@
 
 Request-level series (histograms, counters) are observed once per request when it ends (the
 service's `on_finished`); server-level series (requests waiting/running, KV usage and liveness per
-worker, restarts of the local workers by role) are read from the service at scrape time.
+worker, restarts of the local workers by role, each worker's role and the role switches made) are
+read from the service at scrape time.
 Everything lives in this server's own `CollectorRegistry`, never prometheus_client's global one,
 so two servers in one process (tests) do not share counters.
 """
@@ -158,4 +159,18 @@ class _LiveGauges(Collector):
         counts = cluster.restarts() if cluster is not None else {}
         for role in sorted({w.role for w in self.service.workers()} | set(counts)):
             restarts.add_metric([m, role], float(counts.get(role, 0)))
-        yield from (running, waiting, usage, up, cached, restarts)
+        yield from (running, waiting, usage, up, cached, restarts, *self._roles())
+
+    def _roles(self) -> Iterator[Metric]:
+        """Elastic roles: each worker's role now (1 on its role's series), and the switches made."""
+        m = self.model_name
+        role = GaugeMetricFamily(PREFIX + "worker_role", "1 on the role each worker serves now (elastic workers "
+                                 "change role).", labels=["model_name", "address", "role"])
+        for w in self.service.workers():
+            role.add_metric([m, w.address, w.role], 1.0)
+        switches = CounterMetricFamily(PREFIX + "role_switches", "Workers switched from one role to another in "
+                                       "place.", labels=["model_name", "from", "to"])
+        coordinator = self.service.coordinator
+        for (old, new), n in sorted(coordinator.switches.counts.items() if coordinator is not None else ()):
+            switches.add_metric([m, old, new], float(n))
+        yield from (role, switches)

@@ -25,12 +25,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from disagg_cli.engine.engine import LLMEngine
+from disagg_cli.model.loader import LoadedModel
 from disagg_cli.protocol import Error, MoveOut, Parked, ParkedRequest, RoleSwitched, SwitchRole
-from disagg_cli.workers.kv_out import Done, EncodeLayer, KVStream
+from disagg_cli.workers.base import log
+from disagg_cli.workers.kv_out import Done, EncodeLayer, KVSender, KVStream
 
 PARK_TIMEOUT_S = 60.0  # a parked request waits this long for its `MoveOut`
 
 Dest = tuple[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RoleCarry:
+    """What a worker keeps across a role switch: everything but the role's own records."""
+
+    lm: LoadedModel
+    engine: LLMEngine
+    io: Any  # the `WorkerIO` (or a test's stand-in), its thread running
+    ident: Any  # the `WorkerIdentity`: same address and instance, the role replaced
+    kv_out: KVSender
+    switch: RoleSwitch  # the switch that ended, announced by the new role
 
 
 @dataclass
@@ -125,6 +140,27 @@ class RoleSwitch:
     def abort_all(self, reason: str, message: str) -> None:
         for rid in list(self.parked):
             self.fail(rid, reason, message)
+
+    def refusal(self, current: RoleSwitch | None, stopping: bool) -> str:
+        """Why the worker cannot take this switch ("" when it can), and the log line when it can."""
+        w = self.worker
+        if not w.config.elastic:
+            return f"it was not started --elastic, so its weights are loaded for {w.config.role} only"
+        if current is not None:
+            return f"it is already switching to {current.role}"
+        if stopping:
+            return "it is shutting down"
+        if self.role != self.previous:
+            w.log(f"switching to {self.role}: {len(w.requests)} request(s) in flight "
+                  f"({'moving' if self.move else 'finishing'} those decoding)")
+        return ""
+
+    def announce(self) -> None:
+        """Called by the new role, once built: `RoleSwitched` to the coordinator that asked."""
+        answer = self.answer()
+        log(self.role, f"was {self.previous}; switched in {answer.elapsed_ms:.0f} ms ({self.moved} request(s) "
+                       f"moved with their KV, {self.finished} finished)")
+        self.worker.io.send(self.owner, answer)
 
     def answer(self, refused: str = "") -> RoleSwitched:
         return RoleSwitched(self.previous, self.role if not refused else self.previous, self.moved, self.finished,

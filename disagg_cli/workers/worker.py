@@ -52,7 +52,7 @@ from disagg_cli.workers.base import CoordinatorGone, Dest, WorkerIdentity, Worke
 from disagg_cli.workers.checks import Limits, check_message
 from disagg_cli.workers.kv_out import KVSender
 from disagg_cli.workers.stop import StopFlag
-from disagg_cli.workers.switch import RoleSwitch
+from disagg_cli.workers.switch import RoleCarry, RoleSwitch
 
 # Messages that start a request: refusing one must not touch a request of the same id already here.
 _STARTS = (Prefill, Reserve, Generate)
@@ -66,18 +66,6 @@ class WorkerRequest:
 
 
 R = TypeVar("R", bound=WorkerRequest)
-
-
-@dataclass(frozen=True, slots=True)
-class RoleCarry:
-    """What a worker keeps across a role switch: everything but the role's own records."""
-
-    lm: LoadedModel
-    engine: LLMEngine
-    io: Any  # the `WorkerIO` (or a test's stand-in), its thread running
-    ident: WorkerIdentity
-    kv_out: KVSender
-    switch: RoleSwitch  # the switch that ended, answered by the new role
 
 
 class Worker(Generic[R]):
@@ -247,10 +235,8 @@ class Worker(Generic[R]):
                                                                          f"{why}"))
                 else:
                     check_message(self.limits, msg)
-                    if isinstance(msg, SwitchRole):
-                        self._begin_switch(dest, msg)
-                    elif isinstance(msg, MoveOut):
-                        self._move_out(dest, msg)
+                    if isinstance(msg, SwitchRole | MoveOut):
+                        self._switch_message(dest, msg)
                     else:
                         self.handle(dest, msg)
             except WireError as e:
@@ -262,40 +248,28 @@ class Worker(Generic[R]):
             except queue.Empty:
                 return
 
-    def _begin_switch(self, dest: Dest, msg: SwitchRole) -> None:
+    def _switch_message(self, dest: Dest, msg: SwitchRole | MoveOut) -> None:
+        if isinstance(msg, MoveOut):
+            if self.switch is None:
+                self.io.send(dest, Error(msg.request_id, "unknown", f"{self.address} is not switching roles"))
+            else:
+                self.switch.move_out(dest, msg)
+            return
         switch = RoleSwitch(self, dest, msg)
-        refused = ""
-        if not self.config.elastic:
-            refused = f"it was not started --elastic, so its weights are loaded for {self.config.role} only"
-        elif self.switch is not None:
-            refused = f"it is already switching to {self.switch.role}"
-        elif self.stop.count:
-            refused = "it is shutting down"
+        refused = switch.refusal(self.switch, bool(self.stop.count))
         if refused or msg.role == self.config.role:
             self.io.send(dest, switch.answer(refused))
             return
-        log(self.config.role, f"switching to {msg.role}: {len(self.requests)} request(s) in flight "
-                              f"({'moving' if msg.move else 'finishing'} those decoding)")
         self.switch = switch
         self.begin_switch()
-
-    def _move_out(self, dest: Dest, msg: MoveOut) -> None:
-        if self.switch is None:
-            self.io.send(dest, Error(msg.request_id, "unknown", f"{self.address} is not switching roles"))
-            return
-        self.switch.move_out(dest, msg)
 
     def announce(self) -> None:
         """The new role is up: tell the coordinator that asked for it (`RoleSwitched`)."""
         if self._resumed is None:
             return
-        sw = self._resumed.switch
         self.io.rebind(self.ident, self.preprocess, self.prepare)
-        answer = sw.answer()
         self._publish_stats()
-        log(self.config.role, f"was {sw.previous}; switched in {answer.elapsed_ms:.0f} ms ({sw.moved} request(s) "
-                              f"moved with their KV, {sw.finished} finished)")
-        self.io.send(sw.owner, answer)
+        self._resumed.switch.announce()
 
     def _refuse(self, dest: Dest, msg: Any, reason: str, text: str, broke: bool = False) -> None:
         """Fail the request `msg` belongs to, or answer its sender when none lives here; `broke`: the

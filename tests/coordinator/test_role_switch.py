@@ -125,7 +125,8 @@ def test_switches_move_decoding_requests_with_their_kv_and_change_nothing(
     assert all(o.workers["decode"] == e2 for o in outs)
     to_decode, to_prefill = outcomes
     assert (to_decode.previous, to_decode.role, to_decode.moved) == ("prefill", "decode", 0)
-    assert (to_prefill.previous, to_prefill.role, to_prefill.moved, to_prefill.failed_over) == ("decode", "prefill", 4, 0)
+    assert (to_prefill.previous, to_prefill.role, to_prefill.moved, to_prefill.failed_over) == \
+        ("decode", "prefill", 4, 0)
     assert 0 < to_prefill.max_pause_s < 10, to_prefill
     assert coordinator.switches.counts == {("prefill", "decode"): 1, ("decode", "prefill"): 1}
     assert_free(stats)
