@@ -270,6 +270,8 @@ class WorkerConnections:
     def _dispatch(self, conn: WorkerLink, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
             self.router.note_stats(conn.record.address, msg.stats)
+            if msg.stats is not None and msg.stats.role:
+                self._follow_role(conn, msg.stats.role, msg.stats.switching_to)
             conn.acked_seq = max(conn.acked_seq, msg.seq)
             conn.beat.set()
             return
@@ -331,12 +333,23 @@ class WorkerConnections:
                 with contextlib.suppress(RequestFailed):
                     await self.send(conn, Heartbeat(conn.seq))
 
+    def _follow_role(self, conn: WorkerLink, role: str, switching_to: str) -> None:
+        """Take the worker's word on its role, unless a switch of ours is under way (it knows)."""
+        was = conn.name
+        if conn.record.address not in self._control and self.router.follow(conn.record.address, role, switching_to):
+            log.warning("%s says it is a %s worker%s; routing by that", was, role,
+                        f", switching to {switching_to}" if switching_to else "")
+            if conn.ack is not None:
+                conn.ack = replace(conn.ack, role=role)
+            self._alive_changed.set()
+
     def _rejoin(self, conn: WorkerLink, ack: HelloAck) -> None:
         expected = self.model_fingerprint
-        if ack.role != conn.record.role or (expected and ack.model_fingerprint != expected):
+        if expected and ack.model_fingerprint != expected:
             log.warning("%s came back as a %s worker of model %s; not routing to it", conn.name, ack.role,
                         ack.model_fingerprint)
             return
+        self._follow_role(conn, ack.role, "")  # an elastic worker restarts in its configured role
         conn.ack = ack
         conn.rehello = False
         conn.last_seen_s = time.monotonic()

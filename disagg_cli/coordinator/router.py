@@ -261,6 +261,18 @@ class Router:
             w.role = role
             self._next.pop(role, None)
 
+    def follow(self, address: str, role: str, switching_to: str) -> bool:
+        """A worker's own word on its role (a heartbeat, a hello answer): the truth where no switch
+        of ours is under way (one that timed out or was cancelled, a worker restarted as configured).
+        True when the record changed."""
+        w = self.get(address)
+        switching = bool(switching_to)
+        if role not in WORKER_ROLES or (w.role, w.switching) == (role, switching):
+            return False
+        w.role, w.switching = role, switching
+        self._next.pop(role, None)
+        return True
+
     def roles(self) -> dict[str, str]:
         """Each worker's role now, by address (for /metrics and the planner)."""
         return {w.address: w.role for w in self.workers}

@@ -92,12 +92,16 @@ class WorkerStats:
     incoming: int | None = None  # reserved, KV on its way
     # the role it serves now (an elastic worker's changes, `SwitchRole`); "" from a worker that did not say
     role: str = ""
+    switching_to: str = ""  # the role it is changing to, while it does; "" otherwise
 
     def __post_init__(self) -> None:
-        if self.role and self.role not in WORKER_ROLES:
-            bad_field(f"role {self.role!r:.40} is not one of {', '.join(WORKER_ROLES)}")
+        for name in ("role", "switching_to"):
+            value = getattr(self, name)
+            if value and value not in WORKER_ROLES:
+                bad_field(f"{name} {value!r:.40} is not one of {', '.join(WORKER_ROLES)}")
 
     def as_dict(self) -> dict[str, float]:
         """name → value of every figure reported, for display and JSON (the decode role's own only
         from a decode worker; the role is a name, not a figure: `role` has it)."""
-        return {f.name: v for f in fields(self) if f.name != "role" and (v := getattr(self, f.name)) is not None}
+        return {f.name: v for f in fields(self)
+                if f.name not in ("role", "switching_to") and (v := getattr(self, f.name)) is not None}

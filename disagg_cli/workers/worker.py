@@ -349,7 +349,8 @@ class Worker(Generic[R]):
             **self.engine.pool_stats(), time_unix_s=time.time(), **cache,
             prefill_tokens_per_s=self.speed["prefill_tokens_per_s"], decode_step_ms=self.speed["decode_step_ms"],
             threads=self.ident.capacity.threads, greeted_peers=0,  # the I/O thread counts its peers
-            role=self.config.role, **self.extra_stats()))
+            role=self.config.role, switching_to=self.switch.role if self.switch is not None else "",
+            **self.extra_stats()))
 
     def shutdown(self) -> None:
         in_flight = list(self.requests)

@@ -32,6 +32,15 @@ def test_a_switching_worker_takes_no_new_request_then_serves_its_new_role() -> N
     assert router.pick("decode").address == "b" and {router.pick("prefill").address for _ in range(2)} == {"a", "p"}
 
 
+def test_the_router_follows_what_a_worker_says_of_its_role() -> None:
+    router = Router([WorkerRecord("a", "decode"), WorkerRecord("p", "prefill")])
+    assert not router.follow("a", "decode", "")  # as we thought
+    assert router.follow("a", "decode", "prefill")  # a switch we gave up waiting for goes on there
+    assert router.get("a").switching and not router.get("a").routable
+    assert router.follow("a", "prefill", "") and router.roles() == {"a": "prefill", "p": "prefill"}
+    assert not router.follow("a", "janitor", "")
+
+
 def test_colocated_mode_in_a_mix_of_roles() -> None:
     def mode(*workers: tuple[str, str, int]) -> bool:
         c = Coordinator([(role, addr) for addr, role, _ in workers], frozenset({2}))

@@ -136,26 +136,35 @@ def test_switches_move_decoding_requests_with_their_kv_and_change_nothing(
 
 
 @pytest.mark.parametrize("cluster", [(PREFILL, elastic(PREFILL), DECODE)], indirect=True)
-def test_prefill_to_colocated_with_prompts_in_flight(
+def test_prefill_to_colocated_with_prompts_in_flight_and_back_while_decoding(
         cluster: LocalCluster, default_tokenizer: Tokenizer, expected: dict[str, list[int]]) -> None:
     p, e, d = (w.address for w in cluster.workers)
     outcomes: list[SwitchOutcome] = []
+    served: list[dict[str, str]] = []
 
-    async def to_colocated(c: Coordinator, outs: list[RequestOutput], tasks: list[asyncio.Task[None]]) -> None:
-        if outcomes:
-            return  # the second round: served by the roles as they are now
-        await until(lambda: any(o.workers.get("prefill") == e for o in outs), tasks, "e prefilled")
-        outcomes.append(await c.switch_role(e, "colocated"))
+    async def to_colocated_and_back(c: Coordinator, outs: list[RequestOutput],
+                                    tasks: list[asyncio.Task[None]]) -> None:
+        if not outcomes:  # round 1: e becomes colocated while prompts are in flight there
+            await until(lambda: any(o.workers.get("prefill") == e for o in outs), tasks, "e prefilled")
+            outcomes.append(await c.switch_role(e, "colocated"))
+            return
+        # round 2: a colocated worker beside prefill and decode ones serves requests whole, when it is
+        # as loaded as the decode worker; once those decode there, it becomes a prefill worker again
+        # and they move with their KV to the decode worker
+        mine = [o for o in outs if o.workers.get("colocated") == e]
+        await until(lambda: len(mine) == 2 and all(len(o.token_ids) >= 4 for o in mine), tasks, "e decoding")
+        served.extend(dict(o.workers) for o in outs)
+        outcomes.append(await c.switch_role(e, "prefill"))
 
-    rounds, stats, coordinator = run(cluster, default_tokenizer, to_colocated, rounds=2)
+    rounds, stats, coordinator = run(cluster, default_tokenizer, to_colocated_and_back, rounds=2)
     for outs in rounds:
         assert_exact(outs, expected)
-    # the second round: a colocated worker beside prefill and decode ones serves requests whole, as
-    # loaded as the decode worker
-    assert sorted(tuple(o.workers) for o in rounds[1]) == [("colocated",)] * 2 + [("prefill", "decode")] * 2
-    assert all(o.workers.get("colocated", e) == e for o in rounds[1])
-    assert (outcomes[0].previous, outcomes[0].role) == ("prefill", "colocated")
-    assert coordinator.router.roles() == {p: "prefill", e: "colocated", d: "decode"}
+    assert sorted(tuple(w) for w in served) == [("colocated",)] * 2 + [("prefill", "decode")] * 2
+    to_colocated, back = outcomes
+    assert (to_colocated.previous, to_colocated.role, to_colocated.moved) == ("prefill", "colocated", 0)
+    assert (back.previous, back.role, back.moved, back.failed_over) == ("colocated", "prefill", 2, 0)
+    assert all(o.workers["decode"] == d for o in rounds[1])
+    assert coordinator.router.roles() == {p: "prefill", e: "prefill", d: "decode"}
     assert_free(stats)
 
 

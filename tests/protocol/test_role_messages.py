@@ -32,7 +32,7 @@ LIMITS = Limits(vocab_size=100, context_tokens=64, num_layers=2, num_kv_heads=1,
     MoveOut("r1", "tcp://127.0.0.1:5000", "abcd", 16),
     RoleSwitched("decode", "prefill", 4, 1, 12.5),
     RoleSwitched("decode", "decode", 0, 0, 0.1, refused="it was not started --elastic"),
-    Heartbeat(3, dataclasses.replace(STATS, role="colocated")),
+    Heartbeat(3, dataclasses.replace(STATS, role="colocated", switching_to="prefill")),
 ])
 def test_round_trip(msg: object) -> None:
     assert PROTOCOL_VERSION == 6
@@ -44,6 +44,8 @@ def test_worker_stats_say_the_role_and_refuse_another_word() -> None:
     assert "role" not in dataclasses.replace(STATS, role="decode").as_dict()  # a name, not a figure
     with pytest.raises(WireError, match="role 'janitor'"):
         dataclasses.replace(STATS, role="janitor")
+    with pytest.raises(WireError, match="switching_to 'up'"):
+        dataclasses.replace(STATS, role="decode", switching_to="up")
 
 
 @pytest.mark.parametrize(("msg", "match"), [
