@@ -31,6 +31,7 @@ from typing import cast
 import zmq
 import zmq.asyncio
 
+from disagg_cli.coordinator.channels import SwitchChannels
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.router import Router, WorkerRecord
 from disagg_cli.coordinator.timeouts import wait_within
@@ -44,9 +45,7 @@ from disagg_cli.protocol import (
     Hello,
     HelloAck,
     Message,
-    Parked,
     Refuse,
-    RoleSwitched,
     WireError,
     decode_message,
     encode_message,
@@ -74,10 +73,7 @@ class WorkerConnections:
         self._ctx: zmq.asyncio.Context | None = None
         self._conns: dict[str, WorkerLink] = {}
         self._queues: dict[str, asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]] = {}
-        # A role switch's side channels (`role_switch.py`): a worker's switch messages by its address,
-        # and one request's replies from one worker by (address, request id), ahead of its queue.
-        self._control: dict[str, asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]] = {}
-        self._taps: dict[tuple[str, str], asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]] = {}
+        self.channels = SwitchChannels()  # a role switch's, routed ahead of the request queues
         self._heartbeat: asyncio.Task[None] | None = None
         self._keys: Keys | None = None
         self._connected = False  # connect() returned: later hello answers are workers joining
@@ -229,25 +225,6 @@ class WorkerConnections:
     def queue_of(self, request_id: str) -> asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]] | None:
         return self._queues.get(request_id)
 
-    def open_control(self, address: str) -> asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]:
-        """Where a worker's role-switch messages (`Parked`, `RoleSwitched`) and its death will go."""
-        queue: asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]] = asyncio.Queue()
-        self._control[address] = queue
-        return queue
-
-    def close_control(self, address: str) -> None:
-        self._control.pop(address, None)
-
-    def tap(self, address: str, request_id: str) -> asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]:
-        """Take the replies for `request_id` from the worker at `address` (and its death) until
-        `untap`, instead of the request's queue: a moved request's reservation on its new worker."""
-        queue: asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]] = asyncio.Queue()
-        self._taps[(address, request_id)] = queue
-        return queue
-
-    def untap(self, address: str, request_id: str) -> None:
-        self._taps.pop((address, request_id), None)
-
     async def send(self, conn: WorkerLink, msg: Message) -> None:
         try:
             await wait_within(conn.sock.send_multipart(encode_message(msg)), self.config.send_timeout_s)
@@ -294,15 +271,9 @@ class WorkerConnections:
             else:
                 log.warning("%s: %s after the handshake: %s", conn.name, msg.kind, msg)
             return
-        if isinstance(msg, Parked | RoleSwitched):
-            control = self._control.get(conn.record.address)
-            if control is None:
-                log.warning("%s: %s with no switch asked of it", conn.name, msg.kind)
-            else:
-                control.put_nowait((conn, msg))
+        if self.channels.route(conn, msg):
             return
-        queue = self._taps.get((conn.record.address, rid)) if isinstance(rid, str) else None
-        queue = queue or (self._queues.get(rid) if isinstance(rid, str) else None)
+        queue = self._queues.get(rid) if isinstance(rid, str) else None
         if queue is None:  # a late message for a request that already ended here
             log.debug("%s: %s for unknown request %r", conn.name, msg.kind, rid)
             return
@@ -335,8 +306,8 @@ class WorkerConnections:
 
     def _follow_role(self, conn: WorkerLink, role: str, switching_to: str) -> None:
         """Take the worker's word on its role, unless a switch of ours is under way (it knows)."""
-        was = conn.name
-        if conn.record.address not in self._control and self.router.follow(conn.record.address, role, switching_to):
+        was, address = conn.name, conn.record.address
+        if not self.channels.switching(address) and self.router.follow(address, role, switching_to):
             log.warning("%s says it is a %s worker%s; routing by that", was, role,
                         f", switching to {switching_to}" if switching_to else "")
             if conn.ack is not None:
@@ -391,13 +362,8 @@ class WorkerConnections:
 
     def _mark_dead(self, conn: WorkerLink, reason: str) -> None:
         log.warning("%s", reason)
-        address = conn.record.address
-        self.router.mark_dead(address)
+        self.router.mark_dead(conn.record.address)
         for rid in conn.request_ids:
             if rid in self._queues:
                 self._queues[rid].put_nowait((conn, WorkerGone(reason)))
-        for (where, _), tap in list(self._taps.items()):
-            if where == address:
-                tap.put_nowait((conn, WorkerGone(reason)))
-        if address in self._control:
-            self._control[address].put_nowait((conn, WorkerGone(reason)))
+        self.channels.lose(conn, reason)

@@ -111,7 +111,7 @@ async def switch_role(coordinator: Coordinator, address: str, role: str) -> Swit
     takers = [w for w in router.by_role("decode") if w.routable and w.address != address]
     move = role == "prefill" and bool(takers)
     router.begin_switch(address)
-    control = conns.open_control(address)
+    control = conns.channels.open_control(address)
     moves: list[asyncio.Task[float | None]] = []
     switched: RoleSwitched | None = None
     try:
@@ -137,7 +137,7 @@ async def switch_role(coordinator: Coordinator, address: str, role: str) -> Swit
         for task in moves:
             task.cancel()  # done already, unless the switch failed: then its request fails over
         await asyncio.gather(*moves, return_exceptions=True)
-        conns.close_control(address)
+        conns.channels.close_control(address)
         conns.note_switch(address, role if switched is not None else None)
     moved = [p for p in pauses if p is not None]
     outcome = SwitchOutcome(address, previous, role, len(moved), switched.finished, len(pauses) - len(moved),
@@ -167,7 +167,7 @@ async def _move(coordinator: Coordinator, source: WorkerLink, parked: ParkedRequ
         return None
     finally:
         for conn in run.active:
-            coordinator.connections.untap(conn.record.address, rid)
+            coordinator.connections.channels.untap(conn.record.address, rid)
 
 
 async def _move_attempt(coordinator: Coordinator, source: WorkerLink, parked: ParkedRequest, parked_s: float,
@@ -179,13 +179,13 @@ async def _move_attempt(coordinator: Coordinator, source: WorkerLink, parked: Pa
     target = conns.link(record.address)
     run.active.append(target)  # from here its death, or the request's end, reaches it
     target.request_ids.add(rid)
-    tap = conns.tap(record.address, rid)
+    tap = conns.channels.tap(record.address, rid)
     eos_ids = () if run.out.params.ignore_eos else coordinator.eos_ids
     params = replace(run.params, max_tokens=parked.max_tokens)
     await conns.send(target, Reserve(rid, parked.token_ids[:-1], params, eos_ids))
     timeout = coordinator.config.deadlines.token_s
     _, reply = await wait_within(tap.get(), timeout)
-    conns.untap(record.address, rid)
+    conns.channels.untap(record.address, rid)
     if isinstance(reply, WorkerGone):
         raise RequestFailed("worker-dead", reply.reason)
     if isinstance(reply, Error):

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.protocol import Error, MoveOut, Parked, ParkedRequest, RoleSwitched, SwitchRole
 from disagg_cli.workers.base import log
+from disagg_cli.workers.checks import Limits
 from disagg_cli.workers.kv_out import Done, EncodeLayer, KVSender, KVStream
 
 PARK_TIMEOUT_S = 60.0  # a parked request waits this long for its `MoveOut`
@@ -46,6 +47,17 @@ class RoleCarry:
     ident: Any  # the `WorkerIdentity`: same address and instance, the role replaced
     kv_out: KVSender
     switch: RoleSwitch  # the switch that ended, announced by the new role
+
+    def install(self, worker: Any) -> None:
+        """Make `worker` (the new role, being built) run on what the previous role leaves: nothing
+        reloaded; only the role's own records start empty. Its I/O hooks are rebound by `announce`."""
+        worker.lm, worker.engine, worker.kv_out, worker.io = self.lm, self.engine, self.kv_out, self.io
+        worker.engine.prefill_only = worker.prefill_only  # the scheduler's mode; the pool and cache stay
+        worker.limits = Limits.of(self.lm)
+        worker.address = self.ident.address
+        worker.ident = replace(self.ident, role=worker.config.role)  # same instance: peers keep what they know
+        worker.requests = {}
+        worker.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0}
 
 
 @dataclass

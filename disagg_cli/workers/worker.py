@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import queue
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -85,7 +85,7 @@ class Worker(Generic[R]):
         self.switch: RoleSwitch | None = None
         self._resumed = carry
         if carry is not None:
-            self._take_over(carry)
+            carry.install(self)  # the model, engine, I/O and KV sender of the role it replaces
             return
         if lm is None:
             path = resolve_model(config.model, cache_dir)
@@ -121,17 +121,6 @@ class Worker(Generic[R]):
         self.io = io
         self.requests: dict[str, R] = {}
         # Measured speeds (moving averages) for `--disagg-threshold auto`, sent in heartbeats.
-        self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0}
-
-    def _take_over(self, carry: RoleCarry) -> None:
-        """Become this role on the previous one's model, pool and I/O thread (nothing reloaded)."""
-        self.lm, self.engine, self.kv_out = carry.lm, carry.engine, carry.kv_out
-        self.engine.prefill_only = self.prefill_only  # the scheduler's mode; the pool and cache stay
-        self.limits = Limits.of(self.lm)
-        self.address = carry.ident.address
-        self.ident = replace(carry.ident, role=self.config.role)  # same instance: peers keep what they know
-        self.io = carry.io  # rebound to this role's hooks by `announce`, once the subclass is built
-        self.requests = {}
         self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0}
 
     def carry(self) -> RoleCarry:
