@@ -5,6 +5,7 @@ shows each worker's role; the `elastic` setting loads the model as colocated doe
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -85,3 +86,15 @@ def test_the_elastic_setting_loads_for_every_role() -> None:
     assert WorkerConfig.from_json(config.to_json()) == config
     plain = WorkerConfig("prefill", "m", "127.0.0.1", 1, RuntimeConfig(), EngineConfig())
     assert plain.load_role == "prefill"
+
+
+def test_elastic_reaches_the_workers_front_ends_start() -> None:
+    from disagg_cli.coordinator.options import build_topology
+    from disagg_cli.coordinator.placement import placement_from_flags
+
+    start = placement_from_flags(prefill_replicas=1, decode_replicas=2)
+    made = build_topology("m", start, RuntimeConfig(), EngineConfig(), elastic=True)  # type: ignore[arg-type]
+    assert made.counts() == "1 prefill, 2 decode" and all(w.elastic for w in made.workers)
+    assert not any(w.elastic for w in build_topology("m", start, RuntimeConfig(), EngineConfig()).workers)  # type: ignore[arg-type]
+    on_file = placement_from_flags(config=Path(__file__).parents[2] / "configs" / "ray-2node.toml")
+    assert all(w.elastic for w in build_topology("m", on_file, RuntimeConfig(), EngineConfig(), elastic=True).workers)  # type: ignore[arg-type]
