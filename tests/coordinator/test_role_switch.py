@@ -169,21 +169,26 @@ def test_prefill_to_colocated_with_prompts_in_flight_and_back_while_decoding(
 
 
 @pytest.mark.parametrize("cluster", [(PREFILL, elastic(DECODE), DECODE)], indirect=True)
-@pytest.mark.parametrize("victim", ["target", "source"])
-def test_a_worker_killed_mid_move_loses_nothing(
-        cluster: LocalCluster, default_tokenizer: Tokenizer, expected: dict[str, list[int]], victim: str) -> None:
+@pytest.mark.parametrize(("victim", "moment"), [("target", "reserving"), ("target", "shipping"),
+                                               ("source", "reserving")])
+def test_a_worker_killed_mid_move_loses_nothing(cluster: LocalCluster, default_tokenizer: Tokenizer,
+                                                expected: dict[str, list[int]], victim: str, moment: str) -> None:
+    """`reserving`: killed once a move asked the target for blocks; `shipping`: once the source was
+    told to send the KV there."""
     _, source, target = (w.address for w in cluster.workers)
     index = 2 if victim == "target" else 1
     raised: list[BaseException] = []
+
+    def move_began(c: Coordinator, outs: list[RequestOutput]) -> bool:
+        if moment == "shipping":
+            return any(o.workers.get("decode") == target for o in outs)
+        return any({target, source} <= {a.record.address for a in run.active} for run in c.attempts.values())
 
     async def kill_mid_move(c: Coordinator, outs: list[RequestOutput], tasks: list[asyncio.Task[None]]) -> None:
         await until(lambda: sum(o.workers.get("decode") == source and len(o.token_ids) >= 5 for o in outs) >= 2,
                     tasks, "two requests decoding on the source")
         switch = asyncio.create_task(c.switch_role(source, "prefill"))
-        # the moment a request's reservation on the target is asked for: its move has begun
-        await until(lambda: any(target in {a.record.address for a in run.active} and source in
-                                {a.record.address for a in run.active} for run in c.attempts.values()),
-                    tasks, "a move began")
+        await until(lambda: move_began(c, outs), tasks, f"a move was {moment}")
         cluster.workers[index].process.send_signal(signal.SIGKILL)
         try:
             await switch

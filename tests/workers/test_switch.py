@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from disagg_cli.config import EngineConfig, RuntimeConfig, WorkerConfig
+from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams, WorkerConfig
 from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.protocol import (
@@ -69,21 +69,25 @@ def _ship(source: Worker[Any], target: DecodeWorker) -> list[tuple[Dest, Any]]:
     return rest
 
 
-def test_decode_to_prefill_moves_running_requests_with_their_kv(tiny: tuple[Path, LoadedModel],
-                                                                 tmp_path: Path) -> None:
+SEEDED = replace(GREEDY, temperature=0.9, top_k=20, seed=7)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_decode_to_prefill_moves_running_requests_with_their_kv(tiny: tuple[Path, LoadedModel], tmp_path: Path,
+                                                                 params: SamplingParams) -> None:
     prefill = _worker(PrefillWorker, tiny, tmp_path)
     source, target = _worker(DecodeWorker, tiny, tmp_path), _worker(DecodeWorker, tiny, tmp_path)
     prompts = {"a": (3, 14, 15, 92, 65, 35, 8, 9, 79), "b": (2, 7, 1, 8, 28)}
     tokens: dict[str, list[int]] = {rid: [] for rid in prompts}
     for rid, prompt in prompts.items():
-        source.handle(COORD, Reserve(rid, prompt, GREEDY))
-        prefill.handle(COORD, Prefill(rid, prompt, GREEDY, DECODE_ADDR))
+        source.handle(COORD, Reserve(rid, prompt, params))
+        prefill.handle(COORD, Prefill(rid, prompt, params, DECODE_ADDR))
     _run(prefill)
     for _, first in _deliver(prefill, source):
         tokens[first.request_id].append(first.token_id)
     source.io.take()  # Reserved
     source.on_events(source.step())  # one decode step: each has 2 tokens now
-    source.handle(COORD, Reserve("q", tuple(range(1, 51)), GREEDY))  # queued for memory: refused at the switch
+    source.handle(COORD, Reserve("q", tuple(range(1, 51)), params))  # queued for memory: refused at the switch
     for _, msg in source.io.take():
         assert isinstance(msg, Tokens)
         tokens[msg.request_id] += msg.token_ids
@@ -93,10 +97,10 @@ def test_decode_to_prefill_moves_running_requests_with_their_kv(tiny: tuple[Path
     [(to, parked)] = source.io.take()
     assert to == COORD and isinstance(parked, Parked) and source.requests == {}
     assert {p.request_id: p.token_ids for p in parked.requests} == {r: prompts[r] + tuple(t) for r, t in tokens.items()}
-    assert all(p.max_tokens == GREEDY.max_tokens - 1 for p in parked.requests)  # 2 made; the last one counts again
+    assert all(p.max_tokens == params.max_tokens - 1 for p in parked.requests)  # 2 made; the last one counts again
     held = source.engine.pool.num_free
     for p in parked.requests:  # the coordinator's part: reserve on the target, then MoveOut
-        target.handle(COORD, Reserve(p.request_id, p.token_ids[:-1], replace(GREEDY, max_tokens=p.max_tokens)))
+        target.handle(COORD, Reserve(p.request_id, p.token_ids[:-1], replace(params, max_tokens=p.max_tokens)))
         [(_, reserved)] = target.io.take()
         assert isinstance(reserved, Reserved) and reserved.cached_tokens == 0
         source._switch_message(COORD, MoveOut(p.request_id, DECODE_ADDR, "", reserved.cached_tokens))
@@ -107,7 +111,7 @@ def test_decode_to_prefill_moves_running_requests_with_their_kv(tiny: tuple[Path
     for _, msg in target.io.take():
         tokens[msg.request_id] += msg.token_ids
     for rid, prompt in prompts.items():  # no token repeated or skipped, none recomputed differently
-        assert tokens[rid] == _expected(tiny[1], list(prompt)), rid
+        assert tokens[rid] == _expected(tiny[1], list(prompt), params), rid
     assert target.engine.pool.num_free == target.engine.num_blocks
     # the switch ends; the new role runs on the same engine (pool, prefix cache) and I/O
     assert source.switch.tick(source.io.flush) and source.switch.done
@@ -119,13 +123,13 @@ def test_decode_to_prefill_moves_running_requests_with_their_kv(tiny: tuple[Path
     assert (switched.previous, switched.role, switched.moved, switched.finished, switched.refused) == \
         ("decode", "prefill", 2, 1, "")  # "q" ended here: refused
     assert new.engine is engine and engine.prefill_only and new.io.stats.role == "prefill"
-    target.handle(COORD, Reserve("c", prompts["a"], GREEDY))
-    new.handle(COORD, Prefill("c", prompts["a"], GREEDY, DECODE_ADDR))
+    target.handle(COORD, Reserve("c", prompts["a"], params))
+    new.handle(COORD, Prefill("c", prompts["a"], params, DECODE_ADDR))
     _run(new)
     [(_, first)] = _ship(new, target)
     _run(target)
     later = [t for _, m in target.io.take() if isinstance(m, Tokens) for t in m.token_ids]
-    assert [first.token_id, *later] == _expected(tiny[1], list(prompts["a"]))
+    assert [first.token_id, *later] == _expected(tiny[1], list(prompts["a"]), params)
 
 
 def test_without_a_taker_requests_finish_before_the_switch(tiny: tuple[Path, LoadedModel], tmp_path: Path) -> None:
