@@ -59,6 +59,7 @@ class SwitchOutcome:
     role: str
     moved: int  # requests moved with their KV to another decode worker (and decoding there)
     finished: int  # requests that ended on the worker during the switch (decoded to the end, refused)
+    kept: int  # requests decoding there that decode on in its new role (decode ⇄ colocated)
     failed_over: int  # requests whose move failed: retried elsewhere, re-prefilled (none lost)
     elapsed_s: float  # `SwitchRole` sent → `RoleSwitched` received and every move done
     worker_ms: float  # the worker's own figure: `SwitchRole` arrived → the new role took over
@@ -106,7 +107,7 @@ async def switch_role(coordinator: Coordinator, address: str, role: str) -> Swit
                           "it cannot switch role now")
     previous, t0 = record.role, time.perf_counter()
     if role == previous:
-        return SwitchOutcome(address, previous, role, 0, 0, 0, 0.0, 0.0, 0.0)
+        return SwitchOutcome(address, previous, role, 0, 0, 0, 0, 0.0, 0.0, 0.0)
     source = conns.link(address)
     takers = [w for w in router.by_role("decode") if w.routable and w.address != address]
     move = role == "prefill" and bool(takers)
@@ -140,12 +141,13 @@ async def switch_role(coordinator: Coordinator, address: str, role: str) -> Swit
         conns.channels.close_control(address)
         conns.note_switch(address, role if switched is not None else None)
     moved = [p for p in pauses if p is not None]
-    outcome = SwitchOutcome(address, previous, role, len(moved), switched.finished, len(pauses) - len(moved),
+    outcome = SwitchOutcome(address, previous, role, len(moved), switched.finished, switched.kept,
+                            len(pauses) - len(moved),
                             time.perf_counter() - t0, switched.elapsed_ms, max(moved, default=0.0), tuple(moved))
     coordinator.switches.note(outcome)
     log.warning("%s switched %s → %s in %.0f ms: %d request(s) moved with their KV (longest pause %.0f ms), "
-                "%d finished there, %d failed over", address, previous, role, outcome.elapsed_s * 1e3,
-                outcome.moved, outcome.max_pause_s * 1e3, outcome.finished, outcome.failed_over)
+                "%d kept, %d finished there, %d failed over", address, previous, role, outcome.elapsed_s * 1e3,
+                outcome.moved, outcome.max_pause_s * 1e3, outcome.kept, outcome.finished, outcome.failed_over)
     return outcome
 
 

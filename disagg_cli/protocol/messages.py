@@ -323,8 +323,9 @@ class Abort(Message):
 #    worker streams that KV to the target as a prefill worker does (`KVLayers`, then `KVDone` with
 #    the last token and the sampler state) and frees its blocks; the target decodes on from the
 #    next token and streams `Tokens` to the coordinator;
-# 4. once no request is left here, the worker takes the new role (weights, pool and prefix cache
-#    kept) and answers `RoleSwitched`.
+# 4. once no request is left here (between decode and colocated, both of which decode, the decoding
+#    ones stay, adopted by the new role), the worker takes the new role (weights, pool and prefix
+#    cache kept) and answers `RoleSwitched`.
 
 
 @_message("switch_role")
@@ -371,3 +372,4 @@ class RoleSwitched(Message):
     finished: int  # requests that ended here during the switch (decoded to the end, refused, aborted)
     elapsed_ms: float  # `SwitchRole` arrived → the new role took over; this worker's clock
     refused: str = ""  # why the worker did not switch (not elastic, already switching); "" when it did
+    kept: int = 0  # requests decoding there that decode on in the new role (decode ⇄ colocated)

@@ -48,6 +48,9 @@ class ColocatedWorker(Worker[ColocatedRequest]):
             return
         self.requests[rid] = ColocatedRequest(dest)
 
+    def adopt(self, request_id: str, owner: Dest) -> None:
+        self.requests[request_id] = ColocatedRequest(owner, first_token_sent=True)
+
     def decoding_ids(self) -> list[str]:
         return [rid for rid, r in self.requests.items() if r.first_token_sent]
 

@@ -263,6 +263,11 @@ class DecodeWorker(Worker[DecodeRequest]):
     def decoding_ids(self) -> list[str]:
         return [rid for rid, r in self.requests.items() if r.state is DecodeState.RUNNING]
 
+    def adopt(self, request_id: str, owner: Dest) -> None:
+        seq = self.engine.seqs[request_id]
+        self.requests[request_id] = DecodeRequest(owner, seq.token_ids[: seq.num_prompt_tokens], seq.params,
+                                                  seq.eos_ids, state=DecodeState.RUNNING)
+
     def begin_switch(self) -> None:
         # Reservations still queued for memory: no KV is on its way (the coordinator sends `Prefill`
         # only after `Reserved`), so their coordinators retry them elsewhere at once.

@@ -7,13 +7,15 @@ Life of a switch (the coordinator's side is `coordinator/role_switch.py`):
    reservations still queued for memory);
 2. each tick, with `move`, every request that is decoding (its first token out, every token but
    the last computed) is parked: taken out of the running batch with its blocks kept, and listed
-   to the coordinator in `Parked`; without `move` it decodes here to its end;
+   to the coordinator in `Parked`; between decode and colocated (both decode), the decoding
+   requests stay, and the new role adopts them; otherwise they decode here to their end;
 3. `MoveOut` per parked request: its KV (the tokens the target lacks) leaves layer by layer for
    the target decode worker, then `KVDone` with its last token and sampler state, over the path a
    prefill worker's KV takes (`workers/kv_out.py`); its blocks are freed at once (the KV left as
    copies). A parked request that gets no `MoveOut` within `PARK_TIMEOUT_S` is failed "draining",
    which its coordinator retries (re-prefilled elsewhere);
-4. once no request is left (the role's records, the parked ones, the engine's), the I/O thread
+4. once no request is left (the role's records, the parked ones, the engine's) but those the new
+   role adopts, the I/O thread
    has sent everything queued before (`WorkerIO.flush`), and the host builds the new role on the
    same model, pool and I/O thread (`workers/roles.py`), which answers `RoleSwitched`.
 """
@@ -82,6 +84,9 @@ class RoleSwitch:
         self.moved = 0
         self.finished = 0
         self.done = False
+        # decode ⇄ colocated: both decode, so the requests decoding here stay, adopted by the new role
+        self.keeps = {self.previous, self.role} <= {"decode", "colocated"}
+        self.adopted: dict[str, Dest] = {}  # request id → its coordinator, for the new role
         self._known = set(worker.requests)  # in flight when the switch began: those that end here count
 
     def tick(self, flush: Callable[[float], bool]) -> bool:
@@ -94,9 +99,13 @@ class RoleSwitch:
             if now - p.since_s > PARK_TIMEOUT_S:
                 w.log(f"request {rid} was parked {PARK_TIMEOUT_S:g} s with no MoveOut; failing it over")
                 self.fail(rid, "draining", f"{w.config.role} worker {w.address} switched role; it was not moved")
-        if w.requests or self.parked or w.engine.has_unfinished():
+        stay = set(w.decoding_ids()) if self.keeps else set()
+        if set(w.requests) - stay or self.parked or set(w.engine.seqs) - stay:
             return False
-        self.finished = len(self._known) - self.moved
+        if not stay and w.engine.has_unfinished():
+            return False
+        self.adopted = {rid: w.requests[rid].owner for rid in stay}
+        self.finished = len(self._known) - self.moved - len(self.adopted)
         self.done = flush(10.0)
         return self.done
 
@@ -171,9 +180,9 @@ class RoleSwitch:
         """Called by the new role, once built: `RoleSwitched` to the coordinator that asked."""
         answer = self.answer()
         log(self.role, f"was {self.previous}; switched in {answer.elapsed_ms:.0f} ms ({self.moved} request(s) "
-                       f"moved with their KV, {self.finished} finished)")
+                       f"moved with their KV, {len(self.adopted)} kept, {self.finished} finished)")
         self.worker.io.send(self.owner, answer)
 
     def answer(self, refused: str = "") -> RoleSwitched:
         return RoleSwitched(self.previous, self.role if not refused else self.previous, self.moved, self.finished,
-                            (time.perf_counter() - self.started_s) * 1e3, refused)
+                            (time.perf_counter() - self.started_s) * 1e3, refused, len(self.adopted))

@@ -158,6 +158,10 @@ class Worker(Generic[R]):
     def begin_switch(self) -> None:
         """A role switch began: drop what can never settle here (the switch refuses new requests)."""
 
+    def adopt(self, request_id: str, owner: Dest) -> None:
+        """Take over a request the previous role was decoding (decode ⇄ colocated): the engine runs it."""
+        raise NotImplementedError(f"a {self.config.role} worker does not decode")
+
     # --- the loop -------------------------------------------------------------------------------
 
     def serve(self) -> int:
@@ -257,6 +261,8 @@ class Worker(Generic[R]):
         if self._resumed is None:
             return
         self.io.rebind(self.ident, self.preprocess, self.prepare)
+        for rid, owner in self._resumed.switch.adopted.items():
+            self.adopt(rid, owner)
         self._publish_stats()
         self._resumed.switch.announce()
 

@@ -59,14 +59,14 @@ def test_colocated_mode_in_a_mix_of_roles() -> None:
 def test_switch_log_counts_by_from_and_to() -> None:
     log = SwitchLog()
     for old, new in [("decode", "prefill"), ("decode", "prefill"), ("prefill", "colocated"), ("decode", "decode")]:
-        log.note(SwitchOutcome("a", old, new, 0, 0, 0, 0.1, 50.0, 0.0))
+        log.note(SwitchOutcome("a", old, new, 0, 0, 0, 0, 0.1, 50.0, 0.0))
     assert log.counts == {("decode", "prefill"): 2, ("prefill", "colocated"): 1}  # a no-op is no switch
     assert len(log.recent) == 3
 
 
 def test_metrics_show_each_workers_role_and_the_switches() -> None:
     log = SwitchLog()
-    log.note(SwitchOutcome("tcp://h:2", "decode", "prefill", 4, 0, 0, 0.3, 120.0, 0.2))
+    log.note(SwitchOutcome("tcp://h:2", "decode", "prefill", 4, 0, 0, 0, 0.3, 120.0, 0.2))
     workers = [SimpleNamespace(role="prefill", address="tcp://h:1", is_alive=True, stats={}, kv_usage=None),
                SimpleNamespace(role="prefill", address="tcp://h:2", is_alive=True, stats={}, kv_usage=None)]
     service = SimpleNamespace(counts=lambda: {"running": 0, "waiting": 0}, workers=lambda: workers, cluster=None,

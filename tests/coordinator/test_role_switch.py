@@ -2,8 +2,9 @@
 requests run through them. A decode worker switched to prefill while decoding 4 requests moves them
 with their KV to the other decode worker, and every request's tokens equal the same request served
 without a switch (greedy, exact ids); prefill → decode and prefill → colocated likewise, with
-prompts in flight; a switch whose source or target is SIGKILLed mid-move loses no request; every
-KV block ends free on every worker."""
+prompts in flight; decode → colocated keeps its 4 there; colocated → prefill moves the ones it
+decodes; a switch whose source or target is SIGKILLed mid-move loses no request; every KV block
+ends free on every worker."""
 
 from __future__ import annotations
 
@@ -119,20 +120,27 @@ def test_switches_move_decoding_requests_with_their_kv_and_change_nothing(
         assert all(o.workers["decode"] == e1 and not o.is_finished for o in outs), [o.workers for o in outs]
         outcomes.append(await c.switch_role(e1, "prefill"))
         assert c.router.roles() == {p: "prefill", e1: "prefill", e2: "decode"}
+        # e2 becomes colocated while decoding all 4: both roles decode, so they stay there
+        await until(lambda: all(len(o.token_ids) >= 16 for o in outs), tasks, "16 tokens each")
+        outcomes.append(await c.switch_role(e2, "colocated"))
+        assert c.router.roles() == {p: "prefill", e1: "prefill", e2: "colocated"}
 
     (outs,), stats, coordinator = run(cluster, default_tokenizer, prefill_to_decode_then_decode_to_prefill)
     assert_exact(outs, expected)
     assert all(o.workers["decode"] == e2 for o in outs)
-    to_decode, to_prefill = outcomes
+    to_decode, to_prefill, to_colocated = outcomes
     assert (to_decode.previous, to_decode.role, to_decode.moved) == ("prefill", "decode", 0)
     assert (to_prefill.previous, to_prefill.role, to_prefill.moved, to_prefill.failed_over) == \
         ("decode", "prefill", 4, 0)
     assert 0 < to_prefill.max_pause_s < 10, to_prefill
-    assert coordinator.switches.counts == {("prefill", "decode"): 1, ("decode", "prefill"): 1}
+    assert (to_colocated.role, to_colocated.kept, to_colocated.moved, to_colocated.finished) == ("colocated", 4, 0, 0)
+    assert coordinator.switches.counts == {("prefill", "decode"): 1, ("decode", "prefill"): 1,
+                                           ("decode", "colocated"): 1}
     assert_free(stats)
     print(f"\nprefill→decode {to_decode.elapsed_s * 1e3:.0f} ms (worker {to_decode.worker_ms:.0f} ms); "
           f"decode→prefill {to_prefill.elapsed_s * 1e3:.0f} ms (worker {to_prefill.worker_ms:.0f} ms), 4 moved, "
-          f"pauses {[round(s * 1e3) for s in to_prefill.pauses_s]} ms")
+          f"pauses {[round(s * 1e3) for s in to_prefill.pauses_s]} ms; decode→colocated "
+          f"{to_colocated.elapsed_s * 1e3:.0f} ms (worker {to_colocated.worker_ms:.0f} ms), 4 kept")
 
 
 @pytest.mark.parametrize("cluster", [(PREFILL, elastic(PREFILL), DECODE)], indirect=True)

@@ -139,7 +139,7 @@ def test_without_a_taker_requests_finish_before_the_switch(tiny: tuple[Path, Loa
     from disagg_cli.protocol import PrefillHere
 
     decode.handle(COORD, PrefillHere("r"))
-    decode._switch_message(COORD, SwitchRole("colocated"))  # no move: they decode here to the end
+    decode._switch_message(COORD, SwitchRole("prefill"))  # no taker (no move): they decode here to the end
     assert not decode.switch.tick(decode.io.flush)
     decode.handle(COORD, PrefillHere("r2"))  # reserved before the switch: it still runs here
     _run(decode)
@@ -147,6 +147,35 @@ def test_without_a_taker_requests_finish_before_the_switch(tiny: tuple[Path, Loa
     done = [m for _, m in decode.io.take() if isinstance(m, Tokens) and m.finish_reason]
     assert sorted(m.request_id for m in done) == ["r", "r2"]
     assert decode.engine.pool.num_free == decode.engine.num_blocks and decode.switch.finished == 2
+
+
+def test_decode_and_colocated_keep_what_they_decode(tiny: tuple[Path, LoadedModel], tmp_path: Path) -> None:
+    """decode → colocated → decode with a request decoding throughout: it stays, adopted by each new
+    role, and its tokens are the engine's; nothing moved, nothing waited for."""
+    from disagg_cli.protocol import PrefillHere
+    from disagg_cli.workers.colocated import ColocatedWorker
+
+    prompt = (3, 14, 15, 92, 65)
+    worker = _worker(DecodeWorker, tiny, tmp_path)
+    worker.handle(COORD, Reserve("k", prompt, GREEDY))
+    worker.handle(COORD, PrefillHere("k"))
+    worker.on_events(worker.step())  # its first token
+    tokens = [m.token_id for _, m in worker.io.take() if hasattr(m, "token_id")]
+    for role, cls in (("colocated", ColocatedWorker), ("decode", DecodeWorker)):
+        worker.on_events(worker.step())
+        worker._switch_message(COORD, SwitchRole(role))
+        assert worker.switch.tick(worker.io.flush)  # at once: the request stays
+        worker = cls(replace(worker.config, role=role), tmp_path, worker.stop, carry=worker.carry())
+        worker.announce()
+        sent = [m for _, m in worker.io.take()]
+        tokens += [t for m in sent if isinstance(m, Tokens) for t in m.token_ids]
+        [switched] = [m for m in sent if isinstance(m, RoleSwitched)]
+        assert (switched.role, switched.kept, switched.moved, switched.finished) == (role, 1, 0, 0)
+        assert set(worker.requests) == {"k"}
+    _run(worker)
+    tokens += [t for _, m in worker.io.take() if isinstance(m, Tokens) for t in m.token_ids]
+    assert tokens == _expected(tiny[1], list(prompt)) and worker.requests == {}
+    assert worker.engine.pool.num_free == worker.engine.num_blocks
 
 
 @pytest.mark.parametrize("elastic", [False, True])
