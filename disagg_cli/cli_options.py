@@ -198,9 +198,12 @@ def placement_options(in_process: bool = False, admission: bool = False) -> Call
                           False))
 
     def build(v: dict[str, Any]) -> ServeOptions:
+        planner = planner_config(v)
+        # a planner needs workers to give roles to: with --colocated left open, the split, on any machine
+        colocated = False if planner.is_on and v["colocated"] is None else v["colocated"]
         placement = placement_from_flags(
             in_process=v.get("in_process", False), prefill=v["prefill"] or (), decode=v["decode"] or (),
-            colocated=v["colocated"], colocated_addr=v["colocated_addr"], config=v["config"], ray=v["ray"],
+            colocated=colocated, colocated_addr=v["colocated_addr"], config=v["config"], ray=v["ray"],
             keys=v["keys"], prefill_replicas=v["prefill_replicas"], decode_replicas=v["decode_replicas"],
             max_worker_restarts=v["max_worker_restarts"], cores=len(available_cpus()))
         coordinator = CoordinatorConfig(
@@ -208,7 +211,6 @@ def placement_options(in_process: bool = False, admission: bool = False) -> Call
             disagg_threshold=disagg_threshold(v["disagg_threshold"]),
             deadlines=Deadlines(v["reserve_timeout"], v["first_token_timeout"], v["token_timeout"],
                                 v["request_timeout"]))
-        planner = planner_config(v)
         if planner.is_on and v.get("in_process", False):
             raise UsageError("--planner slo switches the roles of workers; --in-process runs none")
         return ServeOptions(placement, coordinator, planner=planner)

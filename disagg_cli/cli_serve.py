@@ -43,6 +43,6 @@ def serve(
     service = ServiceConfig(
         model=model, cache_dir=cache_dir(),
         runtime=settings.runtime(), engine=settings.engine(),
-        serve=replace(serve, kv_codec=settings.kv_codec),
+        serve=replace(serve, kv_codec=settings.kv_codec, elastic=settings.elastic),
         max_queued_requests=max_queued_requests)
     run_server(service, server)

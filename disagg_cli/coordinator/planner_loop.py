@@ -33,24 +33,15 @@ from disagg_cli.coordinator.planner import (
     WorkerSnapshot,
     admit,
 )
+from disagg_cli.coordinator.role_switch import SwitchOutcome
 from disagg_cli.coordinator.router import Router
+from disagg_cli.coordinator.timeouts import wait_within
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import DisaggError
 
 log = logging.getLogger(__name__)
 PENDING_STATES = ("queued", "reserving")  # not yet at any worker that computes prompts
 SWITCH_TIMEOUT_S = 120.0  # one role switch, requests moved included
-
-
-class SwitchOutcome(Protocol):
-    """What `Coordinator.switch_role` returns (written on branch elastic-roles; these are the
-    fields this module reads)."""
-
-    old_role: str
-    new_role: str
-    requests_moved: int
-    seconds: float  # the whole switch
-    longest_pause_s: float  # the longest a moved request waited between two tokens
 
 
 class RoleSwitcher(Protocol):
@@ -149,19 +140,20 @@ class PlannerLoop:
             log.warning("planner: %s %s → %s: %s", change.address, change.old_role, change.new_role, change.reason)
             t0 = self._clock()
             try:
-                outcome = await asyncio.wait_for(self.coordinator.switch_role(change.address, change.new_role),
-                                                 SWITCH_TIMEOUT_S)
+                outcome = await wait_within(self.coordinator.switch_role(change.address, change.new_role),
+                                            SWITCH_TIMEOUT_S)
             except (DisaggError, asyncio.TimeoutError, KeyError) as e:
                 error = str(e) or type(e).__name__
                 log.warning("planner: switching %s to %s failed: %s", change.address, change.new_role, error)
                 self.changes.append(RoleChange(t0, change.address, change.old_role, change.new_role, change.reason,
                                                False, seconds=self._clock() - t0, error=error))
                 continue
-            self.switches[(outcome.old_role, outcome.new_role)] += 1
-            self.changes.append(RoleChange(t0, change.address, outcome.old_role, outcome.new_role, change.reason,
-                                           True, outcome.requests_moved, outcome.seconds, outcome.longest_pause_s))
-            log.warning("planner: %s is %s now (%d requests moved, %.2f s, longest pause %.0f ms)", change.address,
-                        outcome.new_role, outcome.requests_moved, outcome.seconds, outcome.longest_pause_s * 1e3)
+            self.switches[(outcome.previous, outcome.role)] += 1
+            self.changes.append(RoleChange(t0, change.address, outcome.previous, outcome.role, change.reason,
+                                           True, outcome.moved, outcome.elapsed_s, outcome.max_pause_s))
+            log.warning("planner: %s is %s now (%d requests moved, %d kept, %.2f s, longest pause %.0f ms)",
+                        change.address, outcome.role, outcome.moved, outcome.kept, outcome.elapsed_s,
+                        outcome.max_pause_s * 1e3)
         return plan
 
     async def run(self) -> None:

@@ -2,7 +2,8 @@
 
 Request-level series (histograms, counters) are observed once per request when it ends (the
 service's `on_finished`); server-level series (requests waiting/running, KV usage and liveness per
-worker, restarts of the local workers by role) are read from the service at scrape time.
+worker, restarts of the local workers by role, each worker's role and the role switches made) are
+read from the service at scrape time.
 Everything lives in this server's own `CollectorRegistry`, never prometheus_client's global one,
 so two servers in one process (tests) do not share counters.
 """
@@ -161,18 +162,18 @@ class _LiveGauges(Collector):
         yield from (running, waiting, usage, up, cached, restarts, *self._roles())
 
     def _roles(self) -> Iterator[Metric]:
-        """Each worker's role as a state set (1 for the role it has, 0 for the others), and the
-        planner's switches by (from, to), every pair at zero from the start."""
+        """Each worker's role as a state set (1 for the role it has, 0 for the others), and the role
+        switches made in place (by the planner or anyone), by (from, to), every pair at zero from the start."""
         m = self.model_name
         role = GaugeMetricFamily(PREFIX + "worker_role", "1 for the role each worker has now, 0 for the others "
-                                 "(--planner slo changes them).", labels=["model_name", "address", "role"])
+                                 "(elastic workers change role in place).", labels=["model_name", "address", "role"])
         for w in self.service.workers():
             for r in WORKER_ROLES:
                 role.add_metric([m, w.address, r], 1.0 if w.role == r else 0.0)
-        switches = CounterMetricFamily(PREFIX + "role_switches", "Role switches the planner made, by the role "
-                                       "left and the role taken.", labels=["model_name", "from", "to"])
-        planner = self.service.planner
-        made = planner.switches if planner is not None else {}
+        switches = CounterMetricFamily(PREFIX + "role_switches", "Workers switched in place from one role to "
+                                       "another.", labels=["model_name", "from", "to"])
+        coordinator = self.service.coordinator
+        made = coordinator.switches.counts if coordinator is not None else {}
         for a in WORKER_ROLES:
             for b in WORKER_ROLES:
                 if a != b:

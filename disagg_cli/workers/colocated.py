@@ -15,6 +15,7 @@ from typing import Any
 from disagg_cli.engine.engine import TokenEvent
 from disagg_cli.protocol import Error, FirstToken, Generate, RequestStats, Tokens
 from disagg_cli.workers.base import Dest, log
+from disagg_cli.workers.peers import PeerLost
 from disagg_cli.workers.worker import Worker, WorkerRequest
 
 
@@ -28,6 +29,9 @@ class ColocatedWorker(Worker[ColocatedRequest]):
     def handle(self, dest: Dest, item: Any) -> None:
         if isinstance(item, Error):  # never answered: two workers would trade errors for ever
             log("colocated", f"peer error: {item.reason}: {item.message:.300}")
+            return
+        if isinstance(item, PeerLost):  # a worker this one moved KV to (a role switch): its coordinator sees
+            log("colocated", f"{item.message} [{item.reason}]")
             return
         if not isinstance(item, Generate):
             self.io.send(dest, Error(getattr(item, "request_id", None), "unexpected",
@@ -43,6 +47,12 @@ class ColocatedWorker(Worker[ColocatedRequest]):
             self.io.send(dest, Error(rid, "rejected", str(e)))
             return
         self.requests[rid] = ColocatedRequest(dest)
+
+    def adopt(self, request_id: str, owner: Dest) -> None:
+        self.requests[request_id] = ColocatedRequest(owner, first_token_sent=True)
+
+    def decoding_ids(self) -> list[str]:
+        return [rid for rid, r in self.requests.items() if r.first_token_sent]
 
     def step(self) -> list[TokenEvent]:
         self._step_start = time.perf_counter()

@@ -47,6 +47,7 @@ from disagg_cli.protocol import (
 )
 from disagg_cli.workers.base import Dest, log
 from disagg_cli.workers.checks import ReservedKV
+from disagg_cli.workers.peers import PeerLost
 from disagg_cli.workers.worker import Worker, WorkerRequest
 
 
@@ -118,6 +119,8 @@ class DecodeWorker(Worker[DecodeRequest]):
             self._join(item)
         elif isinstance(item, PrefillHere):
             self._prefill_here(dest, item)
+        elif isinstance(item, PeerLost):  # a worker this one moved KV to (a role switch): its coordinator sees
+            log("decode", f"{item.message} [{item.reason}]")
         elif isinstance(item, Error):
             log("decode", f"peer error: {item.reason}: {item.message:.300}")
             if item.request_id is not None and self._in(item.request_id, DecodeState.RESERVED):
@@ -256,6 +259,21 @@ class DecodeWorker(Worker[DecodeRequest]):
         self.reserved_kv.close(request_id)
         super().abort(request_id, notify, reason, message)  # frees its blocks, drops its record
         self._admit_reservations()
+
+    def decoding_ids(self) -> list[str]:
+        return [rid for rid, r in self.requests.items() if r.state is DecodeState.RUNNING]
+
+    def adopt(self, request_id: str, owner: Dest) -> None:
+        seq = self.engine.seqs[request_id]
+        self.requests[request_id] = DecodeRequest(owner, seq.token_ids[: seq.num_prompt_tokens], seq.params,
+                                                  seq.eos_ids, state=DecodeState.RUNNING)
+
+    def begin_switch(self) -> None:
+        # Reservations still queued for memory: no KV is on its way (the coordinator sends `Prefill`
+        # only after `Reserved`), so their coordinators retry them elsewhere at once.
+        for rid in [r for r, q in self.requests.items() if q.state is DecodeState.QUEUED]:
+            self.abort(rid, notify=True, reason="draining", message=f"decode worker {self.address} is switching "
+                                                                    "role")
 
     def extra_stats(self) -> dict[str, int]:
         states = [r.state for r in self.requests.values()]

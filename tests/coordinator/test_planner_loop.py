@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 import pytest
 
 from disagg_cli.config import SamplingParams
 from disagg_cli.coordinator.planner import PlannerConfig
 from disagg_cli.coordinator.planner_loop import PlannerLoop
+from disagg_cli.coordinator.role_switch import SwitchOutcome
 from disagg_cli.coordinator.router import Router, WorkerRecord
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import DisaggError
@@ -27,15 +27,6 @@ def figures(**given: float) -> WorkerStats:
     return WorkerStats(**{**zero, "threads": 1, **given})  # type: ignore[arg-type]
 
 
-@dataclass
-class Outcome:
-    old_role: str
-    new_role: str
-    requests_moved: int
-    seconds: float
-    longest_pause_s: float
-
-
 class FakeCoordinator:
     """A router and `switch_role(address, role)` that relabels the record, as the real one ends."""
 
@@ -44,13 +35,14 @@ class FakeCoordinator:
         self.fail = fail
         self.calls: list[tuple[str, str]] = []
 
-    async def switch_role(self, address: str, role: str) -> Outcome:
+    async def switch_role(self, address: str, role: str) -> SwitchOutcome:
         self.calls.append((address, role))
         if self.fail:
             raise DisaggError(f"{address} refused the switch")
         record = self.router.get(address)
         old, record.role = record.role, role
-        return Outcome(old, role, 2, 0.25, 0.04)
+        return SwitchOutcome(address, old, role, moved=2, finished=0, kept=0, failed_over=0, elapsed_s=0.25,
+                             worker_ms=5.0, max_pause_s=0.04)
 
 
 class Tok:
