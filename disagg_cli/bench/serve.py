@@ -93,6 +93,9 @@ def service_config(cluster_config: ClusterConfig, opts: ServeBenchOptions) -> Se
     """The service of one mode: `cluster_config` started here, with the benchmark's coordinator settings."""
     coordinator = CoordinatorConfig(policy=opts.router, worker_timeout_s=opts.worker_timeout_s,
                                     deadlines=opts.deadlines, disagg_threshold=opts.disagg_threshold)
+    if opts.planner.is_on:  # the planner switches roles in place: workers that load for every role
+        workers = tuple(replace(w, elastic=True) for w in cluster_config.workers)
+        cluster_config = replace(cluster_config, workers=workers)
     serve = ServeOptions(StartLocal(Given(cluster_config)), coordinator, planner=opts.planner)
     # A request sent while a killed worker restarts waits for it, as a client of a cluster would.
     return ServiceConfig(opts.model, opts.cache_dir, serve=serve, tokenizer=opts.tokenizer, wait_for_workers=True)
