@@ -139,13 +139,8 @@ def placement_options(in_process: bool = False, admission: bool = False) -> Call
     `--in-process` where it can run in its own process) and how its coordinator routes and times
     requests, and its planner (with `--admission` for a server); the command takes them as one
     `serve: ServeOptions` (whose `kv_codec` it fills in from its worker settings)."""
-    from disagg_cli.coordinator.cluster import available_cpus
     from disagg_cli.coordinator.options import CoordinatorConfig, ServeOptions
-    from disagg_cli.coordinator.placement import (
-        COLOCATED_BELOW_CORES,
-        DEFAULT_MAX_WORKER_RESTARTS,
-        placement_from_flags,
-    )
+    from disagg_cli.coordinator.placement import DEFAULT_MAX_WORKER_RESTARTS, placement_from_flags
 
     def opt(*decls: str, help: str, panel: str = PLACEMENT_PANEL, **kw: Any) -> Any:
         return typer.Option(*decls, help=help, rich_help_panel=panel, **kw)
@@ -159,11 +154,7 @@ def placement_options(in_process: bool = False, admission: bool = False) -> Call
         kw("colocated_addr", Annotated[str | None, opt(help="Address of a running colocated worker.")], None),
         kw("config", Annotated[Path | None, opt("--config", help="Start this TOML topology (see "
                                                                        "configs/).")], None),
-        kw("colocated", Annotated[bool | None, opt("--colocated/--no-colocated", help=(
-            "Start one worker doing both phases, on all the cores, or (--no-colocated) 1 prefill + 1 decode "
-            f"worker. Default: colocated where this process has fewer than {COLOCATED_BELOW_CORES} cores (a "
-            "split there leaves a core idle whenever one phase has no work: measured in the README), else "
-            "split."))], None),
+        kw("colocated", Annotated[bool, opt(help="Start one worker doing both phases (the baseline).")], False),
         kw("prefill_replicas", Annotated[int | None, opt(help="Prefill workers to start (default 1, or the "
                                                                     "topology's).")], None),
         kw("decode_replicas", Annotated[int | None, opt(help="Decode workers to start (default 1, or the "
@@ -199,13 +190,11 @@ def placement_options(in_process: bool = False, admission: bool = False) -> Call
 
     def build(v: dict[str, Any]) -> ServeOptions:
         planner = planner_config(v)
-        # a planner needs workers to give roles to: with --colocated left open, the split, on any machine
-        colocated = False if planner.is_on and v["colocated"] is None else v["colocated"]
         placement = placement_from_flags(
             in_process=v.get("in_process", False), prefill=v["prefill"] or (), decode=v["decode"] or (),
-            colocated=colocated, colocated_addr=v["colocated_addr"], config=v["config"], ray=v["ray"],
+            colocated=v["colocated"], colocated_addr=v["colocated_addr"], config=v["config"], ray=v["ray"],
             keys=v["keys"], prefill_replicas=v["prefill_replicas"], decode_replicas=v["decode_replicas"],
-            max_worker_restarts=v["max_worker_restarts"], cores=len(available_cpus()))
+            max_worker_restarts=v["max_worker_restarts"])
         coordinator = CoordinatorConfig(
             policy=v["router"], worker_timeout_s=v["worker_timeout"], handshake_timeout_s=v["connect_timeout"],
             disagg_threshold=disagg_threshold(v["disagg_threshold"]),

@@ -21,6 +21,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *DTYPES)  # auto: bfloat16 where the device computes it natively, else float32
 QUANTIZATIONS = ("none", "int8", "int4", "auto")  # weight-only; auto: what is fastest for the role
 KERNELS = ("auto", "c", "torch")  # the execution backend (model/backend.py); auto: c wherever it builds
+# The dtype of the float weights a colocated worker keeps for wide steps (with --quantization auto):
+# bfloat16 (oneDNN, where the CPU has AVX512-BF16 or AMX) is faster but rounds activations and weights.
+WIDE_DTYPES = ("float32", "bfloat16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 MAX_LOGPROBS = 20  # OpenAI's limit on top alternatives per token
 # Below this a temperature is greedy: dividing logits by 1e-40 overflows them to inf, and
@@ -84,8 +87,11 @@ class RuntimeConfig:
     threads: int | None = None
     quantization: str = "auto"
     kernel: str = "auto"
+    wide_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.wide_dtype not in WIDE_DTYPES:
+            raise UsageError(f"--wide-dtype must be one of {', '.join(WIDE_DTYPES)}, got {self.wide_dtype!r}")
         if self.kernel not in KERNELS:
             raise UsageError(f"--kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.dtype not in DTYPE_CHOICES:

@@ -53,7 +53,7 @@ def recording(monkeypatch: pytest.MonkeyPatch) -> type[RecordingService]:
 
 
 def options(model: Path, max_tokens: int) -> GenerateOptions:
-    return GenerateOptions(str(model), default_cache_dir(), RuntimeConfig(dtype="float32"),
+    return GenerateOptions(str(model), default_cache_dir(), RuntimeConfig(dtype="float32", quantization="none"),
                            SamplingParams(max_tokens=max_tokens), EngineConfig(), json_output=True)
 
 

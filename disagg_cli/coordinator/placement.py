@@ -105,38 +105,19 @@ class RemoteColocated:
 Placement = InProcess | StartLocal | StartOnRay | RemoteDisagg | RemoteColocated
 
 
-# Below this many cores a local cluster started with neither --colocated nor --no-colocated is one
-# colocated worker on all of them: on 2 cores, 1 prefill + 1 decode (a core each) left one idle
-# whenever a phase had no work, and each phase ran at half the machine's speed (README, "Speed").
-COLOCATED_BELOW_CORES = 4
-
-
-def auto_colocated(cores: int) -> bool:
-    """Whether `--colocated` left to its default means one colocated worker, for `cores` cores."""
-    return 0 < cores < COLOCATED_BELOW_CORES
-
-
 def keys_dir(placement: Placement) -> Path | None:
     """The CurveZMQ keys the coordinator reaches the workers with; None: plain tcp."""
     return None if isinstance(placement, InProcess) else placement.keys_dir
 
 
 def placement_from_flags(*, in_process: bool = False, prefill: Sequence[str] = (), decode: Sequence[str] = (),
-                         colocated: bool | None = False, colocated_addr: str | None = None,
-                         config: Path | None = None, ray: str | None = None, keys: Path | None = None,
-                         prefill_replicas: int | None = None, decode_replicas: int | None = None,
-                         max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS, cores: int = 0) -> Placement:
-    """The case the flags of `generate`/`serve` pick (none: a local cluster, see `auto_colocated`);
-    a `UsageError` naming the flags for any two that pick different places. colocated None: auto,
-    from `cores`, the cores this process may use."""
+                         colocated: bool = False, colocated_addr: str | None = None, config: Path | None = None,
+                         ray: str | None = None, keys: Path | None = None, prefill_replicas: int | None = None,
+                         decode_replicas: int | None = None,
+                         max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS) -> Placement:
+    """The case the flags of `generate`/`serve` pick (none: a local 1 prefill + 1 decode cluster);
+    a `UsageError` naming the flags for any two that pick different places."""
     prefill, decode = tuple(prefill), tuple(decode)
-    split_asked = colocated is False or prefill_replicas is not None or decode_replicas is not None
-    if colocated is None:
-        colocated = False  # decided below, once nothing else picks the place
-        auto = not (in_process or prefill or colocated_addr or config or ray or split_asked)
-        colocated_auto = auto and auto_colocated(cores)
-    else:
-        colocated_auto = False
     if bool(prefill) != bool(decode):
         raise UsageError("--prefill and --decode go together: give at least one address of each")
     if colocated_addr is not None and (prefill or config is not None):
@@ -172,5 +153,5 @@ def placement_from_flags(*, in_process: bool = False, prefill: Sequence[str] = (
         return RemoteColocated(colocated_addr, keys)
     replicas = Replicas(prefill_replicas, decode_replicas)
     cluster: Cluster = (FromFile(config, replicas) if config is not None
-                        else Colocated() if colocated or colocated_auto else Disaggregated(replicas))
+                        else Colocated() if colocated else Disaggregated(replicas))
     return StartOnRay(cluster, ray, keys) if ray is not None else StartLocal(cluster, keys, max_worker_restarts)

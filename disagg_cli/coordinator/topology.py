@@ -54,6 +54,7 @@ class WorkerSpec:
     quantization: str = DEFAULTS["quantization"]  # resolved by the worker for its role when auto
     threads: int | None = DEFAULTS["threads"]  # None: an even share of the cores given to the cluster
     kernel: str = DEFAULTS["kernel"]  # the execution backend: auto, c or torch
+    wide_dtype: str = DEFAULTS["wide_dtype"]  # a colocated worker's float copies for wide steps
     cpus: tuple[int, ...] | None = None  # CPU affinity; None: a share of the cores, in order
     kv_codec: str | None = DEFAULTS["kv_codec"]  # prefill (and colocated) only; None: the worker's default
     block_size: int = DEFAULTS["block_size"]
@@ -188,7 +189,7 @@ def local_topology(model: str, base: WorkerSpec, num_prefill: int = 1, num_decod
 _SPEC_FIELDS = {f.name for f in fields(WorkerSpec)}
 _TYPES: dict[str, tuple[type, ...]] = {
     "role": (str,), "host": (str,), "port": (int,), "device": (str,), "dtype": (str,),
-    "quantization": (str,), "threads": (int,),
+    "quantization": (str,), "threads": (int,), "kernel": (str,), "wide_dtype": (str,),
     "cpus": (list,), "kv_codec": (str,), "block_size": (int,), "kv_cache_tokens": (int,),
     "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "kv_cache_memory_mb": (int, float),
     "chunked_prefill": (bool,), "enable_prefix_caching": (bool,), "elastic": (bool,),

@@ -98,9 +98,13 @@ def choose_dtype(requested: str, device: str, cpu: CPUInfo, role: str = "colocat
 
 
 def choose_quantization(requested: str, role: str, device: str, backend: str,
-                        cpu: CPUInfo | None = None) -> QuantChoice:
+                        cpu: CPUInfo | None = None, stored_quantized: bool = True,
+                        wide_dtype: str = "float32") -> QuantChoice:
     """Weight quantization for `--quantization requested` in this role, on backend "c" or "torch";
-    cpu: what decides the kept float weights' dtype (None: float32)."""
+    cpu: what decides the kept float weights' dtype (None: float32); stored_quantized: the
+    checkpoint holds quantized blocks (a GGUF's Q8_0/Q4_x), which `auto` keeps as they are; float
+    weights `auto` keeps float, for quantizing them would lose what the file has; wide_dtype: the
+    kept float weights' dtype asked for (`--wide-dtype`), bfloat16 only where the CPU computes it."""
     kernel = backend == "c"
     if requested != "auto":
         if requested != "none" and device != "cpu":
@@ -118,15 +122,19 @@ def choose_quantization(requested: str, role: str, device: str, backend: str,
     if not kernel:
         return QuantChoice("none", False, "auto: float weights (torch backend: its dequantize fallback is "
                                           "slower than float matmuls)")
+    if not stored_quantized and role != "prefill":
+        return QuantChoice("none", False, "auto: float weights, as the checkpoint stores them (quantizing them "
+                                          "would lose precision; --quantization int4 or int8 asks for it)", True)
     if role == "prefill":
         return QuantChoice("none", False, "auto: float weights for prefill (compute-bound: float GEMM beats "
                                           "the integer kernel at prompt sizes)", True)
     if role == "decode":
         return QuantChoice("int4", False, "auto: int4 weights for decode (bandwidth-bound: the fewest bytes "
                                           "per token)")
-    if cpu is not None and cpu.has_native_bf16:
+    if wide_dtype == "bfloat16" and cpu is not None and cpu.has_native_bf16:
         return QuantChoice("int4", True, f"auto: int4 weights for decode steps, bfloat16 copies for steps of "
                                          f"{BF16_MIN_ROWS}+ rows (prompts, wide batches) on torch's matmul, "
-                                         f"which this CPU computes natively ({cpu.capability})", True, "bfloat16")
-    return QuantChoice("int4", True, f"auto: int4 weights for decode steps, float weights kept for steps of "
-                                     f"{DENSE_MIN_ROWS}+ rows (prefill)", True)
+                                         f"which this CPU computes natively ({cpu.capability}; --wide-dtype "
+                                         "bfloat16 as asked)", True, "bfloat16")
+    return QuantChoice("int4", True, f"auto: int4 weights for decode steps, float32 copies kept for steps of "
+                                     f"{DENSE_MIN_ROWS}+ rows (prefill) on the C GEMM", True)

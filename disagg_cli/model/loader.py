@@ -93,12 +93,13 @@ def check_device(device: str) -> None:
 
 
 def resolve_runtime(runtime: RuntimeConfig, role: str, cpu: CPUInfo | None = None,
-                    backend: str = "torch") -> tuple[RuntimeConfig, str, QuantChoice]:
+                    backend: str = "torch", stored_quantized: bool = True) -> tuple[RuntimeConfig, str, QuantChoice]:
     """(runtime with dtype, quantization and kernel made concrete for `backend` ("c" or "torch"),
     dtype reason, the quantization choice)."""
     cpu = cpu or probe_cpu()
     d = choose_dtype(runtime.dtype, runtime.device, cpu, role, backend)
-    q = choose_quantization(runtime.quantization, role, runtime.device, backend, cpu)
+    q = choose_quantization(runtime.quantization, role, runtime.device, backend, cpu, stored_quantized,
+                            runtime.wide_dtype)
     return replace(runtime, dtype=d.dtype, quantization=q.quantization, kernel=backend), d.reason, q
 
 
@@ -110,8 +111,9 @@ def load_model(path: Path, runtime: RuntimeConfig, progress: Progress | None = N
     from disagg_cli.model.registry import default_cache_dir
 
     backend = choose_backend(runtime.kernel, runtime.device, cache_dir or default_cache_dir())
-    resolved, dtype_reason, quant = resolve_runtime(runtime, role, backend=backend.name)
     ckpt = read_checkpoint(path, progress)
+    resolved, dtype_reason, quant = resolve_runtime(runtime, role, backend=backend.name,
+                                                    stored_quantized=bool(ckpt.blocks))
     dtype = TORCH_DTYPES[resolved.dtype]
     model = LlamaForCausalLM(ckpt.config, device="meta")  # every parameter is assigned from the file below
     state = {name: t.to(dtype) for name, t in ckpt.state_dict.items()}

@@ -23,8 +23,8 @@ from tests.tiny_models import random_weights, write_gguf
 # A value other than the default for every setting a WorkerSpec hands on (placement aside).
 NON_DEFAULT = {"host": "127.0.0.2", "port": 7123, "device": "cuda", "dtype": "bfloat16", "quantization": "int8",
                "threads": 3, "kv_codec": "int8", "block_size": 8, "kv_cache_tokens": 64, "kv_cache_memory_mb": 7.5,
-               "max_num_seqs": 5, "max_num_batched_tokens": 99, "chunked_prefill": True,
-               "enable_prefix_caching": False, "kernel": "torch", "elastic": True}
+               "max_num_seqs": 5, "max_num_batched_tokens": 99, "chunked_prefill": False,
+               "enable_prefix_caching": False, "kernel": "torch", "wide_dtype": "bfloat16", "elastic": True}
 
 
 def test_every_spec_field_reaches_the_worker_config() -> None:
@@ -46,9 +46,9 @@ def test_worker_config_round_trips_as_json() -> None:
     again = WorkerConfig.from_json(made.to_json())
     assert again == made
     assert again.engine == EngineConfig(block_size=8, kv_cache_tokens=64, kv_cache_memory_mb=7.5, max_num_seqs=5,
-                                        max_num_batched_tokens=99, chunked_prefill=True, enable_prefix_caching=False)
+                                        max_num_batched_tokens=99, chunked_prefill=False, enable_prefix_caching=False)
     assert again.runtime == RuntimeConfig(device="cuda", dtype="bfloat16", threads=3, quantization="int8",
-                                          kernel="torch")
+                                          kernel="torch", wide_dtype="bfloat16")
     # The child's command line carries that JSON, not a flag list rebuilt field by field.
     cmd = worker_command(config, "/models/x.gguf")
     assert cmd[-2] == "run-worker" and WorkerConfig.from_json(cmd[-1]) == made
@@ -81,7 +81,7 @@ def test_started_workers_report_what_they_were_given(tmp_path: Path) -> None:
     """Real worker processes on a tiny model: the hello says the pool, batch limits and threads."""
     model = write_gguf(tmp_path / "tiny.gguf", random_weights())
     specs = (WorkerSpec("prefill", kv_cache_tokens=96, block_size=8, max_num_seqs=3, max_num_batched_tokens=50,
-                        chunked_prefill=True, threads=1, kv_codec="none"),
+                        chunked_prefill=False, threads=1, kv_codec="none"),
              WorkerSpec("decode", kv_cache_memory_mb=0.25, block_size=4, max_num_seqs=7, threads=1,
                         enable_prefix_caching=False))
 
@@ -102,11 +102,11 @@ def test_started_workers_report_what_they_were_given(tmp_path: Path) -> None:
             assert [affinities(w.process.pid) for w in cluster.workers] == [{p} for p in placed]
             assert all(placed) and (len(os.sched_getaffinity(0)) < 2 or placed[0] != placed[1])
     assert prefill == {"num_blocks": 12, "block_size": 8, "max_num_seqs": 3, "max_num_batched_tokens": 50,
-                       "chunked_prefill": 1, "prefix_caching": 1, "threads": 1}
+                       "chunked_prefill": 0, "prefix_caching": 1, "threads": 1}
     tiny_kv_bytes_per_token = 2 * 2 * 2 * 16 * 4  # layers x kv heads x head dim of tests/tiny_models.TINY, f32
     assert decode["num_blocks"] == int(0.25 * 2**20) // (tiny_kv_bytes_per_token * 4)
     assert (decode["block_size"], decode["max_num_seqs"], decode["chunked_prefill"], decode["prefix_caching"]) \
-        == (4, 7, 0, 0)
+        == (4, 7, 1, 0)  # chunked prefill on by default
 
 
 @pytest.mark.slow

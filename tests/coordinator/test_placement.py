@@ -142,22 +142,3 @@ def test_worker_restarts_are_a_local_cluster_setting() -> None:
     assert placement_from_flags(max_worker_restarts=0) == StartLocal(Disaggregated(), None, 0)
     with pytest.raises(UsageError, match="--max-worker-restarts must be 0 \\(never\\) or more, got -1"):
         placement_from_flags(max_worker_restarts=-1)
-
-
-def test_colocated_left_to_its_default_follows_the_cores() -> None:
-    from disagg_cli.coordinator.placement import COLOCATED_BELOW_CORES, Colocated, Disaggregated, Replicas
-
-    assert COLOCATED_BELOW_CORES == 4
-    assert placement_from_flags(colocated=None, cores=2) == StartLocal(Colocated())
-    assert placement_from_flags(colocated=None, cores=3) == StartLocal(Colocated())
-    assert placement_from_flags(colocated=None, cores=4) == StartLocal(Disaggregated())
-    assert placement_from_flags(colocated=None, cores=0) == StartLocal(Disaggregated())  # not known: split
-    # asked for either way, or sized, the flags win on any machine
-    assert placement_from_flags(colocated=False, cores=2) == StartLocal(Disaggregated())
-    assert placement_from_flags(colocated=True, cores=16) == StartLocal(Colocated())
-    assert placement_from_flags(colocated=None, cores=2, decode_replicas=2) == StartLocal(
-        Disaggregated(Replicas(None, 2)))
-    # where the workers are not started here, the cores here say nothing
-    assert placement_from_flags(colocated=None, cores=2, prefill=["a:1"], decode=["b:2"]) == placement_from_flags(
-        prefill=["a:1"], decode=["b:2"])
-    assert isinstance(placement_from_flags(colocated=None, cores=2, ray="auto").cluster, Disaggregated)

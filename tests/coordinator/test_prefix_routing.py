@@ -47,9 +47,9 @@ def test_turns_reuse_both_caches_and_short_prompts_stay_on_decode(
     # A decode pool of 12 blocks: the ~170-token flood request evicts what the turns left cached.
     # Chunked prefill of 24 tokens a step: a prompt's KV leaves in chunks, each at its position.
     topology = ClusterConfig(str(default_gguf), (
-        WorkerSpec("prefill", dtype="float32", kv_cache_tokens=2048, kv_codec="none", threads=1,
+        WorkerSpec("prefill", dtype="float32", quantization="none", kv_cache_tokens=2048, kv_codec="none", threads=1,
                    chunked_prefill=True, max_num_batched_tokens=24),
-        WorkerSpec("decode", dtype="float32", kv_cache_tokens=192, threads=1)))
+        WorkerSpec("decode", dtype="float32", quantization="none", kv_cache_tokens=192, threads=1)))
     results: dict[str, RequestOutput] = {}
 
     async def ask(coordinator: Coordinator, name: str, ids: list[int]) -> RequestOutput:

@@ -35,8 +35,8 @@ NUM_TOKENS = 40
 SAMPLING = SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True)
 # float32 pinned: the texts are checked against the float32 reference, and `--dtype auto` picks
 # bfloat16 for prefill workers on CPUs that compute it natively
-PREFILL = WorkerSpec("prefill", dtype="float32", kv_codec="none", kv_cache_tokens=1024, threads=1)
-DECODE = WorkerSpec("decode", dtype="float32", kv_cache_tokens=1024, threads=1)
+PREFILL = WorkerSpec("prefill", dtype="float32", quantization="none", kv_codec="none", kv_cache_tokens=1024, threads=1)
+DECODE = WorkerSpec("decode", dtype="float32", quantization="none", kv_cache_tokens=1024, threads=1)
 
 
 @pytest.fixture(scope="module")

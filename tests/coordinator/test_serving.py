@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 NUM_TOKENS = 16
 NAMES = ["prose", "code", "long", "chat"]  # a subset of the golden prompts, to keep the file fast
 SAMPLING = SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True)
-F32 = WorkerSpec("prefill", dtype="float32", kv_cache_tokens=2048, kv_codec="none")
+F32 = WorkerSpec("prefill", dtype="float32", quantization="none", kv_cache_tokens=2048, kv_codec="none")
 # The module's workers by name. "decode" is what local_topology makes of F32: float32, 16-token blocks.
 WORKERS = {
     "f32": F32,
@@ -42,7 +42,8 @@ WORKERS = {
     "decodeb": local_topology("", F32).workers[1],
 }
 TOPOLOGY = tuple(WORKERS.values())
-assert WORKERS["decode"] == WorkerSpec("decode", dtype="float32", block_size=16, kv_cache_tokens=2048)
+assert WORKERS["decode"] == WorkerSpec("decode", dtype="float32", quantization="none", block_size=16,
+                                      kv_cache_tokens=2048)
 
 
 @pytest.fixture(scope="module")

@@ -58,8 +58,8 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float) -> No
 
 def test_a_killed_prefill_worker_is_started_again(default_gguf: Path, default_model: LoadedModel,
                                                   default_tokenizer: Tokenizer, tmp_path: Path) -> None:
-    with running_server(tmp_path, default_gguf, "--kv-codec", "none", "--dtype", "float32",
-                        "--served-model-name", MODEL) as server:
+    with running_server(tmp_path, default_gguf, "--kv-codec", "none", "--dtype", "float32", "--quantization", "none",
+                        "--no-colocated", "--served-model-name", MODEL) as server:
         before = worker_pids(server.process.pid)
         assert set(before) == {"prefill", "decode"}, before
         assert sample(server, "disagg:worker_restarts_total", "prefill") == 0

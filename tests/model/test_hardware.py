@@ -95,16 +95,18 @@ def test_runtime_config_validates_and_resolves() -> None:
     assert resolved.dtype == "bfloat16"
 
 
-def test_colocated_keeps_bf16_copies_for_wide_steps_where_the_cpu_multiplies_bf16() -> None:
+def test_colocated_keeps_bf16_copies_for_wide_steps_where_asked_and_the_cpu_multiplies_bf16() -> None:
     zen4 = CPUInfo("AVX512", frozenset({"avx512f", "avx512_bf16"}))
     amx = CPUInfo("AMX_BF16", NO_FLAGS)
     avx2 = CPUInfo("AVX2", frozenset({"avx2", "fma"}))
     for cpu in (zen4, amx):
-        choice = choose_quantization("auto", "colocated", "cpu", "c", cpu)
+        # float32 unless asked: bfloat16 parts greedy text from float32's (README, "Speed")
+        assert choose_quantization("auto", "colocated", "cpu", "c", cpu).wide_dtype == "float32"
+        choice = choose_quantization("auto", "colocated", "cpu", "c", cpu, wide_dtype="bfloat16")
         assert (choice.quantization, choice.keep_dense, choice.wide_dtype, choice.wide_min_rows) == (
             "int4", True, "bfloat16", 16)
         assert cpu.capability in choice.reason
-    plain = choose_quantization("auto", "colocated", "cpu", "c", avx2)
+    plain = choose_quantization("auto", "colocated", "cpu", "c", avx2, wide_dtype="bfloat16")  # no native bf16
     assert (plain.quantization, plain.keep_dense, plain.wide_dtype, plain.wide_min_rows) == (
         "int4", True, "float32", 64)
     assert choose_quantization("auto", "colocated", "cpu", "c").wide_dtype == "float32"  # no CPU said: float32
@@ -115,3 +117,13 @@ def test_colocated_keeps_bf16_copies_for_wide_steps_where_the_cpu_multiplies_bf1
 
 def test_quantization_auto_is_the_default() -> None:
     assert RuntimeConfig().quantization == "auto"
+
+
+def test_quantization_auto_keeps_a_float_checkpoint_float() -> None:
+    zen4 = CPUInfo("AVX512", frozenset({"avx512f", "avx512_bf16"}))
+    for role in ("decode", "colocated", "prefill"):
+        choice = choose_quantization("auto", role, "cpu", "c", zen4, stored_quantized=False)
+        assert (choice.quantization, choice.keep_dense, choice.float_gemm) == ("none", False, True), role
+    assert "as the checkpoint stores them" in choose_quantization("auto", "decode", "cpu", "c", zen4, False).reason
+    # asked for, int4 is made from float weights all the same
+    assert choose_quantization("int4", "decode", "cpu", "c", zen4, stored_quantized=False).quantization == "int4"

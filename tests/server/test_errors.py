@@ -30,7 +30,7 @@ WAIT_TIMEOUT_S = 60.0
 def server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with running_server(tmp_path_factory.mktemp("serve-errors"), default_gguf, "--api-key", KEY,
                         "--served-model-name", MODEL, "--kv-cache-tokens", "256", "--max-queued-requests", "1",
-                        "--max-worker-restarts", "0", "--no-colocated") as s:  # a dead worker stays dead: 503s
+                        "--max-worker-restarts", "0") as s:  # a dead worker stays dead: what 503s look like
         yield s
 
 

@@ -32,7 +32,8 @@ FREE_TIMEOUT_S = 30.0
 @pytest.fixture(scope="module")
 def server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with running_server(tmp_path_factory.mktemp("serve"), default_gguf, "--served-model-name", MODEL,
-                        "--kv-codec", "none", "--dtype", "float32") as s:
+                        "--kv-codec", "none", "--dtype", "float32", "--quantization", "none",
+                        "--no-colocated") as s:  # the split: KV crosses between two workers
         yield s
 
 

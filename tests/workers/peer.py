@@ -26,6 +26,8 @@ def start_worker(role: str, port: int, model: Path, *extra: str, log: Path | Non
     # float32 unless a test asks otherwise: `--dtype auto` would pick bfloat16 on a CPU with native
     # bf16, and the golden tests compare against float32 references.
     dtype = () if "--dtype" in extra else ("--dtype", "float32")
+    if "--quantization" not in extra:  # float weights too: the exact path (auto keeps the GGUF's int4)
+        dtype += ("--quantization", "none")
     return subprocess.Popen([sys.executable, "-m", "disagg_cli", f"{role}-worker", "--port", str(port),
                              "--model", str(model), "--threads", "1", *dtype, *extra],
                             stdout=out, stderr=out, env={**os.environ})
