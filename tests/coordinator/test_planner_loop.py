@@ -102,7 +102,7 @@ def test_decisions_are_held_then_switched_and_counted(caplog: pytest.LogCaptureF
     assert (change.ok, change.requests_moved, change.seconds, change.longest_pause_s) == (True, 2, 0.25, 0.04)
     assert change.as_dict()["from"] == "decode" and "TTFT missed" in change.reason
     assert f"planner: {D} decode → colocated: TTFT missed" in caplog.text
-    assert "is colocated now (2 requests moved, 0.25 s, longest pause 40 ms)" in caplog.text
+    assert "is colocated now (2 requests moved, 0 kept, 0.25 s, longest pause 40 ms)" in caplog.text
     assert loop.roles() == {P: "prefill", D: "colocated"}
 
 

@@ -16,6 +16,7 @@ from disagg_cli.coordinator.coordinator import Coordinator
 from disagg_cli.coordinator.role_switch import SwitchLog, SwitchOutcome
 from disagg_cli.coordinator.router import NoWorkerError, Router, WorkerRecord
 from disagg_cli.coordinator.topology import WorkerSpec
+from disagg_cli.protocol.names import WORKER_ROLES
 from disagg_cli.server.metrics import _LiveGauges
 from disagg_cli.worker_settings import SETTING_NAMES, WorkerSettings
 
@@ -72,10 +73,12 @@ def test_metrics_show_each_workers_role_and_the_switches() -> None:
     service = SimpleNamespace(counts=lambda: {"running": 0, "waiting": 0}, workers=lambda: workers, cluster=None,
                               coordinator=SimpleNamespace(switches=log))
     metrics: dict[str, Metric] = {m.name: m for m in _LiveGauges(service, "m").collect()}  # type: ignore[arg-type]
-    assert [(s.labels["address"], s.labels["role"], s.value) for s in metrics["disagg:worker_role"].samples] == \
-        [("tcp://h:1", "prefill", 1.0), ("tcp://h:2", "prefill", 1.0)]
-    [total] = [s for s in metrics["disagg:role_switches"].samples if s.name.endswith("_total")]
-    assert (total.labels["from"], total.labels["to"], total.value) == ("decode", "prefill", 1.0)
+    # a state set: one series per worker and role, 1 for the role it has
+    assert [(s.labels["address"], s.labels["role"], s.value) for s in metrics["disagg:worker_role"].samples] == [
+        (a, r, 1.0 if r == "prefill" else 0.0) for a in ("tcp://h:1", "tcp://h:2") for r in WORKER_ROLES]
+    totals = {(s.labels["from"], s.labels["to"]): s.value
+              for s in metrics["disagg:role_switches"].samples if s.name.endswith("_total")}
+    assert len(totals) == 6 and totals.pop(("decode", "prefill")) == 1.0 and set(totals.values()) == {0.0}
 
 
 def test_the_elastic_setting_loads_for_every_role() -> None:

@@ -1,8 +1,8 @@
 """Admission by load over real HTTP: with `--admission slo`, a request predicted to miss
 `--slo-ttft-ms` behind the prompts queued is answered 503 with Retry-After in OpenAI's error shape,
 and taken again once the queue has drained. The server runs `--planner slo` too: its decisions reach
-/metrics and each response's `disagg.roles`, and a switch it cannot make yet (this branch has no
-in-place switch) never takes the server down."""
+/metrics and each response's `disagg.roles` (the long prompt misses the 50 ms target, so it may turn
+the idle decode worker colocated), and the server keeps serving."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def test_a_request_predicted_to_miss_ttft_is_503_then_taken_once_the_queue_drain
     assert ok.status_code == 200, ok.text
     figures = ok.json()["disagg"][0]
     roles = figures["roles"]
-    assert sorted(roles.values()) == ["decode", "prefill"], roles  # as started: no switch made here
+    # as started, or with the decode worker made colocated to take prompts too
+    assert sorted(roles.values()) in (["decode", "prefill"], ["colocated", "prefill"]), roles
     assert set(figures["workers"].values()) <= set(roles)
 
 
@@ -50,10 +51,14 @@ def test_metrics_show_roles_and_switches(server: Server) -> None:
     metrics = server.metrics()
     roles = {dict(labels)["address"]: dict(labels)["role"]
              for (name, labels), value in metrics.items() if name == "disagg:worker_role" and value == 1.0}
-    assert sorted(roles.values()) == ["decode", "prefill"]
     switches = {(dict(labels)["from"], dict(labels)["to"]): value
                 for (name, labels), value in metrics.items() if name == "disagg:role_switches_total"}
-    assert len(switches) == 6 and set(switches.values()) == {0.0}  # every pair, at zero: none succeeded
-    # The planner ticked and tried (the long prompt missed the 50 ms target); the server kept serving.
+    assert len(switches) == 6  # every pair, from zero
+    if sorted(roles.values()) == ["colocated", "prefill"]:  # the one switch the planner may have made
+        assert switches.pop(("decode", "colocated")) == 1.0
+    else:
+        assert sorted(roles.values()) == ["decode", "prefill"]
+    assert set(switches.values()) == {0.0}
+    # The planner ticked (the long prompt missed the 50 ms target); the server kept serving.
     assert "planner:" in server.log_text()
     assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
