@@ -4,7 +4,8 @@
 1. the router stops routing new requests to the worker (`Router.begin_switch`); requests that pick
    it in a race are refused "draining" and retried elsewhere;
 2. `SwitchRole(role, move)` goes to it; `move` when it stops decoding (becomes a prefill worker)
-   and another decode worker is routable to take its decoding requests;
+   and another decode worker is routable to take its decoding requests (without one they finish
+   there first; between decode and colocated they stay, adopted by the new role);
 3. per request listed in `Parked` (taken out of its batch, KV kept), a task `_move`s it: a decode
    worker is picked, the request's `Attempt` gains it (so its death fails the request over, as any
    worker's does), `Reserve` goes there for every token but the last (its reply is tapped off the

@@ -174,6 +174,9 @@ def test_prefill_to_colocated_with_prompts_in_flight_and_back_while_decoding(
     assert all(o.workers["decode"] == d for o in rounds[1])
     assert coordinator.router.roles() == {p: "prefill", e: "prefill", d: "decode"}
     assert_free(stats)
+    print(f"\nprefill→colocated {to_colocated.elapsed_s * 1e3:.0f} ms (worker {to_colocated.worker_ms:.0f} ms); "
+          f"colocated→prefill {back.elapsed_s * 1e3:.0f} ms (worker {back.worker_ms:.0f} ms), 2 moved, pauses "
+          f"{[round(s * 1e3) for s in back.pauses_s]} ms")
 
 
 @pytest.mark.parametrize("cluster", [(PREFILL, elastic(DECODE), DECODE)], indirect=True)
