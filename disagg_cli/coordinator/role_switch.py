@@ -4,14 +4,16 @@
 1. the router stops routing new requests to the worker (`Router.begin_switch`); requests that pick
    it in a race are refused "draining" and retried elsewhere;
 2. `SwitchRole(role, move)` goes to it; `move` when it stops decoding (becomes a prefill worker)
-   and another decode worker is routable to take its decoding requests;
+   and another decode or colocated worker is routable to take its decoding requests (without one
+   they finish there first; between decode and colocated they stay, adopted by the new role);
 3. per request listed in `Parked` (taken out of its batch, KV kept), a task `_move`s it: a decode
-   worker is picked, the request's `Attempt` gains it (so its death fails the request over, as any
-   worker's does), `Reserve` goes there for every token but the last (its reply is tapped off the
-   request's queue), then `MoveOut` to the old worker, which streams the KV there; the new worker
-   decodes on from the next token and its `Tokens` reach the request's task on the same queue,
-   which never noticed; once one arrives the old worker leaves the attempt. Any failure on the way
-   fails the attempt over as a dead worker would (`WorkerGone`): retried, re-prefilled, not lost;
+   worker is picked (else a colocated one, which decodes it as a decode worker would), the
+   request's `Attempt` gains it (so its death fails the request over, as any worker's does),
+   `Reserve` goes there for every token but the last (its reply is tapped off the request's
+   queue), then `MoveOut` to the old worker, which streams the KV there; the new worker decodes on
+   from the next token and its `Tokens` reach the request's task on the same queue, which never
+   noticed; once one arrives the old worker leaves the attempt. Any failure on the way fails the
+   attempt over as a dead worker would (`WorkerGone`): retried, re-prefilled, not lost;
 4. `RoleSwitched`: the router routes by the new role (`WorkerConnections.note_switch`), and the
    outcome is returned and counted (`SwitchLog`). A worker that dies or refuses (not `--elastic`)
    raises `DisaggError`, its role as it was.
@@ -46,6 +48,7 @@ from disagg_cli.protocol import (
 )
 
 log = logging.getLogger(__name__)
+DECODES = ("decode", "colocated")  # the roles a moved request can decode on
 SWITCH_TIMEOUT_S = 300.0  # SwitchRole → RoleSwitched: the worker finishes what cannot move within this
 _POLL_S = 0.002  # how often a move looks for its request's next token
 
@@ -109,7 +112,7 @@ async def switch_role(coordinator: Coordinator, address: str, role: str) -> Swit
     if role == previous:
         return SwitchOutcome(address, previous, role, 0, 0, 0, 0, 0.0, 0.0, 0.0)
     source = conns.link(address)
-    takers = [w for w in router.by_role("decode") if w.routable and w.address != address]
+    takers = [w for w in router.workers if w.role in DECODES and w.routable and w.address != address]
     move = role == "prefill" and bool(takers)
     router.begin_switch(address)
     control = conns.channels.open_control(address)
@@ -177,7 +180,9 @@ async def _move_attempt(coordinator: Coordinator, source: WorkerLink, parked: Pa
     conns, router, rid = coordinator.connections, coordinator.router, parked.request_id
     if parked.token_ids[: len(run.prompt_ids)] != run.prompt_ids or len(parked.token_ids) <= len(run.prompt_ids):
         raise RequestFailed("error", f"{source.name} parked tokens that do not continue the request's prompt")
-    record = router.pick("decode", avoid={source.record.address})  # counted in flight there
+    # a decode worker, else a colocated one (it decodes moved requests as a decode worker does)
+    decodes = [w for w in router.by_role("decode") if w.routable and w.address != source.record.address]
+    record = router.pick("decode" if decodes else "colocated", avoid={source.record.address})  # counted there
     target = conns.link(record.address)
     run.active.append(target)  # from here its death, or the request's end, reaches it
     target.request_ids.add(rid)

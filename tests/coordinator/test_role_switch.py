@@ -109,8 +109,10 @@ def test_switches_move_decoding_requests_with_their_kv_and_change_nothing(
     p, e1, e2 = (w.address for w in cluster.workers)
     outcomes: list[SwitchOutcome] = []
 
-    async def prefill_to_decode_then_decode_to_prefill(c: Coordinator, outs: list[RequestOutput],
-                                                       tasks: list[asyncio.Task[None]]) -> None:
+    async def scenario(c: Coordinator, outs: list[RequestOutput], tasks: list[asyncio.Task[None]]) -> None:
+        if outcomes:
+            await to_a_colocated_taker(c, outs, tasks)
+            return
         # e2 (prefill) becomes a decode worker while prompts are in flight there
         await until(lambda: any(o.workers.get("prefill") == e2 for o in outs), tasks, "e2 prefilled")
         outcomes.append(await c.switch_role(e2, "decode"))
@@ -124,23 +126,42 @@ def test_switches_move_decoding_requests_with_their_kv_and_change_nothing(
         await until(lambda: all(len(o.token_ids) >= 16 for o in outs), tasks, "16 tokens each")
         outcomes.append(await c.switch_role(e2, "colocated"))
         assert c.router.roles() == {p: "prefill", e1: "prefill", e2: "colocated"}
+        await asyncio.gather(*tasks)
+        outcomes.append(await c.switch_role(e1, "decode"))  # idle: at once
 
-    (outs,), stats, coordinator = run(cluster, default_tokenizer, prefill_to_decode_then_decode_to_prefill)
-    assert_exact(outs, expected)
-    assert all(o.workers["decode"] == e2 for o in outs)
-    to_decode, to_prefill, to_colocated = outcomes
+    async def to_a_colocated_taker(c: Coordinator, outs: list[RequestOutput], tasks: list[asyncio.Task[None]]) -> None:
+        # round 2, roles p prefill, e1 decode, e2 colocated: two requests decode on e1, which becomes a
+        # prefill worker; the only worker left to decode them is e2, colocated, and they move there
+        def e1_decoding() -> bool:
+            on_e1 = [o for o in outs if o.workers.get("decode") == e1]
+            return len(on_e1) == 2 and all(len(o.token_ids) >= 4 for o in on_e1)
+
+        await until(e1_decoding, tasks, "e1 decoding")
+        outcomes.append(await c.switch_role(e1, "prefill"))
+
+    rounds, stats, coordinator = run(cluster, default_tokenizer, scenario, rounds=2)
+    for outs in rounds:
+        assert_exact(outs, expected)
+    assert all(o.workers["decode"] == e2 for o in rounds[0])
+    to_decode, to_prefill, to_colocated, back, to_taker = outcomes
     assert (to_decode.previous, to_decode.role, to_decode.moved) == ("prefill", "decode", 0)
     assert (to_prefill.previous, to_prefill.role, to_prefill.moved, to_prefill.failed_over) == \
         ("decode", "prefill", 4, 0)
     assert 0 < to_prefill.max_pause_s < 10, to_prefill
     assert (to_colocated.role, to_colocated.kept, to_colocated.moved, to_colocated.finished) == ("colocated", 4, 0, 0)
-    assert coordinator.switches.counts == {("prefill", "decode"): 1, ("decode", "prefill"): 1,
+    assert (back.role, back.moved, back.finished) == ("decode", 0, 0)
+    assert (to_taker.role, to_taker.moved, to_taker.failed_over) == ("prefill", 2, 0)
+    assert sum(o.workers.get("colocated") == e2 for o in rounds[1]) == 2  # served whole there
+    assert sum(o.workers.get("decode") == e2 for o in rounds[1]) == 2  # moved there
+    assert coordinator.switches.counts == {("prefill", "decode"): 2, ("decode", "prefill"): 2,
                                            ("decode", "colocated"): 1}
     assert_free(stats)
     print(f"\nprefill→decode {to_decode.elapsed_s * 1e3:.0f} ms (worker {to_decode.worker_ms:.0f} ms); "
           f"decode→prefill {to_prefill.elapsed_s * 1e3:.0f} ms (worker {to_prefill.worker_ms:.0f} ms), 4 moved, "
           f"pauses {[round(s * 1e3) for s in to_prefill.pauses_s]} ms; decode→colocated "
-          f"{to_colocated.elapsed_s * 1e3:.0f} ms (worker {to_colocated.worker_ms:.0f} ms), 4 kept")
+          f"{to_colocated.elapsed_s * 1e3:.0f} ms (worker {to_colocated.worker_ms:.0f} ms), 4 kept; decode→prefill "
+          f"{to_taker.elapsed_s * 1e3:.0f} ms, 2 moved to a colocated worker, pauses "
+          f"{[round(s * 1e3) for s in to_taker.pauses_s]} ms")
 
 
 @pytest.mark.parametrize("cluster", [(PREFILL, elastic(PREFILL), DECODE)], indirect=True)
@@ -174,6 +195,9 @@ def test_prefill_to_colocated_with_prompts_in_flight_and_back_while_decoding(
     assert all(o.workers["decode"] == d for o in rounds[1])
     assert coordinator.router.roles() == {p: "prefill", e: "prefill", d: "decode"}
     assert_free(stats)
+    print(f"\nprefill→colocated {to_colocated.elapsed_s * 1e3:.0f} ms (worker {to_colocated.worker_ms:.0f} ms); "
+          f"colocated→prefill {back.elapsed_s * 1e3:.0f} ms (worker {back.worker_ms:.0f} ms), 2 moved, pauses "
+          f"{[round(s * 1e3) for s in back.pauses_s]} ms")
 
 
 @pytest.mark.parametrize("cluster", [(PREFILL, elastic(DECODE), DECODE)], indirect=True)

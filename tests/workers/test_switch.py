@@ -30,6 +30,7 @@ from disagg_cli.protocol import (
     Tokens,
 )
 from disagg_cli.workers.base import Dest
+from disagg_cli.workers.colocated import ColocatedWorker
 from disagg_cli.workers.decode import DecodeState, DecodeWorker
 from disagg_cli.workers.prefill import PrefillWorker
 from disagg_cli.workers.worker import Worker
@@ -50,7 +51,8 @@ class SwitchIO(LocalIO):
 def _worker(cls: type, tiny: tuple[Path, LoadedModel], tmp_path: Path, elastic: bool = True,
             io: Any = None) -> Any:
     path, lm = tiny
-    config = WorkerConfig(role="prefill" if cls is PrefillWorker else "decode", model=str(path), host="127.0.0.1",
+    role = {PrefillWorker: "prefill", DecodeWorker: "decode", ColocatedWorker: "colocated"}[cls]
+    config = WorkerConfig(role=role, model=str(path), host="127.0.0.1",
                           port=1, runtime=RuntimeConfig(dtype="float32", threads=1), kv_codec="none", elastic=elastic,
                           engine=EngineConfig(block_size=BLOCK, kv_cache_tokens=64, enable_prefix_caching=False))
     return cls(config, tmp_path, lm=lm, io=io or SwitchIO())
@@ -72,11 +74,12 @@ def _ship(source: Worker[Any], target: DecodeWorker) -> list[tuple[Dest, Any]]:
 SEEDED = replace(GREEDY, temperature=0.9, top_k=20, seed=7)
 
 
-@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+@pytest.mark.parametrize(("params", "taker"), [(GREEDY, DecodeWorker), (SEEDED, DecodeWorker),
+                                               (GREEDY, ColocatedWorker)], ids=["greedy", "seeded", "to-colocated"])
 def test_decode_to_prefill_moves_running_requests_with_their_kv(tiny: tuple[Path, LoadedModel], tmp_path: Path,
-                                                                 params: SamplingParams) -> None:
+                                                                 params: SamplingParams, taker: type) -> None:
     prefill = _worker(PrefillWorker, tiny, tmp_path)
-    source, target = _worker(DecodeWorker, tiny, tmp_path), _worker(DecodeWorker, tiny, tmp_path)
+    source, target = _worker(DecodeWorker, tiny, tmp_path), _worker(taker, tiny, tmp_path)
     prompts = {"a": (3, 14, 15, 92, 65, 35, 8, 9, 79), "b": (2, 7, 1, 8, 28)}
     tokens: dict[str, list[int]] = {rid: [] for rid in prompts}
     for rid, prompt in prompts.items():
@@ -153,7 +156,6 @@ def test_decode_and_colocated_keep_what_they_decode(tiny: tuple[Path, LoadedMode
     """decode → colocated → decode with a request decoding throughout: it stays, adopted by each new
     role, and its tokens are the engine's; nothing moved, nothing waited for."""
     from disagg_cli.protocol import PrefillHere
-    from disagg_cli.workers.colocated import ColocatedWorker
 
     prompt = (3, 14, 15, 92, 65)
     worker = _worker(DecodeWorker, tiny, tmp_path)
