@@ -71,7 +71,7 @@ def generate(
         chat=chat,
         system=system,
         json_output=json_output,
-        serve=replace(serve, kv_codec=settings.kv_codec),
+        serve=replace(serve, kv_codec=settings.kv_codec, elastic=settings.elastic),
     )
     if system is not None and not chat:
         raise UsageError("--system only applies with --chat")

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from disagg_cli.bench.workload import DEFAULT_PHASE_S
 from disagg_cli.cli_options import (
     DEFAULT_DEADLINES,
     BlockSizeOpt,
@@ -24,10 +25,12 @@ from disagg_cli.cli_options import (
     TokenTimeoutOpt,
     cache_dir,
     int_list,
+    planner_options,
     worker_options,
 )
 from disagg_cli.cli_options import disagg_threshold as parse_threshold
 from disagg_cli.config import Deadlines, RuntimeConfig
+from disagg_cli.coordinator.planner import PlannerConfig
 from disagg_cli.errors import UsageError
 from disagg_cli.worker_settings import DEFAULTS, WorkerSettings
 
@@ -100,6 +103,7 @@ def bench_codec(
 
 @bench_app.command("serve")
 @worker_options()
+@planner_options()
 def bench_serve(
     model: ModelOpt = "smollm2-135m-instruct",
     mode: Annotated[str, typer.Option(help="disagg, colocated, or both (same workload, seed and cores).")] = "disagg",
@@ -133,13 +137,17 @@ def bench_serve(
                                           "--request-rate with a long prompt every --long-interval s; "
                                           "prefix: --prefix-len shared tokens + --random-input-len own ones; "
                                           "multi-turn: --num-turns turns per conversation, each adding the "
-                                          "last answer and --random-input-len new tokens to the history "
+                                          "last answer and --random-input-len new tokens to the history; "
+                                          "shifting: prefill-heavy, decode-heavy and mixed phases of "
+                                          "--phase-duration s back to back, for --planner slo "
                                           "(EOS ignored but for dataset).")] = "dataset",
     short_input_len: Annotated[int, typer.Option(help="Interference: short prompts' tokens.")] = 32,
     short_output_len: Annotated[int, typer.Option(help="Interference: short requests' output tokens.")] = 64,
     long_input_len: Annotated[int, typer.Option(help="Interference: long prompts' tokens.")] = 1024,
     long_output_len: Annotated[int, typer.Option(help="Interference: long requests' output tokens.")] = 8,
     long_interval: Annotated[float, typer.Option(help="Interference: seconds between long prompts.")] = 5.0,
+    phase_duration: Annotated[float, typer.Option(help="Shifting: seconds of sending per phase (--request-rate "
+                                                  "scales every phase's rate; default 1).")] = DEFAULT_PHASE_S,
     num_turns: Annotated[int, typer.Option(help="Multi-turn: turns per conversation, each sent when the one "
                                            "before is answered.")] = 4,
     prefix_len: Annotated[int, typer.Option(help="Multi-turn: tokens of the system prompt all conversations "
@@ -169,7 +177,7 @@ def bench_serve(
     tokenizer: Annotated[str | None, typer.Option(help="Model whose tokenizer builds the workload "
                                                   "(default: --model).")] = None,
     api_key: Annotated[str | None, typer.Option(help="With --base-url: Bearer key.", envvar="OPENAI_API_KEY")] = None,
-    *, settings: WorkerSettings,
+    *, settings: WorkerSettings, planner: PlannerConfig,
 ) -> None:
     """Serving benchmark in vLLM's terms (TTFT, TPOT, ITL, E2EL, goodput), disaggregated vs colocated."""
     from disagg_cli.bench.http_client import HttpTarget, run_http_bench
@@ -197,7 +205,8 @@ def bench_serve(
         model=model, cache_dir=cache_dir(), dataset_name=dataset_name, dataset_path=dataset_path,
         random_input_len=random_input_len, random_output_len=random_output_len,
         random_range_ratio=random_range_ratio, num_prompts=num_prompts,
-        request_rate=request_rate if request_rate is not None else 1.0 if workload == "interference" else float("inf"),
+        request_rate=request_rate if request_rate is not None
+        else 1.0 if workload in ("interference", "shifting") else float("inf"),
         burstiness=burstiness, max_concurrency=max_concurrency, seed=seed, num_warmups=num_warmups,
         ignore_eos=ignore_eos, percentile_metrics=tuple(m.strip() for m in percentile_metrics.split(",") if m.strip()),
         metric_percentiles=floats("--metric-percentiles", metric_percentiles), goodput=slo,
@@ -211,8 +220,11 @@ def bench_serve(
         sweep_rates=floats("--sweep-rates", sweep_rates) if sweep_rates else (),
         chaos_kill_every_s=chaos_kill_every, tokenizer=tokenizer, num_turns=num_turns, prefix_len=prefix_len,
         num_prefixes=num_prefixes,
-        disagg_threshold=parse_threshold(disagg_threshold), router=router)
+        disagg_threshold=parse_threshold(disagg_threshold), router=router, planner=planner, phase_s=phase_duration)
     if base_url is not None:
+        if planner.is_on:
+            raise UsageError("--planner slo runs in the service bench serve starts; a server at --base-url runs its "
+                             "own (disagg serve --planner slo)")
         run_http_bench(HttpTarget(base_url, backend, endpoint, api_key), opts)
     else:
         run_serve_bench(opts)

@@ -89,11 +89,56 @@ PLACEMENT_PANEL = "Where the workers run"
 COORDINATOR_PANEL = "Coordinator: routing and deadlines"
 
 
-def placement_options(in_process: bool = False) -> Callable[[Command], Command]:
+PLANNER_PANEL = "Coordinator: planner (elastic roles) and admission"
+
+
+def planner_option_list(admission: bool = False) -> list[inspect.Parameter]:
+    """`--planner`, `--slo-ttft-ms`, `--slo-tpot-ms`, `--planner-interval` (and `--admission` for a
+    server), with `PlannerConfig`'s defaults; `planner_config` makes the config of their values."""
+    from disagg_cli.coordinator.planner import ADMISSIONS, PLANNERS, PlannerConfig
+
+    d, kw = PlannerConfig(), keyword_option
+
+    def opt(help: str) -> Any:
+        return typer.Option(help=help, rich_help_panel=PLANNER_PANEL)
+
+    options = [
+        kw("planner", Annotated[str, opt(f"{' or '.join(PLANNERS)}: slo switches workers between prefill, decode "
+                                         "and colocated in place to meet --slo-ttft-ms and --slo-tpot-ms (workers "
+                                         "load for every role); off keeps the topology as started.")], d.mode),
+        kw("slo_ttft_ms", Annotated[float, opt("Target time to first token (ms) for the planner (and "
+                                               "`disagg serve --admission slo`).")], d.slo_ttft_ms),
+        kw("slo_tpot_ms", Annotated[float, opt("Target time per output token (ms) for the planner.")], d.slo_tpot_ms),
+        kw("planner_interval", Annotated[float, opt("Seconds between the planner's decisions (each must hold "
+                                                    f"{d.hold_ticks} in a row; none within {d.min_dwell_s:g} s of "
+                                                    "the last switch).")], d.interval_s),
+    ]
+    if admission:
+        options.append(kw("admission", Annotated[str, opt(
+            f"{' or '.join(ADMISSIONS)}: slo answers 503 with Retry-After to a request predicted to miss "
+            "--slo-ttft-ms behind the prompts queued, instead of queueing it.")], d.admission))
+    return options
+
+
+def planner_config(v: dict[str, Any]) -> Any:
+    """The `PlannerConfig` of `planner_option_list`'s values."""
+    from disagg_cli.coordinator.planner import PlannerConfig
+
+    return PlannerConfig(mode=v["planner"], slo_ttft_ms=v["slo_ttft_ms"], slo_tpot_ms=v["slo_tpot_ms"],
+                         interval_s=v["planner_interval"], admission=v.get("admission", "off"))
+
+
+def planner_options() -> Callable[[Command], Command]:
+    """The planner's options for a command that builds its own service (`bench serve`): it takes
+    them as one `planner: PlannerConfig`."""
+    return with_options(planner_option_list(), "planner", planner_config)
+
+
+def placement_options(in_process: bool = False, admission: bool = False) -> Callable[[Command], Command]:
     """Give a front end (`generate`, `serve`) the options that pick where its workers run (with
     `--in-process` where it can run in its own process) and how its coordinator routes and times
-    requests; the command takes them as one `serve: ServeOptions` (whose `kv_codec` it fills in from
-    its worker settings)."""
+    requests, and its planner (with `--admission` for a server); the command takes them as one
+    `serve: ServeOptions` (whose `kv_codec` it fills in from its worker settings)."""
     from disagg_cli.coordinator.options import CoordinatorConfig, ServeOptions
     from disagg_cli.coordinator.placement import DEFAULT_MAX_WORKER_RESTARTS, placement_from_flags
 
@@ -138,11 +183,13 @@ def placement_options(in_process: bool = False) -> Callable[[Command], Command]:
         kw("token_timeout", TokenTimeoutOpt, d.token_s),
         kw("request_timeout", RequestTimeoutOpt, d.request_s),
     ]
+    options += planner_option_list(admission)
     if in_process:
         options.append(kw("in_process", Annotated[bool, opt(help="Run in this process's own engine, no workers.")],
                           False))
 
     def build(v: dict[str, Any]) -> ServeOptions:
+        planner = planner_config(v)
         placement = placement_from_flags(
             in_process=v.get("in_process", False), prefill=v["prefill"] or (), decode=v["decode"] or (),
             colocated=v["colocated"], colocated_addr=v["colocated_addr"], config=v["config"], ray=v["ray"],
@@ -153,7 +200,9 @@ def placement_options(in_process: bool = False) -> Callable[[Command], Command]:
             disagg_threshold=disagg_threshold(v["disagg_threshold"]),
             deadlines=Deadlines(v["reserve_timeout"], v["first_token_timeout"], v["token_timeout"],
                                 v["request_timeout"]))
-        return ServeOptions(placement, coordinator)
+        if planner.is_on and v.get("in_process", False):
+            raise UsageError("--planner slo switches the roles of workers; --in-process runs none")
+        return ServeOptions(placement, coordinator, planner=planner)
 
     return with_options(options, "serve", build)
 

@@ -14,7 +14,7 @@ from disagg_cli.worker_settings import WorkerSettings
 
 
 @worker_options()
-@placement_options()
+@placement_options(admission=True)
 def serve(
     model: ModelOpt = "smollm2-135m-instruct",
     host: Annotated[str, typer.Option(help="Interface to listen on; beyond loopback needs --api-key.")] = "127.0.0.1",
@@ -43,6 +43,6 @@ def serve(
     service = ServiceConfig(
         model=model, cache_dir=cache_dir(),
         runtime=settings.runtime(), engine=settings.engine(),
-        serve=replace(serve, kv_codec=settings.kv_codec),
+        serve=replace(serve, kv_codec=settings.kv_codec, elastic=settings.elastic),
         max_queued_requests=max_queued_requests)
     run_server(service, server)

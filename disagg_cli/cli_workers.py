@@ -31,7 +31,7 @@ def _serve(role: str, settings: WorkerSettings, *, host: str, port: int, model: 
     config = WorkerConfig(
         role=role, model=model, host=host, port=port, runtime=settings.runtime(), engine=settings.engine(),
         link_gbps=link_gbps, advertise_host=advertise_host, keys_dir=keys, grace_s=grace_s,
-        client_timeout_s=client_timeout, **extra)
+        client_timeout_s=client_timeout, elastic=settings.elastic, **extra)
     run_worker_config(config)
 
 

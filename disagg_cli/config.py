@@ -219,6 +219,14 @@ class WorkerConfig:
     # CPU affinity (Linux), set on every thread once the model is loaded: the load itself may use
     # every core, so workers sharing a machine start in parallel instead of queueing on theirs.
     cpus: tuple[int, ...] | None = None
+    # The coordinator may switch its role in place (`workers/roles.py`): the model is loaded for
+    # every role (as colocated: what `--quantization auto` keeps for both phases), once.
+    elastic: bool = False
+
+    @property
+    def load_role(self) -> str:
+        """The role the weights are loaded for: the worker's own, or colocated (the superset) when elastic."""
+        return "colocated" if self.elastic else self.role
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -223,6 +223,7 @@ async def _serve(service: CoordinatorService, prompts: list[str], prompt_ids: li
         with ui.live_table(requests, enabled=ui.is_interactive() and not opts.json_output) as table:
             def show_workers() -> None:  # the service's latest heartbeat answers
                 table.workers = {w.address: (w.role, w.stats) for w in service.workers()}
+                table.planner = service.planner.reasons() if service.planner is not None else {}
 
             async def watch_workers() -> None:
                 while True:

@@ -216,6 +216,7 @@ class LiveTable:
         # Per worker (address → heartbeat stats), set by whoever polls the workers: shown under
         # the requests so queues and free KV blocks are visible while requests wait for memory.
         self.workers: dict[str, tuple[str, dict[str, float]]] = {}
+        self.planner: dict[str, str] = {}  # address → why the planner keeps or changes its role (--planner slo)
         self._live: Live | None = None
         self._stdout: _StdoutAboveLive | None = None
 
@@ -226,22 +227,26 @@ class LiveTable:
     def renderable(self) -> RenderableType:
         table: RenderableType = request_table(self.requests)
         if self.workers:
-            table = Group(table, worker_table(self.workers))
+            table = Group(table, worker_table(self.workers, self.planner))
         partial = self._stdout.partial if self._stdout is not None else ""
         return Group(Text(partial), table) if partial else table
 
 
-def worker_table(workers: dict[str, tuple[str, dict[str, float]]]) -> Table:
-    """One row per worker: role, address, waiting/running requests, queued reservations, KV blocks."""
+def worker_table(workers: dict[str, tuple[str, dict[str, float]]], planner: dict[str, str] | None = None) -> Table:
+    """One row per worker: role, address, waiting/running requests, queued reservations, KV blocks,
+    and with a planner, why it has its role."""
     table = Table("worker", "role", "waiting", "running", "queued reserve", "KV blocks free", box=None,
                   title_justify="left")
+    if planner:
+        table.add_column("planner", overflow="fold")
     for address, (role, stats) in workers.items():
         cells = {k: MISSING if k not in stats else f"{stats[k]:.0f}"
                  for k in ("waiting", "running", "queued_reservations")}
         blocks = (f"{stats['free_blocks']:.0f}/{stats['num_blocks']:.0f}"
                   if "free_blocks" in stats and "num_blocks" in stats else MISSING)
-        table.add_row(address.removeprefix("tcp://"), role, cells["waiting"], cells["running"],
-                      cells["queued_reservations"] if role == "decode" else MISSING, blocks)
+        row = [address.removeprefix("tcp://"), role, cells["waiting"], cells["running"],
+               cells["queued_reservations"] if role == "decode" else MISSING, blocks]
+        table.add_row(*row, *([planner.get(address, MISSING)] if planner else []))
     return table
 
 

@@ -47,6 +47,7 @@ class WorkerSettings:
     chunked_prefill: bool = _ENGINE.chunked_prefill
     enable_prefix_caching: bool = _ENGINE.enable_prefix_caching
     kv_codec: str | None = None  # None: the prefill worker's own default (auto), or the topology file's
+    elastic: bool = False  # may change role in place (`SwitchRole`): loads what every role needs
 
     def __post_init__(self) -> None:
         self.runtime()
@@ -115,6 +116,10 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
             flags=("--enable-prefix-caching/--no-enable-prefix-caching",)),
     Setting("kv_codec", f"KV codec of the prefill workers: {', '.join(CODEC_NAMES)} (default: auto, or what a "
                         "--config topology says).", KV_PANEL, roles=("prefill",)),
+    Setting("elastic", "Let the coordinator switch this worker between prefill, decode and colocated in place "
+                       "(weights, KV pool and prefix cache kept): it loads what every role needs, as a colocated "
+                       "worker does (int4 weights for decode steps and float copies for wide ones).", RUNTIME_PANEL,
+            flags=("--elastic/--no-elastic",)),
 )
 
 SETTING_NAMES = tuple(s.name for s in WORKER_SETTINGS)

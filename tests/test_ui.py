@@ -246,3 +246,20 @@ def test_worker_rows_show_queues_and_free_blocks() -> None:
     prefill_row = next(line for line in text.splitlines() if "7100" in line).split()
     assert decode_row == ["127.0.0.1:7200", "decode", "2", "5", "3", "12/728"]
     assert prefill_row == ["127.0.0.1:7100", "prefill", "1", "0", "–", "–"]
+
+
+def test_worker_rows_show_why_the_planner_gave_each_its_role() -> None:
+    from disagg_cli.ui import worker_table
+
+    console = Console(record=True, width=200)
+    workers: dict[str, tuple[str, dict[str, float]]] = {"tcp://127.0.0.1:7200": ("colocated", {"running": 5.0}),
+                                                        "tcp://127.0.0.1:7100": ("prefill", {})}
+    console.print(worker_table(workers, {"tcp://127.0.0.1:7200": "decode → colocated: TTFT missed"}))
+    text = console.export_text()
+    assert "planner" in text.splitlines()[0]
+    row = next(line for line in text.splitlines() if "7200" in line)
+    assert row.rstrip().endswith("decode → colocated: TTFT missed")
+    assert next(line for line in text.splitlines() if "7100" in line).split()[-1] == "–"
+    console = Console(record=True, width=200)
+    console.print(worker_table(workers))  # no planner: no column
+    assert "planner" not in console.export_text()

@@ -10,17 +10,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from disagg_cli.bench.metrics import METRICS, RequestRecord, Slo
-from disagg_cli.bench.workload import BenchRequest
+from disagg_cli.bench.workload import DEFAULT_PHASE_S, BenchRequest
 from disagg_cli.config import Deadlines
+from disagg_cli.coordinator.planner import PlannerConfig
 from disagg_cli.coordinator.stream import StreamingOutput
 from disagg_cli.errors import UsageError
 from disagg_cli.worker_settings import WorkerSettings
 
 MODES = ("disagg", "colocated", "both")
 DATASETS = ("random", "sharegpt")
-WORKLOADS = ("dataset", "interference", "multi-turn", "prefix")
+WORKLOADS = ("dataset", "interference", "multi-turn", "prefix", "shifting")
 # Workloads whose shapes are token counts by design: their requests never stop at EOS.
-FIXED_LENGTH_WORKLOADS = ("interference", "multi-turn", "prefix")
+FIXED_LENGTH_WORKLOADS = ("interference", "multi-turn", "prefix", "shifting")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,8 @@ class ServeBenchOptions:
     num_prefixes: int = 1  # prefix: distinct prefixes, assigned round-robin
     disagg_threshold: int | str = 0  # selective disaggregation (CoordinatorConfig)
     router: str = "round-robin"
+    planner: PlannerConfig = field(default_factory=PlannerConfig)  # --planner and its SLO targets
+    phase_s: float = DEFAULT_PHASE_S  # shifting: seconds of sending per phase
 
     def __post_init__(self) -> None:
         from disagg_cli.coordinator.router import POLICIES
@@ -121,6 +124,8 @@ class ServeBenchOptions:
         if self.prefix_len < (1 if self.workload == "prefix" else 0):
             raise UsageError(f"--prefix-len must be at least {1 if self.workload == 'prefix' else 0} "
                              f"for --workload {self.workload}, got {self.prefix_len}")
+        if not (self.phase_s > 0 and math.isfinite(self.phase_s)):
+            raise UsageError(f"--phase-duration must be a positive number of seconds, got {self.phase_s}")
         if self.interference.long_interval_s <= 0:
             raise UsageError(f"--long-interval must be positive, got {self.interference.long_interval_s}")
 
@@ -164,6 +169,9 @@ class RunResult:
     # (free, total) KV blocks per live worker after the run; None when the workers are not ours.
     blocks_at_end: dict[str, tuple[int, int]] | None = None
     base_url: str | None = None  # a server elsewhere (`bench/http_client.py`), not clusters started here
+    # The planner's switches (`RoleChange.as_dict`, `t_s` from the start) and the roles at the start.
+    role_changes: list[dict[str, object]] = field(default_factory=list)
+    roles_at_start: dict[str, str] = field(default_factory=dict)
 
     @property
     def records(self) -> list[RequestRecord]:

@@ -31,6 +31,7 @@ from disagg_cli.bench.workload import (
     prefix_workload,
     random_workload,
     sharegpt_workload,
+    shifting_workload,
 )
 from disagg_cli.config import SamplingParams
 from disagg_cli.coordinator.options import CoordinatorConfig, ServeOptions
@@ -52,6 +53,8 @@ def build_workload(opts: ServeBenchOptions, tokenizer: Tokenizer, rate: float) -
     if opts.workload == "multi-turn":
         return multi_turn_workload(tokenizer, opts.num_prompts, opts.num_turns, opts.prefix_len,
                                    opts.random_input_len, opts.random_output_len, rate, opts.burstiness, opts.seed)
+    if opts.workload == "shifting":
+        return shifting_workload(tokenizer, opts.phase_s, rate, opts.burstiness, opts.seed)
     if opts.workload == "prefix":
         return prefix_workload(tokenizer, opts.num_prompts, opts.num_prefixes, opts.prefix_len, opts.random_input_len,
                                opts.random_output_len, rate, opts.burstiness, opts.seed)
@@ -90,7 +93,10 @@ def service_config(cluster_config: ClusterConfig, opts: ServeBenchOptions) -> Se
     """The service of one mode: `cluster_config` started here, with the benchmark's coordinator settings."""
     coordinator = CoordinatorConfig(policy=opts.router, worker_timeout_s=opts.worker_timeout_s,
                                     deadlines=opts.deadlines, disagg_threshold=opts.disagg_threshold)
-    serve = ServeOptions(StartLocal(Given(cluster_config)), coordinator)
+    if opts.planner.is_on:  # the planner switches roles in place: workers that load for every role
+        workers = tuple(replace(w, elastic=True) for w in cluster_config.workers)
+        cluster_config = replace(cluster_config, workers=workers)
+    serve = ServeOptions(StartLocal(Given(cluster_config)), coordinator, planner=opts.planner)
     # A request sent while a killed worker restarts waits for it, as a client of a cluster would.
     return ServiceConfig(opts.model, opts.cache_dir, serve=serve, tokenizer=opts.tokenizer, wait_for_workers=True)
 
@@ -115,6 +121,8 @@ async def _run_all(mode: str, service: CoordinatorService, workloads: list[tuple
         for rate, workload in workloads:
             ui.info(f"[{mode}] {len(workload)} requests at {rate:g} req/s")
             kills: list[dict[str, object]] = []
+            roles = {w.address: w.role for w in service.workers()}
+            seen = len(service.planner.changes) if service.planner is not None else 0
             chaos = (asyncio.create_task(_chaos(cluster, opts.chaos_kill_every_s, opts.seed, kills))
                      if opts.chaos_kill_every_s else None)
             try:
@@ -126,8 +134,11 @@ async def _run_all(mode: str, service: CoordinatorService, workloads: list[tuple
                         await chaos
             # What the workers hold once the run is over: every block should be free again (no leak).
             blocks = await service.kv_blocks(timeout_s=30)
+            changes = service.planner.changes[seen:] if service.planner is not None else []
             results.append(RunResult(mode, rate, workload, outputs, duration_s, start_s, topology, num_cores, kills,
-                                     blocks_at_end=blocks))
+                                     blocks_at_end=blocks, roles_at_start=roles,
+                                     role_changes=[c.as_dict() | {"t_s": round(c.t_s - start_s, 3)}
+                                                   for c in changes]))
     return results
 
 

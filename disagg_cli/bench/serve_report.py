@@ -25,7 +25,8 @@ from disagg_cli.bench.metrics import (
     percentile_key,
     slo_attainment,
 )
-from disagg_cli.bench.workload import conversations
+from disagg_cli.bench.phases import phase_lines, phases_json
+from disagg_cli.bench.workload import conversations, phase_spans
 
 if TYPE_CHECKING:
     from disagg_cli.bench.runs import RunResult, ServeBenchOptions
@@ -93,6 +94,11 @@ def disagg_json(run: RunResult, opts: ServeBenchOptions) -> dict[str, Any]:
             address: {"free": free, "total": total} for address, (free, total) in run.blocks_at_end.items()},
         "by_kind": _by_kind(run, opts),
         "kinds": [r.kind for r in run.workload],
+        # The planner (--planner slo): its settings, the roles as started and every switch it made.
+        "planner": {"mode": opts.planner.mode, "slo_ttft_ms": opts.planner.slo_ttft_ms,
+                    "slo_tpot_ms": opts.planner.slo_tpot_ms, "roles_at_start": run.roles_at_start,
+                    "role_changes": run.role_changes},
+        "phases": phases_json(run, opts),
         "send_times": [round(o.timings.arrival_s - run.start_s, 6) for o in outs],
     }
 
@@ -120,6 +126,7 @@ def text_block(result: dict[str, Any], opts: ServeBenchOptions) -> str:
     d = result["disagg"]
     lines = [f"{' Serving Benchmark Result ':=^50}",
              f"{'Mode:':<40} {d['mode']:<10}",
+             f"{'Planner:':<40} {d['planner']['mode']:<10}",
              f"{'Successful requests:':<40} {result['completed']:<10}"]
     if result["max_concurrency"] is not None:
         lines.append(f"{'Maximum request concurrency:':<40} {result['max_concurrency']:<10}")
@@ -163,6 +170,7 @@ def text_block(result: dict[str, Any], opts: ServeBenchOptions) -> str:
             for m in ("ttft", "tpot"):
                 s = k[f"{m}_ms"]
                 lines.append(f"{f'{kind}: {METRIC_NAMES[m]} p50 / p99 (ms)':<40} {s['p50']:.2f} / {s['p99']:.2f}")
+    lines += phase_lines(d["phases"])
     req = d["requests"]
     lines.append(f"{'Requests':-^50}")
     lines += [f"{k.replace('_', ' ').capitalize() + ':':<40} {v:<10}" for k, v in req.items()]
@@ -280,7 +288,8 @@ def report(runs: dict[str, list[RunResult]], opts: ServeBenchOptions) -> None:
     if opts.plot is not None:
         from disagg_cli.bench.plot import plot_runs
 
-        if plot_runs({mode: mode_runs[-1] for mode, mode_runs in runs.items()}, opts.plot):
+        phases = phase_spans(opts.phase_s) if opts.workload == "shifting" else None
+        if plot_runs({mode: mode_runs[-1] for mode, mode_runs in runs.items()}, opts.plot, phases):
             ui.info(f"plot written to {opts.plot}")
 
 

@@ -10,6 +10,9 @@ start, kind) built once from a seed, so every mode of one run replays exactly th
 - interference: a steady stream of short decode-heavy requests, with a long prompt arriving every
   `long_interval_s` seconds, the case where a colocated prefill stalls running decodes;
 - prefix: requests opening with one of K shared prefixes (round-robin), then a random suffix;
+- shifting: phases of `SHIFTING_PHASES` back to back, `phase_s` seconds each (prefill-heavy: long
+  prompts, few output tokens; decode-heavy: short prompts, long outputs; mixed), each request's
+  kind its phase's name: the traffic mix a fixed prefill:decode split cannot follow;
 - multi-turn: conversations that share one system prompt and grow turn by turn. A later turn's
   prompt is only known once the turn before it is answered, so its `prompt_ids` hold just the new
   user message and `follows` names the previous turn: the driver (`bench/replay.py`) sends the
@@ -143,6 +146,49 @@ def interference_workload(tokenizer: Tokenizer, num_short: int, short_input_len:
     longs = random_prompts(tokenizer, [long_input_len] * num_long, rng)
     requests += [BenchRequest(p, long_output_len, (i + 1) * long_interval_s, "long") for i, p in enumerate(longs)]
     return sorted(requests, key=lambda r: r.send_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    name: str
+    input_len: int
+    output_len: int
+    rate: float  # requests/s (before --request-rate scales it)
+
+
+# Sized for SmolLM2-135M on 2 cores (prefill ~700–1,800 tok/s, a decode step 5–50 ms), so each phase
+# loads one side past what one worker of a fixed 1P+1D split does: ~770 prompt tok/s, then ~26
+# requests decoding 192 tokens each at once, then both sides at half that.
+SHIFTING_PHASES = (
+    Phase("prefill-heavy", 1024, 4, 0.75),
+    Phase("decode-heavy", 32, 192, 1.5),
+    Phase("mixed", 384, 48, 1.0),
+)
+DEFAULT_PHASE_S = 40.0
+
+
+def shifting_workload(tokenizer: Tokenizer, phase_s: float, rate_scale: float, burstiness: float, seed: int,
+                      phases: tuple[Phase, ...] = SHIFTING_PHASES) -> list[BenchRequest]:
+    """Each phase's requests at its rate × `rate_scale`, sent within its `phase_s` seconds, phase
+    after phase; a request's kind is its phase's name."""
+    if math.isinf(rate_scale) or not rate_scale > 0:
+        raise UsageError(f"--workload shifting scales its phases' rates by --request-rate: give a positive finite "
+                         f"number (1: as designed), got {rate_scale}")
+    rng = random.Random(seed)
+    pool = text_token_ids(tokenizer)
+    requests: list[BenchRequest] = []
+    for i, phase in enumerate(phases):
+        start, t = i * phase_s, 0.0
+        theta = 1.0 / (phase.rate * rate_scale * burstiness)
+        while t < phase_s:
+            requests.append(BenchRequest(_draw(pool, phase.input_len, rng), phase.output_len, start + t, phase.name))
+            t += rng.gammavariate(burstiness, theta)
+    return requests
+
+
+def phase_spans(phase_s: float, phases: tuple[Phase, ...] = SHIFTING_PHASES) -> list[tuple[str, float, float]]:
+    """(name, start s, end s) of each phase's sending window."""
+    return [(p.name, i * phase_s, (i + 1) * phase_s) for i, p in enumerate(phases)]
 
 
 def prefix_workload(tokenizer: Tokenizer, num: int, num_prefixes: int, prefix_len: int, input_len: int,

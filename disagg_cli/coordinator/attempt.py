@@ -36,6 +36,12 @@ class Attempt:
     got_first: bool = False
     decode: WorkerRecord | None = None  # the decode worker of a disaggregated attempt
     queued: tuple[WorkerRecord, int] | None = None  # prompt tokens counted as queued at a prefill worker
+    ended: bool = False  # its workers were told to abort: a role switch must not add one any more
+
+    @property
+    def produced(self) -> tuple[int, ...]:
+        """The tokens this attempt's workers produced so far (a retry's prompt holds the earlier ones)."""
+        return tuple(self.out.token_ids[len(self.prompt_ids) - len(self.out.prompt_token_ids):])
 
     def emit(self, text: str) -> None:
         if text and self.on_text is not None:

@@ -40,6 +40,7 @@ from disagg_cli.coordinator.attempt import BACKOFF_S, RETRYABLE, Attempt
 from disagg_cli.coordinator.membership import WorkerConnections
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.request_stats import copy_stats
+from disagg_cli.coordinator.role_switch import SwitchLog, SwitchOutcome, switch_role
 from disagg_cli.coordinator.router import NoWorkerError, Router, local_prefill_pays
 from disagg_cli.coordinator.timeouts import wait_within
 from disagg_cli.coordinator.worker_link import RequestFailed, WorkerGone, WorkerLink
@@ -59,7 +60,7 @@ from disagg_cli.protocol import (
     encode_message,
 )
 
-__all__ = ["Coordinator", "CoordinatorConfig"]
+__all__ = ["Coordinator", "CoordinatorConfig", "SwitchOutcome"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class Coordinator:
         self.connections = WorkerConnections(workers, eos_ids, config, probe)
         self.config = config
         self.eos_ids = self.connections.eos_ids
+        self.attempts: dict[str, Attempt] = {}  # by wire id: the attempts in flight (a role switch moves them)
+        self.switches = SwitchLog()  # role switches by (from, to), for /metrics and the planner
 
     @property
     def router(self) -> Router:
@@ -91,6 +94,13 @@ class Coordinator:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def switch_role(self, address: str, role: str) -> SwitchOutcome:
+        """Change the role of the (elastic) worker at `address` in place: no new request goes there
+        meanwhile; the requests it decodes move with their KV to another decode worker when it stops
+        decoding (or finish there when none can take them); returns what happened. Raises
+        `DisaggError` when the worker is unknown, not alive or refuses (not started `--elastic`)."""
+        return await switch_role(self, address, role)
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -112,8 +122,9 @@ class Coordinator:
             wire_id = out.request_id if attempt == 0 else f"{out.request_id}.retry{attempt}"
             run = Attempt(out, on_text, self.connections.open_queue(wire_id), wire_id,
                        tuple(out.prompt_token_ids) + tuple(out.token_ids), params, deadline, avoid)
+            self.attempts[wire_id] = run
             try:
-                if self.router.by_role("colocated"):
+                if self._colocated_mode():
                     await self._colocated(run)
                 else:
                     await self._disaggregated(run)
@@ -139,6 +150,19 @@ class Coordinator:
                 raise
             finally:
                 await self._end(run)
+
+    def _colocated_mode(self) -> bool:
+        """Whether a request goes whole to a colocated worker: where there are only colocated workers
+        (or no prefill or no decode ones); in a mix of all three roles, which only elastic roles make,
+        where the least loaded colocated worker is no busier than the least loaded decode worker."""
+        r = self.router
+        if not r.by_role("colocated"):
+            return False
+        if not (r.by_role("prefill") and r.by_role("decode")):
+            return True
+        colocated = [w.load for w in r.by_role("colocated") if w.routable]
+        decode = [w.load for w in r.by_role("decode") if w.routable]
+        return bool(colocated) and (not decode or min(colocated) <= min(decode))
 
     async def _disaggregated(self, run: Attempt) -> None:
         out = run.out
@@ -223,7 +247,7 @@ class Coordinator:
         threshold = self.config.disagg_threshold
         if threshold != "auto":
             return uncached <= int(threshold)
-        return local_prefill_pays(uncached, decode.record, [r for r in self.router.by_role("prefill") if r.is_alive])
+        return local_prefill_pays(uncached, decode.record, [r for r in self.router.by_role("prefill") if r.routable])
 
     async def _take(self, run: Attempt, role: str) -> WorkerLink:
         """A live worker of `role` (waiting for one to join or come back, up to the request's
@@ -286,6 +310,8 @@ class Coordinator:
 
     async def _end(self, run: Attempt) -> None:
         rid = run.wire_id
+        run.ended = True
+        self.attempts.pop(rid, None)
         self.connections.close_queue(rid)
         self._unqueue(run)
         if run.decode is not None and run.out.finish_reason in COMPLETED_REASONS:

@@ -25,11 +25,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import cast
 
 import zmq
 import zmq.asyncio
 
+from disagg_cli.coordinator.channels import SwitchChannels
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.router import Router, WorkerRecord
 from disagg_cli.coordinator.timeouts import wait_within
@@ -71,6 +73,7 @@ class WorkerConnections:
         self._ctx: zmq.asyncio.Context | None = None
         self._conns: dict[str, WorkerLink] = {}
         self._queues: dict[str, asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]]] = {}
+        self.channels = SwitchChannels()  # a role switch's, routed ahead of the request queues
         self._heartbeat: asyncio.Task[None] | None = None
         self._keys: Keys | None = None
         self._connected = False  # connect() returned: later hello answers are workers joining
@@ -219,6 +222,9 @@ class WorkerConnections:
     def close_queue(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
 
+    def queue_of(self, request_id: str) -> asyncio.Queue[tuple[WorkerLink, Message | WorkerGone]] | None:
+        return self._queues.get(request_id)
+
     async def send(self, conn: WorkerLink, msg: Message) -> None:
         try:
             await wait_within(conn.sock.send_multipart(encode_message(msg)), self.config.send_timeout_s)
@@ -241,6 +247,8 @@ class WorkerConnections:
     def _dispatch(self, conn: WorkerLink, msg: Message) -> None:
         if isinstance(msg, Heartbeat):
             self.router.note_stats(conn.record.address, msg.stats)
+            if msg.stats is not None and msg.stats.role:
+                self._follow_role(conn, msg.stats.role, msg.stats.switching_to)
             conn.acked_seq = max(conn.acked_seq, msg.seq)
             conn.beat.set()
             return
@@ -262,6 +270,8 @@ class WorkerConnections:
                 self._restarted(conn)
             else:
                 log.warning("%s: %s after the handshake: %s", conn.name, msg.kind, msg)
+            return
+        if self.channels.route(conn, msg):
             return
         queue = self._queues.get(rid) if isinstance(rid, str) else None
         if queue is None:  # a late message for a request that already ended here
@@ -294,12 +304,23 @@ class WorkerConnections:
                 with contextlib.suppress(RequestFailed):
                     await self.send(conn, Heartbeat(conn.seq))
 
+    def _follow_role(self, conn: WorkerLink, role: str, switching_to: str) -> None:
+        """Take the worker's word on its role, unless a switch of ours is under way (it knows)."""
+        was, address = conn.name, conn.record.address
+        if not self.channels.switching(address) and self.router.follow(address, role, switching_to):
+            log.warning("%s says it is a %s worker%s; routing by that", was, role,
+                        f", switching to {switching_to}" if switching_to else "")
+            if conn.ack is not None:
+                conn.ack = replace(conn.ack, role=role)
+            self._alive_changed.set()
+
     def _rejoin(self, conn: WorkerLink, ack: HelloAck) -> None:
         expected = self.model_fingerprint
-        if ack.role != conn.record.role or (expected and ack.model_fingerprint != expected):
+        if expected and ack.model_fingerprint != expected:
             log.warning("%s came back as a %s worker of model %s; not routing to it", conn.name, ack.role,
                         ack.model_fingerprint)
             return
+        self._follow_role(conn, ack.role, "")  # an elastic worker restarts in its configured role
         conn.ack = ack
         conn.rehello = False
         conn.last_seen_s = time.monotonic()
@@ -307,9 +328,22 @@ class WorkerConnections:
         self._alive_changed.set()
         log.warning("%s is back and takes requests again", conn.name)
 
+    def note_switch(self, address: str, role: str | None) -> None:
+        """A worker's role switch ended (None: it failed): route by its new role, and wake requests
+        waiting for a worker."""
+        self.router.end_switch(address, role)
+        conn = self._conns.get(address)
+        if role is not None and conn is not None and conn.ack is not None:
+            conn.ack = replace(conn.ack, role=role)
+        self._alive_changed.set()
+
     async def wait_for_worker(self, role: str, deadline: float) -> None:
-        """Return once a worker of `role` is alive; raise `NoWorkerError` at `deadline` (monotonic)."""
-        while not any(w.is_alive for w in self.router.by_role(role)):
+        """Return once a worker of `role` is routable; raise `NoWorkerError` at `deadline` (monotonic),
+        and `RequestFailed("draining")` (retried, routed anew) when no worker has that role any more
+        (they switched roles)."""
+        while not any(w.routable for w in self.router.by_role(role)):
+            if not self.router.by_role(role):
+                raise RequestFailed("draining", f"no worker is a {role} worker any more (roles switched)")
             left = deadline - time.monotonic()
             if left <= 0:
                 self.router.pick(role)  # raises NoWorkerError naming the role and the known workers
@@ -332,3 +366,4 @@ class WorkerConnections:
         for rid in conn.request_ids:
             if rid in self._queues:
                 self._queues[rid].put_nowait((conn, WorkerGone(reason)))
+        self.channels.lose(conn, reason)

@@ -27,6 +27,7 @@ from disagg_cli.coordinator.placement import (
     StartOnRay,
     keys_dir,
 )
+from disagg_cli.coordinator.planner import PlannerConfig
 from disagg_cli.coordinator.router import POLICIES
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.errors import UsageError
@@ -67,6 +68,8 @@ class ServeOptions:
     placement: Placement = field(default_factory=StartLocal)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     kv_codec: str | None = None  # the prefill workers' codec where workers are made from flags or a file; None: theirs
+    planner: PlannerConfig = field(default_factory=PlannerConfig)  # --planner, the SLO targets, --admission
+    elastic: bool = False  # the workers started here may switch role in place (`--elastic`, or a planner)
 
     def __post_init__(self) -> None:
         if self.kv_codec is not None and self.kv_codec not in CODEC_NAMES:
@@ -100,7 +103,9 @@ class ServiceConfig:
         """The topology to start here (`build_topology`); None: the workers run elsewhere."""
         match self.serve.placement:
             case StartLocal() | StartOnRay() as start:
-                topology = build_topology(self.model, start, self.runtime, self.engine, self.serve.kv_codec)
+                # a planner switches roles in place: its workers load for every role
+                topology = build_topology(self.model, start, self.runtime, self.engine, self.serve.kv_codec,
+                                          self.serve.elastic or self.serve.planner.is_on)
                 if topology.backend != "ray" and start.keys_dir is not None:
                     raise UsageError("--keys is for workers started elsewhere or on Ray (--ray); the workers "
                                      "started here listen on 127.0.0.1")
@@ -110,10 +115,11 @@ class ServiceConfig:
 
 
 def build_topology(model: str, start: StartLocal | StartOnRay, runtime: RuntimeConfig, engine: EngineConfig,
-                   kv_codec: str | None = None) -> ClusterConfig:
+                   kv_codec: str | None = None, elastic: bool = False) -> ClusterConfig:
     """What to start: the topology given, `--config`'s, or 1 prefill + 1 decode (or one colocated) worker
     made from the worker settings, with `--prefill-replicas`/`--decode-replicas` workers of those roles;
-    as Ray actors for `StartOnRay`. `kv_codec` (None: the workers' default) is the prefill workers'."""
+    as Ray actors for `StartOnRay`. `kv_codec` (None: the workers' default) is the prefill workers';
+    `elastic` makes every worker made from flags or a file one that may switch role."""
     match start.cluster:
         case Given(topology=config):  # started as it is: the flags' settings are for topologies made from them
             pass
@@ -122,21 +128,23 @@ def build_topology(model: str, start: StartLocal | StartOnRay, runtime: RuntimeC
             if kv_codec is not None:
                 config = replace(config, workers=tuple(replace(w, kv_codec=kv_codec) if w.role == "prefill" else w
                                                        for w in config.workers))
+            if elastic:
+                config = replace(config, workers=tuple(replace(w, elastic=True) for w in config.workers))
             config = _resized(config, replicas)
         case Disaggregated(replicas=replicas):
-            config = local_topology(model, _base_spec(runtime, engine, kv_codec), num_prefill=replicas.prefill or 1,
-                                    num_decode=replicas.decode or 1)
+            config = local_topology(model, _base_spec(runtime, engine, kv_codec, elastic),
+                                    num_prefill=replicas.prefill or 1, num_decode=replicas.decode or 1)
         case Colocated():
-            config = local_topology(model, _base_spec(runtime, engine, kv_codec), colocated=True)
+            config = local_topology(model, _base_spec(runtime, engine, kv_codec, elastic), colocated=True)
     if isinstance(start, StartOnRay):  # this topology on Ray, whatever its file said
         config = replace(config, backend="ray", ray_address=start.address)
     return config
 
 
-def _base_spec(runtime: RuntimeConfig, engine: EngineConfig, kv_codec: str | None) -> WorkerSpec:
+def _base_spec(runtime: RuntimeConfig, engine: EngineConfig, kv_codec: str | None, elastic: bool = False) -> WorkerSpec:
     return WorkerSpec.from_settings("prefill", WorkerSettings(
         **{f.name: getattr(runtime, f.name) for f in fields(runtime)},
-        **{f.name: getattr(engine, f.name) for f in fields(engine)}, kv_codec=kv_codec))
+        **{f.name: getattr(engine, f.name) for f in fields(engine)}, kv_codec=kv_codec, elastic=elastic))
 
 
 def _resized(config: ClusterConfig, replicas: Replicas) -> ClusterConfig:

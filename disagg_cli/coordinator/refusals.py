@@ -13,6 +13,15 @@ class QueueFullError(DisaggError):
     """More requests wait than `max_queued_requests` allows; try again later."""
 
 
+class OverloadedError(DisaggError):
+    """Admission by load (`--admission slo`): the planner predicts this request would miss its TTFT
+    target behind the prompts already queued; try again in about `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class UnavailableError(DisaggError):
     """A role has no live worker: a new request is refused at once (the client may retry), while
     requests already in flight wait for a worker to come back, up to their deadline."""

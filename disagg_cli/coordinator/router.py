@@ -10,7 +10,9 @@ change them only through its methods, called by `WorkerConnections` (`membership
    what a worker's prefix cache now holds;
 3. heartbeats refresh `last_stats` (`note_stats`: the worker's own queue and pool figures);
 4. `release(record)` when the request ends there; `mark_dead` when the worker falls silent,
-   `mark_alive` when it answers again.
+   `mark_alive` when it answers again;
+5. `begin_switch` / `end_switch` around a change of the worker's role (elastic roles): routable
+   (`WorkerRecord.routable`) only outside one.
 
 Policies: `round-robin` cycles through live workers of the role in the order given;
 `least-loaded` takes the smallest in-flight + waiting count, then the most free KV blocks, then
@@ -125,6 +127,12 @@ class WorkerRecord:
     is_alive: bool = True
     prefix: PrefixView = field(default_factory=PrefixView)  # what its prefix cache holds, as we think
     queued_tokens: int = 0  # prompt tokens routed here to compute whose first token has not come
+    switching: bool = False  # changing role (`coordinator/role_switch.py`): alive, but takes no new request
+
+    @property
+    def routable(self) -> bool:
+        """Alive and taking new requests."""
+        return self.is_alive and not self.switching
 
     @property
     def stats(self) -> dict[str, float]:
@@ -166,7 +174,7 @@ class Router:
         address is in `avoid` (they stalled this request before) only when no other is alive;
         `prompt_ids` is what the cache-aware policy matches against each worker's cached prefix."""
         everyone = self.by_role(role)
-        live = [w for w in everyone if w.is_alive]
+        live = [w for w in everyone if w.routable]
         if not live:
             known = ", ".join(w.address for w in everyone) or "none configured"
             raise NoWorkerError(f"no live {role} worker left (known: {known})")
@@ -236,6 +244,38 @@ class Router:
 
     def mark_dead(self, address: str) -> None:
         self.get(address).is_alive = False
+
+    def begin_switch(self, address: str) -> WorkerRecord:
+        """A worker is changing role: no new request goes there until `end_switch`."""
+        w = self.get(address)
+        w.switching = True
+        return w
+
+    def end_switch(self, address: str, role: str | None) -> None:
+        """The switch ended: the worker takes requests of `role` (None: the switch failed, its role
+        is what it was). Its prefix cache went with it, so our view of it stays."""
+        assert role is None or role in WORKER_ROLES, role
+        w = self.get(address)
+        w.switching = False
+        if role is not None:
+            w.role = role
+            self._next.pop(role, None)
+
+    def follow(self, address: str, role: str, switching_to: str) -> bool:
+        """A worker's own word on its role (a heartbeat, a hello answer): the truth where no switch
+        of ours is under way (one that timed out or was cancelled, a worker restarted as configured).
+        True when the record changed."""
+        w = self.get(address)
+        switching = bool(switching_to)
+        if role not in WORKER_ROLES or (w.role, w.switching) == (role, switching):
+            return False
+        w.role, w.switching = role, switching
+        self._next.pop(role, None)
+        return True
+
+    def roles(self) -> dict[str, str]:
+        """Each worker's role now, by address (for /metrics and the planner)."""
+        return {w.address: w.role for w in self.workers}
 
     def mark_alive(self, address: str) -> None:
         """A worker that was taken as dead answered a new hello (restarted): route to it again."""

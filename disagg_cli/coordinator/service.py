@@ -11,7 +11,9 @@ Life of the service:
    worker starts;
 2. `start()`: start the local cluster or the Ray actors (unless addresses were given), say hello
    to every worker and wait for every answer; Ray actors that die and come back are dropped and
-   added while the service runs (`ray_cluster.py`);
+   added while the service runs (`ray_cluster.py`); with `--planner slo` the planner loop starts
+   (`planner_loop.py`: workers' roles follow the latency targets), and with `--admission slo` its
+   prediction refuses a request that would miss the TTFT target (`OverloadedError`);
 3. `submit(prompt or ids, params)` checks the prompt against the context and the waiting queue
    (raising before any work is done), then drives the request in a task of its own and returns
    a `RequestStream` of `Delta`s; closing the stream early (a client gone) or `abort(id)` cancels
@@ -41,6 +43,7 @@ from disagg_cli.coordinator.placement import InProcess, RemoteColocated, RemoteD
 from disagg_cli.coordinator.prompt_text import PromptText
 from disagg_cli.coordinator.refusals import (
     DrainingError,
+    OverloadedError,
     QueueFullError,
     UnavailableError,
     WorkerView,
@@ -55,6 +58,7 @@ if TYPE_CHECKING:
     from disagg_cli.coordinator.cluster import LocalCluster
     from disagg_cli.coordinator.coordinator import Coordinator
     from disagg_cli.coordinator.options import CoordinatorConfig
+    from disagg_cli.coordinator.planner_loop import PlannerLoop
     from disagg_cli.coordinator.ray_cluster import RayCluster
 
 WAITING_STATES = ("queued", "reserving")  # not yet past the decode worker's memory check
@@ -74,6 +78,8 @@ class CoordinatorService:
         self.coordinator: Coordinator | None = None
         self.cluster: LocalCluster | None = None
         self.ray_cluster: RayCluster | None = None  # the workers as Ray actors (`--ray`)
+        # `--planner slo` (its task runs) or `--admission slo` (its predictions only); None: neither
+        self.planner: PlannerLoop | None = None
         self.draining = False
         self.in_flight: dict[str, tuple[StreamingOutput, asyncio.Task[None]]] = {}
         self._listeners: list[Callable[[StreamingOutput], None]] = []
@@ -147,9 +153,21 @@ class CoordinatorService:
             if self.ray_cluster is not None:
                 self.ray_cluster.follow(self.coordinator.connections)
             await self.coordinator.connections.poll_stats()
+            self._start_planner(self.coordinator)
         except BaseException:
             await self._close()
             raise
+
+    def _start_planner(self, coordinator: Coordinator) -> None:
+        from disagg_cli.coordinator.planner_loop import PlannerLoop
+
+        config = self.config.serve.planner
+        if not config.is_on and config.admission == "off":
+            return
+        self.planner = PlannerLoop(config, coordinator, lambda: [out for out, _ in self.in_flight.values()])
+        self.on_finished(self.planner.note_finished)
+        if config.is_on:
+            self.planner.start()
 
     async def _start_ray(self, topology: ClusterConfig, coord_config: CoordinatorConfig) -> list[tuple[str, str]]:
         """The topology's workers as Ray actors; their (role, address) once every one has bound."""
@@ -180,6 +198,8 @@ class CoordinatorService:
         await self._close()
 
     async def _close(self) -> None:
+        if self.planner is not None:
+            await self.planner.stop()  # kept: its decisions stay readable after the service stops
         if self.ray_cluster is not None:
             await self.ray_cluster.unfollow()  # before the coordinator it adds to and removes from goes
         if self.coordinator is not None:
@@ -235,9 +255,16 @@ class CoordinatorService:
         if limit is not None and waiting >= limit:
             raise QueueFullError(f"{waiting} requests are waiting already (--max-queued-requests {limit}); "
                                  "retry later")
+        if self.planner is not None and self.planner.config.admission == "slo":
+            ok, ttft_ms = self.planner.admit(len(out.prompt_token_ids))
+            if not ok:
+                raise OverloadedError(f"its time to first token is predicted at {ttft_ms:,.0f} ms behind the prompts "
+                                      f"queued, past --slo-ttft-ms {self.planner.config.slo_ttft_ms:g}; retry later",
+                                      (ttft_ms - self.planner.config.slo_ttft_ms) / 1e3)
         rid = out.request_id
         if rid in self.in_flight:
             raise UsageError(f"request id {rid!r} is in flight already")
+        out.roles = {w.address: w.role for w in coordinator.router.workers}  # as it was served (`disagg` field)
         task = asyncio.create_task(coordinator.run_request(out), name=f"request {rid}")
         # A callback, not a `finally`: a task cancelled before its first step never runs its body.
         task.add_done_callback(lambda _: self._ended(out))
@@ -320,7 +347,10 @@ class CoordinatorService:
 
 
 def _dead_roles(views: list[WorkerView]) -> list[str]:
-    """The roles the service needs that have no live worker among `views`."""
+    """The roles the service needs that have no live worker among `views`. A colocated worker does
+    both phases, so one among prefill and decode workers (the planner made it so) stands for either."""
     roles = {v.role for v in views}
-    needed = ("colocated",) if roles == {"colocated"} else ("prefill", "decode")
-    return [role for role in needed if not any(v.is_alive for v in views if v.role == role)]
+    if roles == {"colocated"}:
+        return [] if any(v.is_alive for v in views) else ["colocated"]
+    able = {"prefill": ("prefill", "colocated"), "decode": ("decode", "colocated")}
+    return [role for role, who in able.items() if not any(v.is_alive for v in views if v.role in who)]

@@ -43,6 +43,10 @@ class StreamingOutput(RequestOutput):
         super().__init__(*args, **kwargs)
         self.deltas: asyncio.Queue[Delta] = asyncio.Queue()
         self.token_times_s: list[float] = []
+        self.roles: dict[str, str] = {}  # every worker's role (address → role) when the service took it
+
+    def result(self) -> dict[str, Any]:
+        return super().result() | {"roles": dict(self.roles)}
 
     def append(self, token_id: int, logprobs: TokenLogprobs | None = None) -> str:
         self.token_times_s.append(time.perf_counter())

@@ -65,6 +65,7 @@ class WorkerSpec:
     max_num_batched_tokens: int = DEFAULTS["max_num_batched_tokens"]
     chunked_prefill: bool = DEFAULTS["chunked_prefill"]
     enable_prefix_caching: bool = DEFAULTS["enable_prefix_caching"]
+    elastic: bool = DEFAULTS["elastic"]  # the coordinator may switch its role in place
     # Ray placement (ignored by local clusters): logical CPUs and GPUs the actor takes, None:
     # `threads` CPUs (1 when unset) and a GPU for a cuda device; custom resources, e.g.
     # (("decode", 1.0),), that only nodes started with them (`ray start --resources`) offer.
@@ -113,7 +114,7 @@ class WorkerSpec:
         """The whole configuration of this worker, once its port is chosen."""
         extra = {} if self.kv_codec is None else {"kv_codec": self.kv_codec}
         return WorkerConfig(role=self.role, model=model, host=self.host, port=self.port, runtime=self.runtime(),
-                            engine=self.engine(), cpus=self.cpus, **extra)
+                            engine=self.engine(), cpus=self.cpus, elastic=self.elastic, **extra)
 
     def ray_options(self) -> dict[str, Any]:
         """What the worker's Ray actor asks its node for (`ray.remote(...).options(**this)`)."""
@@ -192,7 +193,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "quantization": (str,), "threads": (int,), "kernel": (str,), "wide_dtype": (str,), "kv_cache_dtype": (str,),
     "cpus": (list,), "kv_codec": (str,), "block_size": (int,), "kv_cache_tokens": (int,),
     "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "kv_cache_memory_mb": (int, float),
-    "chunked_prefill": (bool,), "enable_prefix_caching": (bool,),
+    "chunked_prefill": (bool,), "enable_prefix_caching": (bool,), "elastic": (bool,),
     "num_cpus": (int, float), "num_gpus": (int, float), "resources": (dict,),
 }
 _CLUSTER_TYPES: dict[str, type] = {"backend": str, "address": str}

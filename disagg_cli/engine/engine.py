@@ -303,6 +303,21 @@ class LLMEngine:
         seq = self.seqs[request_id]
         return self.runner.export_kv(request_id, seq.num_computed_tokens)
 
+    def park(self, request_id: str) -> Sequence | None:
+        """Take a decoding sequence out of the batch between steps, its blocks and sampler kept, to
+        move it with its KV (`read_kv` of its computed tokens, then `abort`); None unless every
+        token but its last is computed (a prompt or chunk still running, or not here)."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.num_output_tokens < 1 or seq.num_computed_tokens != seq.num_tokens - 1:
+            return None
+        if seq in self.scheduler.running:
+            self.scheduler.running.remove(seq)
+        elif seq in self.scheduler.waiting:
+            self.scheduler.waiting.remove(seq)
+        else:
+            return None
+        return seq
+
     def release(self, request_id: str) -> None:
         """Free a finished prefill_only sequence's blocks after its KV was exported."""
         self.pool.free(request_id)

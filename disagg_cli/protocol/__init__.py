@@ -1,7 +1,7 @@
 """The wire protocol: what crosses a process boundary and how.
 
 - `names.py`: worker roles, codec names, KV dtypes, finish reasons (defined once);
-- `messages.py`: every message kind, as frozen dataclasses;
+- `messages.py`: every message kind, as frozen dataclasses (elastic roles' `SwitchRole` … at its end);
 - `errors.py`: `WireError` and its reason codes;
 - `stats.py`: `RequestStats` (per request), `WorkerCapacity` and `WorkerStats` (per worker);
 - `frames.py`: messages ⇄ zmq frames, trusting nothing on the way in;
@@ -33,12 +33,17 @@ from disagg_cli.protocol.messages import (
     KVMeta,
     LinkAck,
     Message,
+    MoveOut,
+    Parked,
+    ParkedRequest,
     Prefill,
     PrefillHere,
     Refuse,
     RequestStats,
     Reserve,
     Reserved,
+    RoleSwitched,
+    SwitchRole,
     Tokens,
 )
 from disagg_cli.protocol.names import (
@@ -74,6 +79,9 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_RAW_BYTES",
     "Message",
+    "MoveOut",
+    "Parked",
+    "ParkedRequest",
     "PEER_ROLES",
     "PROTOCOL_VERSION",
     "Prefill",
@@ -83,6 +91,8 @@ __all__ = [
     "RequestStats",
     "Reserve",
     "Reserved",
+    "RoleSwitched",
+    "SwitchRole",
     "Tokens",
     "WORKER_ROLES",
     "WorkerCapacity",

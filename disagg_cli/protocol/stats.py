@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from disagg_cli.protocol.errors import bad_field
+from disagg_cli.protocol.names import WORKER_ROLES
+
 
 @dataclass(frozen=True, slots=True)
 class RequestStats:
@@ -87,8 +90,18 @@ class WorkerStats:
     # a decode worker's reservations: None from other roles
     queued_reservations: int | None = None  # waiting for free blocks
     incoming: int | None = None  # reserved, KV on its way
+    # the role it serves now (an elastic worker's changes, `SwitchRole`); "" from a worker that did not say
+    role: str = ""
+    switching_to: str = ""  # the role it is changing to, while it does; "" otherwise
+
+    def __post_init__(self) -> None:
+        for name in ("role", "switching_to"):
+            value = getattr(self, name)
+            if value and value not in WORKER_ROLES:
+                bad_field(f"{name} {value!r:.40} is not one of {', '.join(WORKER_ROLES)}")
 
     def as_dict(self) -> dict[str, float]:
         """name → value of every figure reported, for display and JSON (the decode role's own only
-        from a decode worker)."""
-        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+        from a decode worker; the role is a name, not a figure: `role` has it)."""
+        return {f.name: v for f in fields(self)
+                if f.name not in ("role", "switching_to") and (v := getattr(self, f.name)) is not None}

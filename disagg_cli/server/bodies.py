@@ -138,6 +138,8 @@ def disagg_figures(result: dict[str, Any] | None) -> dict[str, Any]:
         "decode_cached_tokens": int(kv.get("decode_cached_tokens", 0)),
         "local_prefill": bool(kv.get("local_prefill", 0)),
         "stages_ms": stages, "workers": result.get("workers", {}),
+        # Every worker's role when the request was taken: with --planner slo they change over time.
+        "roles": result.get("roles", {}),
     }
 
 

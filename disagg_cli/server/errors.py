@@ -8,6 +8,7 @@ into that shape. `from_service_error` maps the service's refusals to their statu
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -16,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from disagg_cli.coordinator.refusals import DrainingError, QueueFullError, UnavailableError
+from disagg_cli.coordinator.refusals import DrainingError, OverloadedError, QueueFullError, UnavailableError
 from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
 
 def from_service_error(e: DisaggError, param: str | None = None) -> APIError:
     """The service's refusal as an HTTP error; `param`: the field a refused prompt came from."""
+    if isinstance(e, OverloadedError):  # come back once the queue ahead has drained below the target
+        return APIError(503, str(e), headers={"Retry-After": str(max(RETRY_AFTER_S, math.ceil(e.retry_after_s)))})
     if isinstance(e, QueueFullError | UnavailableError):
         return APIError(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, DrainingError):

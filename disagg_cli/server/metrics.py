@@ -2,7 +2,8 @@
 
 Request-level series (histograms, counters) are observed once per request when it ends (the
 service's `on_finished`); server-level series (requests waiting/running, KV usage and liveness per
-worker, restarts of the local workers by role) are read from the service at scrape time.
+worker, restarts of the local workers by role, each worker's role and the role switches made) are
+read from the service at scrape time.
 Everything lives in this server's own `CollectorRegistry`, never prometheus_client's global one,
 so two servers in one process (tests) do not share counters.
 """
@@ -17,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from disagg_cli.coordinator.service import CoordinatorService
 from disagg_cli.coordinator.stream import StreamingOutput
-from disagg_cli.protocol import COMPLETED_REASONS
+from disagg_cli.protocol import COMPLETED_REASONS, WORKER_ROLES
 
 PREFIX = "disagg:"
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards built for vLLM read ours unchanged.
@@ -158,4 +159,23 @@ class _LiveGauges(Collector):
         counts = cluster.restarts() if cluster is not None else {}
         for role in sorted({w.role for w in self.service.workers()} | set(counts)):
             restarts.add_metric([m, role], float(counts.get(role, 0)))
-        yield from (running, waiting, usage, up, cached, restarts)
+        yield from (running, waiting, usage, up, cached, restarts, *self._roles())
+
+    def _roles(self) -> Iterator[Metric]:
+        """Each worker's role as a state set (1 for the role it has, 0 for the others), and the role
+        switches made in place (by the planner or anyone), by (from, to), every pair at zero from the start."""
+        m = self.model_name
+        role = GaugeMetricFamily(PREFIX + "worker_role", "1 for the role each worker has now, 0 for the others "
+                                 "(elastic workers change role in place).", labels=["model_name", "address", "role"])
+        for w in self.service.workers():
+            for r in WORKER_ROLES:
+                role.add_metric([m, w.address, r], 1.0 if w.role == r else 0.0)
+        switches = CounterMetricFamily(PREFIX + "role_switches", "Workers switched in place from one role to "
+                                       "another.", labels=["model_name", "from", "to"])
+        coordinator = self.service.coordinator
+        made = coordinator.switches.counts if coordinator is not None else {}
+        for a in WORKER_ROLES:
+            for b in WORKER_ROLES:
+                if a != b:
+                    switches.add_metric([m, a, b], float(made.get((a, b), 0)))
+        yield from (role, switches)

@@ -125,5 +125,6 @@ async def _live_table(service: CoordinatorService, serving: asyncio.Task[None]) 
         while not serving.done():
             requests[:] = [out for out, _ in list(service.in_flight.values())]
             table.workers = {w.address: (w.role, w.stats) for w in service.workers()}
+            table.planner = service.planner.reasons() if service.planner is not None else {}
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(serving), 0.5)

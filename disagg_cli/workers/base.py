@@ -143,6 +143,22 @@ class WorkerIO:
         with self._stats_lock:
             self._stats = stats
 
+    def rebind(self, ident: WorkerIdentity, preprocess: Callable[[Dest, Message], Any] | None,
+               prepare: Callable[[Any], Message | None] | None) -> None:
+        """A role switch: answer hellos as `ident` (same instance) and hand work to the new role's
+        hooks. Called after `flush`, so nothing the old role queued is left for them."""
+        self.ident = ident
+        self._preprocess = preprocess
+        self._prepare = prepare
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until the I/O thread has sent (or dropped) everything queued before this call; False
+        at `timeout_s`."""
+        done = threading.Event()
+        self._outbox.put((("flush", None), done))
+        os.write(self._wake_w, b"\0")
+        return done.wait(timeout_s)
+
     def stop(self) -> None:
         self._outbox.put(None)
         os.write(self._wake_w, b"\0")
@@ -196,6 +212,9 @@ class WorkerIO:
                 self._running = False
                 return
             (kind, where), msg = item
+            if isinstance(msg, threading.Event):  # `flush`: everything before it has gone
+                msg.set()
+                continue
             if not isinstance(msg, Message):
                 assert self._prepare is not None
                 try:

@@ -24,7 +24,18 @@ from typing import Any, NoReturn
 
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.sampling import state_problem
-from disagg_cli.protocol import DTYPE_BYTES, Generate, KVDone, KVLayers, Prefill, Reserve, WireError
+from disagg_cli.protocol import (
+    DTYPE_BYTES,
+    WORKER_ROLES,
+    Generate,
+    KVDone,
+    KVLayers,
+    MoveOut,
+    Prefill,
+    Reserve,
+    SwitchRole,
+    WireError,
+)
 
 MAX_REQUEST_ID_CHARS = 512  # ids are dict keys and go into every answer; ours are ~40 characters
 MAX_INSTANCE_CHARS = 64  # an `instance_id` is 16 hex digits
@@ -57,14 +68,18 @@ def check_message(limits: Limits, msg: Any) -> None:
         _bad(f"request_id of {len(rid)} characters; at most {MAX_REQUEST_ID_CHARS}", rid[:40] + "…")
     if isinstance(msg, Reserve | Prefill | Generate):
         check_prompt(limits, msg.request_id, msg.prompt_ids, msg.sampling.max_tokens)
-    if isinstance(msg, Prefill):
-        if not 0 <= msg.decode_cached_tokens < len(msg.prompt_ids):
-            _bad(f"decode_cached_tokens {msg.decode_cached_tokens} is not in 0..{len(msg.prompt_ids) - 1} "
-                 f"(a prompt of {len(msg.prompt_ids)} tokens, at least one of whose KV must go)", rid)
+    if isinstance(msg, Prefill) and not 0 <= msg.decode_cached_tokens < len(msg.prompt_ids):
+        _bad(f"decode_cached_tokens {msg.decode_cached_tokens} is not in 0..{len(msg.prompt_ids) - 1} "
+             f"(a prompt of {len(msg.prompt_ids)} tokens, at least one of whose KV must go)", rid)
+    if isinstance(msg, Prefill | MoveOut):
         if not _ENDPOINT.fullmatch(msg.decode_addr):
             _bad(f"decode_addr {msg.decode_addr!r:.80} is not tcp://host:port or ipc://path", rid)
         if len(msg.decode_instance) > MAX_INSTANCE_CHARS:
             _bad(f"decode_instance of {len(msg.decode_instance)} characters; at most {MAX_INSTANCE_CHARS}", rid)
+    if isinstance(msg, MoveOut) and msg.cached_tokens < 0:
+        _bad(f"cached_tokens {msg.cached_tokens} is negative", rid)
+    if isinstance(msg, SwitchRole) and msg.role not in WORKER_ROLES:
+        _bad(f"role {msg.role!r:.40} is not one of {', '.join(WORKER_ROLES)}", None)
     if isinstance(msg, KVDone):
         check_token(limits, msg.request_id, msg.first_token, "first_token")
         if msg.num_tokens < 1:

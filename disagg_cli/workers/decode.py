@@ -47,6 +47,7 @@ from disagg_cli.protocol import (
 )
 from disagg_cli.workers.base import Dest, log
 from disagg_cli.workers.checks import ReservedKV
+from disagg_cli.workers.peers import PeerLost
 from disagg_cli.workers.worker import Worker, WorkerRequest
 
 
@@ -118,13 +119,15 @@ class DecodeWorker(Worker[DecodeRequest]):
             self._join(item)
         elif isinstance(item, PrefillHere):
             self._prefill_here(dest, item)
+        elif isinstance(item, PeerLost):  # a worker this one moved KV to (a role switch): its coordinator sees
+            log(self.config.role, f"{item.message} [{item.reason}]")
         elif isinstance(item, Error):
-            log("decode", f"peer error: {item.reason}: {item.message:.300}")
+            log(self.config.role, f"peer error: {item.reason}: {item.message:.300}")
             if item.request_id is not None and self._in(item.request_id, DecodeState.RESERVED):
                 self.abort(item.request_id, notify=True, reason=item.reason, message=item.message)
         else:
             self.io.send(dest, Error(getattr(item, "request_id", None), "unexpected",
-                                     f"a decode worker does not take {item.kind}"))
+                                     f"a {self.config.role} worker does not take {item.kind}"))
 
     def _in(self, rid: str, state: DecodeState) -> DecodeRequest | None:
         """The request's record when it is in `state`, else None."""
@@ -227,17 +230,21 @@ class DecodeWorker(Worker[DecodeRequest]):
             if req is None:
                 continue
             if req.state is DecodeState.PREFILLING_HERE:  # the first token of a prompt computed here
-                asked = req.prefill_here_s or now
                 req.state = DecodeState.RUNNING
-                self.io.send(req.owner, FirstToken(ev.request_id, ev.token_id, RequestStats(
-                    queue_ms=max(0.0, self._step_start - asked) * 1e3,
-                    prefill_ms=(now - max(asked, self._step_start)) * 1e3,
-                    prefix_cached_tokens=req.cached_tokens, decode_cached_tokens=req.cached_tokens), ev.logprobs))
+                self.io.send(req.owner, FirstToken(ev.request_id, ev.token_id, self.first_token_stats(req, now),
+                                                   ev.logprobs))
                 if ev.finish_reason is not None:
                     self._send_tokens(ev.request_id, (), ev.finish_reason)
                 continue
             self._send_tokens(ev.request_id, (ev.token_id,), ev.finish_reason, ev.logprobs)
         self._admit_reservations()  # finished requests may have freed blocks
+
+    def first_token_stats(self, req: DecodeRequest, now: float) -> RequestStats:
+        """The figures of a first token computed here (`PrefillHere`)."""
+        asked = req.prefill_here_s or now
+        return RequestStats(queue_ms=max(0.0, self._step_start - asked) * 1e3,
+                            prefill_ms=(now - max(asked, self._step_start)) * 1e3,
+                            prefix_cached_tokens=req.cached_tokens, decode_cached_tokens=req.cached_tokens)
 
     def _send_tokens(self, rid: str, tokens: tuple[int, ...], finish_reason: str | None,
                      logprobs: TokenLogprobs | None = None) -> None:
@@ -256,6 +263,21 @@ class DecodeWorker(Worker[DecodeRequest]):
         self.reserved_kv.close(request_id)
         super().abort(request_id, notify, reason, message)  # frees its blocks, drops its record
         self._admit_reservations()
+
+    def decoding_ids(self) -> list[str]:
+        return [rid for rid, r in self.requests.items() if r.state is DecodeState.RUNNING]
+
+    def adopt(self, request_id: str, owner: Dest) -> None:
+        seq = self.engine.seqs[request_id]
+        self.requests[request_id] = DecodeRequest(owner, seq.token_ids[: seq.num_prompt_tokens], seq.params,
+                                                  seq.eos_ids, state=DecodeState.RUNNING)
+
+    def begin_switch(self) -> None:
+        # Reservations still queued for memory: no KV is on its way (the coordinator sends `Prefill`
+        # only after `Reserved`), so their coordinators retry them elsewhere at once.
+        for rid in [r for r, q in self.requests.items() if q.state is DecodeState.QUEUED]:
+            self.abort(rid, notify=True, reason="draining",
+                       message=f"{self.config.role} worker {self.address} is switching role")
 
     def extra_stats(self) -> dict[str, int]:
         states = [r.state for r in self.requests.values()]

@@ -12,12 +12,11 @@ Life of a request here:
    state, timings) to the decode worker; the request's blocks are freed at once.
 Its record (`PrefillRequest`, the engine thread's) is PREFILLING in `requests` through 1-2 and
 HANDED_OFF after 3, in the bounded `handed_off`; the figures of its KV on the way out are its
-`KVStream`, which the I/O thread alone writes.
+`KVStream`, which the I/O thread alone writes as it encodes (`workers/kv_out.py`).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -27,30 +26,12 @@ import torch
 
 from disagg_cli.config import WorkerConfig
 from disagg_cli.engine.engine import TokenEvent
-from disagg_cli.kv.codec import KVCodec
-from disagg_cli.kv.registry import get_codec
-from disagg_cli.kv.transfer import encode_kv_message
-from disagg_cli.protocol import Error, FirstToken, KVDone, Message, Prefill, RequestStats
+from disagg_cli.protocol import Error, FirstToken, Prefill, RequestStats
 from disagg_cli.workers.base import Dest, log
+from disagg_cli.workers.kv_out import Done, EncodeLayer, KVStream
 from disagg_cli.workers.peers import PeerLost
 from disagg_cli.workers.stop import StopFlag
 from disagg_cli.workers.worker import Worker, WorkerRequest
-
-
-@dataclass
-class KVStream:
-    """The figures of one request's KV on its way out. Made by the engine thread, then written only
-    by the I/O thread as it encodes and sends (the work items carry it); the engine thread's one
-    touch afterwards is `cancelled`, an Event (thread-safe): an aborted request's queued layers and
-    `KVDone` are dropped."""
-
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    encode_ms: float = 0.0
-    raw_bytes: int = 0
-    wire_bytes: int = 0
-    first_send_unix_s: float | None = None
-    last_send_unix_s: float | None = None
-    layers_sent: int = 0
 
 
 class PrefillState(Enum):
@@ -70,36 +51,11 @@ class PrefillRequest(WorkerRequest):
     stream: KVStream = field(default_factory=KVStream)
 
 
-@dataclass(frozen=True, slots=True)
-class _EncodeLayer:
-    stream: KVStream
-    decode: Dest
-    request_id: str
-    layer: int
-    token_start: int
-    k: torch.Tensor
-    v: torch.Tensor
-
-
-@dataclass(frozen=True, slots=True)
-class _Done:
-    stream: KVStream
-    num_tokens: int
-    request_id: str
-    first_token: int
-    sampler_state: bytes | None
-    prefill_end_unix_s: float
-
-
 class PrefillWorker(Worker[PrefillRequest]):
     prefill_only = True
 
     def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None, **kwargs: Any) -> None:
         super().__init__(config, cache_dir, stop, **kwargs)
-        link = None if config.link_gbps is None else config.link_gbps * 1e9 / 8
-        self.codecs: dict[str, KVCodec] = {}  # one per decode worker: `auto` keeps per-link state
-        self._codec_factory = lambda: get_codec(config.kv_codec, link_bytes_per_s=link)
-        get_codec(config.kv_codec)  # refuse an unknown name at start, not on the first request
         # Requests whose KV left this worker (HANDED_OFF), by id; bounded. Kept so a decode process
         # lost after the hand-off still gets its requests failed over.
         self.handed_off: dict[str, PrefillRequest] = {}
@@ -152,7 +108,7 @@ class PrefillWorker(Worker[PrefillRequest]):
                 k, v = k[held - start :], v[held - start :]
             p.sent_upto[layer] = end
             # KV leaves the engine thread as views; the I/O thread encodes it
-            self.io.send(p.decode, _EncodeLayer(p.stream, p.decode, rid, layer, held, k.to("cpu"), v.to("cpu")))
+            self.io.send(p.decode, EncodeLayer(p.stream, p.decode, rid, layer, held, k.to("cpu"), v.to("cpu")))
 
     def on_events(self, events: list[TokenEvent]) -> None:
         end_unix = time.time()
@@ -167,43 +123,11 @@ class PrefillWorker(Worker[PrefillRequest]):
             self.engine.release(rid)
             first = replace(stats, queue_ms=(self._step_start - p.arrival_s) * 1e3, prefix_cached_tokens=cached)
             self.io.send(p.owner, FirstToken(rid, ev.token_id, first, ev.logprobs))
-            self.io.send(p.decode, _Done(p.stream, p.num_tokens, rid, ev.token_id, state, end_unix))
+            self.io.send(p.decode, Done(p.stream, p.num_tokens, rid, ev.token_id, state, end_unix))
             p.state = PrefillState.HANDED_OFF
             self.handed_off[rid] = p
             if len(self.handed_off) > 10_000:
                 self.handed_off.pop(next(iter(self.handed_off)))
-
-    # --- the I/O thread ----------------------------------------------------------------------------
-
-    def prepare(self, item: Any) -> Message | None:
-        if item.stream.cancelled.is_set():
-            return None  # aborted while its layers were queued
-        p = item.stream
-        if isinstance(item, _EncodeLayer):
-            codec = self.codecs.setdefault(item.decode[1][0], self._codec_factory())
-            t0 = time.perf_counter()
-            msg = encode_kv_message(codec, item.request_id, self.lm.fingerprint, item.layer, item.k[None],
-                                    item.v[None], item.token_start)
-            p.encode_ms += (time.perf_counter() - t0) * 1e3
-            p.raw_bytes += msg.kv.raw_bytes
-            p.wire_bytes += msg.kv.wire_bytes
-            now = time.time()
-            p.first_send_unix_s = p.first_send_unix_s or now
-            p.last_send_unix_s = now
-            p.layers_sent += 1
-            return msg
-        assert isinstance(item, _Done)
-        first, last = p.first_send_unix_s or item.prefill_end_unix_s, p.last_send_unix_s or item.prefill_end_unix_s
-        return KVDone(item.request_id, item.first_token, item.num_tokens, p.layers_sent, item.sampler_state,
-                      RequestStats(
-                          kv_encode_ms=p.encode_ms,
-                          raw_bytes=p.raw_bytes,
-                          wire_bytes=p.wire_bytes,
-                          kv_stream_ms=(last - first) * 1e3,
-                          # Sending that went on after the forward pass ended: the part of the transfer
-                          # that prefill compute did not hide. Both ends on this machine's clock.
-                          kv_exposed_send_ms=max(0.0, last - item.prefill_end_unix_s) * 1e3,
-                      ))
 
     def _streams(self) -> list[tuple[str, PrefillRequest]]:
         """Every request prefilling or handed off, by id."""

@@ -68,8 +68,11 @@ class WorkerActor:
             return
         self.worker = worker
         self._bound.set()
+        from disagg_cli.model.registry import default_cache_dir
+        from disagg_cli.workers.roles import serve_roles
+
         try:
-            worker.serve()
+            serve_roles(worker, default_cache_dir())
         except BaseException:  # a dead engine thread: let Ray restart the process
             traceback.print_exc()
             log(self.spec.role, "the worker thread died; ending the actor process so Ray restarts it")

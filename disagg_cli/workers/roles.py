@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 from typing import Any
 
 from disagg_cli.config import WorkerConfig
@@ -28,7 +29,20 @@ def serve_worker(config: WorkerConfig, cache_dir: Any) -> int:
     worker = ROLE_CLASSES[config.role](config, cache_dir, stop)
     if config.cpus:
         pin_threads(config.cpus)
-    return worker.serve()
+    return serve_roles(worker, cache_dir)
+
+
+def serve_roles(worker: Worker[Any], cache_dir: Any) -> int:
+    """Serve `worker`, and after each role switch it finishes (`SwitchRole`), the worker of the new
+    role built in place on its model, pool and I/O thread; the exit code."""
+    while True:
+        code = worker.serve()
+        switch = worker.switch
+        if switch is None or not switch.done:
+            return code
+        config = replace(worker.config, role=switch.role)
+        worker = ROLE_CLASSES[switch.role](config, cache_dir, worker.stop, carry=worker.carry())
+        worker.announce()
 
 
 def pin_threads(cpus: tuple[int, ...]) -> None:

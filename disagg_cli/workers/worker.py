@@ -4,7 +4,10 @@
 2. bind the socket and start the I/O thread (`workers/base.py`);
 3. loop: handle what arrived, run one engine step if there is work, hand the step's events to the
    role, publish stats for heartbeats; block on the inbox only when idle;
-4. on SIGINT/SIGTERM: drain: refuse new requests (reason "draining"), let in-flight ones finish
+4. on `SwitchRole` (an elastic worker): the switch (`workers/switch.py`) runs between steps until
+   nothing is left in flight; then `serve` returns and the host (`workers/roles.py`) builds the new
+   role on this one's `carry()`: the model, engine (pool, prefix cache), I/O thread and KV sender;
+5. on SIGINT/SIGTERM: drain: refuse new requests (reason "draining"), let in-flight ones finish
    for up to `grace_s` seconds (a second signal cuts that short), then fail what is left with
    reason "shutdown", free all blocks, stop the I/O thread, exit 0.
 
@@ -37,15 +40,19 @@ from disagg_cli.protocol import (
     Generate,
     KVLayout,
     Message,
+    MoveOut,
     Prefill,
     Reserve,
+    SwitchRole,
     WireError,
     WorkerCapacity,
     WorkerStats,
 )
 from disagg_cli.workers.base import CoordinatorGone, Dest, WorkerIdentity, WorkerIO, log
 from disagg_cli.workers.checks import Limits, check_message
+from disagg_cli.workers.kv_out import KVSender
 from disagg_cli.workers.stop import StopFlag
+from disagg_cli.workers.switch import RoleCarry, RoleSwitch
 
 # Messages that start a request: refusing one must not touch a request of the same id already here.
 _STARTS = (Prefill, Reserve, Generate)
@@ -69,16 +76,23 @@ class Worker(Generic[R]):
     prefill_only = False
 
     def __init__(self, config: WorkerConfig, cache_dir: Any, stop: StopFlag | None = None, *,
-                 lm: LoadedModel | None = None, io: Any = None) -> None:
+                 lm: LoadedModel | None = None, io: Any = None, carry: RoleCarry | None = None) -> None:
         """lm: a model already loaded for this config (a host that loads once); io: what carries the
-        role's messages, instead of the `WorkerIO` that binds the socket (in-process role tests)."""
+        role's messages, instead of the `WorkerIO` that binds the socket (in-process role tests);
+        carry: the previous role's model, engine and I/O, when this role replaces it in place."""
         self.config = config
         self.stop = stop or StopFlag()
+        self.switch: RoleSwitch | None = None
+        self._resumed = carry
+        if carry is not None:
+            carry.install(self)  # the model, engine, I/O and KV sender of the role it replaces
+            return
         if lm is None:
             path = resolve_model(config.model, cache_dir)
             r = config.runtime
-            log(config.role, f"loading {path.name} (dtype {r.dtype}, quantization {r.quantization}, {r.device})")
-            lm = load_model(path, r, role=config.role, cache_dir=cache_dir)
+            log(config.role, f"loading {path.name} (dtype {r.dtype}, quantization {r.quantization}, {r.device}"
+                             f"{'; elastic: loaded for every role' if config.elastic else ''})")
+            lm = load_model(path, r, role=config.load_role, cache_dir=cache_dir)
         self.lm: LoadedModel = lm
         lr = self.lm.runtime
         log(config.role, f"dtype {lr.dtype} ({self.lm.dtype_reason}); weights {lr.quantization} "
@@ -86,6 +100,7 @@ class Worker(Generic[R]):
                          + (f"; {self.lm.kernel_reason}" if self.lm.kernel_reason else ""))
         self.engine = LLMEngine(self.lm, config.engine, prefill_only=self.prefill_only)
         self.limits = Limits.of(self.lm)
+        self.kv_out = KVSender(config.kv_codec, self.lm.fingerprint, config.link_gbps)
         if not self.prefill_only:
             fused = self.engine.runner.fused
             log(config.role, "decode steps: " + ("fused, one C call per step" if fused is not None
@@ -108,6 +123,14 @@ class Worker(Generic[R]):
         # Measured speeds (moving averages) for `--disagg-threshold auto`, sent in heartbeats.
         self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0}
 
+    def carry(self) -> RoleCarry:
+        """What the next role takes over, once `serve` returned from a finished switch."""
+        assert self.switch is not None and self.switch.done
+        return RoleCarry(self.lm, self.engine, self.io, self.ident, self.kv_out, self.switch)
+
+    def log(self, message: str) -> None:
+        log(self.config.role, message)
+
     # --- role hooks -----------------------------------------------------------------------------
 
     def preprocess(self, dest: Dest, msg: Message) -> Any:
@@ -115,8 +138,8 @@ class Worker(Generic[R]):
         return msg
 
     def prepare(self, item: Any) -> Message | None:
-        """Runs on the I/O thread: turn a queued work item into the message to send."""
-        raise NotImplementedError
+        """Runs on the I/O thread: turn a queued work item into the message to send (KV leaving)."""
+        return self.kv_out.prepare(item)
 
     def handle(self, dest: Dest, item: Any) -> None:
         raise NotImplementedError
@@ -128,9 +151,23 @@ class Worker(Generic[R]):
         """The role's own figures for `WorkerStats` (its optional fields)."""
         return {}
 
+    def decoding_ids(self) -> list[str]:
+        """Requests decoding here (first token out), which a role switch may move with their KV."""
+        return []
+
+    def begin_switch(self) -> None:
+        """A role switch began: drop what can never settle here (the switch refuses new requests)."""
+
+    def adopt(self, request_id: str, owner: Dest) -> None:
+        """Take over a request the previous role was decoding (decode ⇄ colocated): the engine runs it."""
+        raise NotImplementedError(f"a {self.config.role} worker does not decode")
+
     # --- the loop -------------------------------------------------------------------------------
 
     def serve(self) -> int:
+        """Serve until stopped (the exit code) or until a role switch is done (then `carry()`)."""
+        if self._resumed is not None:
+            return self._loop()
         self._publish_stats()  # before the first heartbeat can come
         self.io.start()
         c = self.config
@@ -142,6 +179,9 @@ class Worker(Generic[R]):
             where = "WARNING: no --keys, so anyone who reaches this port can send requests and read KV"
         log(c.role, f"serving on {self.address} ({where}); model fingerprint {self.lm.fingerprint}; "
                     f"{self.engine.num_blocks} KV blocks of {c.engine.block_size}")
+        return self._loop()
+
+    def _loop(self) -> int:
         deadline: float | None = None
         while True:
             if self.stop.count and deadline is None:
@@ -157,6 +197,8 @@ class Worker(Generic[R]):
                 self._step()
                 self._measure(self.engine.last_step)
                 self._publish_stats()
+            if self.switch is not None and not self.stop.count and self.switch.tick(self.io.flush):
+                return 0  # the host builds the new role on `carry()`
         self.shutdown()
         return 0
 
@@ -179,12 +221,17 @@ class Worker(Generic[R]):
                     self.abort(msg.request_id, notify=False)
                 elif isinstance(msg, CoordinatorGone):
                     self._abort_orphans(msg)
-                elif self.stop.count and isinstance(msg, _STARTS):
-                    self.io.send(dest, Error(msg.request_id, "draining",
-                                             f"{self.config.role} worker {self.address} is shutting down"))
+                elif (self.stop.count or self.switch) and isinstance(msg, _STARTS):
+                    why = "is shutting down" if self.stop.count or self.switch is None else \
+                        f"is switching to {self.switch.role}"
+                    self.io.send(dest, Error(msg.request_id, "draining", f"{self.config.role} worker {self.address} "
+                                                                         f"{why}"))
                 else:
                     check_message(self.limits, msg)
-                    self.handle(dest, msg)
+                    if isinstance(msg, SwitchRole | MoveOut):
+                        self._switch_message(dest, msg)
+                    else:
+                        self.handle(dest, msg)
             except WireError as e:
                 self._refuse(dest, msg, e.reason, e.detail)
             except Exception as e:  # a bug or a value no check foresaw: this request's, not the loop's
@@ -193,6 +240,31 @@ class Worker(Generic[R]):
                 item = self.io.inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _switch_message(self, dest: Dest, msg: SwitchRole | MoveOut) -> None:
+        if isinstance(msg, MoveOut):
+            if self.switch is None:
+                self.io.send(dest, Error(msg.request_id, "unknown", f"{self.address} is not switching roles"))
+            else:
+                self.switch.move_out(dest, msg)
+            return
+        switch = RoleSwitch(self, dest, msg)
+        refused = switch.refusal(self.switch, bool(self.stop.count))
+        if refused or msg.role == self.config.role:
+            self.io.send(dest, switch.answer(refused))
+            return
+        self.switch = switch
+        self.begin_switch()
+
+    def announce(self) -> None:
+        """The new role is up: tell the coordinator that asked for it (`RoleSwitched`)."""
+        if self._resumed is None:
+            return
+        self.io.rebind(self.ident, self.preprocess, self.prepare)
+        for rid, owner in self._resumed.switch.adopted.items():
+            self.adopt(rid, owner)
+        self._publish_stats()
+        self._resumed.switch.announce()
 
     def _refuse(self, dest: Dest, msg: Any, reason: str, text: str, broke: bool = False) -> None:
         """Fail the request `msg` belongs to, or answer its sender when none lives here; `broke`: the
@@ -245,6 +317,8 @@ class Worker(Generic[R]):
 
     def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
         """Stop a request here and free its blocks; tell its coordinator when it did not ask."""
+        if self.switch is not None:
+            self.switch.forget(request_id)
         self.engine.abort(request_id)
         req = self.requests.pop(request_id, None)
         if notify and req is not None:
@@ -270,11 +344,14 @@ class Worker(Generic[R]):
             **self.engine.pool_stats(), time_unix_s=time.time(), **cache,
             prefill_tokens_per_s=self.speed["prefill_tokens_per_s"], decode_step_ms=self.speed["decode_step_ms"],
             threads=self.ident.capacity.threads, greeted_peers=0,  # the I/O thread counts its peers
+            role=self.config.role, switching_to=self.switch.role if self.switch is not None else "",
             **self.extra_stats()))
 
     def shutdown(self) -> None:
         in_flight = list(self.requests)
         log(self.config.role, f"shutting down; failing {len(in_flight)} in-flight request(s)")
+        if self.switch is not None:
+            self.switch.abort_all("shutdown", f"{self.config.role} worker {self.address} shut down")
         for rid in in_flight:
             self.abort(rid, notify=True, reason="shutdown", message=f"{self.config.role} worker {self.address} "
                                                                      "shut down")

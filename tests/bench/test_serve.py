@@ -70,3 +70,22 @@ def test_multi_turn_conversations_send_their_turns_in_order() -> None:
     assert 0 <= c["prefix_hit_rate"] <= 1 and 0 <= later["kv_sent_per_prompt_token"] <= 1
     assert c["wire_bytes"] == d["kv"]["wire_bytes"] > 0
     assert d["requests"]["lost"] == 0 and all(b["free"] == b["total"] for b in d["kv_blocks_at_end"].values())
+
+
+def test_shifting_workload_with_the_planner_reports_each_phase() -> None:
+    cmd = [sys.executable, "-m", "disagg_cli", "bench", "serve", "--workload", "shifting", "--phase-duration", "3",
+           "--request-rate", "0.5", "--planner", "slo", "--planner-interval", "0.3", "--slo-ttft-ms", "500",
+           "--goodput", "ttft:60000", "--goodput", "tpot:60000", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr[-2000:]
+    d = json.loads(done.stdout)["disagg"]
+    assert d["requests"]["lost"] == 0 and d["requests"]["failed"] == 0
+    assert [p["name"] for p in d["phases"]] == ["prefill-heavy", "decode-heavy", "mixed"]
+    assert sum(p["sent"] for p in d["phases"]) == d["requests"]["sent"]
+    assert all(p["request_goodput"] == p["completed"] / 3 for p in d["phases"])
+    assert d["phases"][0]["roles_at_start"] == "1 prefill + 1 decode"
+    planner = d["planner"]
+    assert planner["mode"] == "slo" and sorted(planner["roles_at_start"].values()) == ["decode", "prefill"]
+    # The planner decided (a 1,024-token prompt misses 500 ms): each decision is kept with its reason,
+    # and says why where the switch failed (it does on a build without the in-place switch).
+    assert planner["role_changes"] and all(c["reason"] and (c["ok"] or c["error"]) for c in planner["role_changes"])

@@ -14,10 +14,17 @@ from typer.testing import CliRunner
 from disagg_cli.bench.runs import ServeBenchOptions
 from disagg_cli.bench.serve import topologies
 from disagg_cli.cli import app
-from disagg_cli.cli_options import COORDINATOR_PANEL, PLACEMENT_PANEL, worker_options
+from disagg_cli.cli_options import (
+    COORDINATOR_PANEL,
+    PLACEMENT_PANEL,
+    PLANNER_PANEL,
+    placement_options,
+    worker_options,
+)
 from disagg_cli.config import EngineConfig, RuntimeConfig
-from disagg_cli.coordinator.options import build_topology
+from disagg_cli.coordinator.options import ServeOptions, build_topology
 from disagg_cli.coordinator.placement import StartLocal
+from disagg_cli.coordinator.planner import PlannerConfig
 from disagg_cli.coordinator.topology import WorkerSpec
 from disagg_cli.errors import UsageError
 from disagg_cli.worker_settings import DEFAULTS, SETTING_NAMES, WORKER_SETTINGS, WorkerSettings
@@ -107,3 +114,33 @@ def test_generate_and_serve_share_the_placement_and_coordinator_options() -> Non
     assert generate.pop("in_process") is False  # generate alone can run in its own process
     assert generate == serve
     assert {"prefill", "decode", "config", "ray", "router", "worker_timeout", "request_timeout"} <= set(serve)
+
+
+def test_planner_options_come_from_one_table() -> None:
+    def options(path: tuple[str, ...]) -> dict[str, object]:
+        return {p.name: p.default for p in _command(path).params
+                if getattr(p, "rich_help_panel", None) == PLANNER_PANEL}
+
+    d = PlannerConfig()
+    expected = {"planner": d.mode, "slo_ttft_ms": d.slo_ttft_ms, "slo_tpot_ms": d.slo_tpot_ms,
+                "planner_interval": d.interval_s}
+    assert options(("generate",)) == options(("bench", "serve")) == expected
+    assert options(("serve",)) == expected | {"admission": d.admission}  # refusing by load is a server's
+
+
+def test_planner_flags_reach_the_command() -> None:
+    seen: list[ServeOptions] = []
+    probe = typer.Typer()
+
+    @probe.command()
+    @placement_options(admission=True)
+    def run(*, serve: ServeOptions) -> None:
+        seen.append(serve)
+
+    result = CliRunner().invoke(probe, ["--planner", "slo", "--slo-ttft-ms", "500", "--slo-tpot-ms", "40",
+                                        "--planner-interval", "1", "--admission", "slo"])
+    assert result.exit_code == 0, result.output
+    assert seen[0].planner == PlannerConfig(mode="slo", slo_ttft_ms=500, slo_tpot_ms=40, interval_s=1,
+                                            admission="slo")
+    result = CliRunner().invoke(probe, ["--planner", "maybe"])
+    assert result.exit_code != 0 and "--planner must be one of off, slo" in str(result.exception)

@@ -25,7 +25,7 @@ NON_DEFAULT = {"host": "127.0.0.2", "port": 7123, "device": "cuda", "dtype": "bf
                "threads": 3, "kv_codec": "int8", "block_size": 8, "kv_cache_tokens": 64, "kv_cache_memory_mb": 7.5,
                "max_num_seqs": 5, "max_num_batched_tokens": 99, "chunked_prefill": False,
                "enable_prefix_caching": False, "kernel": "torch", "wide_dtype": "bfloat16",
-               "kv_cache_dtype": "float16"}
+               "kv_cache_dtype": "float16", "elastic": True}
 
 
 def test_every_spec_field_reaches_the_worker_config() -> None:

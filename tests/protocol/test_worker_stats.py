@@ -65,7 +65,7 @@ def test_capacity_round_trips_typed_in_hello_and_ack() -> None:
 
 def test_stats_travel_as_a_map_of_their_fields() -> None:
     assert header(Heartbeat(1, STATS))["stats"] == {**STATS.as_dict(), "queued_reservations": None,
-                                                    "incoming": None}
+                                                    "incoming": None, "role": "", "switching_to": ""}
     assert header(Heartbeat(1))["stats"] is None
 
 

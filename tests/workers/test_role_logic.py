@@ -122,7 +122,7 @@ def test_a_request_crosses_both_roles_and_equals_the_engine(tiny: tuple[Path, Lo
     _run(prefill)
     kinds = [type(item).__name__ for _, item in prefill.io.sent]
     # one KV message per layer to the decode worker, the first token to the coordinator, then KVDone
-    assert kinds == ["_EncodeLayer", "_EncodeLayer", "FirstToken", "_Done"]
+    assert kinds == ["EncodeLayer", "EncodeLayer", "FirstToken", "Done"]
     assert [d for d, _ in prefill.io.sent] == [("peer", (DECODE_ADDR, ""))] * 2 + [COORD, ("peer", (DECODE_ADDR, ""))]
     [(_, first)] = _deliver(prefill, decode)
     assert isinstance(first, FirstToken) and first.stats.prefix_cached_tokens == 0
@@ -181,7 +181,7 @@ def test_decode_fails_a_request_whose_kv_is_incomplete(tiny: tuple[Path, LoadedM
     _run(prefill)
     sent = prefill.io.take()
     layer0 = prefill.prepare(sent[0][1])  # deliver layer 0 only, then KVDone
-    done = next(prefill.prepare(item) for d, item in sent if type(item).__name__ == "_Done")
+    done = next(prefill.prepare(item) for d, item in sent if type(item).__name__ == "Done")
     assert isinstance(layer0, KVLayers) and isinstance(done, KVDone) and done.num_layers == 1  # layers sent
     decode.handle(COORD, decode.preprocess(("router", b"p"), layer0))
     decode.handle(COORD, done)

@@ -1,0 +1,316 @@
+"""The planner's arithmetic: which role each worker should have, and why, from what the service measured.
+
+Pure: no sockets, no clock of its own, no torch. `planner_loop.py` builds a `Snapshot` every few
+seconds (the router's records, the heartbeats' `WorkerStats`, the TTFT/TPOT of recent requests) and
+applies the `Plan`'s changes with the coordinator's `switch_role`.
+
+The rule, per tick:
+1. predict TTFT as the prompt tokens waiting to be computed over the prefill capacity (the sum of
+   the measured prefill tok/s of the workers able to prefill; a colocated worker that is decoding
+   gives half of it), and TPOT as the slowest decode-capable worker's step time at its batch (a
+   colocated worker with prompts to compute takes twice as long per token);
+2. a target is missed when its prediction is over it, or recent requests' median is over it while
+   that phase still has work;
+3. one worker: it must be colocated. Otherwise, with TTFT missed and TPOT not, the decode worker
+   with the fewest running decodes gains prefill (decode → colocated, or → prefill when another
+   worker still decodes and TPOT stays met); with TPOT missed and TTFT not, a prefill or colocated
+   worker gives up prefill (→ decode, or prefill → colocated when it is the only one able to
+   prefill). A role idle while the other's prediction is past half its target counts as missed.
+   A change is proposed only when it is predicted to help and to keep the other target met;
+   never one that leaves no worker able to prefill or none able to decode;
+4. hysteresis: a proposal must come up `hold_ticks` ticks in a row, and no switch happens within
+   `min_dwell_s` of the last one (its figures are still settling); at most one change per tick,
+   and none while a worker is down.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field, replace
+
+from disagg_cli.errors import UsageError
+from disagg_cli.protocol.names import WORKER_ROLES
+
+PLANNERS = ("off", "slo")
+ADMISSIONS = ("off", "slo")
+DEFAULT_SLO_TTFT_MS = 2000.0  # 1P+1D's median TTFT when saturated here (2.2 s): a target it can meet
+DEFAULT_SLO_TPOT_MS = 100.0  # above the p99 TPOT of either topology on the interference workload
+# Before a worker has measured its speed: the low end of what SmolLM2-135M does on 2 cores.
+FALLBACK_PREFILL_TOK_S = 700.0
+FALLBACK_DECODE_STEP_MS = 20.0
+STEP_FIXED_SHARE = 0.3  # of a decode step, the part that does not grow with the batch (reading weights)
+BACKED_UP = 0.5  # a phase is backed up when its prediction is past this share of its target
+CAN_PREFILL = ("prefill", "colocated")
+CAN_DECODE = ("decode", "colocated")
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerConfig:
+    """`--planner`, `--slo-ttft-ms`, `--slo-tpot-ms`, `--planner-interval`, `--admission`."""
+
+    mode: str = "off"  # off: the topology stays as started; slo: roles follow the targets
+    slo_ttft_ms: float = DEFAULT_SLO_TTFT_MS
+    slo_tpot_ms: float = DEFAULT_SLO_TPOT_MS
+    interval_s: float = 2.0  # between ticks
+    hold_ticks: int = 3  # a proposal must come up this many ticks in a row
+    min_dwell_s: float = 10.0  # no switch this soon after the last one
+    window_s: float = 10.0  # recent requests: those that ended this long ago at most
+    admission: str = "off"  # slo: refuse (503) a request predicted to miss the TTFT target
+
+    def __post_init__(self) -> None:
+        if self.mode not in PLANNERS:
+            raise UsageError(f"--planner must be one of {', '.join(PLANNERS)}, got {self.mode!r}")
+        if self.admission not in ADMISSIONS:
+            raise UsageError(f"--admission must be one of {', '.join(ADMISSIONS)}, got {self.admission!r}")
+        for flag, value in (("--slo-ttft-ms", self.slo_ttft_ms), ("--slo-tpot-ms", self.slo_tpot_ms),
+                            ("--planner-interval", self.interval_s)):
+            if not value > 0:
+                raise UsageError(f"{flag} must be positive, got {value}")
+        if self.hold_ticks < 1 or self.min_dwell_s < 0 or not self.window_s > 0:
+            raise UsageError(f"planner hysteresis needs hold_ticks >= 1, min_dwell_s >= 0 and window_s > 0, got "
+                             f"{self.hold_ticks}, {self.min_dwell_s}, {self.window_s}")
+
+    @property
+    def is_on(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    """One worker as the service sees it at a tick."""
+
+    address: str
+    role: str
+    is_alive: bool = True
+    queued_prefill_tokens: int = 0  # prompt tokens routed here whose first token has not come
+    running_decodes: int = 0  # in its running batch (heartbeat)
+    prefill_tokens_per_s: float = 0.0  # measured (heartbeat); 0: not yet
+    decode_step_ms: float = 0.0  # measured (heartbeat); 0: not yet
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        assert self.role in WORKER_ROLES, self.role
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    now_s: float  # the caller's monotonic clock
+    workers: tuple[WorkerSnapshot, ...]
+    pending_prompt_tokens: int = 0  # of requests not yet at any worker (waiting for decode memory)
+    recent_ttft_ms: tuple[float, ...] = ()
+    recent_tpot_ms: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    address: str
+    old_role: str
+    new_role: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    roles: dict[str, str]  # address → the role it should have after this tick
+    reasons: dict[str, str]  # address → why it keeps or changes its role
+    changes: tuple[Decision, ...] = ()  # to apply now (past the hysteresis)
+    ttft_ms: float = 0.0  # predicted now
+    tpot_ms: float = 0.0
+    summary: str = ""
+
+
+# --- predictions --------------------------------------------------------------------------------
+
+def _prefill_rate(w: WorkerSnapshot, ws: tuple[WorkerSnapshot, ...]) -> float:
+    """Its measured prefill tok/s; unmeasured: the best measured per thread × its threads, or the fallback."""
+    if w.prefill_tokens_per_s > 0:
+        return w.prefill_tokens_per_s
+    per_thread = [o.prefill_tokens_per_s / max(1, o.threads) for o in ws if o.prefill_tokens_per_s > 0]
+    return max(per_thread) * max(1, w.threads) if per_thread else FALLBACK_PREFILL_TOK_S
+
+
+def _step_ms(w: WorkerSnapshot, ws: tuple[WorkerSnapshot, ...]) -> tuple[float, int]:
+    """(its decode step ms, the batch it was measured at); unmeasured: the fastest measured
+    worker's, or the fallback at batch 1."""
+    if w.decode_step_ms > 0:
+        return w.decode_step_ms, max(1, w.running_decodes)
+    measured = [(o.decode_step_ms, max(1, o.running_decodes)) for o in ws if o.decode_step_ms > 0]
+    return min(measured) if measured else (FALLBACK_DECODE_STEP_MS, 1)
+
+
+def prefill_capacity(ws: tuple[WorkerSnapshot, ...]) -> float:
+    """Prompt tokens per second the live workers able to prefill compute together."""
+    total = 0.0
+    for w in ws:
+        if w.is_alive and w.role in CAN_PREFILL:
+            share = 0.5 if w.role == "colocated" and w.running_decodes else 1.0
+            total += _prefill_rate(w, ws) * share
+    return total
+
+
+def queued_tokens(snap: Snapshot) -> int:
+    return snap.pending_prompt_tokens + sum(w.queued_prefill_tokens for w in snap.workers if w.is_alive)
+
+
+def predict_ttft_ms(snap: Snapshot, ws: tuple[WorkerSnapshot, ...] | None = None, extra_tokens: int = 0) -> float:
+    """Time until the queued prompt tokens (and `extra_tokens` more) are computed, with roles `ws`."""
+    ws = snap.workers if ws is None else ws
+    tokens = queued_tokens(snap) + extra_tokens
+    if tokens <= 0:
+        return 0.0
+    capacity = prefill_capacity(ws)
+    return tokens / capacity * 1e3 if capacity > 0 else float("inf")
+
+
+def predict_tpot_ms(snap: Snapshot, ws: tuple[WorkerSnapshot, ...] | None = None) -> float:
+    """The slowest decode-capable worker's time per token once the running decodes are spread
+    evenly over the workers of `ws` able to decode (a step grows with its batch past a fixed part)."""
+    ws = snap.workers if ws is None else ws
+    decoders = [w for w in ws if w.is_alive and w.role in CAN_DECODE]
+    if not decoders:
+        return float("inf")
+    running = sum(w.running_decodes for w in snap.workers if w.is_alive)
+    if running == 0:
+        return 0.0
+    batch = running / len(decoders)
+    worst = 0.0
+    for w in decoders:
+        step_ms, measured_at = _step_ms(w, ws)
+        step = step_ms * (STEP_FIXED_SHARE + (1 - STEP_FIXED_SHARE) * batch / measured_at)
+        if w.role == "colocated" and queued_tokens(snap) > 0:
+            step *= 2  # prompt chunks share its steps
+        worst = max(worst, step)
+    return worst
+
+
+def _median(values: tuple[float, ...]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+# --- the planner ----------------------------------------------------------------------------------
+
+@dataclass
+class Planner:
+    """The rule of the module docstring; `tick(snapshot)` once per interval. Its only state is the
+    hysteresis: the proposal being held and when the last switch was made."""
+
+    config: PlannerConfig
+    _proposal: tuple[str, str] | None = None  # (address, new role) held so far
+    _held: int = 0
+    _last_switch_s: float | None = None
+    history: list[Decision] = field(default_factory=list)
+
+    def tick(self, snap: Snapshot) -> Plan:
+        c = self.config
+        ttft, tpot = predict_ttft_ms(snap), predict_tpot_ms(snap)
+        roles = {w.address: w.role for w in snap.workers}
+        summary = (f"TTFT {_ms(ttft)} (target {_ms(c.slo_ttft_ms)}), TPOT {_ms(tpot)} (target {_ms(c.slo_tpot_ms)}), "
+                   f"{queued_tokens(snap)} prompt tokens queued, "
+                   f"{sum(w.running_decodes for w in snap.workers)} decoding")
+        proposal, why = self._propose(snap, ttft, tpot)
+        reasons = {w.address: f"keeps {w.role}: {why}" for w in snap.workers}
+        if proposal is None:
+            self._proposal, self._held = None, 0
+            return Plan(roles, reasons, (), ttft, tpot, summary)
+        address, new_role = proposal
+        old_role = roles[address]
+        self._held = self._held + 1 if self._proposal == proposal else 1
+        self._proposal = proposal
+        dwell_left = (0.0 if self._last_switch_s is None
+                      else c.min_dwell_s - (snap.now_s - self._last_switch_s))
+        if self._held < c.hold_ticks or dwell_left > 0:
+            wait = (f"{self._held}/{c.hold_ticks} ticks" if self._held < c.hold_ticks
+                    else f"{dwell_left:.1f} s of dwell left")
+            reasons[address] = f"would become {new_role} ({wait}): {why}"
+            return Plan(roles, reasons, (), ttft, tpot, summary)
+        decision = Decision(address, old_role, new_role, why)
+        self._proposal, self._held, self._last_switch_s = None, 0, snap.now_s
+        self.history.append(decision)
+        roles[address] = new_role
+        reasons[address] = f"{old_role} → {new_role}: {why}"
+        return Plan(roles, reasons, (decision,), ttft, tpot, summary)
+
+    def _propose(self, snap: Snapshot, ttft: float, tpot: float) -> tuple[tuple[str, str] | None, str]:
+        """(address, new role) to propose, or None; and the reason, in words."""
+        c = self.config
+        ws = snap.workers
+        if any(not w.is_alive for w in ws):
+            down = ", ".join(w.address for w in ws if not w.is_alive)
+            return None, f"a worker is down ({down}): no change until it is back"
+        if len(ws) == 1:
+            w = ws[0]
+            if w.role != "colocated":
+                return (w.address, "colocated"), "one worker: it must both prefill and decode"
+            return None, "one worker, colocated"
+        queued = queued_tokens(snap)
+        running = sum(w.running_decodes for w in ws)
+        ttft_missed = ttft > c.slo_ttft_ms or (queued > 0 and _median(snap.recent_ttft_ms) > c.slo_ttft_ms)
+        tpot_missed = tpot > c.slo_tpot_ms or (running > 0 and _median(snap.recent_tpot_ms) > c.slo_tpot_ms)
+        # A role with nothing to do while the other is backed up is worth lending.
+        ttft_missed = ttft_missed or (running == 0 and ttft > BACKED_UP * c.slo_ttft_ms)
+        tpot_missed = tpot_missed or (queued == 0 and tpot > BACKED_UP * c.slo_tpot_ms)
+        state = f"TTFT {_ms(ttft)} vs {_ms(c.slo_ttft_ms)}, TPOT {_ms(tpot)} vs {_ms(c.slo_tpot_ms)}"
+        if ttft_missed and tpot_missed:
+            return None, f"both targets missed ({state}): no role change frees capacity; more workers would"
+        if not ttft_missed and not tpot_missed:
+            return None, f"targets met ({state})"
+        if ttft_missed:
+            return self._more_prefill(snap, ttft, state)
+        return self._more_decode(snap, tpot, state)
+
+    def _more_prefill(self, snap: Snapshot, ttft: float, state: str) -> tuple[tuple[str, str] | None, str]:
+        c, ws = self.config, snap.workers
+        for w in sorted((w for w in ws if w.role == "decode"), key=lambda w: w.running_decodes):
+            for new_role in ("prefill", "colocated"):
+                after = _with_role(ws, w.address, new_role)
+                if not _both_phases(after):
+                    continue
+                ttft_after, tpot_after = predict_ttft_ms(snap, after), predict_tpot_ms(snap, after)
+                if ttft_after < ttft and tpot_after <= c.slo_tpot_ms:
+                    return (w.address, new_role), (
+                        f"TTFT missed ({state}; {queued_tokens(snap)} prompt tokens at "
+                        f"{prefill_capacity(ws):.0f} tok/s) with {w.running_decodes} decoding there; as {new_role}: "
+                        f"TTFT {_ms(ttft_after)}, TPOT {_ms(tpot_after)}")
+        return None, f"TTFT missed ({state}) but no decode worker can give up decoding without missing TPOT"
+
+    def _more_decode(self, snap: Snapshot, tpot: float, state: str) -> tuple[tuple[str, str] | None, str]:
+        c, ws = self.config, snap.workers
+        givers = sorted((w for w in ws if w.role in CAN_PREFILL), key=lambda w: (w.role != "colocated",
+                                                                                  w.queued_prefill_tokens))
+        for w in givers:
+            for new_role in ("decode", "colocated"):
+                if new_role == w.role:
+                    continue
+                after = _with_role(ws, w.address, new_role)
+                if not _both_phases(after):
+                    continue
+                ttft_after, tpot_after = predict_ttft_ms(snap, after), predict_tpot_ms(snap, after)
+                if tpot_after < tpot and ttft_after <= c.slo_ttft_ms:
+                    return (w.address, new_role), (
+                        f"TPOT missed ({state}; {sum(x.running_decodes for x in ws)} decoding) with "
+                        f"{w.queued_prefill_tokens} prompt tokens queued there; as {new_role}: "
+                        f"TPOT {_ms(tpot_after)}, TTFT {_ms(ttft_after)}")
+        return None, f"TPOT missed ({state}) but no worker can take up decoding without missing TTFT"
+
+
+def _with_role(ws: tuple[WorkerSnapshot, ...], address: str, role: str) -> tuple[WorkerSnapshot, ...]:
+    return tuple(replace(w, role=role) if w.address == address else w for w in ws)
+
+
+def _both_phases(ws: tuple[WorkerSnapshot, ...]) -> bool:
+    """Some live worker can prefill and some can decode."""
+    live = [w for w in ws if w.is_alive]
+    return any(w.role in CAN_PREFILL for w in live) and any(w.role in CAN_DECODE for w in live)
+
+
+def _ms(x: float) -> str:
+    return "∞" if x == float("inf") else f"{x:,.0f} ms"
+
+
+def admit(snap: Snapshot, prompt_tokens: int, slo_ttft_ms: float) -> tuple[bool, float]:
+    """Admission by load: (admit, predicted TTFT ms) of a new prompt behind what is queued. A prompt
+    with nothing queued ahead of it is always admitted (refusing it would not make it sooner)."""
+    if queued_tokens(snap) <= 0:
+        return True, predict_ttft_ms(snap, extra_tokens=prompt_tokens)
+    ttft = predict_ttft_ms(snap, extra_tokens=prompt_tokens)
+    return ttft <= slo_ttft_ms, ttft
