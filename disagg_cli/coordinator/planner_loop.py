@@ -33,7 +33,7 @@ from disagg_cli.coordinator.planner import (
     WorkerSnapshot,
     admit,
 )
-from disagg_cli.coordinator.role_switch import SwitchOutcome
+from disagg_cli.coordinator.role_switch import SWITCH_TIMEOUT_S, SwitchOutcome
 from disagg_cli.coordinator.router import Router
 from disagg_cli.coordinator.timeouts import wait_within
 from disagg_cli.engine.request import RequestOutput
@@ -41,7 +41,6 @@ from disagg_cli.errors import DisaggError
 
 log = logging.getLogger(__name__)
 PENDING_STATES = ("queued", "reserving")  # not yet at any worker that computes prompts
-SWITCH_TIMEOUT_S = 120.0  # one role switch, requests moved included
 
 
 class RoleSwitcher(Protocol):
@@ -140,8 +139,9 @@ class PlannerLoop:
             log.warning("planner: %s %s → %s: %s", change.address, change.old_role, change.new_role, change.reason)
             t0 = self._clock()
             try:
+                # past the switch's own deadline (it fails itself then), a margin for its moves to end
                 outcome = await wait_within(self.coordinator.switch_role(change.address, change.new_role),
-                                            SWITCH_TIMEOUT_S)
+                                            SWITCH_TIMEOUT_S + 60.0)
             except (DisaggError, asyncio.TimeoutError, KeyError) as e:
                 error = str(e) or type(e).__name__
                 log.warning("planner: switching %s to %s failed: %s", change.address, change.new_role, error)
