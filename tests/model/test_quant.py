@@ -117,7 +117,7 @@ def test_quantized_model_from_gguf_blocks_matches_requantized(tmp_path: Path, qt
     path = write_gguf(tmp_path / f"{qtype}.gguf", random_weights(seed=6, cfg=cfg), qtype=qtype, cfg=cfg)
     kind = "int8" if qtype == "Q8_0" else "int4"
     lm = load_model(path, RuntimeConfig(dtype="float32", quantization=kind, kernel=kernel), cache_dir=tmp_path)
-    dense = load_model(path, RuntimeConfig(dtype="float32", kernel=kernel))
+    dense = load_model(path, RuntimeConfig(dtype="float32", quantization="none", kernel=kernel))
     # Every matmul is quantized, q/k rows un-permuted like the float weights: dequantized, they
     # equal the float model's (dequantized GGUF) weights exactly.
     qkv = lm.model.model.layers[0].self_attn.qkv_proj
@@ -134,7 +134,7 @@ def test_quantized_model_from_gguf_blocks_matches_requantized(tmp_path: Path, qt
 @pytest.mark.parametrize("kernel", ["c", "torch"])
 def test_quantized_model_from_float_weights(tmp_path: Path, kernel: str) -> None:
     path = write_gguf(tmp_path / "f32.gguf", random_weights(seed=7))
-    dense = load_model(path, RuntimeConfig(dtype="float32", kernel=kernel))
+    dense = load_model(path, RuntimeConfig(dtype="float32", quantization="none", kernel=kernel))
     for kind in ("int8", "int4"):
         lm = load_model(path, RuntimeConfig(dtype="float32", quantization=kind, kernel=kernel), cache_dir=tmp_path)
         assert lm.backend.name == kernel
