@@ -96,10 +96,12 @@ class Coordinator:
         await self.close()
 
     async def switch_role(self, address: str, role: str) -> SwitchOutcome:
-        """Change the role of the (elastic) worker at `address` in place: no new request goes there
-        meanwhile; the requests it decodes move with their KV to another decode worker when it stops
-        decoding (or finish there when none can take them); returns what happened. Raises
-        `DisaggError` when the worker is unknown, not alive or refuses (not started `--elastic`)."""
+        """Change the role of the (elastic) worker at `address` to "prefill", "decode" or "colocated"
+        in place (`role_switch.py`): no new request goes there meanwhile; when it stops decoding, the
+        requests it decodes move with their KV to another decode (or colocated) worker, or finish
+        there when none can take them; between decode and colocated they stay. Returns what
+        happened; raises `DisaggError` when the worker is unknown, not alive, dies mid-switch or
+        refuses (not started `--elastic`), `UsageError` for a role that is none of the three."""
         return await switch_role(self, address, role)
 
     # --- requests -------------------------------------------------------------------------------
