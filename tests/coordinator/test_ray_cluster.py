@@ -101,7 +101,7 @@ def server(ray_cluster: Any, default_gguf: Path, tmp_path_factory: pytest.TempPa
     folder = tmp_path_factory.mktemp("ray")
     topology = folder / "ray.toml"
     topology.write_text(f'[cluster]\nbackend = "ray"\naddress = "{ray_cluster.address}"\n'
-                        '[defaults]\ndtype = "float32"\nthreads = 1\nkv_cache_tokens = 4096\n'
+                        '[defaults]\ndtype = "float32"\nquantization = "none"\nthreads = 1\nkv_cache_tokens = 4096\n'
                         '[[workers]]\nrole = "prefill"\nkv_codec = "none"\nresources = { prefill = 1 }\n'
                         '[[workers]]\nrole = "decode"\nresources = { decode = 1 }\n')
     # Three actors load the weights at once: on a 2-core machine with other work that takes longer than

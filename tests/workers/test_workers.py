@@ -43,7 +43,7 @@ def cluster(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     procs = [
         start_worker("prefill", pp, default_gguf, "--kv-codec", "shuffle-lz4", log=logs / "p.log"),
         # float32 prefill (float weights: a float32 pool) into a bfloat16 pool (int4 weights: auto)
-        start_worker("decode", dp, default_gguf, "--block-size", "16", log=logs / "d.log"),
+        start_worker("decode", dp, default_gguf, "--block-size", "16", "--quantization", "auto", log=logs / "d.log"),
         # bfloat16 prefill into float32 decode with another block size, and a tiny pool (backpressure)
         start_worker("prefill", free_port(), default_gguf, "--dtype", "bfloat16", log=logs / "p16.log"),
         start_worker("decode", dp2, default_gguf, "--block-size", "5", "--kv-cache-tokens", "100",
