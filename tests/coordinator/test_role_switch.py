@@ -34,7 +34,8 @@ SAMPLING = SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True)
 # float32 everywhere: the tokens are checked against the float32 reference
 PREFILL = WorkerSpec("prefill", dtype="float32", kv_codec="none", kv_cache_tokens=1024, threads=1)
 DECODE = WorkerSpec("decode", dtype="float32", kv_cache_tokens=1024, threads=1)
-CONFIG = CoordinatorConfig(worker_timeout_s=2.0, heartbeat_interval_s=0.5)
+# a worker silent 5 s is dead: kills are noticed soon, a heartbeat late on a loaded machine is not a death
+CONFIG = CoordinatorConfig(worker_timeout_s=5.0, heartbeat_interval_s=0.5)
 
 
 def elastic(spec: WorkerSpec) -> WorkerSpec:
