@@ -1,7 +1,7 @@
 """The wire protocol: what crosses a process boundary and how.
 
 - `names.py`: worker roles, codec names, KV dtypes, finish reasons (defined once);
-- `messages.py`: every message kind, as frozen dataclasses (elastic roles' `SwitchRole` … at its end);
+- `messages.py`: every message kind, as frozen dataclasses; `role_messages.py`: elastic roles' `SwitchRole` …;
 - `errors.py`: `WireError` and its reason codes;
 - `stats.py`: `RequestStats` (per request), `WorkerCapacity` and `WorkerStats` (per worker);
 - `frames.py`: messages ⇄ zmq frames, trusting nothing on the way in;
@@ -33,17 +33,12 @@ from disagg_cli.protocol.messages import (
     KVMeta,
     LinkAck,
     Message,
-    MoveOut,
-    Parked,
-    ParkedRequest,
     Prefill,
     PrefillHere,
     Refuse,
     RequestStats,
     Reserve,
     Reserved,
-    RoleSwitched,
-    SwitchRole,
     Tokens,
 )
 from disagg_cli.protocol.names import (
@@ -54,6 +49,7 @@ from disagg_cli.protocol.names import (
     PEER_ROLES,
     WORKER_ROLES,
 )
+from disagg_cli.protocol.role_messages import MoveOut, Parked, ParkedRequest, RoleSwitched, SwitchRole
 from disagg_cli.protocol.stats import WorkerCapacity, WorkerStats
 
 __all__ = [
