@@ -26,6 +26,7 @@ The rule, per tick:
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from disagg_cli.errors import UsageError
@@ -261,16 +262,14 @@ class Planner:
     def _more_prefill(self, snap: Snapshot, ttft: float, state: str) -> tuple[tuple[str, str] | None, str]:
         c, ws = self.config, snap.workers
         for w in sorted((w for w in ws if w.role == "decode"), key=lambda w: w.running_decodes):
-            for new_role in ("prefill", "colocated"):
-                after = _with_role(ws, w.address, new_role)
-                if not _both_phases(after):
-                    continue
-                ttft_after, tpot_after = predict_ttft_ms(snap, after), predict_tpot_ms(snap, after)
-                if ttft_after < ttft and tpot_after <= c.slo_tpot_ms:
-                    return (w.address, new_role), (
-                        f"TTFT missed ({state}; {queued_tokens(snap)} prompt tokens at "
-                        f"{prefill_capacity(ws):.0f} tok/s) with {w.running_decodes} decoding there; as {new_role}: "
-                        f"TTFT {_ms(ttft_after)}, TPOT {_ms(tpot_after)}")
+            found = _first_helping(snap, w, ("prefill", "colocated"),
+                                   lambda ttft_after, tpot_after: ttft_after < ttft and tpot_after <= c.slo_tpot_ms)
+            if found is not None:
+                new_role, ttft_after, tpot_after = found
+                return (w.address, new_role), (
+                    f"TTFT missed ({state}; {queued_tokens(snap)} prompt tokens at "
+                    f"{prefill_capacity(ws):.0f} tok/s) with {w.running_decodes} decoding there; as {new_role}: "
+                    f"TTFT {_ms(ttft_after)}, TPOT {_ms(tpot_after)}")
         return None, f"TTFT missed ({state}) but no decode worker can give up decoding without missing TPOT"
 
     def _more_decode(self, snap: Snapshot, tpot: float, state: str) -> tuple[tuple[str, str] | None, str]:
@@ -278,19 +277,31 @@ class Planner:
         givers = sorted((w for w in ws if w.role in CAN_PREFILL), key=lambda w: (w.role != "colocated",
                                                                                   w.queued_prefill_tokens))
         for w in givers:
-            for new_role in ("decode", "colocated"):
-                if new_role == w.role:
-                    continue
-                after = _with_role(ws, w.address, new_role)
-                if not _both_phases(after):
-                    continue
-                ttft_after, tpot_after = predict_ttft_ms(snap, after), predict_tpot_ms(snap, after)
-                if tpot_after < tpot and ttft_after <= c.slo_ttft_ms:
-                    return (w.address, new_role), (
-                        f"TPOT missed ({state}; {sum(x.running_decodes for x in ws)} decoding) with "
-                        f"{w.queued_prefill_tokens} prompt tokens queued there; as {new_role}: "
-                        f"TPOT {_ms(tpot_after)}, TTFT {_ms(ttft_after)}")
+            found = _first_helping(snap, w, ("decode", "colocated"),
+                                   lambda ttft_after, tpot_after: tpot_after < tpot and ttft_after <= c.slo_ttft_ms)
+            if found is not None:
+                new_role, ttft_after, tpot_after = found
+                return (w.address, new_role), (
+                    f"TPOT missed ({state}; {sum(x.running_decodes for x in ws)} decoding) with "
+                    f"{w.queued_prefill_tokens} prompt tokens queued there; as {new_role}: "
+                    f"TPOT {_ms(tpot_after)}, TTFT {_ms(ttft_after)}")
         return None, f"TPOT missed ({state}) but no worker can take up decoding without missing TTFT"
+
+
+def _first_helping(snap: Snapshot, w: WorkerSnapshot, roles: tuple[str, ...],
+                   helps: Callable[[float, float], bool]) -> tuple[str, float, float] | None:
+    """The first of `roles` (other than its own) that `w` may take, keeping both phases served, whose
+    predicted (TTFT, TPOT) `helps` accepts: (role, TTFT, TPOT); None when none does."""
+    for new_role in roles:
+        if new_role == w.role:
+            continue
+        after = _with_role(snap.workers, w.address, new_role)
+        if not _both_phases(after):
+            continue
+        ttft_after, tpot_after = predict_ttft_ms(snap, after), predict_tpot_ms(snap, after)
+        if helps(ttft_after, tpot_after):
+            return new_role, ttft_after, tpot_after
+    return None
 
 
 def _with_role(ws: tuple[WorkerSnapshot, ...], address: str, role: str) -> tuple[WorkerSnapshot, ...]:
