@@ -209,3 +209,21 @@ def test_decode_attention_reads_fragmented_blocks_in_place(kernel: Kernel, lens:
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     out = decode_attention(kernel, q, keys, values, table, torch.tensor(lens, dtype=torch.int32), bs)
     assert torch.allclose(out, torch.stack(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_wide_dtype_bfloat16_runs_wide_steps_on_bfloat16_copies(tmp_path: Path) -> None:
+    from disagg_cli.model.hardware import probe_cpu
+
+    cfg = dict(TINY, hidden_size=64, intermediate_size=96, head_dim=16)
+    path = write_gguf(tmp_path / "q.gguf", random_weights(seed=8, cfg=cfg), qtype="Q4_1", cfg=cfg)
+    exact = load_model(path, RuntimeConfig(dtype="float32", quantization="none"), cache_dir=tmp_path)
+    lm = load_model(path, RuntimeConfig(dtype="float32", quantization="auto", wide_dtype="bfloat16"),
+                    role="colocated", cache_dir=tmp_path)
+    qkv = lm.model.model.layers[0].self_attn.qkv_proj
+    if lm.backend.name != "c" or not probe_cpu().has_native_bf16:
+        assert "bfloat16" not in qkv.method.name  # asked for, but this CPU would emulate it: float32
+        return
+    assert qkv.method.name.startswith("bfloat16 on oneDNN from 16 rows"), qkv.method.name
+    ids = torch.randint(0, exact.config.vocab_size, (32,), generator=torch.Generator().manual_seed(0))
+    # 32 rows: every matmul on the bfloat16 copies, rounded (not float32's numbers) but close to them
+    assert 1e-6 < _relative_error(logits(lm, ids), logits(exact, ids)) < 0.05
