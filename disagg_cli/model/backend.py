@@ -11,7 +11,8 @@ At load (`model/loader.py`), `Backend.plan(model, …)` then fixes, for that mod
    torch's dequantize fallback, float32 weights as the kernel's GEMM panels or torch's matmul, float
    copies kept for wide steps;
 2. the fused decode step (`quant/fused.py`), where the model is float32 and every matmul is on the
-   kernel; its packed weights become the quantized linears' method for steps of 5+ rows;
+   kernel; its packed weights become the quantized linears' method for steps of 5+ rows (int16
+   tiles where the kernel has AVX512-VNNI, float tiles elsewhere);
 3. the attention (`model/attention.py`): the kernel's paged attention for a float32 model on the
    CPU (its pool float32 or bfloat16, as `--kv-cache-dtype` resolved), else torch's.
 The result, an `Execution`, is what the runner calls; `describe()` is what the worker log, the
@@ -44,6 +45,7 @@ from disagg_cli.model.quant.methods import (
     TorchDequant,
     TorchFloat,
     bf16_linear,
+    packed_tiles_name,
     with_tier,
 )
 from disagg_cli.model.quant.panel import PanelLinear, use_float_gemm
@@ -91,9 +93,10 @@ class Backend:
             return Execution(self, TorchAttention(), None, "the torch backend has no fused step", dense_min_rows)
         fused, why = fused_decoder(model, self.kernel)
         if fused is not None:
+            tiles = packed_tiles_name(self.kernel)
             for layer, which, mod in matmuls(model):
-                if isinstance(mod, QuantizedLinear):  # from 5 rows, the step's packed copy as float tiles
-                    mod.method = with_tier(mod.method, PACKED_MIN_ROWS, CPacked(fused, layer, which))
+                if isinstance(mod, QuantizedLinear):  # from 5 rows, the step's packed copy as tiles
+                    mod.method = with_tier(mod.method, PACKED_MIN_ROWS, CPacked(fused, layer, which, tiles))
         attention: AttentionImpl = KernelAttention(self.kernel) if float32_cpu else TorchAttention()
         return Execution(self, attention, fused, why, dense_min_rows)
 

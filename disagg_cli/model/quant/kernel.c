@@ -1214,6 +1214,9 @@ int dq_gemm_f32(const float *x, int64_t ldx, int M, int K, const float *wp, int 
                 int64_t ldy, int nthreads);
 
 static void qpanel_matmul(const dq_weight *w, const float *x, int M, float *y, int nthreads);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+static int q16_matmul(const dq_weight *w, const float *x, int M, float *y, int nthreads);
+#endif
 
 /* y (M, N) = x (M, K) · Wᵀ (+ bias). A few rows are bandwidth-bound: integer dot products of the
  * 4-row groups on int16-rounded activations. From QPANEL_MIN_ROWS rows the step is compute-bound:
@@ -1230,6 +1233,9 @@ static void step_matmul(dq_model *m, const float *x, int M, const dq_weight *w, 
         return;
     }
     if (w->pdata && M >= QPANEL_MIN_ROWS) {  /* bias included */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+        if (q16_matmul(w, x, M, y, nthreads) == 0) return;
+#endif
         qpanel_matmul(w, x, M, y, nthreads);
         return;
     }
@@ -1570,6 +1576,174 @@ static void qpanel_matmul(const dq_weight *w, const float *x, int M, float *y, i
     qpanel_job j = {w, x, y, M};
     parallel_work(qpanel_item, &j, (w->N + QPANEL_NR - 1) / QPANEL_NR, nthreads);
 }
+
+/* --- int16 tiles for steps of many rows, where the CPU has AVX512-VNNI -----------------------
+ *
+ * The same panels multiplied in integers: the activations rounded to int16 per block of 32
+ * (`quantize_row16`, as the narrow steps do), the weights' quants widened to int16 once per panel
+ * and step, and `vpdpwssd` (two int16 products summed into an int32 lane) runs a block of 32 k for
+ * 8 rows × 16 columns in 8 × 16 instructions; then each block's integer sums become floats, scaled
+ * by d · dx, with the min term m' · Σx added from the block's exact float sum. Each instruction
+ * does 32 multiply-adds to an FMA's 16, and measured on Zen 4 it issues as often (117 against 59
+ * GMAC/s on one core), so prompts run on twice the float GEMM's ceiling without bfloat16's
+ * rounding: per-block int16 activations kept greedy agreement with float32 at 100 % free-running
+ * and teacher-forced over the agreement prompts, where bfloat16 weights and activations gave 91 %
+ * free-running. Quants are at most 8 bits and activations 16, so a block's sums stay far inside
+ * int32. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define Q16_TILES 1
+#define Q16_MR 8  /* rows per tile: 8 int32 and 8 float accumulators of 16 columns */
+
+int dq_has_q16_tiles(void) { return 1; }
+
+/* One panel's quants as int16 pairs: buf[(b * 16 + kk) * 32 + 2j + h] = quant (2kk + h) of column j
+ * in block b, the operand layout of `vpdpwssd` (lane j multiplies the pair (k, k + 1) of column j). */
+static void widen_qpanel16(const int kind, const uint8_t *pp, int nb, int64_t pbb, int16_t *buf) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *q = pp + b * pbb + 2 * QPANEL_NR * 4;
+        for (int kk = 0; kk < QK / 2; kk++) {
+            __m256i v[2];
+            for (int h = 0; h < 2; h++) {
+                const int e = 2 * kk + h;
+                if (kind == 4) {
+                    __m128i raw = _mm_loadl_epi64((const __m128i *)(q + e * 8));
+                    __m128i cols = _mm_unpacklo_epi64(_mm_and_si128(raw, low), _mm_and_si128(_mm_srli_epi16(raw, 4), low));
+                    v[h] = _mm256_cvtepu8_epi16(cols);
+                } else {
+                    v[h] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + e * 16)));
+                }
+            }
+            __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(v[0]), _mm512_slli_epi32(_mm512_cvtepu16_epi32(v[1]), 16));
+            _mm512_storeu_si512((void *)(buf + ((int64_t)b * (QK / 2) + kk) * 32), pair);
+        }
+    }
+}
+
+/* mr rows of quantized activations (row r: xq + r * nb * 32, xd/xs + r * nb) against one widened
+ * panel; y row r at y + r * ldy, `cols` columns of it. */
+static inline __attribute__((always_inline)) void q16_tile(const int mr, const int16_t *xq, const float *xd,
+                                                           const float *xs, int nb, const int16_t *wbuf,
+                                                           const uint8_t *pp, int64_t pbb, const float *bias,
+                                                           float *y, int64_t ldy, int cols) {
+    __m512 facc[Q16_MR];
+    __m512i iacc[Q16_MR];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) facc[i] = _mm512_setzero_ps();
+    const int64_t ldq = (int64_t)nb * QK;
+    for (int b = 0; b < nb; b++) {
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) iacc[i] = _mm512_setzero_si512();
+        const int16_t *wb = wbuf + (int64_t)b * (QK / 2) * 32, *xb = xq + (int64_t)b * QK;
+#pragma GCC unroll 4
+        for (int kk = 0; kk < QK / 2; kk++) {
+            const __m512i wv = _mm512_loadu_si512((const void *)(wb + kk * 32));
+#pragma GCC unroll 8
+            for (int i = 0; i < mr; i++) {
+                int32_t pair;
+                memcpy(&pair, xb + i * ldq + 2 * kk, sizeof pair);
+                iacc[i] = _mm512_dpwssd_epi32(iacc[i], _mm512_set1_epi32(pair), wv);
+            }
+        }
+        const float *pd = (const float *)(pp + b * pbb);
+        const __m512 dv = _mm512_loadu_ps(pd), mv = _mm512_loadu_ps(pd + QPANEL_NR);
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; i++) {
+            const __m512 scale = _mm512_mul_ps(dv, _mm512_set1_ps(xd[i * nb + b]));
+            facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i]), scale, facc[i]);
+            facc[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[i * nb + b]), facc[i]);
+        }
+    }
+    const __mmask16 keep = (__mmask16)((1u << cols) - 1u);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; i++) _mm512_mask_storeu_ps(y + i * ldy, keep, _mm512_add_ps(facc[i], bv));
+}
+
+typedef struct {
+    const dq_weight *w;
+    const int16_t *xq;
+    const float *xd, *xs;
+    float *y;
+    int M;
+} q16_job;
+
+static __thread int16_t *q16_wbuf = NULL;  /* per thread: one panel widened, K × 16 int16 */
+static __thread size_t q16_wcap = 0;
+
+static void q16_item(void *arg, int p) {
+    const q16_job *j = (const q16_job *)arg;
+    const dq_weight *w = j->w;
+    const int nb = w->nb;
+    const size_t need = (size_t)nb * QK * QPANEL_NR;
+    if (q16_wcap < need) {
+        int16_t *grown = (int16_t *)realloc(q16_wbuf, need * sizeof(int16_t));
+        if (!grown) abort();  /* 48 KB at K = 1536 */
+        q16_wbuf = grown, q16_wcap = need;
+    }
+    const uint8_t *pp = w->pdata + (int64_t)p * nb * w->pblock_bytes;
+    if (w->kind == 4) widen_qpanel16(4, pp, nb, w->pblock_bytes, q16_wbuf);
+    else widen_qpanel16(8, pp, nb, w->pblock_bytes, q16_wbuf);
+    const int cols = w->N - p * QPANEL_NR < QPANEL_NR ? w->N - p * QPANEL_NR : QPANEL_NR;
+    const float *bias = w->bias ? w->bias + (int64_t)p * QPANEL_NR : NULL;
+    for (int r = 0; r < j->M; r += Q16_MR) {
+        const int16_t *xq = j->xq + (int64_t)r * nb * QK;
+        const float *xd = j->xd + (int64_t)r * nb, *xs = j->xs + (int64_t)r * nb;
+        float *y = j->y + (int64_t)r * w->N + p * QPANEL_NR;
+        const int64_t pbb = w->pblock_bytes;
+        switch (j->M - r < Q16_MR ? j->M - r : Q16_MR) {
+            case 1: q16_tile(1, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
+            case 2: q16_tile(2, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
+            case 3: q16_tile(3, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
+            case 4: q16_tile(4, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
+            case 5: q16_tile(5, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
+            case 6: q16_tile(6, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
+            case 7: q16_tile(7, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
+            default: q16_tile(8, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
+        }
+    }
+}
+
+typedef struct {
+    const float *x;
+    int16_t *xq;
+    float *xd, *xs;
+    int K, nb, rows_per_item, M;
+} q16_quant_job;
+
+static void q16_quant_item(void *arg, int c) {
+    const q16_quant_job *j = (const q16_quant_job *)arg;
+    const int r1 = (c + 1) * j->rows_per_item < j->M ? (c + 1) * j->rows_per_item : j->M;
+    for (int r = c * j->rows_per_item; r < r1; r++)
+        quantize_row16(j->x + (int64_t)r * j->K, j->K, j->xq + (int64_t)r * j->nb * QK, j->xd + (int64_t)r * j->nb,
+                       j->xs + (int64_t)r * j->nb);
+}
+
+/* The caller's activations, quantized (M × K int16 and 2 × M × nb floats), grown as needed. */
+static __thread void *q16_act = NULL;
+static __thread size_t q16_act_cap = 0;
+
+/* y (M, N) = x (M, K) · Wᵀ + bias on int16 tiles; -1 (nothing written) where memory runs out. */
+static int q16_matmul(const dq_weight *w, const float *x, int M, float *y, int nthreads) {
+    const int nb = w->nb;
+    const size_t qbytes = ((size_t)M * nb * QK * sizeof(int16_t) + 63) & ~(size_t)63;
+    const size_t need = qbytes + (size_t)2 * M * nb * sizeof(float);
+    if (q16_act_cap < need) {
+        void *grown = realloc(q16_act, need);
+        if (!grown) return -1;
+        q16_act = grown, q16_act_cap = need;
+    }
+    int16_t *xq = (int16_t *)q16_act;
+    float *xd = (float *)((uint8_t *)q16_act + qbytes), *xs = xd + (size_t)M * nb;
+    q16_quant_job qj = {x, xq, xd, xs, w->K, nb, 16, M};
+    parallel_work(q16_quant_item, &qj, (M + 15) / 16, nthreads);
+    q16_job j = {w, xq, xd, xs, y, M};
+    parallel_work(q16_item, &j, (w->N + QPANEL_NR - 1) / QPANEL_NR, nthreads);
+    return 0;
+}
+#else
+int dq_has_q16_tiles(void) { return 0; }
+#endif
 
 /* y (M, N) (row stride ldy) = x (M, K) (row stride ldx) · Wᵀ + bias (N, or NULL), W as panels (see
  * above). A work item is 48 rows × 2 panels (32 columns): its rows of x (110 KB at K = 576) and its

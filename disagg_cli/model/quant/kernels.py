@@ -35,6 +35,7 @@ SIGNATURES: dict[str, tuple[tuple[CType, ...], CType | None]] = {
     "dq_has_openmp": ((), _I),
     "dq_has_avx2": ((), _I),
     "dq_has_vnni": ((), _I),
+    "dq_has_q16_tiles": ((), _I),
     # kind, x, ldx, M, K, wq, wd, wm, N, y, ldy, nthreads, act_int8
     "dq_matmul": ((_I, _P, _I64, _I, _I, _P, _P, _P, _I, _P, _I64, _I, _I), _I),
     # q, keys, values, block_table, max_blocks, seq_lens, B, H, KV, hd, block_size, scale, out, nthreads, kv_bf16
@@ -107,6 +108,7 @@ def bind(lib: ctypes.CDLL, source: str) -> None:
 class Kernel:
     lib: ctypes.CDLL  # every SIGNATURES entry bound and checked
     reason: str  # what was built: SIMD, dot products, threads
+    int16_tiles: bool = False  # steps of 5+ rows multiply int16 activations (AVX512-VNNI), not float ones
 
 
 # Kernels this process has loaded, by build key: a second cache directory (tests, a bench loading
@@ -130,8 +132,10 @@ def load_kernel(cache_dir: Path) -> Kernel:
     simd = "AVX2" if lib.dq_has_avx2() else "scalar"
     how = "VNNI" if lib.dq_has_vnni() else ("maddubs" if simd == "AVX2" else "scalar")
     threads = "OpenMP" if lib.dq_has_openmp() else "its own threads"
-    kernel = Kernel(lib, f"C kernel built for this CPU ({simd}, int8 dot products by {how}, -march=native, "
-                         f"{threads})")
+    tiles = bool(lib.dq_has_q16_tiles())
+    wide = ", int16 tiles by AVX512-VNNI" if tiles else ""
+    kernel = Kernel(lib, f"C kernel built for this CPU ({simd}, int8 dot products by {how}{wide}, -march=native, "
+                         f"{threads})", tiles)
     if key is not None:
         _LOADED[key] = kernel
     return kernel

@@ -5,9 +5,11 @@ A `QuantizedLinear` holds one method and its forward is one call into it. The ba
 - `TorchDequant`: the torch fallback, dequantize then one float32 matmul (exact, slower);
 - `CQuant`: the C kernel's quantized matmul, float activations (never int8-rounded: that parted
   greedy text from float32's within ~30 tokens and made numbers differ between AVX2 and VNNI CPUs);
-- `CPacked`: the fused decode step's panel-ordered copy of the weight, widened to float and run on
-  the GEMM's tiles (exact; faster than the above from `PACKED_MIN_ROWS` rows: prompts on a decode
-  worker, mixed steps). The fused step owns that copy; the method holds the step;
+- `CPacked`: the fused decode step's panel-ordered copy of the weight, for steps of
+  `PACKED_MIN_ROWS`+ rows (prompts, mixed steps, decode batches): widened to int16 and multiplied
+  by int16-rounded activations on `vpdpwssd` tiles where the kernel was built with AVX512-VNNI
+  (1.5x the float GEMM at 512 rows, greedy text unchanged), else widened to float and run on the
+  GEMM's tiles (exact). The fused step owns that copy; the method holds the step;
 - `TorchFloat` / `CFloatPanels` / `TorchBF16`: float weights kept beside the quantized ones
   (colocated workers), on torch's matmul, the kernel's GEMM or, as bfloat16 copies where the CPU
   multiplies bfloat16 natively, torch's oneDNN matmul, for steps of many rows (prefill is
@@ -27,8 +29,8 @@ from disagg_cli.model.quant.blocks import QuantizedWeight
 from disagg_cli.model.quant.kernels import Kernel, matmul, reference_matmul
 from disagg_cli.model.quant.panel import PanelLinear
 
-# From this many rows the fused step's quantized panels run as exact float GEMM tiles (kernel.c
-# QPANEL_MIN_ROWS), faster than widening each block per row.
+# From this many rows the fused step's quantized panels run as tiles (kernel.c QPANEL_MIN_ROWS:
+# int16 ones where it has AVX512-VNNI, else exact float GEMM ones), faster than the row-wise kernel.
 PACKED_MIN_ROWS = 5
 
 
@@ -81,10 +83,14 @@ class CPacked:
     fused: PackedWeights
     layer: int  # -1: the head
     which: str  # "qkv", "o", "gate_up", "down" or "head"
-    name: str = "C packed float tiles"
+    name: str = "C packed float tiles"  # or int16 tiles (`packed_tiles_name`)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused.matmul(self.layer, self.which, x)  # bias included
+
+
+def packed_tiles_name(kernel: Kernel) -> str:
+    return "C packed int16 tiles" if kernel.int16_tiles else "C packed float tiles"
 
 
 @dataclass(frozen=True, eq=False)
