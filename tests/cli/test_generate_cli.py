@@ -129,5 +129,10 @@ def test_model_info(default_gguf: Path) -> None:
     assert info["kernel_auto"].startswith("c (auto: the C kernel builds here")  # what --kernel auto picks
     # the kernel's fused decode step runs float32, whatever the CPU computes natively
     assert info["dtype_auto_decode"].startswith("float32 ") and info["dtype_auto_colocated"].startswith("float32 ")
-    assert info["quantization_auto_prefill"].startswith("none ")
+    # prompts on the int4 blocks where the kernel has int16 tiles (AVX512-VNNI), else on float weights
+    from disagg_cli.model.hardware import probe_cpu
+
+    tiles = probe_cpu().has_int16_tiles
+    assert info["quantization_auto_prefill"].startswith("int4 " if tiles else "none ")
+    assert info["dtype_auto_prefill"].startswith("float32 ")  # bf16 prompts part greedy text
     assert len(info["fingerprint"]) == 16

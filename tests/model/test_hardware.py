@@ -31,7 +31,7 @@ def test_dtype_auto_per_cpu_capability(capability: str, flags: frozenset[str], e
 
 
 @pytest.mark.parametrize("role,kernel,expected", [
-    ("prefill", "c", "bfloat16"),  # a prompt's GEMM: torch's native bf16 beat the kernel's float32
+    ("prefill", "c", "float32"),  # bf16 prompts parted greedy text from float32's (81.5 % end to end)
     ("decode", "c", "float32"),  # the fused decode step is float32
     ("colocated", "c", "float32"),
     ("prefill", "torch", "bfloat16"), ("decode", "torch", "bfloat16"), ("colocated", "torch", "bfloat16"),
@@ -88,9 +88,11 @@ def test_runtime_config_validates_and_resolves() -> None:
     assert (resolved.dtype, resolved.quantization, quant.keep_dense) == ("float32", "int4", False)
     assert "AVX2" in dtype_reason and "decode" in quant.reason
     zen4 = CPUInfo("AVX512", frozenset({"avx512_bf16"}))
-    for role, dtype in (("prefill", "bfloat16"), ("decode", "float32")):
+    for role in ("prefill", "decode"):
         resolved, _, _, _ = resolve_runtime(RuntimeConfig(quantization="auto"), role, zen4, "c")
-        assert resolved.dtype == dtype
+        assert resolved.dtype == "float32"
+    resolved, _, _, _ = resolve_runtime(RuntimeConfig(dtype="bfloat16", quantization="auto"), "prefill", zen4, "c")
+    assert resolved.dtype == "bfloat16"  # as asked
     resolved, _, _, _ = resolve_runtime(RuntimeConfig(), "decode", zen4, "torch")  # torch backend: bf16
     assert resolved.dtype == "bfloat16"
 
@@ -127,3 +129,26 @@ def test_quantization_auto_keeps_a_float_checkpoint_float() -> None:
     assert "as the checkpoint stores them" in choose_quantization("auto", "decode", "cpu", "c", zen4, False).reason
     # asked for, int4 is made from float weights all the same
     assert choose_quantization("int4", "decode", "cpu", "c", zen4, stored_quantized=False).quantization == "int4"
+
+
+ZEN4_VNNI = CPUInfo("AVX512", frozenset({"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}))
+
+
+@pytest.mark.parametrize("role,expected", [("prefill", "int4"), ("decode", "int4"), ("colocated", "int4")])
+def test_int16_tiles_keep_only_the_int4_blocks_in_every_role(role: str, expected: str) -> None:
+    """Where the kernel has int16 tiles (AVX512-VNNI) they beat float32 GEMM at prompt sizes with the
+    same greedy text, so no role keeps float copies; without them prefill and colocated do."""
+    assert ZEN4_VNNI.has_int16_tiles
+    choice = choose_quantization("auto", role, "cpu", "c", ZEN4_VNNI)
+    assert (choice.quantization, choice.keep_dense) == (expected, False)
+    no_vnni = CPUInfo("AVX512", frozenset({"avx512f", "avx512bw", "avx512_bf16"}))
+    assert not no_vnni.has_int16_tiles
+    without = choose_quantization("auto", role, "cpu", "c", no_vnni)
+    assert (without.quantization, without.keep_dense) == {
+        "prefill": ("none", False), "decode": ("int4", False), "colocated": ("int4", True)}[role]
+    # a float checkpoint stays float, tiles or not; the torch backend never quantizes by itself
+    assert choose_quantization("auto", role, "cpu", "c", ZEN4_VNNI, stored_quantized=False).quantization == "none"
+    assert choose_quantization("auto", role, "cpu", "torch", ZEN4_VNNI).quantization == "none"
+    # bfloat16 copies, where asked, are still what a colocated worker keeps for wide steps
+    asked = choose_quantization("auto", "colocated", "cpu", "c", ZEN4_VNNI, wide_dtype="bfloat16")
+    assert (asked.keep_dense, asked.wide_dtype) == (True, "bfloat16")

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from disagg_cli.bench.agreement import AGREEMENT_PROMPTS
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.engine.engine import LLMEngine
+from disagg_cli.model import loader
+from disagg_cli.model.hardware import CPUInfo, probe_cpu
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.quant.kernels import Kernel, pack_panels, unpack_panels
 from disagg_cli.model.quant.linear import QuantizedLinear
@@ -87,13 +89,35 @@ def test_float_weights_run_the_gemm_with_torchs_tokens(default_gguf: Path, defau
     assert isinstance(torch_lm.model.model.layers[0].mlp.down_proj, torch.nn.Linear)
     prompts = [default_tokenizer.encode(p) for p in AGREEMENT_PROMPTS[:3]]
     assert _greedy(default_model, prompts, 12) == _greedy(torch_lm, prompts, 12)
-    prefill = load_model(default_gguf, RuntimeConfig(dtype="float32", quantization="auto", threads=2), role="prefill")
+
+
+
+def _without_vnni(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decide as on this CPU without AVX512-VNNI (no int16 tiles): what AVX2 machines and older
+    AVX-512 ones get from `auto`; the kernel that runs is this machine's all the same."""
+    cpu = probe_cpu()
+    monkeypatch.setattr(loader, "probe_cpu", lambda: CPUInfo(cpu.capability, cpu.flags - {"avx512_vnni"}))
+
+
+@pytest.mark.slow
+def test_prefill_auto_takes_int16_tiles_where_the_cpu_has_them_else_the_gemm(
+        default_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = RuntimeConfig(dtype="float32", quantization="auto", threads=2)
+    if probe_cpu().has_int16_tiles:
+        prefill = load_model(default_gguf, runtime, role="prefill")
+        assert prefill.runtime.quantization == "int4" and "int16 tiles" in prefill.quantization_reason
+        gate_up = prefill.model.model.layers[0].mlp.gate_up_proj
+        assert isinstance(gate_up, QuantizedLinear) and "int16 tiles" in gate_up.method.name
+    _without_vnni(monkeypatch)
+    prefill = load_model(default_gguf, runtime, role="prefill")
     assert prefill.runtime.quantization == "none" and "C kernel's GEMM" in prefill.quantization_reason
     assert isinstance(prefill.model.model.layers[0].mlp.gate_up_proj, PanelLinear)
 
 
 @pytest.mark.slow
-def test_colocated_auto_runs_steps_of_many_rows_on_the_gemm(default_gguf: Path) -> None:
+def test_colocated_auto_runs_steps_of_many_rows_on_the_gemm_without_int16_tiles(
+        default_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_vnni(monkeypatch)
     lm = load_model(default_gguf, RuntimeConfig(dtype="float32", quantization="auto", threads=2), role="colocated")
     qkv = lm.model.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, QuantizedLinear) and isinstance(qkv.method, ByRows)
