@@ -102,6 +102,7 @@ class WorkerConnections:
                 if conn.ack is None and conn.hello.done():
                     ack = conn.accept(conn.hello.result())  # a refusal is an error at once
                     self.router.note_capacity(conn.record.address, ack.capacity)
+                    self._follow_role(conn, ack.role, "")  # elastic, switched before we met
             pending = {c.hello for c in self._conns.values() if not c.hello.done()}
             if not pending:
                 break

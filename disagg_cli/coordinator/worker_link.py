@@ -68,13 +68,14 @@ class WorkerLink:
         return f"{self.record.role} worker {self.record.address}"
 
     def accept(self, msg: Message) -> HelloAck:
-        """Take the worker's answer to hello; a refusal, an error or the wrong role raises."""
+        """Take the worker's answer to hello; a refusal, an error or the wrong role raises, unless the
+        worker is elastic (switched in place before this coordinator met it: the caller follows it)."""
         if isinstance(msg, Refuse):
             raise DisaggError(f"{self.name} refused this coordinator: {msg.message} [{msg.reason}]")
         if isinstance(msg, Error):
             raise DisaggError(f"{self.name} answered hello with an error: {msg.message} [{msg.reason}]")
         assert isinstance(msg, HelloAck)
-        if msg.role != self.record.role:
+        if msg.role != self.record.role and "elastic" not in msg.runtime:
             raise DisaggError(f"{self.record.address} is a {msg.role} worker, but was given as a "
                               f"{self.record.role} worker")
         self.ack = msg

@@ -112,8 +112,10 @@ class Worker(Generic[R]):
         e = config.engine
         capacity = WorkerCapacity(self.engine.num_blocks, e.block_size, e.max_num_seqs, e.max_num_batched_tokens,
                                   e.chunked_prefill, e.enable_prefix_caching, torch.get_num_threads())
-        self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity,
-                                    self.lm.describe_runtime())
+        runtime = self.lm.describe_runtime()
+        if config.elastic:  # a coordinator that meets it after a switch takes its role from the hello
+            runtime["elastic"] = "loaded for every role; its role may differ from the one it started in"
+        self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity, runtime)
         if io is None:
             keys = Keys.load(config.keys_dir, config.role) if config.keys_dir else None
             io = WorkerIO(self.ident, config.host, config.port, self.preprocess, self.prepare, keys,

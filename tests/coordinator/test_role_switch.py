@@ -201,6 +201,32 @@ def test_prefill_to_colocated_with_prompts_in_flight_and_back_while_decoding(
           f"{[round(s * 1e3) for s in back.pauses_s]} ms")
 
 
+@pytest.mark.parametrize("cluster", [(elastic(PREFILL), DECODE)], indirect=True)
+def test_a_fresh_coordinator_takes_a_switched_worker_in_the_role_it_has_now(
+        cluster: LocalCluster, default_tokenizer: Tokenizer, expected: dict[str, list[int]]) -> None:
+    """A coordinator restarted after a switch is given the workers' first roles (its flags or file):
+    the elastic worker's hello says what it is now, and it is routed as that, not refused."""
+    e, d = (w.address for w in cluster.workers)
+    outcomes: list[SwitchOutcome] = []
+
+    async def switch_when_done(c: Coordinator, outs: list[RequestOutput], tasks: list[asyncio.Task[None]]) -> None:
+        await asyncio.gather(*tasks)
+        outcomes.append(await c.switch_role(e, "colocated"))
+
+    async def nothing(c: Coordinator, outs: list[RequestOutput], tasks: list[asyncio.Task[None]]) -> None:
+        assert c.router.roles() == {e: "colocated", d: "decode"}  # from the hello, before any heartbeat
+
+    first, _, _ = run(cluster, default_tokenizer, switch_when_done)
+    assert [(o.previous, o.role) for o in outcomes] == [("prefill", "colocated")]
+    assert [w.role for w in cluster.config.workers] == ["prefill", "decode"]  # what a new coordinator is given
+    second, stats, coordinator = run(cluster, default_tokenizer, nothing)
+    for outs in first + second:
+        assert_exact(outs, expected)
+    assert all("prefill" not in o.workers for o in second[0])  # no prefill worker any more
+    assert coordinator.router.roles() == {e: "colocated", d: "decode"}
+    assert_free(stats)
+
+
 @pytest.mark.parametrize("cluster", [(PREFILL, elastic(DECODE), DECODE)], indirect=True)
 @pytest.mark.parametrize(("victim", "moment"), [("target", "reserving"), ("target", "shipping"),
                                                ("source", "reserving")])
