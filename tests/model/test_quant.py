@@ -211,6 +211,47 @@ def test_decode_attention_reads_fragmented_blocks_in_place(kernel: Kernel, lens:
     assert torch.allclose(out, torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd", [64, 16, 24])
+def test_attention_of_prompt_rows_by_tiles_equals_each_row_alone(kernel: Kernel, pool_dtype: torch.dtype,
+                                                                   hd: int) -> None:
+    """A step's rows as the engine sends them: a chunk of 13 rows after 20 cached tokens, a decode
+    row of another sequence, a fresh 7-row prompt and a lone first row. Consecutive rows of one
+    sequence go by tiles (hd a multiple of 16), the rest row by row; every row's output is what
+    SDPA gives over its own keys, within float32 rounding."""
+    g = torch.Generator().manual_seed(hd)
+    heads, kv, bs, num_blocks = 6, 2, 8, 40
+    keys = torch.randn(num_blocks * bs, kv, hd, generator=g).to(pool_dtype)
+    values = torch.randn(num_blocks * bs, kv, hd, generator=g).to(pool_dtype)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    seqs = [(20, 13), (30, 1), (0, 7), (0, 1)]  # (cached, new rows)
+    tables, lens, expected = [], [], []
+    for cached, new in seqs:
+        total = cached + new
+        ids = [order.pop() for _ in range(-(-total // bs))]
+        slots = torch.tensor([ids[t // bs] * bs + t % bs for t in range(total)])
+        k, v = keys[slots].float().transpose(0, 1), values[slots].float().transpose(0, 1)  # (KV, total, hd)
+        for r in range(new):
+            tables.append(ids)
+            lens.append(cached + r + 1)
+    q = torch.randn(len(lens), heads, hd, generator=g)
+    row = 0
+    for cached, new in seqs:
+        total = cached + new
+        ids = tables[row]
+        slots = torch.tensor([ids[t // bs] * bs + t % bs for t in range(total)])
+        k, v = keys[slots].float().transpose(0, 1), values[slots].float().transpose(0, 1)
+        for r in range(new):
+            n = cached + r + 1
+            qi = q[row].view(kv, heads // kv, hd)
+            expected.append(torch.nn.functional.scaled_dot_product_attention(qi, k[:, :n], v[:, :n]).reshape(heads, hd))
+            row += 1
+    width = max(map(len, tables))
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    out = decode_attention(kernel, q, keys, values, table, torch.tensor(lens, dtype=torch.int32), bs)
+    assert torch.allclose(out, torch.stack(expected), atol=2e-5, rtol=1e-5), float((out - torch.stack(expected)).abs().max())
+
+
 def test_wide_dtype_bfloat16_runs_wide_steps_on_bfloat16_copies(tmp_path: Path) -> None:
     from disagg_cli.model.hardware import probe_cpu
 
