@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 from pathlib import Path
 
 from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig
@@ -32,7 +33,7 @@ from disagg_cli.coordinator.router import POLICIES
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
 from disagg_cli.errors import UsageError
 from disagg_cli.protocol import CODEC_NAMES
-from disagg_cli.worker_settings import WorkerSettings
+from disagg_cli.worker_settings import SETTING_NAMES, WorkerSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,9 @@ def build_topology(model: str, start: StartLocal | StartOnRay, runtime: RuntimeC
             pass
         case FromFile(path=path, replicas=replicas):
             config = load_cluster_config(path, default_model=model)
+            given = _given_settings(runtime, engine)
+            if given:
+                config = replace(config, workers=tuple(replace(w, **given) for w in config.workers))
             if kv_codec is not None:
                 config = replace(config, workers=tuple(replace(w, kv_codec=kv_codec) if w.role == "prefill" else w
                                                        for w in config.workers))
@@ -145,6 +149,15 @@ def _base_spec(runtime: RuntimeConfig, engine: EngineConfig, kv_codec: str | Non
     return WorkerSpec.from_settings("prefill", WorkerSettings(
         **{f.name: getattr(runtime, f.name) for f in fields(runtime)},
         **{f.name: getattr(engine, f.name) for f in fields(engine)}, kv_codec=kv_codec, elastic=elastic))
+
+
+def _given_settings(runtime: RuntimeConfig, engine: EngineConfig) -> dict[str, Any]:
+    """The worker settings the flags moved off their defaults: on a `--config` file's workers they win
+    over the file, as a command line wins over a config file in vLLM's `--config` and most servers
+    (`--no-enable-prefix-caching` with a file was ignored without a word). A flag left at its default
+    leaves the file's value."""
+    flags, defaults = _base_spec(runtime, engine, None), WorkerSpec.from_settings("prefill", WorkerSettings())
+    return {name: getattr(flags, name) for name in SETTING_NAMES if getattr(flags, name) != getattr(defaults, name)}
 
 
 def _resized(config: ClusterConfig, replicas: Replicas) -> ClusterConfig:

@@ -176,3 +176,22 @@ def test_serve_options_take_a_topology_whole() -> None:
                           kv_codec="int8") is given
     on_ray = build_topology("m", StartOnRay(Given(given), "auto"), RuntimeConfig(), EngineConfig())
     assert (on_ray.backend, on_ray.workers) == ("ray", given.workers)
+
+
+def test_flags_given_beside_a_config_file_win_over_it_and_defaults_leave_it() -> None:
+    """`serve --config 2p1d.toml --no-enable-prefix-caching`: every worker of the file runs without the
+    cache (the flag was ignored without a word before); flags left at their defaults keep the file's
+    values (its float32, one thread, 8,192 tokens of pool)."""
+    from disagg_cli.config import EngineConfig, RuntimeConfig
+    from disagg_cli.coordinator.options import build_topology
+    from disagg_cli.coordinator.placement import placement_from_flags
+
+    start = placement_from_flags(config=CONFIGS / "2p1d.toml")
+    as_filed = build_topology("m", start, RuntimeConfig(), EngineConfig())
+    assert as_filed == load_cluster_config(CONFIGS / "2p1d.toml", default_model="m")
+    assert all((w.dtype, w.threads, w.kv_cache_tokens, w.enable_prefix_caching) == ("float32", 1, 8192, True)
+               for w in as_filed.workers)
+    flagged = build_topology("m", start, RuntimeConfig(quantization="int8"), EngineConfig(enable_prefix_caching=False))
+    assert [w.role for w in flagged.workers] == [w.role for w in as_filed.workers]
+    assert all((w.dtype, w.threads, w.kv_cache_tokens, w.enable_prefix_caching, w.quantization) ==
+               ("float32", 1, 8192, False, "int8") for w in flagged.workers)
