@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from disagg_cli import ui
+from disagg_cli import timing_table, ui
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
 from disagg_cli.coordinator.options import ServeOptions
 from disagg_cli.coordinator.placement import InProcess
@@ -220,7 +220,7 @@ async def _serve(service: CoordinatorService, prompts: list[str], prompt_ids: li
                     printer.end(stream.out)
                 printer.flush()
 
-        with ui.live_table(requests, enabled=ui.is_interactive() and not opts.json_output) as table:
+        with timing_table.live_table(requests, enabled=ui.is_interactive() and not opts.json_output) as table:
             def show_workers() -> None:  # the service's latest heartbeat answers
                 table.workers = {w.address: (w.role, w.stats) for w in service.workers()}
                 table.planner = service.planner.reasons() if service.planner is not None else {}
@@ -247,9 +247,9 @@ async def _serve(service: CoordinatorService, prompts: list[str], prompt_ids: li
     if not opts.json_output:
         if ui.is_interactive():
             if len(requests) > 1:
-                ui.err_console.print(ui.summary_table(requests))
+                ui.err_console.print(timing_table.summary_table(requests))
         else:
-            for line in ui.plain_summary_lines(requests):
+            for line in timing_table.plain_summary_lines(requests):
                 sys.stderr.write(line + "\n")
     return requests
 

@@ -1,4 +1,4 @@
-"""Summary statistics shared by the live table (`ui.py`) and the benchmarks (`bench/metrics.py`)."""
+"""Summary statistics shared by the live table (`timing_table.py`) and the benchmarks (`bench/metrics.py`)."""
 
 from __future__ import annotations
 

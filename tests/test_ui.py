@@ -17,14 +17,14 @@ from disagg_cli.config import SamplingParams
 from disagg_cli.engine.request import RequestOutput, Timings
 from disagg_cli.model.tokenizer import Tokenizer, load_tokenizer
 from disagg_cli.stats import percentile
-from disagg_cli.ui import (
-    human_bytes,
+from disagg_cli.timing_table import (
     live_table,
     plain_summary_lines,
     request_table,
     summarize,
     summary_table,
 )
+from disagg_cli.ui import human_bytes
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_stdout_not_redirected_by_default_when_it_is_not_a_terminal(run: list[Re
 
 
 def test_worker_rows_show_queues_and_free_blocks() -> None:
-    from disagg_cli.ui import worker_table
+    from disagg_cli.timing_table import worker_table
 
     console = Console(record=True, width=200)
     console.print(worker_table({
@@ -249,7 +249,7 @@ def test_worker_rows_show_queues_and_free_blocks() -> None:
 
 
 def test_worker_rows_show_why_the_planner_gave_each_its_role() -> None:
-    from disagg_cli.ui import worker_table
+    from disagg_cli.timing_table import worker_table
 
     console = Console(record=True, width=200)
     workers: dict[str, tuple[str, dict[str, float]]] = {"tcp://127.0.0.1:7200": ("colocated", {"running": 5.0}),

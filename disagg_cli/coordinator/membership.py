@@ -4,7 +4,8 @@
 state), the `Router` whose records say who is alive (changed only through the router's methods),
 and a reader task per socket that routes each reply by request id to that request's queue
 (`open_queue`); its settings are `CoordinatorConfig` (`options.py`). The `Coordinator`
-(`coordinator.py`) holds one and drives requests over it. Life of a worker's link:
+(`coordinator.py`) holds one and drives requests over it. Steps 2-4, who is alive, are
+`Liveness`'s (`liveness.py`), a part of `WorkerConnections`. Life of a worker's link:
 1. `connect`: `Hello` to every worker, all answers awaited (a worker still loading its weights just
    answers later); fingerprints must agree;
 2. a heartbeat every second; the answers carry the worker's queues and free KV blocks, which the
@@ -21,17 +22,15 @@ and a reader task per socket that routes each reply by request id to that reques
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
-from typing import cast
 
 import zmq
 import zmq.asyncio
 
 from disagg_cli.coordinator.channels import SwitchChannels
+from disagg_cli.coordinator.liveness import Liveness
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.router import Router, WorkerRecord
 from disagg_cli.coordinator.timeouts import wait_within
@@ -56,7 +55,7 @@ _SEND_LINGER_MS = 500  # on close, how long queued messages (aborts) may still g
 JOIN_GRACE_S = 5.0  # for workers started elsewhere: how long connect() waits for stragglers
 
 
-class WorkerConnections:
+class WorkerConnections(Liveness):
     """Connections to a set of workers; see the module docstring for their life."""
 
     def __init__(self, workers: list[tuple[str, str]], eos_ids: frozenset[int],
@@ -165,10 +164,6 @@ class WorkerConnections:
     def capacity(self, address: str) -> dict[str, int]:
         ack = self._conns[address].ack
         return ack.capacity.as_dict() if ack else {}
-
-    @property
-    def model_fingerprint(self) -> str | None:
-        return next((c.ack.model_fingerprint for c in self._conns.values() if c.ack), None)
 
     async def poll_stats(self, timeout_s: float = 5.0) -> dict[str, dict[str, float]]:
         """Fresh heartbeat stats of every live worker, by address (a beat sent now, answered)."""
@@ -279,92 +274,3 @@ class WorkerConnections:
             log.debug("%s: %s for unknown request %r", conn.name, msg.kind, rid)
             return
         queue.put_nowait((conn, msg))
-
-    async def _beat(self) -> None:
-        timeout = self.config.worker_timeout_s
-        while True:
-            await asyncio.sleep(self.config.heartbeat_interval_s)
-            now = time.monotonic()
-            for conn in self._conns.values():
-                if not conn.record.is_alive:
-                    # A restarted worker at the same address knows nobody: greet it again.
-                    with contextlib.suppress(RequestFailed):
-                        await self.send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
-                    continue
-                if self._probe is not None and self._probe(conn.record.address):
-                    self._mark_dead(conn, f"{conn.name}'s process is gone")
-                    continue
-                if now - conn.last_seen_s > timeout and cast(int, conn.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                    conn.last_seen_s = now  # answers wait unread: this loop was late, not the worker
-                if now - conn.last_seen_s > timeout:
-                    self._mark_dead(conn, f"{conn.name} sent nothing for {now - conn.last_seen_s:.0f} s "
-                                          f"(--worker-timeout {timeout:g} s); it is taken as dead")
-                    continue
-                conn.seq += 1
-                # A beat that cannot go out is left to the silence check above.
-                with contextlib.suppress(RequestFailed):
-                    await self.send(conn, Heartbeat(conn.seq))
-
-    def _follow_role(self, conn: WorkerLink, role: str, switching_to: str) -> None:
-        """Take the worker's word on its role, unless a switch of ours is under way (it knows)."""
-        was, address = conn.name, conn.record.address
-        if not self.channels.switching(address) and self.router.follow(address, role, switching_to):
-            log.warning("%s says it is a %s worker%s; routing by that", was, role,
-                        f", switching to {switching_to}" if switching_to else "")
-            if conn.ack is not None:
-                conn.ack = replace(conn.ack, role=role)
-            self._alive_changed.set()
-
-    def _rejoin(self, conn: WorkerLink, ack: HelloAck) -> None:
-        expected = self.model_fingerprint
-        if expected and ack.model_fingerprint != expected:
-            log.warning("%s came back as a %s worker of model %s; not routing to it", conn.name, ack.role,
-                        ack.model_fingerprint)
-            return
-        self._follow_role(conn, ack.role, "")  # an elastic worker restarts in its configured role
-        conn.ack = ack
-        conn.rehello = False
-        conn.last_seen_s = time.monotonic()
-        self.router.mark_alive(conn.record.address)
-        self._alive_changed.set()
-        log.warning("%s is back and takes requests again", conn.name)
-
-    def note_switch(self, address: str, role: str | None) -> None:
-        """A worker's role switch ended (None: it failed): route by its new role, and wake requests
-        waiting for a worker."""
-        self.router.end_switch(address, role)
-        conn = self._conns.get(address)
-        if role is not None and conn is not None and conn.ack is not None:
-            conn.ack = replace(conn.ack, role=role)
-        self._alive_changed.set()
-
-    async def wait_for_worker(self, role: str, deadline: float) -> None:
-        """Return once a worker of `role` is routable; raise `NoWorkerError` at `deadline` (monotonic),
-        and `RequestFailed("draining")` (retried, routed anew) when no worker has that role any more
-        (they switched roles)."""
-        while not any(w.routable for w in self.router.by_role(role)):
-            if not self.router.by_role(role):
-                raise RequestFailed("draining", f"no worker is a {role} worker any more (roles switched)")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.router.pick(role)  # raises NoWorkerError naming the role and the known workers
-            self._alive_changed.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await wait_within(self._alive_changed.wait(), min(left, 1.0))
-
-    def _restarted(self, conn: WorkerLink) -> None:
-        """The worker answered as if it never met us: it restarted faster than the heartbeat noticed.
-        What it held is gone; fail those requests over (they retry) and greet it again."""
-        if conn.rehello:
-            return
-        conn.rehello = True
-        self._mark_dead(conn, f"{conn.name} restarted and lost its requests")
-        conn.sock.send_multipart(encode_message(Hello(PROTOCOL_VERSION, "coordinator", "")))
-
-    def _mark_dead(self, conn: WorkerLink, reason: str) -> None:
-        log.warning("%s", reason)
-        self.router.mark_dead(conn.record.address)
-        for rid in conn.request_ids:
-            if rid in self._queues:
-                self._queues[rid].put_nowait((conn, WorkerGone(reason)))
-        self.channels.lose(conn, reason)

@@ -3,7 +3,8 @@
 It owns, for its whole life, the workers it started (or the addresses it was given), the
 `Coordinator` that talks to them and the tokenizer (never the weights). Front ends (the HTTP
 server, `generate`, `bench serve`) call `tokenize`, `submit` and `abort`, and read `health()`,
-`counts()` and `workers()`; none tokenizes, checks limits or starts clusters itself.
+`counts()` and `workers()` (`service_health.py`); none tokenizes, checks limits or starts clusters
+itself.
 
 Life of the service:
 1. `prepare()` (also done by `start()`): make the topology to start, resolve the model, load its
@@ -46,8 +47,8 @@ from disagg_cli.coordinator.refusals import (
     OverloadedError,
     QueueFullError,
     UnavailableError,
-    WorkerView,
 )
+from disagg_cli.coordinator.service_health import ServiceHealth
 from disagg_cli.coordinator.stream import RequestStream, StreamingOutput
 from disagg_cli.coordinator.topology import ClusterConfig
 from disagg_cli.errors import ContextLengthError, DisaggError, UsageError
@@ -61,11 +62,10 @@ if TYPE_CHECKING:
     from disagg_cli.coordinator.planner_loop import PlannerLoop
     from disagg_cli.coordinator.ray_cluster import RayCluster
 
-WAITING_STATES = ("queued", "reserving")  # not yet past the decode worker's memory check
 DRAIN_TIMEOUT_S = 60.0
 
 
-class CoordinatorService:
+class CoordinatorService(ServiceHealth):
     """See the module docstring. `async with CoordinatorService(config) as service: …`"""
 
     def __init__(self, config: ServiceConfig) -> None:
@@ -290,36 +290,7 @@ class CoordinatorService:
         """Call `listener` with every request's output once it has ended, however it ended."""
         self._listeners.append(listener)
 
-    # --- what health, metrics and the live table read ----------------------------------------------
-
-    def counts(self) -> dict[str, int]:
-        outs = [out for out, _ in self.in_flight.values()]
-        waiting = sum(out.state in WAITING_STATES for out in outs)
-        return {"waiting": waiting, "running": len(outs) - waiting}
-
-    def workers(self) -> list[WorkerView]:
-        if self.coordinator is None:
-            return []
-        return [WorkerView(w.role, w.address, w.is_alive, dict(w.stats)) for w in self.coordinator.router.workers]
-
-    def health(self) -> tuple[bool, str]:
-        """(healthy, why): unhealthy while draining or while a needed role has no live worker."""
-        if self.draining:
-            return False, "draining"
-        views = self.workers()
-        if not views:
-            return False, "not connected to any worker"
-        dead = _dead_roles(views)
-        if dead:
-            return False, "no live " + " or ".join(dead) + " worker"
-        return True, "ok"
-
-    def _will_recover(self) -> bool:
-        """Every role without a live worker has one that supervision is starting again: a new request
-        waits for it, as the ones in flight do, instead of a 503."""
-        dead = _dead_roles(self.workers())
-        return (bool(dead) and not self.draining and self.cluster is not None
-                and set(dead) <= self.cluster.returning_roles())
+    # --- what health, metrics and the live table read (the rest: `service_health.py`) --------------
 
     async def kv_blocks(self, timeout_s: float = 5.0) -> dict[str, tuple[int, int]]:
         """(free, total) KV blocks per live worker, freshly asked for, once all are free or at
@@ -344,13 +315,3 @@ class CoordinatorService:
         if self.coordinator is None:
             raise DisaggError("the service is not connected to its workers")
         return self.coordinator
-
-
-def _dead_roles(views: list[WorkerView]) -> list[str]:
-    """The roles the service needs that have no live worker among `views`. A colocated worker does
-    both phases, so one among prefill and decode workers (the planner made it so) stands for either."""
-    roles = {v.role for v in views}
-    if roles == {"colocated"}:
-        return [] if any(v.is_alive for v in views) else ["colocated"]
-    able = {"prefill": ("prefill", "colocated"), "decode": ("decode", "colocated")}
-    return [role for role, who in able.items() if not any(v.is_alive for v in views if v.role in who)]

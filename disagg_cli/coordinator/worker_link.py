@@ -5,7 +5,7 @@ answer (`accept` checks it, `same_model` checks all of them agree; `check_fits` 
 request could fit its KV pool), heartbeat counters, the ids of the requests it holds and its
 reader task. When it is taken as dead, each of its requests gets `WorkerGone`; an attempt at a
 request that cannot go on raises `RequestFailed` with the reason code the retry policy reads. The
-set of links, their handshake and liveness are `membership.py`'s.
+set of links and their handshake are `membership.py`'s, their liveness `liveness.py`'s.
 """
 
 from __future__ import annotations

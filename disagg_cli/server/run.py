@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from disagg_cli import ui
+from disagg_cli import timing_table, ui
 from disagg_cli.coordinator.service import CoordinatorService, ServiceConfig
 from disagg_cli.errors import UsageError
 from disagg_cli.server.app import ServerConfig, create_app
@@ -121,7 +121,7 @@ async def _serve(service_config: ServiceConfig, config: ServerConfig, sock: sock
 async def _live_table(service: CoordinatorService, serving: asyncio.Task[None]) -> None:
     """Workers and the requests in flight, redrawn until the server stops."""
     requests: list[RequestOutput] = []  # the table holds this list; refilled in place
-    with ui.live_table(requests, enabled=True, redirect_stdout=False) as table:
+    with timing_table.live_table(requests, enabled=True, redirect_stdout=False) as table:
         while not serving.done():
             requests[:] = [out for out, _ in list(service.in_flight.values())]
             table.workers = {w.address: (w.role, w.stats) for w in service.workers()}

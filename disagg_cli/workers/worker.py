@@ -12,7 +12,8 @@
    reason "shutdown", free all blocks, stop the I/O thread, exit 0.
 
 Nothing a request does can end the loop. Each message's fields are checked before the role sees
-it (`workers/checks.py`): a bad one is refused with `Error(reason="bad-field")` naming the field.
+it (`workers/checks.py`; how messages reach the role: `workers/intake.py`): a bad one is refused
+with `Error(reason="bad-field")` naming the field.
 An exception while the role handles a message fails the request that message belongs to; one in
 an engine step fails the request the engine blames it on (its sampling), or else every request
 of that step; one while answering a step's event fails that event's request. A failed request's
@@ -22,7 +23,6 @@ worker logs it and serves the others.
 
 from __future__ import annotations
 
-import queue
 import time
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -35,27 +35,18 @@ from disagg_cli.keys import Keys
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.registry import resolve_model
 from disagg_cli.protocol import (
-    Abort,
     Error,
-    Generate,
     KVLayout,
     Message,
-    MoveOut,
-    Prefill,
-    Reserve,
-    SwitchRole,
-    WireError,
     WorkerCapacity,
     WorkerStats,
 )
-from disagg_cli.workers.base import CoordinatorGone, Dest, WorkerIdentity, WorkerIO, log
-from disagg_cli.workers.checks import Limits, check_message
+from disagg_cli.workers.base import Dest, WorkerIdentity, WorkerIO, log
+from disagg_cli.workers.checks import Limits
+from disagg_cli.workers.intake import MessageIntake
 from disagg_cli.workers.kv_out import KVSender
 from disagg_cli.workers.stop import StopFlag
 from disagg_cli.workers.switch import RoleCarry, RoleSwitch
-
-# Messages that start a request: refusing one must not touch a request of the same id already here.
-_STARTS = (Prefill, Reserve, Generate)
 
 
 @dataclass
@@ -68,7 +59,7 @@ class WorkerRequest:
 R = TypeVar("R", bound=WorkerRequest)
 
 
-class Worker(Generic[R]):
+class Worker(MessageIntake, Generic[R]):
     """A role's engine loop. `requests` holds one record per request in flight here, by id: made
     by the role when the request arrives, changed only on the engine thread, and dropped when the
     request ends here (finished, handed on) or by `abort`, which also frees its blocks."""
@@ -211,53 +202,6 @@ class Worker(Generic[R]):
     def step(self) -> list[TokenEvent]:
         return self.engine.step()
 
-    def _drain(self, block: bool) -> None:
-        try:
-            item = self.io.inbox.get(timeout=0.2) if block else self.io.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            dest, msg = item
-            try:
-                if isinstance(msg, Abort):
-                    self.abort(msg.request_id, notify=False)
-                elif isinstance(msg, CoordinatorGone):
-                    self._abort_orphans(msg)
-                elif (self.stop.count or self.switch) and isinstance(msg, _STARTS):
-                    why = "is shutting down" if self.stop.count or self.switch is None else \
-                        f"is switching to {self.switch.role}"
-                    self.io.send(dest, Error(msg.request_id, "draining", f"{self.config.role} worker {self.address} "
-                                                                         f"{why}"))
-                else:
-                    check_message(self.limits, msg)
-                    if isinstance(msg, SwitchRole | MoveOut):
-                        self._switch_message(dest, msg)
-                    else:
-                        self.handle(dest, msg)
-            except WireError as e:
-                self._refuse(dest, msg, e.reason, e.detail)
-            except Exception as e:  # a bug or a value no check foresaw: this request's, not the loop's
-                self._refuse(dest, msg, "internal-error", f"{type(e).__name__}: {e}", broke=True)
-            try:
-                item = self.io.inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _switch_message(self, dest: Dest, msg: SwitchRole | MoveOut) -> None:
-        if isinstance(msg, MoveOut):
-            if self.switch is None:
-                self.io.send(dest, Error(msg.request_id, "unknown", f"{self.address} is not switching roles"))
-            else:
-                self.switch.move_out(dest, msg)
-            return
-        switch = RoleSwitch(self, dest, msg)
-        refused = switch.refusal(self.switch, bool(self.stop.count))
-        if refused or msg.role == self.config.role:
-            self.io.send(dest, switch.answer(refused))
-            return
-        self.switch = switch
-        self.begin_switch()
-
     def announce(self) -> None:
         """The new role is up: tell the coordinator that asked for it (`RoleSwitched`)."""
         if self._resumed is None:
@@ -267,24 +211,6 @@ class Worker(Generic[R]):
             self.adopt(rid, owner)
         self._publish_stats()
         self._resumed.switch.announce()
-
-    def _refuse(self, dest: Dest, msg: Any, reason: str, text: str, broke: bool = False) -> None:
-        """Fail the request `msg` belongs to, or answer its sender when none lives here; `broke`: the
-        message raised half-way, so whatever it set up for its request is undone too."""
-        rid = getattr(msg, "request_id", None)
-        rid = rid if isinstance(rid, str) else None
-        log(self.config.role, f"refused {getattr(msg, 'kind', type(msg).__name__)} of request {rid!r:.60}: "
-                              f"{text:.300} [{reason}]")
-        if isinstance(msg, Error):
-            return  # answering an error with one could ping-pong between two workers forever
-        mine = rid is not None and rid in self.requests and (broke or not isinstance(msg, _STARTS))
-        if rid is not None and mine:
-            self.abort(rid, notify=True, reason=reason, message=text)
-            return
-        if rid is not None and broke:
-            self.abort(rid, notify=False)
-        if dest[0] == "router":  # a peer connected to us; events of our own links have no one to tell
-            self.io.send(dest, Error(rid, reason, text))
 
     def _step(self) -> None:
         """One engine step and its events, each failure confined to the requests it belongs to."""
@@ -307,15 +233,6 @@ class Worker(Generic[R]):
                 log(self.config.role, f"request {ev.request_id} failed: {why}")
                 self.abort(ev.request_id, notify=True, reason="internal-error",
                            message=f"{self.config.role} worker: {why}")
-
-    def _abort_orphans(self, gone: CoordinatorGone) -> None:
-        """Abort the requests of a coordinator that went silent (killed, cut off, hung)."""
-        orphans = [rid for rid, r in self.requests.items() if r.owner == ("router", gone.who)]
-        if orphans:
-            log(self.config.role, f"a coordinator was silent for over {self.config.client_timeout_s:g} s; "
-                                  f"aborting its {len(orphans)} request(s)")
-        for rid in orphans:
-            self.abort(rid, notify=False)
 
     def abort(self, request_id: str, notify: bool, reason: str = "abort", message: str = "") -> None:
         """Stop a request here and free its blocks; tell its coordinator when it did not ask."""

@@ -141,7 +141,7 @@ def test_recent_requests_leave_the_window() -> None:
 
 def test_health_counts_a_colocated_worker_for_both_phases() -> None:
     from disagg_cli.coordinator.refusals import WorkerView
-    from disagg_cli.coordinator.service import _dead_roles
+    from disagg_cli.coordinator.service_health import _dead_roles
 
     def views(*given: tuple[str, bool]) -> list[WorkerView]:
         return [WorkerView(role, f"tcp://h:{i}", alive, {}) for i, (role, alive) in enumerate(given)]
