@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from disagg_cli.errors import UsageError
-from disagg_cli.protocol.names import WORKER_ROLES
+from disagg_cli.protocol.names import CAN_DECODE, CAN_PREFILL, WORKER_ROLES
 
 PLANNERS = ("off", "slo")
 ADMISSIONS = ("off", "slo")
@@ -41,8 +41,6 @@ FALLBACK_PREFILL_TOK_S = 700.0
 FALLBACK_DECODE_STEP_MS = 20.0
 STEP_FIXED_SHARE = 0.3  # of a decode step, the part that does not grow with the batch (reading weights)
 BACKED_UP = 0.5  # a phase is backed up when its prediction is past this share of its target
-CAN_PREFILL = ("prefill", "colocated")
-CAN_DECODE = ("decode", "colocated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +260,7 @@ class Planner:
     def _more_prefill(self, snap: Snapshot, ttft: float, state: str) -> tuple[tuple[str, str] | None, str]:
         c, ws = self.config, snap.workers
         for w in sorted((w for w in ws if w.role == "decode"), key=lambda w: w.running_decodes):
-            found = _first_helping(snap, w, ("prefill", "colocated"),
+            found = _first_helping(snap, w, CAN_PREFILL,
                                    lambda ttft_after, tpot_after: ttft_after < ttft and tpot_after <= c.slo_tpot_ms)
             if found is not None:
                 new_role, ttft_after, tpot_after = found
@@ -277,7 +275,7 @@ class Planner:
         givers = sorted((w for w in ws if w.role in CAN_PREFILL), key=lambda w: (w.role != "colocated",
                                                                                   w.queued_prefill_tokens))
         for w in givers:
-            found = _first_helping(snap, w, ("decode", "colocated"),
+            found = _first_helping(snap, w, CAN_DECODE,
                                    lambda ttft_after, tpot_after: tpot_after < tpot and ttft_after <= c.slo_ttft_ms)
             if found is not None:
                 new_role, ttft_after, tpot_after = found

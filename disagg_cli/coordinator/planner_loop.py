@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from disagg_cli.coordinator.planner import (
-    CAN_DECODE,
     Plan,
     Planner,
     PlannerConfig,
@@ -38,6 +37,7 @@ from disagg_cli.coordinator.router import Router
 from disagg_cli.coordinator.timeouts import wait_within
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.errors import DisaggError
+from disagg_cli.protocol.names import CAN_DECODE
 
 log = logging.getLogger(__name__)
 PENDING_STATES = ("queued", "reserving")  # not yet at any worker that computes prompts

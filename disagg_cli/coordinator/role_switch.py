@@ -46,9 +46,9 @@ from disagg_cli.protocol import (
     RoleSwitched,
     SwitchRole,
 )
+from disagg_cli.protocol.names import CAN_DECODE
 
 log = logging.getLogger(__name__)
-DECODES = ("decode", "colocated")  # the roles a moved request can decode on
 SWITCH_TIMEOUT_S = 300.0  # SwitchRole → RoleSwitched: the worker finishes what cannot move within this
 _POLL_S = 0.002  # how often a move looks for its request's next token
 
@@ -112,7 +112,7 @@ async def switch_role(coordinator: Coordinator, address: str, role: str) -> Swit
     if role == previous:
         return SwitchOutcome(address, previous, role, 0, 0, 0, 0, 0.0, 0.0, 0.0)
     source = conns.link(address)
-    takers = [w for w in router.workers if w.role in DECODES and w.routable and w.address != address]
+    takers = [w for w in router.workers if w.role in CAN_DECODE and w.routable and w.address != address]
     move = role == "prefill" and bool(takers)
     router.begin_switch(address)
     control = conns.channels.open_control(address)

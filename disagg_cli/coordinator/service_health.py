@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from disagg_cli.coordinator.refusals import WorkerView
 from disagg_cli.coordinator.stream import StreamingOutput
+from disagg_cli.protocol.names import CAN_DECODE, CAN_PREFILL
 
 if TYPE_CHECKING:
     from disagg_cli.coordinator.cluster import LocalCluster
@@ -67,5 +68,5 @@ def _dead_roles(views: list[WorkerView]) -> list[str]:
     roles = {v.role for v in views}
     if roles == {"colocated"}:
         return [] if any(v.is_alive for v in views) else ["colocated"]
-    able = {"prefill": ("prefill", "colocated"), "decode": ("decode", "colocated")}
+    able = {"prefill": CAN_PREFILL, "decode": CAN_DECODE}
     return [role for role, who in able.items() if not any(v.is_alive for v in views if v.role in who)]

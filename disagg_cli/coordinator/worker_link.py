@@ -21,6 +21,7 @@ from disagg_cli.coordinator.router import WorkerRecord
 from disagg_cli.errors import DisaggError
 from disagg_cli.kv.pool import pool_misfit
 from disagg_cli.protocol import Error, HelloAck, Message, Refuse
+from disagg_cli.protocol.names import ELASTIC_RUNTIME_KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +76,7 @@ class WorkerLink:
         if isinstance(msg, Error):
             raise DisaggError(f"{self.name} answered hello with an error: {msg.message} [{msg.reason}]")
         assert isinstance(msg, HelloAck)
-        if msg.role != self.record.role and "elastic" not in msg.runtime:
+        if msg.role != self.record.role and ELASTIC_RUNTIME_KEY not in msg.runtime:
             raise DisaggError(f"{self.record.address} is a {msg.role} worker, but was given as a "
                               f"{self.record.role} worker")
         self.ack = msg

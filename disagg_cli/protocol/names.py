@@ -9,6 +9,12 @@ from disagg_cli.config import DTYPE_BYTES as DTYPE_BYTES
 # Who speaks on the wire (`Hello.role`): the three worker roles, and coordinators.
 WORKER_ROLES = ("prefill", "decode", "colocated")
 PEER_ROLES = ("coordinator", *WORKER_ROLES)
+# The roles that compute prompts, and those that decode (a colocated worker does both).
+CAN_PREFILL = ("prefill", "colocated")
+CAN_DECODE = ("decode", "colocated")
+# The `HelloAck.runtime` key an elastic worker (`--elastic`) sets: its role may differ from the one
+# it was started in, and a coordinator meeting it routes it by the role its hello says.
+ELASTIC_RUNTIME_KEY = "elastic"
 
 # The KV codecs, by the name `KVMeta.codec` and `--kv-codec` spell them, in the order `disagg bench
 # codec` reports them (`kv/registry.py` maps each to its class).

@@ -41,6 +41,7 @@ from disagg_cli.protocol import (
     WorkerCapacity,
     WorkerStats,
 )
+from disagg_cli.protocol.names import ELASTIC_RUNTIME_KEY
 from disagg_cli.workers.base import Dest, WorkerIdentity, WorkerIO, log
 from disagg_cli.workers.checks import Limits
 from disagg_cli.workers.intake import MessageIntake
@@ -105,7 +106,7 @@ class Worker(MessageIntake, Generic[R]):
                                   e.chunked_prefill, e.enable_prefix_caching, torch.get_num_threads())
         runtime = self.lm.describe_runtime()
         if config.elastic:  # a coordinator that meets it after a switch takes its role from the hello
-            runtime["elastic"] = "loaded for every role; its role may differ from the one it started in"
+            runtime[ELASTIC_RUNTIME_KEY] = "loaded for every role; its role may differ from the one it started in"
         self.ident = WorkerIdentity(config.role, self.address, self.lm.fingerprint, layout, capacity, runtime)
         if io is None:
             keys = Keys.load(config.keys_dir, config.role) if config.keys_dir else None
