@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from disagg_cli.config import Deadlines, EngineConfig, RuntimeConfig
 from disagg_cli.coordinator.placement import (

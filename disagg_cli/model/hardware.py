@@ -49,7 +49,7 @@ class CPUInfo:
     @property
     def has_int16_tiles(self) -> bool:
         """The C kernel multiplies int4 weights by int16 activations here at twice its float32 rate."""
-        return _INT16_TILE_FLAGS <= self.flags
+        return self.flags >= _INT16_TILE_FLAGS
 
 
 @dataclass(frozen=True, slots=True)

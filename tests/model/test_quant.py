@@ -229,8 +229,6 @@ def test_attention_of_prompt_rows_by_tiles_equals_each_row_alone(kernel: Kernel,
     for cached, new in seqs:
         total = cached + new
         ids = [order.pop() for _ in range(-(-total // bs))]
-        slots = torch.tensor([ids[t // bs] * bs + t % bs for t in range(total)])
-        k, v = keys[slots].float().transpose(0, 1), values[slots].float().transpose(0, 1)  # (KV, total, hd)
         for r in range(new):
             tables.append(ids)
             lens.append(cached + r + 1)
@@ -240,7 +238,7 @@ def test_attention_of_prompt_rows_by_tiles_equals_each_row_alone(kernel: Kernel,
         total = cached + new
         ids = tables[row]
         slots = torch.tensor([ids[t // bs] * bs + t % bs for t in range(total)])
-        k, v = keys[slots].float().transpose(0, 1), values[slots].float().transpose(0, 1)
+        k, v = keys[slots].float().transpose(0, 1), values[slots].float().transpose(0, 1)  # (KV, total, hd)
         for r in range(new):
             n = cached + r + 1
             qi = q[row].view(kv, heads // kv, hd)
@@ -249,7 +247,8 @@ def test_attention_of_prompt_rows_by_tiles_equals_each_row_alone(kernel: Kernel,
     width = max(map(len, tables))
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     out = decode_attention(kernel, q, keys, values, table, torch.tensor(lens, dtype=torch.int32), bs)
-    assert torch.allclose(out, torch.stack(expected), atol=2e-5, rtol=1e-5), float((out - torch.stack(expected)).abs().max())
+    want = torch.stack(expected)
+    assert torch.allclose(out, want, atol=2e-5, rtol=1e-5), float((out - want).abs().max())
 
 
 def test_wide_dtype_bfloat16_runs_wide_steps_on_bfloat16_copies(tmp_path: Path) -> None:

@@ -1682,11 +1682,7 @@ static void q16_item(void *arg, int p) {
     const dq_weight *w = j->w;
     const int nb = w->nb;
     const size_t need = (size_t)nb * QK * QPANEL_NR;
-    if (q16_wcap < need) {
-        int16_t *grown = (int16_t *)realloc(q16_wbuf, need * sizeof(int16_t));
-        if (!grown) abort();  /* 48 KB at K = 1536 */
-        q16_wbuf = grown, q16_wcap = need;
-    }
+    if (q16_wcap < need) q16_wbuf = (int16_t *)grow(q16_wbuf, need * sizeof(int16_t)), q16_wcap = need;  /* 48 KB at K = 1536 */
     const uint8_t *pp = w->pdata + (int64_t)p * nb * w->pblock_bytes;
     if (w->kind == 4) widen_qpanel16(4, pp, nb, w->pblock_bytes, q16_wbuf);
     else widen_qpanel16(8, pp, nb, w->pblock_bytes, q16_wbuf);
