@@ -156,6 +156,7 @@ class EngineConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     chunked_prefill: bool = True
+    max_step_ms: float = 0.0  # with decodes in a step, prompt chunks cut to end it by then; 0: no bound
     enable_prefix_caching: bool = True  # full blocks kept after their request, shared by equal prefixes
 
     def __post_init__(self) -> None:
@@ -170,6 +171,8 @@ class EngineConfig:
             raise UsageError(f"--max-num-seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise UsageError(f"--max-num-batched-tokens must be at least 1, got {self.max_num_batched_tokens}")
+        if not (self.max_step_ms >= 0 and math.isfinite(self.max_step_ms)):
+            raise UsageError(f"--max-step-ms must be 0 (no bound) or a positive number, got {self.max_step_ms}")
 
     def num_blocks(self, kv_bytes_per_token: int) -> int:
         if self.kv_cache_tokens is not None:

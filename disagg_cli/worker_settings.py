@@ -45,6 +45,7 @@ class WorkerSettings:
     max_num_seqs: int = _ENGINE.max_num_seqs
     max_num_batched_tokens: int = _ENGINE.max_num_batched_tokens
     chunked_prefill: bool = _ENGINE.chunked_prefill
+    max_step_ms: float = _ENGINE.max_step_ms
     enable_prefix_caching: bool = _ENGINE.enable_prefix_caching
     kv_codec: str | None = None  # None: the prefill worker's own default (auto), or the topology file's
     elastic: bool = False  # may change role in place (`SwitchRole`): loads what every role needs
@@ -63,7 +64,7 @@ class WorkerSettings:
         return EngineConfig(block_size=self.block_size, kv_cache_tokens=self.kv_cache_tokens,
                             kv_cache_memory_mb=self.kv_cache_memory_mb, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens, chunked_prefill=self.chunked_prefill,
-                            enable_prefix_caching=self.enable_prefix_caching)
+                            max_step_ms=self.max_step_ms, enable_prefix_caching=self.enable_prefix_caching)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +112,10 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
     Setting("max_num_batched_tokens", "Token budget of one engine step.", KV_PANEL),
     Setting("chunked_prefill", "Split long prompts into chunks that share steps with decodes.", KV_PANEL,
             roles=("colocated",)),
+    Setting("max_step_ms", "With requests decoding, cut prompt chunks so a step ends within this many ms (from the "
+                           "measured prefill speed; at least 32 tokens a step): their TPOT stays near it while prompts "
+                           "share the steps. 0: only --max-num-batched-tokens bounds a chunk (with --planner slo, "
+                           "0 becomes 0.8x --slo-tpot-ms).", KV_PANEL),
     Setting("enable_prefix_caching", "Keep full KV blocks after their request and reuse them for prompts that "
                                      "start with the same tokens.", KV_PANEL,
             flags=("--enable-prefix-caching/--no-enable-prefix-caching",)),

@@ -37,7 +37,13 @@ from disagg_cli.config import SamplingParams
 from disagg_cli.coordinator.options import CoordinatorConfig, ServeOptions
 from disagg_cli.coordinator.placement import Given, StartLocal
 from disagg_cli.coordinator.service import CoordinatorService, ServiceConfig
-from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
+from disagg_cli.coordinator.topology import (
+    ClusterConfig,
+    WorkerSpec,
+    for_planner,
+    load_cluster_config,
+    local_topology,
+)
 from disagg_cli.errors import DisaggError, UsageError
 
 if TYPE_CHECKING:
@@ -93,9 +99,8 @@ def service_config(cluster_config: ClusterConfig, opts: ServeBenchOptions) -> Se
     """The service of one mode: `cluster_config` started here, with the benchmark's coordinator settings."""
     coordinator = CoordinatorConfig(policy=opts.router, worker_timeout_s=opts.worker_timeout_s,
                                     deadlines=opts.deadlines, disagg_threshold=opts.disagg_threshold)
-    if opts.planner.is_on:  # the planner switches roles in place: workers that load for every role
-        workers = tuple(replace(w, elastic=True) for w in cluster_config.workers)
-        cluster_config = replace(cluster_config, workers=workers)
+    if opts.planner.is_on:
+        cluster_config = for_planner(cluster_config, opts.planner.max_step_ms)
     serve = ServeOptions(StartLocal(Given(cluster_config)), coordinator, planner=opts.planner)
     # A request sent while a killed worker restarts waits for it, as a client of a cluster would.
     return ServiceConfig(opts.model, opts.cache_dir, serve=serve, tokenizer=opts.tokenizer, wait_for_workers=True)

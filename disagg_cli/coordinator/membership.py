@@ -161,7 +161,7 @@ class WorkerConnections(Liveness):
         self._conns[record.address] = conn
         await self.send(conn, Hello(PROTOCOL_VERSION, "coordinator", ""))
 
-    def capacity(self, address: str) -> dict[str, int]:
+    def capacity(self, address: str) -> dict[str, float]:
         ack = self._conns[address].ack
         return ack.capacity.as_dict() if ack else {}
 

@@ -30,7 +30,13 @@ from disagg_cli.coordinator.placement import (
 )
 from disagg_cli.coordinator.planner import PlannerConfig
 from disagg_cli.coordinator.router import POLICIES
-from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config, local_topology
+from disagg_cli.coordinator.topology import (
+    ClusterConfig,
+    WorkerSpec,
+    for_planner,
+    load_cluster_config,
+    local_topology,
+)
 from disagg_cli.errors import UsageError
 from disagg_cli.protocol import CODEC_NAMES
 from disagg_cli.worker_settings import SETTING_NAMES, WorkerSettings
@@ -106,7 +112,9 @@ class ServiceConfig:
             case StartLocal() | StartOnRay() as start:
                 # a planner switches roles in place: its workers load for every role
                 topology = build_topology(self.model, start, self.runtime, self.engine, self.serve.kv_codec,
-                                          self.serve.elastic or self.serve.planner.is_on)
+                                          self.serve.elastic)
+                if self.serve.planner.is_on:
+                    topology = for_planner(topology, self.serve.planner.max_step_ms)
                 if topology.backend != "ray" and start.keys_dir is not None:
                     raise UsageError("--keys is for workers started elsewhere or on Ray (--ray); the workers "
                                      "started here listen on 127.0.0.1")

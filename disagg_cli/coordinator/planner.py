@@ -7,8 +7,11 @@ applies the `Plan`'s changes with the coordinator's `switch_role`.
 The rule, per tick:
 1. predict TTFT as the prompt tokens waiting to be computed over the prefill capacity (the sum of
    the measured prefill tok/s of the workers able to prefill; a colocated worker that is decoding
-   gives half of it), and TPOT as the slowest decode-capable worker's step time at its batch (a
-   colocated worker with prompts to compute takes twice as long per token);
+   gives the share of its steps its prompt chunks take), and TPOT as the slowest decode-capable
+   worker's step time at its batch (at least one decode each while prompts wait: they will decode).
+   A colocated worker with prompts waiting fills each step with prompt chunks up to its
+   `max_step_ms` (the planner gives its workers 0.8 × the TPOT target where they were given none),
+   or, without that bound, is taken to spend as long on prompts as on its decodes;
 2. a target is missed when its prediction is over it, or recent requests' median is over it while
    that phase still has work;
 3. one worker: it must be colocated. Otherwise, with TTFT missed and TPOT not, the decode worker
@@ -29,6 +32,7 @@ import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from disagg_cli.engine.step_speed import MIN_CHUNK_TOKENS
 from disagg_cli.errors import UsageError
 from disagg_cli.protocol.names import CAN_DECODE, CAN_PREFILL, WORKER_ROLES
 
@@ -41,6 +45,9 @@ FALLBACK_PREFILL_TOK_S = 700.0
 FALLBACK_DECODE_STEP_MS = 20.0
 STEP_FIXED_SHARE = 0.3  # of a decode step, the part that does not grow with the batch (reading weights)
 BACKED_UP = 0.5  # a phase is backed up when its prediction is past this share of its target
+# A worker the planner runs cuts prompt chunks to end a step that decodes within this share of the
+# TPOT target (unless its --max-step-ms says otherwise): room for the steps that run long.
+STEP_SHARE_OF_TPOT = 0.8
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +80,11 @@ class PlannerConfig:
     def is_on(self) -> bool:
         return self.mode != "off"
 
+    @property
+    def max_step_ms(self) -> float:
+        """The step bound of the workers it runs that were given none."""
+        return STEP_SHARE_OF_TPOT * self.slo_tpot_ms
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerSnapshot:
@@ -86,6 +98,7 @@ class WorkerSnapshot:
     prefill_tokens_per_s: float = 0.0  # measured (heartbeat); 0: not yet
     decode_step_ms: float = 0.0  # measured (heartbeat); 0: not yet
     threads: int = 1
+    max_step_ms: float = 0.0  # its hello's: while decoding, prompt chunks are cut to end a step by then; 0: not
 
     def __post_init__(self) -> None:
         assert self.role in WORKER_ROLES, self.role
@@ -137,12 +150,31 @@ def _step_ms(w: WorkerSnapshot, ws: tuple[WorkerSnapshot, ...]) -> tuple[float, 
     return min(measured) if measured else (FALLBACK_DECODE_STEP_MS, 1)
 
 
+def _at_batch(w: WorkerSnapshot, ws: tuple[WorkerSnapshot, ...], batch: float) -> float:
+    """Its decode step ms at `batch` running decodes (a step grows with its batch past a fixed part)."""
+    step_ms, measured_at = _step_ms(w, ws)
+    return step_ms * (STEP_FIXED_SHARE + (1 - STEP_FIXED_SHARE) * batch / measured_at)
+
+
+def colocated_step(w: WorkerSnapshot, ws: tuple[WorkerSnapshot, ...], decode_ms: float) -> tuple[float, float]:
+    """(step ms, share of it spent on prompts) of a colocated worker whose decodes take `decode_ms` a
+    step while prompts wait: its chunks fill the step to its `max_step_ms` (at least MIN_CHUNK_TOKENS);
+    a worker without that bound is taken to give prompts as long as its decodes."""
+    rate = _prefill_rate(w, ws)
+    bounded = max(w.max_step_ms - decode_ms, MIN_CHUNK_TOKENS / rate * 1e3)
+    prompt_ms = bounded if w.max_step_ms > 0 else decode_ms
+    return decode_ms + prompt_ms, prompt_ms / (decode_ms + prompt_ms)
+
+
 def prefill_capacity(ws: tuple[WorkerSnapshot, ...]) -> float:
-    """Prompt tokens per second the live workers able to prefill compute together."""
+    """Prompt tokens per second the live workers able to prefill compute together (a colocated
+    worker that decodes gives its steps' prompt share)."""
     total = 0.0
     for w in ws:
         if w.is_alive and w.role in CAN_PREFILL:
-            share = 0.5 if w.role == "colocated" and w.running_decodes else 1.0
+            share = 1.0
+            if w.role == "colocated" and w.running_decodes:
+                share = colocated_step(w, ws, _at_batch(w, ws, w.running_decodes))[1]
             total += _prefill_rate(w, ws) * share
     return total
 
@@ -162,22 +194,23 @@ def predict_ttft_ms(snap: Snapshot, ws: tuple[WorkerSnapshot, ...] | None = None
 
 
 def predict_tpot_ms(snap: Snapshot, ws: tuple[WorkerSnapshot, ...] | None = None) -> float:
-    """The slowest decode-capable worker's time per token once the running decodes are spread
-    evenly over the workers of `ws` able to decode (a step grows with its batch past a fixed part)."""
+    """The slowest decode-capable worker's time per token once the running decodes (at least one
+    each while prompts wait: they will decode) are spread evenly over the workers of `ws` able to
+    decode; a colocated worker's steps carry prompt chunks while prompts wait (`colocated_step`)."""
     ws = snap.workers if ws is None else ws
     decoders = [w for w in ws if w.is_alive and w.role in CAN_DECODE]
     if not decoders:
         return float("inf")
     running = sum(w.running_decodes for w in snap.workers if w.is_alive)
-    if running == 0:
+    prompts_wait = queued_tokens(snap) > 0
+    if running == 0 and not prompts_wait:
         return 0.0
-    batch = running / len(decoders)
+    batch = max(running / len(decoders), 1.0 if prompts_wait else 0.0)
     worst = 0.0
     for w in decoders:
-        step_ms, measured_at = _step_ms(w, ws)
-        step = step_ms * (STEP_FIXED_SHARE + (1 - STEP_FIXED_SHARE) * batch / measured_at)
-        if w.role == "colocated" and queued_tokens(snap) > 0:
-            step *= 2  # prompt chunks share its steps
+        step = _at_batch(w, ws, batch)
+        if w.role == "colocated" and prompts_wait:
+            step = colocated_step(w, ws, step)[0]
         worst = max(worst, step)
     return worst
 

@@ -117,7 +117,7 @@ class PlannerLoop:
                 w.address, w.role, w.is_alive, w.queued_tokens + here[w.address],
                 s.running if s is not None and w.role in CAN_DECODE else 0,
                 s.prefill_tokens_per_s if s is not None else 0.0, s.decode_step_ms if s is not None else 0.0,
-                s.threads if s is not None else 1))
+                s.threads if s is not None else 1, w.max_step_ms))
         return Snapshot(now, tuple(workers), pending,
                         tuple(x for _, x, _ in self._recent if x is not None),
                         tuple(x for _, _, x in self._recent if x is not None))

@@ -127,6 +127,7 @@ class WorkerRecord:
     is_alive: bool = True
     prefix: PrefixView = field(default_factory=PrefixView)  # what its prefix cache holds, as we think
     queued_tokens: int = 0  # prompt tokens routed here to compute whose first token has not come
+    max_step_ms: float = 0.0  # its hello's: the step time it cuts prompt chunks to while decoding; 0: none
     switching: bool = False  # changing role (`coordinator/role_switch.py`): alive, but takes no new request
 
     @property
@@ -221,9 +222,12 @@ class Router:
         self.get(address).last_stats = stats
 
     def note_capacity(self, address: str, capacity: WorkerCapacity) -> None:
-        """The worker's hello answer: what its prefix cache can hold (nothing with caching off)."""
-        self.get(address).prefix = PrefixView(capacity.block_size if capacity.block_size > 0 else 16,
-                                              capacity.num_blocks if capacity.prefix_caching else 0)
+        """The worker's hello answer: what its prefix cache can hold (nothing with caching off), and
+        how long it lets a step that decodes run."""
+        record = self.get(address)
+        record.prefix = PrefixView(capacity.block_size if capacity.block_size > 0 else 16,
+                                   capacity.num_blocks if capacity.prefix_caching else 0)
+        record.max_step_ms = capacity.max_step_ms
 
     def queue_prefill(self, record: WorkerRecord, prompt_ids: Sequence[int]) -> int:
         """A prompt sent to prefill worker `record`: count the tokens it has yet to compute (those

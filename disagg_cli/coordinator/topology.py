@@ -64,6 +64,7 @@ class WorkerSpec:
     max_num_seqs: int = DEFAULTS["max_num_seqs"]
     max_num_batched_tokens: int = DEFAULTS["max_num_batched_tokens"]
     chunked_prefill: bool = DEFAULTS["chunked_prefill"]
+    max_step_ms: float = DEFAULTS["max_step_ms"]
     enable_prefix_caching: bool = DEFAULTS["enable_prefix_caching"]
     elastic: bool = DEFAULTS["elastic"]  # the coordinator may switch its role in place
     # Ray placement (ignored by local clusters): logical CPUs and GPUs the actor takes, None:
@@ -187,13 +188,21 @@ def local_topology(model: str, base: WorkerSpec, num_prefill: int = 1, num_decod
     return ClusterConfig(model, (replace(base, role="prefill"),) * num_prefill + (decode,) * num_decode)
 
 
+def for_planner(config: ClusterConfig, max_step_ms: float) -> ClusterConfig:
+    """Its workers as a planner needs them: elastic (they load for every role), and, where no bound was
+    given, cutting prompt chunks to end a step that decodes within `max_step_ms` (a planner that makes
+    a worker colocated counts on its decodes keeping their TPOT)."""
+    return replace(config, workers=tuple(replace(w, elastic=True, max_step_ms=w.max_step_ms or max_step_ms)
+                                         for w in config.workers))
+
+
 _SPEC_FIELDS = {f.name for f in fields(WorkerSpec)}
 _TYPES: dict[str, tuple[type, ...]] = {
     "role": (str,), "host": (str,), "port": (int,), "device": (str,), "dtype": (str,),
     "quantization": (str,), "threads": (int,), "kernel": (str,), "wide_dtype": (str,), "kv_cache_dtype": (str,),
     "cpus": (list,), "kv_codec": (str,), "block_size": (int,), "kv_cache_tokens": (int,),
     "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "kv_cache_memory_mb": (int, float),
-    "chunked_prefill": (bool,), "enable_prefix_caching": (bool,), "elastic": (bool,),
+    "chunked_prefill": (bool,), "max_step_ms": (int, float), "enable_prefix_caching": (bool,), "elastic": (bool,),
     "num_cpus": (int, float), "num_gpus": (int, float), "resources": (dict,),
 }
 _CLUSTER_TYPES: dict[str, type] = {"backend": str, "address": str}

@@ -28,6 +28,7 @@ from disagg_cli.config import EngineConfig, SamplingParams
 from disagg_cli.engine.logprobs import TokenLogprobs
 from disagg_cli.engine.runner import LayerHook, ModelRunner
 from disagg_cli.engine.scheduler import Scheduler, Sequence
+from disagg_cli.engine.step_speed import StepSpeed
 from disagg_cli.kv.pool import BlockPool, pool_misfit
 from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.quant.kernels import argmax_rows
@@ -63,6 +64,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.samplers: dict[str, Sampler] = {}
         self.last_step = StepStats()
+        self.speed = StepSpeed()  # measured as it steps; bounds the prompt chunks of steps that decode
         self.failures: list[tuple[str, str]] = []  # (request id, why) failed in steps, for take_failures
         self.step_request_ids: list[str] = []  # whom the current (or last) step scheduled
 
@@ -222,7 +224,7 @@ class LLMEngine:
     def step(self, on_layer: LayerHook | None = None) -> list[TokenEvent]:
         t0 = time.perf_counter()
         self.step_request_ids = []
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule(self.speed.prompt_budget(self.config.max_step_ms))
         self.step_request_ids = [item.seq.request_id for item in out.scheduled]
         if not out.scheduled:
             self.last_step = StepStats(num_preempted=len(out.preempted))
@@ -271,6 +273,7 @@ class LLMEngine:
                 events.append(TokenEvent(seq.request_id, token, reason, logprobs))
         stats.elapsed_ms = (time.perf_counter() - t0) * 1e3
         self.last_step = stats
+        self.speed.observe(stats.num_prefill_tokens, stats.num_decode_seqs, stats.elapsed_ms)
         return events
 
     def fail(self, request_id: str, why: str) -> None:

@@ -98,14 +98,26 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, prompt_budget: int | None = None) -> SchedulerOutput:
+        """This step's batch. `prompt_budget`: with chunked prefill, the most prompt tokens a step
+        that decodes may take (the engine's `max_step_ms`); None: only the token budget limits them."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        prompt_left = budget
+        if prompt_budget is not None and self.chunked_prefill and any(
+                s.num_tokens - s.num_computed_tokens == 1 for s in self.running):
+            prompt_left = min(budget, prompt_budget)
         # 1. running sequences, oldest first
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n > 1:  # the next chunk of a prompt
+                n = min(n, prompt_left)
+                if n < 1:
+                    i += 1
+                    continue
+                prompt_left -= n
             while self.pool.num_new_blocks(seq.request_id, n) > self.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -117,17 +129,23 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n))
             budget -= n
             i += 1
-        # 2. waiting sequences, in arrival order
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
-            seq = self.waiting[0]
+        # 2. waiting sequences, in arrival order; once the prompt budget is spent, only those that join
+        # as decodes (their KV imported) go past the prompts
+        k = 0
+        while k < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[k]
             imported = seq.request_id in self.pool.tables  # its KV arrived into reserved blocks
+            is_prompt = not imported or seq.num_tokens - seq.num_computed_tokens > 1
+            if is_prompt and prompt_left < 1:
+                k += 1
+                continue
             prefix: list[int] = []
             if not imported:
                 prefix = self.pool.match_prefix(seq.token_ids, (seq.num_tokens - 1) // self.pool.block_size)
             start = seq.num_computed_tokens if imported else len(prefix) * self.pool.block_size
             remaining = seq.num_tokens - start
             if self.chunked_prefill:
-                n = min(remaining, budget)
+                n = min(remaining, budget, prompt_left) if is_prompt else min(remaining, budget)
             elif remaining <= budget or not out.scheduled:
                 n = remaining  # a prompt longer than the budget runs whole, alone
             else:
@@ -137,7 +155,9 @@ class Scheduler:
                     break
             elif not self.pool.can_allocate(seq.num_tokens, prefix):
                 break  # backpressure: wait for blocks for the whole prompt, never over-commit
-            self.waiting.popleft()
+            del self.waiting[k]
+            if is_prompt:
+                prompt_left -= n
             if imported:
                 self.pool.commit(seq.request_id)
             else:

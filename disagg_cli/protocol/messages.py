@@ -30,7 +30,8 @@ from disagg_cli.protocol.stats import RequestStats, WorkerCapacity, WorkerStats
 # 6: elastic roles: `SwitchRole` changes a worker's role in place, `Parked` lists the decoding
 #    requests it holds for moving, `MoveOut` ships one with its KV to another decode worker,
 #    `RoleSwitched` says the switch is done; `WorkerStats.role` is the worker's role now.
-PROTOCOL_VERSION = 6
+# 7: `WorkerCapacity.max_step_ms`, the step time a worker cuts prompt chunks to while it decodes.
+PROTOCOL_VERSION = 7
 
 # Anything exposing the buffer protocol: bytes, memoryview, numpy arrays, zmq.Frame.
 Frame = Any

@@ -56,10 +56,11 @@ class WorkerCapacity:
     chunked_prefill: bool
     prefix_caching: bool
     threads: int  # torch threads of its engine
+    max_step_ms: float = 0.0  # with decodes running, prompt chunks are cut to end a step by then; 0: no bound
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         """name → value, for display and JSON."""
-        return {f.name: int(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: float(v) if isinstance(v := getattr(self, f.name), float) else int(v) for f in fields(self)}
 
 
 @dataclass(frozen=True, slots=True)

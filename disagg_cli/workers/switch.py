@@ -58,8 +58,7 @@ class RoleCarry:
         worker.limits = Limits.of(self.lm)
         worker.address = self.ident.address
         worker.ident = replace(self.ident, role=worker.config.role)  # same instance: peers keep what they know
-        worker.requests = {}
-        worker.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0}
+        worker.requests = {}  # the engine's measured speeds stay: the worker computes as fast in any role
 
 
 @dataclass

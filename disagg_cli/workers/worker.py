@@ -30,7 +30,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from disagg_cli.config import WorkerConfig
-from disagg_cli.engine.engine import LLMEngine, StepStats, TokenEvent
+from disagg_cli.engine.engine import LLMEngine, TokenEvent
 from disagg_cli.keys import Keys
 from disagg_cli.model.loader import LoadedModel, load_model
 from disagg_cli.model.registry import resolve_model
@@ -103,7 +103,8 @@ class Worker(MessageIntake, Generic[R]):
         layout = KVLayout(c.num_layers, c.num_kv_heads, c.head_dim, lr.kv_cache_dtype, config.engine.block_size)
         e = config.engine
         capacity = WorkerCapacity(self.engine.num_blocks, e.block_size, e.max_num_seqs, e.max_num_batched_tokens,
-                                  e.chunked_prefill, e.enable_prefix_caching, torch.get_num_threads())
+                                  e.chunked_prefill, e.enable_prefix_caching, torch.get_num_threads(),
+                                  e.max_step_ms)
         runtime = self.lm.describe_runtime()
         if config.elastic:  # a coordinator that meets it after a switch takes its role from the hello
             runtime[ELASTIC_RUNTIME_KEY] = "loaded for every role; its role may differ from the one it started in"
@@ -114,8 +115,6 @@ class Worker(MessageIntake, Generic[R]):
                           config.client_timeout_s)
         self.io = io
         self.requests: dict[str, R] = {}
-        # Measured speeds (moving averages) for `--disagg-threshold auto`, sent in heartbeats.
-        self.speed = {"prefill_tokens_per_s": 0.0, "decode_step_ms": 0.0}
 
     def carry(self) -> RoleCarry:
         """What the next role takes over, once `serve` returned from a finished switch."""
@@ -189,7 +188,6 @@ class Worker(MessageIntake, Generic[R]):
             self._drain(block=not busy)
             if self.engine.has_unfinished():
                 self._step()
-                self._measure(self.engine.last_step)
                 self._publish_stats()
             if self.switch is not None and not self.stop.count and self.switch.tick(self.io.flush):
                 return 0  # the host builds the new role on `carry()`
@@ -244,25 +242,12 @@ class Worker(MessageIntake, Generic[R]):
         if notify and req is not None:
             self.io.send(req.owner, Error(request_id, reason, message or f"{self.config.role} worker: {reason}"))
 
-    def _measure(self, step: StepStats) -> None:
-        """Fold one step into the speed averages: prefill-heavy steps give tokens/s, decode-only
-        steps the step time."""
-        if step.elapsed_ms <= 0:
-            return
-        if step.num_prefill_tokens >= 16:
-            key, value = "prefill_tokens_per_s", step.num_prefill_tokens / step.elapsed_ms * 1e3
-        elif step.num_decode_seqs and not step.num_prefill_tokens:
-            key, value = "decode_step_ms", step.elapsed_ms
-        else:
-            return
-        old = self.speed[key]
-        self.speed[key] = value if old == 0 else 0.8 * old + 0.2 * value
-
     def _publish_stats(self) -> None:
         cache = {k: int(v) for k, v in self.engine.cache_stats().items()}
         self.io.publish_stats(WorkerStats(
             **self.engine.pool_stats(), time_unix_s=time.time(), **cache,
-            prefill_tokens_per_s=self.speed["prefill_tokens_per_s"], decode_step_ms=self.speed["decode_step_ms"],
+            prefill_tokens_per_s=self.engine.speed.prefill_tokens_per_s,
+            decode_step_ms=self.engine.speed.decode_step_ms,
             threads=self.ident.capacity.threads, greeted_peers=0,  # the I/O thread counts its peers
             role=self.config.role, switching_to=self.switch.role if self.switch is not None else "",
             **self.extra_stats()))

@@ -23,7 +23,7 @@ from tests.tiny_models import random_weights, write_gguf
 # A value other than the default for every setting a WorkerSpec hands on (placement aside).
 NON_DEFAULT = {"host": "127.0.0.2", "port": 7123, "device": "cuda", "dtype": "bfloat16", "quantization": "int8",
                "threads": 3, "kv_codec": "int8", "block_size": 8, "kv_cache_tokens": 64, "kv_cache_memory_mb": 7.5,
-               "max_num_seqs": 5, "max_num_batched_tokens": 99, "chunked_prefill": False,
+               "max_num_seqs": 5, "max_num_batched_tokens": 99, "chunked_prefill": False, "max_step_ms": 60.0,
                "enable_prefix_caching": False, "kernel": "torch", "wide_dtype": "bfloat16",
                "kv_cache_dtype": "float16", "elastic": True}
 
@@ -47,7 +47,8 @@ def test_worker_config_round_trips_as_json() -> None:
     again = WorkerConfig.from_json(made.to_json())
     assert again == made
     assert again.engine == EngineConfig(block_size=8, kv_cache_tokens=64, kv_cache_memory_mb=7.5, max_num_seqs=5,
-                                        max_num_batched_tokens=99, chunked_prefill=False, enable_prefix_caching=False)
+                                        max_num_batched_tokens=99, chunked_prefill=False, max_step_ms=60.0,
+                                        enable_prefix_caching=False)
     assert again.runtime == RuntimeConfig(device="cuda", dtype="bfloat16", threads=3, quantization="int8",
                                           kernel="torch", wide_dtype="bfloat16", kv_cache_dtype="float16")
     # The child's command line carries that JSON, not a flag list rebuilt field by field.
@@ -84,7 +85,7 @@ def test_started_workers_report_what_they_were_given(tmp_path: Path) -> None:
     specs = (WorkerSpec("prefill", kv_cache_tokens=96, block_size=8, max_num_seqs=3, max_num_batched_tokens=50,
                         chunked_prefill=False, threads=1, kv_codec="none"),
              WorkerSpec("decode", kv_cache_memory_mb=0.25, block_size=4, max_num_seqs=7, threads=1,
-                        enable_prefix_caching=False))
+                        enable_prefix_caching=False, max_step_ms=40))
 
     async def hellos(cluster: LocalCluster) -> list[dict[str, int]]:
         async with Coordinator(cluster.addresses(), frozenset({2})) as coordinator:
@@ -103,11 +104,11 @@ def test_started_workers_report_what_they_were_given(tmp_path: Path) -> None:
             assert [affinities(w.process.pid) for w in cluster.workers] == [{p} for p in placed]
             assert all(placed) and (len(os.sched_getaffinity(0)) < 2 or placed[0] != placed[1])
     assert prefill == {"num_blocks": 12, "block_size": 8, "max_num_seqs": 3, "max_num_batched_tokens": 50,
-                       "chunked_prefill": 0, "prefix_caching": 1, "threads": 1}
+                       "chunked_prefill": 0, "prefix_caching": 1, "threads": 1, "max_step_ms": 0.0}
     tiny_kv_bytes_per_token = 2 * 2 * 2 * 16 * 4  # layers x kv heads x head dim of tests/tiny_models.TINY, f32
     assert decode["num_blocks"] == int(0.25 * 2**20) // (tiny_kv_bytes_per_token * 4)
-    assert (decode["block_size"], decode["max_num_seqs"], decode["chunked_prefill"], decode["prefix_caching"]) \
-        == (4, 7, 1, 0)  # chunked prefill on by default
+    assert (decode["block_size"], decode["max_num_seqs"], decode["chunked_prefill"], decode["prefix_caching"],
+            decode["max_step_ms"]) == (4, 7, 1, 0, 40.0)  # chunked prefill on by default
 
 
 @pytest.mark.slow

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from disagg_cli.coordinator.planner import (
@@ -11,6 +13,7 @@ from disagg_cli.coordinator.planner import (
     Snapshot,
     WorkerSnapshot,
     admit,
+    colocated_step,
     predict_tpot_ms,
     predict_ttft_ms,
     prefill_capacity,
@@ -47,6 +50,27 @@ def test_predictions() -> None:
     col = snap(WorkerSnapshot(C, "colocated", running_decodes=1))
     assert prefill_capacity(col.workers) == FALLBACK_PREFILL_TOK_S / 2
     assert predict_ttft_ms(snap(prefill(), decode())) == 0.0 and predict_tpot_ms(snap(prefill(), decode())) == 0.0
+
+
+def test_a_colocated_worker_with_a_step_bound_gives_prompts_what_its_decodes_leave() -> None:
+    bounded = WorkerSnapshot(C, "colocated", running_decodes=4, decode_step_ms=20, prefill_tokens_per_s=1000,
+                             max_step_ms=80)
+    assert colocated_step(bounded, (bounded,), 20.0) == (80.0, 0.75)
+    assert prefill_capacity((bounded,)) == 750  # 60 ms of every 80 on prompts
+    assert predict_tpot_ms(snap(bounded)) == 20  # nothing waits: decodes alone
+    assert predict_tpot_ms(snap(bounded, pending_prompt_tokens=500)) == 80
+    tight = replace(bounded, max_step_ms=30)  # 10 ms left: a chunk is still 32 tokens, 32 ms
+    assert colocated_step(tight, (tight,), 20.0) == (52.0, 32 / 52)
+
+
+def test_decode_becomes_colocated_only_where_its_step_bound_keeps_tpot() -> None:
+    # Prompts waiting will decode: with no decodes yet, TPOT is predicted at a batch of one.
+    for bound, switches in ((120.0, False), (45.0, True)):
+        d = WorkerSnapshot(D, "decode", decode_step_ms=10, max_step_ms=bound)
+        plan = Planner(AT_ONCE).tick(snap(prefill(queued=3000), d))
+        assert [c.new_role for c in plan.changes] == (["colocated"] if switches else []), plan.reasons
+        if not switches:
+            assert "no decode worker can give up decoding without missing TPOT" in plan.reasons[D]
 
 
 def test_targets_met_change_nothing() -> None:

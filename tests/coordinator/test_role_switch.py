@@ -145,17 +145,19 @@ def test_switches_move_decoding_requests_with_their_kv_and_change_nothing(
         assert_exact(outs, expected)
     assert all(o.workers["decode"] == e2 for o in rounds[0])
     to_decode, to_prefill, to_colocated, back, to_taker = outcomes
-    assert (to_decode.previous, to_decode.role, to_decode.moved) == ("prefill", "decode", 0)
+    assert (to_decode.previous, to_decode.role, to_decode.moved) == ("prefill", "decode", 0), to_decode
     assert (to_prefill.previous, to_prefill.role, to_prefill.moved, to_prefill.failed_over) == \
-        ("decode", "prefill", 4, 0)
+        ("decode", "prefill", 4, 0), to_prefill
     assert 0 < to_prefill.max_pause_s < 10, to_prefill
-    assert (to_colocated.role, to_colocated.kept, to_colocated.moved, to_colocated.finished) == ("colocated", 4, 0, 0)
-    assert (back.role, back.moved, back.finished) == ("decode", 0, 0)
-    assert (to_taker.role, to_taker.moved, to_taker.failed_over) == ("prefill", 2, 0)
-    assert sum(o.workers.get("colocated") == e2 for o in rounds[1]) == 2  # served whole there
-    assert sum(o.workers.get("decode") == e2 for o in rounds[1]) == 2  # moved there
+    assert (to_colocated.role, to_colocated.kept, to_colocated.moved, to_colocated.finished) == \
+        ("colocated", 4, 0, 0), to_colocated
+    assert (back.role, back.moved, back.finished) == ("decode", 0, 0), back
+    assert (to_taker.role, to_taker.moved, to_taker.failed_over) == ("prefill", 2, 0), to_taker
+    served = [o.workers for o in rounds[1]]
+    assert sum(w.get("colocated") == e2 for w in served) == 2, served  # served whole there
+    assert sum(w.get("decode") == e2 for w in served) == 2, served  # moved there
     assert coordinator.switches.counts == {("prefill", "decode"): 2, ("decode", "prefill"): 2,
-                                           ("decode", "colocated"): 1}
+                                           ("decode", "colocated"): 1}, coordinator.switches.counts
     assert_free(stats)
     print(f"\nprefill→decode {to_decode.elapsed_s * 1e3:.0f} ms (worker {to_decode.worker_ms:.0f} ms); "
           f"decode→prefill {to_prefill.elapsed_s * 1e3:.0f} ms (worker {to_prefill.worker_ms:.0f} ms), 4 moved, "

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from disagg_cli.coordinator.planner import PlannerConfig
 from disagg_cli.coordinator.topology import (
     ClusterConfig,
     TopologyError,
     WorkerSpec,
+    for_planner,
     load_cluster_config,
     local_topology,
 )
@@ -195,3 +197,11 @@ def test_flags_given_beside_a_config_file_win_over_it_and_defaults_leave_it() ->
     assert [w.role for w in flagged.workers] == [w.role for w in as_filed.workers]
     assert all((w.dtype, w.threads, w.kv_cache_tokens, w.enable_prefix_caching, w.quantization) ==
                ("float32", 1, 8192, False, "int8") for w in flagged.workers)
+
+
+def test_a_planner_makes_its_workers_elastic_with_a_step_bound_from_the_tpot_target() -> None:
+    config = ClusterConfig("m", (WorkerSpec("prefill"), WorkerSpec("decode", max_step_ms=30.0)))
+    planner = PlannerConfig(mode="slo", slo_tpot_ms=50.0)
+    got = for_planner(config, planner.max_step_ms)
+    assert [(w.role, w.elastic, w.max_step_ms) for w in got.workers] == [("prefill", True, 40.0),
+                                                                         ("decode", True, 30.0)]  # given: kept

@@ -11,9 +11,9 @@ def seq(rid: str, prompt_len: int, max_tokens: int = 8) -> Sequence:
     return Sequence(rid, list(range(prompt_len)), prompt_len, SamplingParams(max_tokens=max_tokens))
 
 
-def run_step(s: Scheduler) -> list[tuple[str, int]]:
+def run_step(s: Scheduler, prompt_budget: int | None = None) -> list[tuple[str, int]]:
     """Schedule, then pretend the model ran: every sequence that samples gets one token."""
-    out = s.schedule()
+    out = s.schedule(prompt_budget)
     for item in out.scheduled:
         samples = item.samples
         item.seq.num_computed_tokens += item.num_new_tokens
@@ -50,6 +50,35 @@ def test_long_prompt_runs_alone_without_chunking_and_in_chunks_with_it() -> None
     assert run_step(c) == [("long", 16)]
     assert run_step(c) == [("long", 8), ("short", 4)]  # last chunk samples; the rest of the budget admits
     assert c.running[0].num_output_tokens == 1
+
+
+def test_prompt_budget_cuts_chunks_only_in_steps_that_decode() -> None:
+    s = Scheduler(BlockPool(64, 4), max_num_seqs=8, max_num_batched_tokens=64, chunked_prefill=True)
+    s.add(seq("a", 8))
+    assert run_step(s, prompt_budget=5) == [("a", 8)]  # nothing decodes yet: the whole budget
+    s.add(seq("long", 30))
+    s.add(seq("b", 4))
+    assert run_step(s, prompt_budget=5) == [("a", 1), ("long", 5)]  # b waits behind long's chunk
+    assert run_step(s, prompt_budget=12) == [("a", 1), ("long", 12)]  # the running chunk first
+    assert run_step(s) == [("a", 1), ("long", 13), ("b", 4)]  # no bound: the token budget alone
+    assert [x.num_output_tokens for x in s.running] == [4, 1, 1]
+
+
+def test_prompt_budget_lets_imported_decodes_pass_the_prompts_it_holds_back() -> None:
+    pool = BlockPool(64, 4)
+    s = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=64, chunked_prefill=True)
+    s.add(seq("a", 4))
+    s.add(seq("p", 20))
+    assert run_step(s, prompt_budget=6) == [("a", 4), ("p", 20)]  # nothing decodes yet
+    s.add(seq("q", 20))
+    s.add(seq("r", 20))
+    assert run_step(s, prompt_budget=6) == [("a", 1), ("p", 1), ("q", 6)]
+    # a request moved here with its KV (reserved, now arrived) waits behind r, a prompt
+    pool.reserve("m", 8)
+    s.waiting.append(Sequence("m", list(range(9)), 8, SamplingParams(max_tokens=8), num_computed_tokens=8,
+                              kv_imported=True))
+    assert run_step(s, prompt_budget=6) == [("a", 1), ("p", 1), ("q", 6), ("m", 1)]  # q took the 6
+    assert [x.request_id for x in s.waiting] == ["r"] and not pool.tables["m"].reserved
 
 
 def test_backpressure_waits_for_blocks_and_never_over_commits() -> None:

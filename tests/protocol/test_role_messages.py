@@ -35,7 +35,7 @@ LIMITS = Limits(vocab_size=100, context_tokens=64, num_layers=2, num_kv_heads=1,
     Heartbeat(3, dataclasses.replace(STATS, role="colocated", switching_to="prefill")),
 ])
 def test_round_trip(msg: object) -> None:
-    assert PROTOCOL_VERSION == 6
+    assert PROTOCOL_VERSION == 7
     assert decode_message(encode_message(msg)) == msg
 
 

@@ -75,7 +75,7 @@ def test_as_dict_names_every_reported_figure() -> None:
     assert DECODE_STATS.as_dict()["queued_reservations"] == 5 and len(DECODE_STATS.as_dict()) == 17
     assert CAPACITY.as_dict() == {"num_blocks": 64, "block_size": 16, "max_num_seqs": 8,
                                   "max_num_batched_tokens": 256, "chunked_prefill": 1, "prefix_caching": 0,
-                                  "threads": 2}
+                                  "threads": 2, "max_step_ms": 0.0}
 
 
 def test_a_missing_figure_is_refused_naming_it() -> None:
