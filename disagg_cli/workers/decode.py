@@ -48,6 +48,7 @@ from disagg_cli.protocol import (
 from disagg_cli.workers.base import Dest, log
 from disagg_cli.workers.checks import ReservedKV
 from disagg_cli.workers.peers import PeerLost
+from disagg_cli.workers.switch import RoleSwitch
 from disagg_cli.workers.worker import Worker, WorkerRequest
 
 
@@ -267,12 +268,16 @@ class DecodeWorker(Worker[DecodeRequest]):
     def decoding_ids(self) -> list[str]:
         return [rid for rid, r in self.requests.items() if r.state is DecodeState.RUNNING]
 
-    def adopt(self, request_id: str, owner: Dest) -> None:
-        seq = self.engine.seqs[request_id]
-        self.requests[request_id] = DecodeRequest(owner, seq.token_ids[: seq.num_prompt_tokens], seq.params,
-                                                  seq.eos_ids, state=DecodeState.RUNNING)
+    def adopt(self, switch: RoleSwitch) -> None:
+        # decode ⇄ colocated: the records as they are, and the windows KV still arriving lands through
+        if switch.reserved_kv is not None:
+            self.reserved_kv = switch.reserved_kv
+        self.requests.update(switch.adopted)
+        self._admit_reservations()
 
     def begin_switch(self) -> None:
+        if self.switch is not None and self.switch.keeps:
+            return  # to colocated (or back): every request stays, reservations queued for memory too
         # Reservations still queued for memory: no KV is on its way (the coordinator sends `Prefill`
         # only after `Reserved`), so their coordinators retry them elsewhere at once.
         for rid in [r for r, q in self.requests.items() if q.state is DecodeState.QUEUED]:

@@ -7,8 +7,9 @@ Life of a switch (the coordinator's side is `coordinator/role_switch.py`):
    reservations still queued for memory);
 2. each tick, with `move`, every request that is decoding (its first token out, every token but
    the last computed) is parked: taken out of the running batch with its blocks kept, and listed
-   to the coordinator in `Parked`; between decode and colocated (both decode), the decoding
-   requests stay, and the new role adopts them; otherwise they decode here to their end;
+   to the coordinator in `Parked`; between decode and colocated (both keep a decode worker's
+   records) every request stays as it is, its KV still arriving or not, and the new role adopts
+   it: that switch takes one step; otherwise they decode here to their end;
 3. `MoveOut` per parked request: its KV (the tokens the target lacks) leaves layer by layer for
    the target decode worker, then `KVDone` with its last token and sampler state, over the path a
    prefill worker's KV takes (`workers/kv_out.py`); its blocks are freed at once (the KV left as
@@ -83,9 +84,12 @@ class RoleSwitch:
         self.moved = 0
         self.finished = 0
         self.done = False
-        # decode ⇄ colocated: both decode, so the requests decoding here stay, adopted by the new role
+        # decode ⇄ colocated: both keep a decode worker's records (a colocated worker is one that also
+        # takes prompts), so every request here stays as it is, adopted by the new role: decoding,
+        # computing its prompt, or reserved with its KV on the way (and its decoding window kept)
         self.keeps = {self.previous, self.role} <= {"decode", "colocated"}
-        self.adopted: dict[str, Dest] = {}  # request id → its coordinator, for the new role
+        self.adopted: dict[str, Any] = {}  # request id → its record, for the new role
+        self.reserved_kv: Any = None  # the leaving role's `ReservedKV`, for the new role (keeps)
         self._known = set(worker.requests)  # in flight when the switch began: those that end here count
 
     def tick(self, flush: Callable[[float], bool]) -> bool:
@@ -98,12 +102,13 @@ class RoleSwitch:
             if now - p.since_s > PARK_TIMEOUT_S:
                 w.log(f"request {rid} was parked {PARK_TIMEOUT_S:g} s with no MoveOut; failing it over")
                 self.fail(rid, "draining", f"{w.config.role} worker {w.address} switched role; it was not moved")
-        stay = set(w.decoding_ids()) if self.keeps else set()
+        stay = set(w.requests) if self.keeps else set()
         if set(w.requests) - stay or self.parked or set(w.engine.seqs) - stay:
             return False
         if not stay and w.engine.has_unfinished():
             return False
-        self.adopted = {rid: w.requests[rid].owner for rid in stay}
+        self.adopted = {rid: w.requests[rid] for rid in stay}
+        self.reserved_kv = getattr(w, "reserved_kv", None) if self.keeps else None
         self.finished = len(self._known) - self.moved - len(self.adopted)
         self.done = flush(10.0)
         return self.done

@@ -151,9 +151,10 @@ class Worker(MessageIntake, Generic[R]):
     def begin_switch(self) -> None:
         """A role switch began: drop what can never settle here (the switch refuses new requests)."""
 
-    def adopt(self, request_id: str, owner: Dest) -> None:
-        """Take over a request the previous role was decoding (decode ⇄ colocated): the engine runs it."""
-        raise NotImplementedError(f"a {self.config.role} worker does not decode")
+    def adopt(self, switch: RoleSwitch) -> None:
+        """Take over the requests the previous role leaves here (`switch.adopted`: decode ⇄ colocated)."""
+        if switch.adopted:
+            raise NotImplementedError(f"a {self.config.role} worker does not decode")
 
     # --- the loop -------------------------------------------------------------------------------
 
@@ -205,9 +206,8 @@ class Worker(MessageIntake, Generic[R]):
         """The new role is up: tell the coordinator that asked for it (`RoleSwitched`)."""
         if self._resumed is None:
             return
+        self.adopt(self._resumed.switch)  # before the I/O thread calls this role's `preprocess`
         self.io.rebind(self.ident, self.preprocess, self.prepare)
-        for rid, owner in self._resumed.switch.adopted.items():
-            self.adopt(rid, owner)
         self._publish_stats()
         self._resumed.switch.announce()
 

@@ -167,6 +167,39 @@ def test_switches_move_decoding_requests_with_their_kv_and_change_nothing(
           f"{[round(s * 1e3) for s in to_taker.pauses_s]} ms")
 
 
+@pytest.mark.parametrize("cluster", [(PREFILL, elastic(DECODE))], indirect=True)
+def test_decode_to_colocated_keeps_the_requests_whose_kv_is_still_on_its_way(
+        cluster: LocalCluster, default_model: LoadedModel, default_tokenizer: Tokenizer) -> None:
+    p, e = (w.address for w in cluster.workers)
+    # long prompts: the prefill worker is still computing them when the switch comes
+    prompts = [f"{q} " + "and then some more, " * 30 for q in PROMPTS]  # 4 x (150 + 40) tokens fit a pool
+    alone = LLMEngine(default_model, EngineConfig(kv_cache_tokens=4096))
+    for q in prompts:
+        alone.add_request(q, default_tokenizer.encode(q), SAMPLING)
+    expected: dict[str, list[int]] = {q: [] for q in prompts}
+    while alone.has_unfinished():
+        for ev in alone.step():
+            expected[ev.request_id].append(ev.token_id)
+    outcomes: list[SwitchOutcome] = []
+    untouched: list[bool] = []
+
+    async def scenario(c: Coordinator, outs: list[RequestOutput], tasks: list[asyncio.Task[None]]) -> None:
+        await until(lambda: all(o.state == "prefilling" for o in outs), tasks, "every prompt sent to prefill")
+        outcomes.append(await c.switch_role(e, "colocated"))
+        untouched.extend(not o.token_ids for o in outs)  # no first token yet: its KV was still to come
+
+    [outs], stats, coordinator = run(cluster, default_tokenizer, scenario, prompts=prompts)
+    assert_exact(outs, expected)
+    [switch] = outcomes
+    # the switch took them as they were, reserved with their KV still to come, and did not wait for it
+    assert (switch.role, switch.kept, switch.moved, switch.finished, switch.failed_over) == \
+        ("colocated", 4, 0, 0, 0), switch
+    assert any(untouched), untouched
+    assert all(o.workers == {"prefill": p, "decode": e} for o in outs), [o.workers for o in outs]
+    assert coordinator.router.roles() == {p: "prefill", e: "colocated"}
+    assert_free(stats)
+
+
 @pytest.mark.parametrize("cluster", [(PREFILL, elastic(PREFILL), DECODE)], indirect=True)
 def test_prefill_to_colocated_with_prompts_in_flight_and_back_while_decoding(
         cluster: LocalCluster, default_tokenizer: Tokenizer, expected: dict[str, list[int]]) -> None:
@@ -183,8 +216,10 @@ def test_prefill_to_colocated_with_prompts_in_flight_and_back_while_decoding(
         # round 2: a colocated worker beside prefill and decode ones serves requests whole, when it is
         # as loaded as the decode worker; once those decode there, it becomes a prefill worker again
         # and they move with their KV to the decode worker
-        mine = [o for o in outs if o.workers.get("colocated") == e]
-        await until(lambda: len(mine) == 2 and all(len(o.token_ids) >= 4 for o in mine), tasks, "e decoding")
+        def mine() -> list[RequestOutput]:
+            return [o for o in outs if o.workers.get("colocated") == e]
+
+        await until(lambda: len(mine()) == 2 and all(len(o.token_ids) >= 4 for o in mine()), tasks, "e decoding")
         served.extend(dict(o.workers) for o in outs)
         outcomes.append(await c.switch_role(e, "prefill"))
 
