@@ -112,10 +112,11 @@ WORKER_SETTINGS: tuple[Setting, ...] = (
     Setting("max_num_batched_tokens", "Token budget of one engine step.", KV_PANEL),
     Setting("chunked_prefill", "Split long prompts into chunks that share steps with decodes.", KV_PANEL,
             roles=("colocated",)),
-    Setting("max_step_ms", "With requests decoding, cut prompt chunks so a step ends within this many ms (from the "
-                           "measured prefill speed; at least 32 tokens a step): their TPOT stays near it while prompts "
-                           "share the steps. 0: only --max-num-batched-tokens bounds a chunk (with --planner slo, "
-                           "0 becomes 0.8x --slo-tpot-ms).", KV_PANEL),
+    Setting("max_step_ms", "Cut prompt chunks so a step ends within this many ms (from the measured prefill "
+                           "speed, after the step's decodes; at least 32 tokens a step): decoding requests' TPOT stays "
+                           "near it while prompts share their steps (a prefill worker is never bounded). 0: only "
+                           "--max-num-batched-tokens bounds a chunk (--planner slo makes 0 0.8x --slo-tpot-ms).",
+            KV_PANEL),
     Setting("enable_prefix_caching", "Keep full KV blocks after their request and reuse them for prompts that "
                                      "start with the same tokens.", KV_PANEL,
             flags=("--enable-prefix-caching/--no-enable-prefix-caching",)),

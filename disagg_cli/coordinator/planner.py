@@ -18,7 +18,8 @@ The rule, per tick:
    with the fewest running decodes gains prefill (decode → colocated, or → prefill when another
    worker still decodes and TPOT stays met); with TPOT missed and TTFT not, a prefill or colocated
    worker gives up prefill (→ decode, or prefill → colocated when it is the only one able to
-   prefill). A role idle while the other's prediction is past half its target counts as missed.
+   prefill). A phase past half its target while the other is within a quarter of its own counts
+   as missed: the phase with room lends before the other misses.
    A change is proposed only when it is predicted to help and to keep the other target met;
    never one that leaves no worker able to prefill or none able to decode;
 4. hysteresis: a proposal must come up `hold_ticks` ticks in a row, and no switch happens within
@@ -45,6 +46,7 @@ FALLBACK_PREFILL_TOK_S = 700.0
 FALLBACK_DECODE_STEP_MS = 20.0
 STEP_FIXED_SHARE = 0.3  # of a decode step, the part that does not grow with the batch (reading weights)
 BACKED_UP = 0.5  # a phase is backed up when its prediction is past this share of its target
+ROOM = 0.25  # a phase has room to lend when its prediction is within this share of its target
 # A worker the planner runs cuts prompt chunks to end a step that decodes within this share of the
 # TPOT target (unless its --max-step-ms says otherwise): room for the steps that run long.
 STEP_SHARE_OF_TPOT = 0.8
@@ -278,9 +280,12 @@ class Planner:
         running = sum(w.running_decodes for w in ws)
         ttft_missed = ttft > c.slo_ttft_ms or (queued > 0 and _median(snap.recent_ttft_ms) > c.slo_ttft_ms)
         tpot_missed = tpot > c.slo_tpot_ms or (running > 0 and _median(snap.recent_tpot_ms) > c.slo_tpot_ms)
-        # A role with nothing to do while the other is backed up is worth lending.
-        ttft_missed = ttft_missed or (running == 0 and ttft > BACKED_UP * c.slo_ttft_ms)
-        tpot_missed = tpot_missed or (queued == 0 and tpot > BACKED_UP * c.slo_tpot_ms)
+        # A phase idle or with room (its prediction within a quarter of its target) while the other is
+        # backed up (past half of its own) lends: waiting for the miss would leave the queue to drain late.
+        decode_room = running == 0 or tpot <= ROOM * c.slo_tpot_ms
+        prefill_room = queued == 0 or ttft <= ROOM * c.slo_ttft_ms
+        ttft_missed = ttft_missed or (ttft > BACKED_UP * c.slo_ttft_ms and decode_room)
+        tpot_missed = tpot_missed or (tpot > BACKED_UP * c.slo_tpot_ms and prefill_room)
         state = f"TTFT {_ms(ttft)} vs {_ms(c.slo_ttft_ms)}, TPOT {_ms(tpot)} vs {_ms(c.slo_tpot_ms)}"
         if ttft_missed and tpot_missed:
             return None, f"both targets missed ({state}): no role change frees capacity; more workers would"

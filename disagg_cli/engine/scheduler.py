@@ -99,13 +99,12 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self, prompt_budget: int | None = None) -> SchedulerOutput:
-        """This step's batch. `prompt_budget`: with chunked prefill, the most prompt tokens a step
-        that decodes may take (the engine's `max_step_ms`); None: only the token budget limits them."""
+        """This step's batch. `prompt_budget`: with chunked prefill, the most prompt tokens the step
+        may take (the engine's `max_step_ms`); None: only the token budget limits them."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         prompt_left = budget
-        if prompt_budget is not None and self.chunked_prefill and any(
-                s.num_tokens - s.num_computed_tokens == 1 for s in self.running):
+        if prompt_budget is not None and self.chunked_prefill:
             prompt_left = min(budget, prompt_budget)
         # 1. running sequences, oldest first
         i = 0

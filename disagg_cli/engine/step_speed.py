@@ -2,10 +2,11 @@
 
 An engine that both prefills and decodes (colocated, an elastic worker in that role, a decode worker
 computing a short prompt itself) mixes prompt chunks into the steps of its running requests, and
-each of their tokens waits for the whole step. `max_step_ms` bounds that wait, as a TPOT target
-does: with decodes in the batch a step takes only the prompt tokens the measured prefill speed
-computes in the time the decodes leave it, never fewer than `MIN_CHUNK_TOKENS` so prompts always
-move. A step without decodes takes the whole `max_num_batched_tokens`.
+each of their tokens waits for the whole step; a request that arrives (its KV imported, or its
+prompt) waits for the step under way. `max_step_ms` bounds those waits, as a TPOT target does: a
+step takes only the prompt tokens the measured prefill speed computes in the time its decodes
+leave it (all of it when none run), never fewer than `MIN_CHUNK_TOKENS` so prompts always move.
+A prefill-only engine is never bounded (nothing of its waits on its steps).
 
 The speeds are moving averages of the steps themselves, also sent in heartbeats (the router's
 `--disagg-threshold auto`, the planner). A mixed step's prompt speed counts only the time its
@@ -45,10 +46,12 @@ class StepSpeed:
         self.prefill_tokens_per_s = self.decode_step_ms = 0.0
 
     def prompt_budget(self, max_step_ms: float) -> int | None:
-        """The prompt tokens a step with decodes may take to end within `max_step_ms`; None: no
-        bound (none asked for, or the prefill speed not measured yet)."""
-        if max_step_ms <= 0 or self.prefill_tokens_per_s <= 0:
+        """The prompt tokens a step with decodes may take to end within `max_step_ms` (the floor
+        while the prefill speed is not measured yet: that chunk measures it); None: no bound."""
+        if max_step_ms <= 0:
             return None
+        if self.prefill_tokens_per_s <= 0:
+            return MIN_CHUNK_TOKENS
         left_ms = max_step_ms - self.decode_step_ms
         return max(MIN_CHUNK_TOKENS, int(left_ms * self.prefill_tokens_per_s / 1e3))
 

@@ -127,6 +127,15 @@ def test_recent_requests_count_only_while_their_phase_has_work() -> None:
     assert [c.new_role for c in plan.changes] == ["colocated"]
 
 
+def test_a_phase_with_room_lends_before_the_other_misses() -> None:
+    # TTFT 600 ms of 1,000 (past half) while TPOT is 10 ms of 50 (within a quarter): the decode worker
+    # becomes colocated now; with TPOT at 20 ms (past a quarter) it keeps decoding until TTFT misses.
+    lend = Planner(AT_ONCE).tick(snap(prefill(queued=600), decode(running=1, step_ms=10)))
+    assert [(c.address, c.new_role) for c in lend.changes] == [(D, "colocated")]
+    assert lend.changes[0].reason.startswith("TTFT missed (TTFT 600 ms vs 1,000 ms, TPOT 10 ms vs 50 ms;")
+    assert Planner(AT_ONCE).tick(snap(prefill(queued=600), decode(running=1, step_ms=20))).changes == ()
+
+
 def test_both_missed_changes_nothing() -> None:
     plan = Planner(AT_ONCE).tick(snap(prefill(queued=5000), decode(running=16, step_ms=90)))
     assert plan.changes == () and "both targets missed" in plan.reasons[D]

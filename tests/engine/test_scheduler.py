@@ -52,16 +52,20 @@ def test_long_prompt_runs_alone_without_chunking_and_in_chunks_with_it() -> None
     assert c.running[0].num_output_tokens == 1
 
 
-def test_prompt_budget_cuts_chunks_only_in_steps_that_decode() -> None:
+def test_prompt_budget_cuts_chunks_and_decodes_run_whole() -> None:
     s = Scheduler(BlockPool(64, 4), max_num_seqs=8, max_num_batched_tokens=64, chunked_prefill=True)
     s.add(seq("a", 8))
-    assert run_step(s, prompt_budget=5) == [("a", 8)]  # nothing decodes yet: the whole budget
+    assert run_step(s, prompt_budget=5) == [("a", 5)]
+    assert run_step(s) == [("a", 3)]
     s.add(seq("long", 30))
     s.add(seq("b", 4))
     assert run_step(s, prompt_budget=5) == [("a", 1), ("long", 5)]  # b waits behind long's chunk
     assert run_step(s, prompt_budget=12) == [("a", 1), ("long", 12)]  # the running chunk first
     assert run_step(s) == [("a", 1), ("long", 13), ("b", 4)]  # no bound: the token budget alone
     assert [x.num_output_tokens for x in s.running] == [4, 1, 1]
+    n = Scheduler(BlockPool(64, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    n.add(seq("whole", 30))
+    assert run_step(n, prompt_budget=5) == [("whole", 30)]  # without chunked prefill a prompt goes whole
 
 
 def test_prompt_budget_lets_imported_decodes_pass_the_prompts_it_holds_back() -> None:
@@ -69,7 +73,7 @@ def test_prompt_budget_lets_imported_decodes_pass_the_prompts_it_holds_back() ->
     s = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=64, chunked_prefill=True)
     s.add(seq("a", 4))
     s.add(seq("p", 20))
-    assert run_step(s, prompt_budget=6) == [("a", 4), ("p", 20)]  # nothing decodes yet
+    assert run_step(s) == [("a", 4), ("p", 20)]
     s.add(seq("q", 20))
     s.add(seq("r", 20))
     assert run_step(s, prompt_budget=6) == [("a", 1), ("p", 1), ("q", 6)]

@@ -11,9 +11,10 @@ from disagg_cli.model.loader import LoadedModel
 from disagg_cli.model.tokenizer import Tokenizer
 
 
-def test_no_bound_until_asked_for_and_measured() -> None:
+def test_no_bound_unless_asked_for_and_the_floor_until_measured() -> None:
     speed = StepSpeed()
-    assert speed.prompt_budget(100.0) is None  # prefill speed not measured yet
+    assert speed.prompt_budget(0.0) is None
+    assert speed.prompt_budget(100.0) == MIN_CHUNK_TOKENS  # prefill speed not measured yet: a chunk that measures it
     speed.observe(num_prefill_tokens=500, num_decode_seqs=0, elapsed_ms=500.0)
     assert speed.prefill_tokens_per_s == 1000.0
     assert speed.prompt_budget(0.0) is None  # 0: no bound
