@@ -24,14 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from disagg_cli.coordinator.planner import (
-    Plan,
-    Planner,
-    PlannerConfig,
-    Snapshot,
-    WorkerSnapshot,
-    admit,
-)
+from disagg_cli.coordinator.planner import Plan, Planner, PlannerConfig, admit
+from disagg_cli.coordinator.predictions import Snapshot, WorkerSnapshot
 from disagg_cli.coordinator.role_switch import SWITCH_TIMEOUT_S, SwitchOutcome
 from disagg_cli.coordinator.router import Router
 from disagg_cli.coordinator.timeouts import wait_within

@@ -1,4 +1,5 @@
-"""The planner's arithmetic, exactly: predictions, which role each worker gets and why, hysteresis."""
+"""The planner's arithmetic, exactly: predictions (`predictions.py`), which role each worker gets and
+why, hysteresis (`planner.py`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from disagg_cli.coordinator.planner import (
+from disagg_cli.coordinator.planner import Planner, PlannerConfig, admit
+from disagg_cli.coordinator.predictions import (
     FALLBACK_PREFILL_TOK_S,
-    Planner,
-    PlannerConfig,
     Snapshot,
     WorkerSnapshot,
-    admit,
     colocated_step,
     predict_tpot_ms,
     predict_ttft_ms,
