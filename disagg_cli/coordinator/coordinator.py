@@ -41,7 +41,7 @@ from disagg_cli.coordinator.membership import WorkerConnections
 from disagg_cli.coordinator.options import CoordinatorConfig
 from disagg_cli.coordinator.request_stats import copy_stats
 from disagg_cli.coordinator.role_switch import SwitchLog, SwitchOutcome, switch_role
-from disagg_cli.coordinator.router import NoWorkerError, Router, local_prefill_pays
+from disagg_cli.coordinator.router import NoWorkerError, Router, local_prefill_pays, prompt_wait_s
 from disagg_cli.coordinator.timeouts import wait_within
 from disagg_cli.coordinator.worker_link import RequestFailed, WorkerGone, WorkerLink
 from disagg_cli.engine.request import RequestOutput
@@ -126,7 +126,7 @@ class Coordinator:
                        tuple(out.prompt_token_ids) + tuple(out.token_ids), params, deadline, avoid)
             self.attempts[wire_id] = run
             try:
-                if self._colocated_mode():
+                if self._colocated_mode(len(out.prompt_token_ids)):
                     await self._colocated(run)
                 else:
                     await self._disaggregated(run)
@@ -153,22 +153,30 @@ class Coordinator:
             finally:
                 await self._end(run)
 
-    def _colocated_mode(self) -> bool:
+    def _colocated_mode(self, prompt_tokens: int) -> bool:
         """Whether a request goes whole to a colocated worker: where there are only colocated workers
-        (or no prefill or no decode ones); in a mix of all three roles, which only elastic roles make,
-        where the least loaded colocated worker is no busier than the least loaded decode worker."""
+        (or no prefill ones). Beside prefill workers, which only elastic roles make: with decode
+        workers too, where the least loaded colocated worker is no busier than the least loaded decode
+        worker; without, where its prompt would wait least (else it is prefilled on a prefill worker
+        and decodes on the colocated one)."""
         r = self.router
         if not r.by_role("colocated"):
             return False
-        if not (r.by_role("prefill") and r.by_role("decode")):
+        if not r.by_role("prefill"):
             return True
-        colocated = [w.load for w in r.by_role("colocated") if w.routable]
+        colocated = [w for w in r.by_role("colocated") if w.routable]
+        if not r.by_role("decode"):
+            prefill = [w for w in r.by_role("prefill") if w.routable]
+            both = colocated + prefill
+            return bool(colocated) and (not prefill or min(prompt_wait_s(w, prompt_tokens, both) for w in colocated)
+                                        <= min(prompt_wait_s(w, prompt_tokens, both) for w in prefill))
         decode = [w.load for w in r.by_role("decode") if w.routable]
-        return bool(colocated) and (not decode or min(colocated) <= min(decode))
+        return bool(colocated) and (not decode or min(w.load for w in colocated) <= min(decode))
 
     async def _disaggregated(self, run: Attempt) -> None:
         out = run.out
-        decode = await self._take(run, "decode")
+        # beside prefill workers and no decode one (elastic roles), a colocated worker decodes
+        decode = await self._take(run, "decode" if self.router.by_role("decode") else "colocated")
         run.decode = decode.record
         decode.check_fits(len(out.prompt_token_ids), out.params.max_tokens)
         out.state = "reserving"
@@ -219,6 +227,7 @@ class Coordinator:
         out = run.out
         worker = await self._take(run, "colocated")
         worker.check_fits(len(out.prompt_token_ids), out.params.max_tokens)
+        run.queued = (worker.record, self.router.queue_prefill(worker.record, run.prompt_ids))
         out.workers = {"colocated": worker.record.address}
         out.state = "prefilling"
         eos_ids = () if out.params.ignore_eos else self.eos_ids

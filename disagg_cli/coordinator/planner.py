@@ -22,7 +22,9 @@ The rule, per tick:
    prefill). A phase past half its target while the other is within a quarter of its own counts
    as missed: the phase with room lends before the other misses.
    A change is proposed only when it is predicted to help and to keep the other target met;
-   never one that leaves no worker able to prefill or none able to decode;
+   never one that leaves no worker able to prefill or none able to decode, nor one that leaves
+   decode and colocated workers without a prefill worker (the colocated ones would compute every
+   prompt while the decode ones take none);
 4. hysteresis: a proposal must come up `hold_ticks` ticks in a row, and no switch happens within
    `min_dwell_s` of the last one (its figures are still settling); at most one change per tick,
    and none while a worker is down.
@@ -214,7 +216,8 @@ class Planner:
                     f"TPOT missed ({state}; {sum(x.running_decodes for x in ws)} decoding) with "
                     f"{w.queued_prefill_tokens} prompt tokens queued there; as {new_role}: "
                     f"TPOT {_ms(tpot_after)}, TTFT {_ms(ttft_after)}")
-        return None, f"TPOT missed ({state}) but no worker can take up decoding without missing TTFT"
+        return None, (f"TPOT missed ({state}) but no worker can take up decoding without missing TTFT or leaving "
+                      "no prefill worker")
 
 
 def _first_helping(snap: Snapshot, w: WorkerSnapshot, roles: tuple[str, ...],
@@ -225,7 +228,7 @@ def _first_helping(snap: Snapshot, w: WorkerSnapshot, roles: tuple[str, ...],
         if new_role == w.role:
             continue
         after = _with_role(snap.workers, w.address, new_role)
-        if not _both_phases(after):
+        if not _both_phases(after) or _prompts_only_on_colocated(after):
             continue
         ttft_after, tpot_after = predict_ttft_ms(snap, after), predict_tpot_ms(snap, after)
         if helps(ttft_after, tpot_after):
@@ -241,6 +244,13 @@ def _both_phases(ws: tuple[WorkerSnapshot, ...]) -> bool:
     """Some live worker can prefill and some can decode."""
     live = [w for w in ws if w.is_alive]
     return any(w.role in CAN_PREFILL for w in live) and any(w.role in CAN_DECODE for w in live)
+
+
+def _prompts_only_on_colocated(ws: tuple[WorkerSnapshot, ...]) -> bool:
+    """Decode and colocated workers and no prefill one: the colocated ones would compute every prompt,
+    in steps cut short for their decodes, while the decode ones take none."""
+    roles = {w.role for w in ws if w.is_alive}
+    return {"decode", "colocated"} <= roles and "prefill" not in roles
 
 
 def _ms(x: float) -> str:

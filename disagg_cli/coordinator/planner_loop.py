@@ -96,14 +96,13 @@ class PlannerLoop:
         while self._recent and self._recent[0][0] < now - self.config.window_s:
             self._recent.popleft()
         router = self.coordinator.router
-        here: Counter[str] = Counter()  # prompt tokens a colocated (or decode, locally) worker computes
+        here: Counter[str] = Counter()  # prompt tokens a decode worker computes itself (selective disaggregation)
         pending = 0
         for out in self._outputs():
             if out.state in PENDING_STATES:
                 pending += len(out.prompt_token_ids)
-            elif out.state == "prefilling" and "prefill" not in out.workers:
-                for address in out.workers.values():
-                    here[address] += len(out.prompt_token_ids)
+            elif out.state == "prefilling" and "decode" in out.workers and "prefill" not in out.workers:
+                here[out.workers["decode"]] += len(out.prompt_token_ids)
         workers = []
         for w in router.workers:
             s = w.last_stats

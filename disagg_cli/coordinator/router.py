@@ -71,6 +71,17 @@ def local_prefill_pays(uncached: int, decode: WorkerRecord, prefills: Sequence[W
     return stall_s <= budget_s and stall_s <= remote_s
 
 
+def prompt_wait_s(w: WorkerRecord, prompt_tokens: int, others: Sequence[WorkerRecord]) -> float:
+    """Seconds until a prompt of `prompt_tokens` sent to worker `w` would be computed: the prompt tokens
+    queued there and its own at the speed it measured; until it has, as fast per thread as the
+    fastest of `others` that has (1,000 tok/s when none has)."""
+    rate = _prefill_rate(w)
+    if rate <= 0:
+        per_thread = [_prefill_rate(o) / _threads(o) for o in others if _prefill_rate(o) > 0]
+        rate = max(per_thread) * _threads(w) if per_thread else 1000.0
+    return (w.queued_tokens + prompt_tokens) / rate
+
+
 def _prefill_rate(w: WorkerRecord) -> float:
     """Prompt tokens per second the worker measured (0 until measured or heard)."""
     return w.last_stats.prefill_tokens_per_s if w.last_stats is not None else 0.0
@@ -230,7 +241,7 @@ class Router:
         record.max_step_ms = capacity.max_step_ms
 
     def queue_prefill(self, record: WorkerRecord, prompt_ids: Sequence[int]) -> int:
-        """A prompt sent to prefill worker `record`: count the tokens it has yet to compute (those
+        """A prompt sent to prefill (or colocated) worker `record`: count the tokens it has yet to compute (those
         its cache lacks, by our view) as queued there and note its blocks as cached; returns that
         count, for `unqueue_prefill` once its first token comes."""
         hashes = record.prefix.hashes(prompt_ids[:-1])

@@ -48,13 +48,18 @@ def test_colocated_mode_in_a_mix_of_roles() -> None:
         c = Coordinator([(role, addr) for addr, role, _ in workers], frozenset({2}))
         for addr, _, load in workers:
             c.router.get(addr).num_inflight = load
-        return c._colocated_mode()
+            c.router.get(addr).queued_tokens = 100 * load  # prompt tokens waiting there
+        return c._colocated_mode(prompt_tokens=50)
 
     assert not mode(("p", "prefill", 0), ("d", "decode", 0))
     assert mode(("c", "colocated", 0), ("c2", "colocated", 5))
     assert mode(("c", "colocated", 3), ("d", "decode", 0))  # no prefill worker: colocated it is
     assert mode(("c", "colocated", 1), ("p", "prefill", 0), ("d", "decode", 1))  # as busy: colocated
     assert not mode(("c", "colocated", 2), ("p", "prefill", 0), ("d", "decode", 1))
+    # prefill and colocated workers, no decode one: the prompt goes where it waits least (unmeasured
+    # speeds: by tokens), else to the prefill worker, and decodes on the colocated one
+    assert mode(("c", "colocated", 1), ("p", "prefill", 1))
+    assert not mode(("c", "colocated", 2), ("p", "prefill", 1))
 
 
 def test_switch_log_counts_by_from_and_to() -> None:

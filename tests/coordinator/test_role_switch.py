@@ -200,6 +200,29 @@ def test_decode_to_colocated_keeps_the_requests_whose_kv_is_still_on_its_way(
     assert_free(stats)
 
 
+@pytest.mark.parametrize("cluster", [(PREFILL, elastic(DECODE))], indirect=True)
+def test_beside_a_prefill_worker_a_colocated_one_takes_prompts_and_decodes_the_prefill_workers(
+        cluster: LocalCluster, default_tokenizer: Tokenizer, expected: dict[str, list[int]]) -> None:
+    p, e = (w.address for w in cluster.workers)
+    switched: list[SwitchOutcome] = []
+
+    async def scenario(c: Coordinator, outs: list[RequestOutput], tasks: list[asyncio.Task[None]]) -> None:
+        if not switched:  # round 1 ends as 1P+1D did; then the decode worker becomes colocated
+            await asyncio.gather(*tasks)
+            switched.append(await c.switch_role(e, "colocated"))
+
+    rounds, stats, coordinator = run(cluster, default_tokenizer, scenario, rounds=2)
+    for outs in rounds:
+        assert_exact(outs, expected)
+    served = sorted(tuple(sorted(o.workers.items())) for o in rounds[1])
+    # each prompt went where it would wait least: both workers computed prompts, and the colocated
+    # one decoded them all (no decode worker is left)
+    assert (("colocated", e),) in served and (("decode", e), ("prefill", p)) in served, served
+    assert set(served) == {(("colocated", e),), (("decode", e), ("prefill", p))}, served
+    assert coordinator.router.roles() == {p: "prefill", e: "colocated"}
+    assert_free(stats)
+
+
 @pytest.mark.parametrize("cluster", [(PREFILL, elastic(PREFILL), DECODE)], indirect=True)
 def test_prefill_to_colocated_with_prompts_in_flight_and_back_while_decoding(
         cluster: LocalCluster, default_tokenizer: Tokenizer, expected: dict[str, list[int]]) -> None:
