@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from disagg_cli.bench.engine_options import ENGINE_BENCH_DEFAULTS
 from disagg_cli.bench.workload import DEFAULT_PHASE_S
 from disagg_cli.cli_options import (
     DEFAULT_DEADLINES,
@@ -34,6 +35,13 @@ from disagg_cli.coordinator.planner import PlannerConfig
 from disagg_cli.errors import UsageError
 from disagg_cli.worker_settings import DEFAULTS, WorkerSettings
 
+_BENCH = ENGINE_BENCH_DEFAULTS
+
+
+def _commas(values: tuple[int, ...]) -> str:
+    return ",".join(str(v) for v in values)
+
+
 bench_app = typer.Typer(help="Benchmarks: engine speed, KV codecs, serving.", no_args_is_help=True)
 
 
@@ -44,11 +52,15 @@ def bench_engine(
     quantization: QuantizationOpt = DEFAULTS["quantization"],
     threads: ThreadsOpt = DEFAULTS["threads"],
     kernel: KernelOpt = DEFAULTS["kernel"],
-    prompt_lens: Annotated[str, typer.Option(help="Prefill points: prompt lengths in tokens.")] = "128,512,2048",
-    batch_sizes: Annotated[str, typer.Option(help="Decode points: sequences decoding at once.")] = "1,8,32",
-    decode_context: Annotated[int, typer.Option(help="Prompt tokens of each decoding sequence.")] = 128,
-    decode_tokens: Annotated[int, typer.Option(help="Timed decode steps per decode point.")] = 32,
-    reps: Annotated[int, typer.Option(help="Runs per point; the median is reported.")] = 2,
+    prompt_lens: Annotated[str, typer.Option(help="Prefill points: prompt lengths in tokens.")] = _commas(
+        _BENCH["prompt_lens"]),
+    batch_sizes: Annotated[str, typer.Option(help="Decode points: sequences decoding at once.")] = _commas(
+        _BENCH["batch_sizes"]),
+    decode_context: Annotated[int, typer.Option(help="Prompt tokens of each decoding sequence.")] = _BENCH[
+        "decode_context"],
+    decode_tokens: Annotated[int, typer.Option(help="Timed decode steps per decode point.")] = _BENCH["decode_tokens"],
+    reps: Annotated[int, typer.Option(help="Runs per point (after an untimed one at the largest points); the "
+                                           "median is reported.")] = _BENCH["reps"],
     baseline: Annotated[bool, typer.Option(help="Also measure plain transformers on the same file.")] = True,
     against: Annotated[list[str] | None, typer.Option(help="Also measure llama-cpp (llama-cpp-python, when "
                                                       "importable) on the same GGUF and threads: prefill "
@@ -60,7 +72,7 @@ def bench_engine(
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Prefill and decode tokens/s of the engine (llama-bench style), beside plain transformers."""
-    from disagg_cli.bench.engine import EngineBenchOptions, print_table, run_engine_bench
+    from disagg_cli.bench.engine import EngineBenchOptions, print_table, run_engine_bench  # torch: here, not at load
 
     opts = EngineBenchOptions(
         model=model, cache_dir=cache_dir(),

@@ -23,13 +23,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from disagg_cli import ui
-from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams
+from disagg_cli.bench.engine_options import EngineBenchOptions
+from disagg_cli.config import EngineConfig, SamplingParams
 from disagg_cli.engine.single import check_context
 from disagg_cli.errors import UsageError
 from disagg_cli.model.loader import LoadedModel
@@ -38,39 +38,6 @@ TEXT = ("The history of computing is a story of people who wanted to calculate f
         "hand. Early machines used gears and levers; later ones used relays, vacuum tubes and then "
         "transistors, each generation smaller, cheaper and more reliable than the last. Today a phone "
         "holds more memory than the rooms of machines that sent people to the moon. ")
-
-
-@dataclass(frozen=True, slots=True)
-class EngineBenchOptions:
-    model: str
-    cache_dir: Path
-    runtime: RuntimeConfig
-    block_size: int = 16
-    prompt_lens: tuple[int, ...] = (128, 512, 2048)
-    batch_sizes: tuple[int, ...] = (1, 8, 32)
-    decode_context: int = 128
-    decode_tokens: int = 32
-    reps: int = 2
-    baseline: bool = True
-    against: tuple[str, ...] = ()  # "llama-cpp"
-    perplexity_modes: tuple[str, ...] | None = None  # None: the loaded mode only; () none
-    json_output: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("prompt_lens", "batch_sizes"):
-            if not getattr(self, name) or min(getattr(self, name)) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive integers, got {getattr(self, name)}")
-        for name in self.against:
-            if name != "llama-cpp":
-                raise UsageError(f"--against takes llama-cpp, got {name!r}")
-        from disagg_cli.bench.perplexity import PPL_MODES
-
-        for mode in self.perplexity_modes or ():
-            if mode not in PPL_MODES:
-                raise UsageError(f"--perplexity-modes takes {', '.join(PPL_MODES)}, got {mode!r}")
-        for name in ("decode_context", "decode_tokens", "reps"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,9 +242,10 @@ def run_engine_bench(opts: EngineBenchOptions) -> dict[str, Any]:
     plan = [("prefill", n, prefill(n)) for n in opts.prompt_lens] + [("decode", b, decode(b)) for b in opts.batch_sizes]
     total = sum(opts.reps for phase, size, _ in plan for eng in engines if takes(eng, phase, size))
     with _progress(total) as advance:
-        for eng in engines:
-            eng.prefill_s(base[:16])  # warm-up: first-call allocations and kernel selection
-            eng.decode_s([base[:16]], 2)
+        for eng in engines:  # warm-up at the largest points: first-call allocations, buffers at their size
+            eng.prefill_s(base[:max(opts.prompt_lens)])
+            b = max((b for b in opts.batch_sizes if takes(eng, "decode", b)), default=1)
+            eng.decode_s([base[i * spread : i * spread + ctx] for i in range(b)], 2)
         for phase, size, run in plan:
             # the engines take turns rep by rep, so a noisy neighbour slows both alike
             row = [Point(phase, eng.name, 1, size, size, 1, size * (size + 1) // 2) if phase == "prefill"
