@@ -42,17 +42,21 @@ def elastic(spec: WorkerSpec) -> WorkerSpec:
     return WorkerSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, "elastic": True})
 
 
-@pytest.fixture(scope="module")
-def expected(default_model: LoadedModel, default_tokenizer: Tokenizer) -> dict[str, list[int]]:
+def served_alone(model: LoadedModel, tokenizer: Tokenizer, prompts: list[str]) -> dict[str, list[int]]:
     """Each prompt's greedy tokens, served in one process without any switch."""
-    engine = LLMEngine(default_model, EngineConfig(kv_cache_tokens=2048))
-    for p in PROMPTS:
-        engine.add_request(p, default_tokenizer.encode(p), SAMPLING)
-    got: dict[str, list[int]] = {p: [] for p in PROMPTS}
+    engine = LLMEngine(model, EngineConfig(kv_cache_tokens=4096))
+    for p in prompts:
+        engine.add_request(p, tokenizer.encode(p), SAMPLING)
+    got: dict[str, list[int]] = {p: [] for p in prompts}
     while engine.has_unfinished():
         for ev in engine.step():
             got[ev.request_id].append(ev.token_id)
     return got
+
+
+@pytest.fixture(scope="module")
+def expected(default_model: LoadedModel, default_tokenizer: Tokenizer) -> dict[str, list[int]]:
+    return served_alone(default_model, default_tokenizer, PROMPTS)
 
 
 @pytest.fixture
@@ -173,13 +177,7 @@ def test_decode_to_colocated_keeps_the_requests_whose_kv_is_still_on_its_way(
     p, e = (w.address for w in cluster.workers)
     # long prompts: the prefill worker is still computing them when the switch comes
     prompts = [f"{q} " + "and then some more, " * 30 for q in PROMPTS]  # 4 x (150 + 40) tokens fit a pool
-    alone = LLMEngine(default_model, EngineConfig(kv_cache_tokens=4096))
-    for q in prompts:
-        alone.add_request(q, default_tokenizer.encode(q), SAMPLING)
-    expected: dict[str, list[int]] = {q: [] for q in prompts}
-    while alone.has_unfinished():
-        for ev in alone.step():
-            expected[ev.request_id].append(ev.token_id)
+    expected = served_alone(default_model, default_tokenizer, prompts)
     outcomes: list[SwitchOutcome] = []
     untouched: list[bool] = []
 
