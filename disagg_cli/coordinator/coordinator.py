@@ -126,7 +126,7 @@ class Coordinator:
                        tuple(out.prompt_token_ids) + tuple(out.token_ids), params, deadline, avoid)
             self.attempts[wire_id] = run
             try:
-                if self._colocated_mode(len(out.prompt_token_ids)):
+                if self._colocated_mode(len(run.prompt_ids)):
                     await self._colocated(run)
                 else:
                     await self._disaggregated(run)

@@ -88,7 +88,7 @@ def _prefill_rate(w: WorkerRecord) -> float:
 
 
 def _threads(w: WorkerRecord) -> float:
-    return float(w.last_stats.threads) if w.last_stats is not None else 1.0
+    return max(1.0, float(w.last_stats.threads)) if w.last_stats is not None else 1.0
 
 
 class NoWorkerError(DisaggError):

@@ -225,7 +225,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.step_request_ids = []
         # a prefill-only engine has no decodes to keep waiting: its prompts go whole
-        out = self.scheduler.schedule(None if self.prefill_only else self.speed.prompt_budget(self.config.max_step_ms))
+        out = self.scheduler.schedule(None if self.prefill_only else self.speed.prompt_budget(
+            self.config.max_step_ms, self.scheduler.num_decoding() > 0))
         self.step_request_ids = [item.seq.request_id for item in out.scheduled]
         if not out.scheduled:
             self.last_step = StepStats(num_preempted=len(out.preempted))

@@ -98,6 +98,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def num_decoding(self) -> int:
+        """Running sequences whose next step is one token (decodes, not prompt chunks)."""
+        return sum(1 for s in self.running if s.num_tokens - s.num_computed_tokens == 1)
+
     def schedule(self, prompt_budget: int | None = None) -> SchedulerOutput:
         """This step's batch. `prompt_budget`: with chunked prefill, the most prompt tokens the step
         may take (the engine's `max_step_ms`); None: only the token budget limits them."""
@@ -105,7 +109,8 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         prompt_left = budget
         if prompt_budget is not None and self.chunked_prefill:
-            prompt_left = min(budget, prompt_budget)
+            # never so much prompt that an older chunk leaves the running decodes out of the step
+            prompt_left = max(1, min(budget - self.num_decoding(), prompt_budget))
         # 1. running sequences, oldest first
         i = 0
         while i < len(self.running) and budget > 0:

@@ -45,14 +45,15 @@ class StepSpeed:
     def reset(self) -> None:
         self.prefill_tokens_per_s = self.decode_step_ms = 0.0
 
-    def prompt_budget(self, max_step_ms: float) -> int | None:
-        """The prompt tokens a step with decodes may take to end within `max_step_ms` (the floor
-        while the prefill speed is not measured yet: that chunk measures it); None: no bound."""
+    def prompt_budget(self, max_step_ms: float, decoding: bool) -> int | None:
+        """The prompt tokens a step may take to end within `max_step_ms`, after its decodes' part
+        when `decoding` (the floor while the prefill speed is not measured yet: that chunk measures
+        it); None: no bound."""
         if max_step_ms <= 0:
             return None
         if self.prefill_tokens_per_s <= 0:
             return MIN_CHUNK_TOKENS
-        left_ms = max_step_ms - self.decode_step_ms
+        left_ms = max_step_ms - (self.decode_step_ms if decoding else 0.0)
         return max(MIN_CHUNK_TOKENS, int(left_ms * self.prefill_tokens_per_s / 1e3))
 
 

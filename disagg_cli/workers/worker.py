@@ -104,7 +104,7 @@ class Worker(MessageIntake, Generic[R]):
         e = config.engine
         capacity = WorkerCapacity(self.engine.num_blocks, e.block_size, e.max_num_seqs, e.max_num_batched_tokens,
                                   e.chunked_prefill, e.enable_prefix_caching, torch.get_num_threads(),
-                                  e.max_step_ms)
+                                  e.max_step_ms if e.chunked_prefill else 0.0)  # unchunked: no bound applies
         runtime = self.lm.describe_runtime()
         if config.elastic:  # a coordinator that meets it after a switch takes its role from the hello
             runtime[ELASTIC_RUNTIME_KEY] = "loaded for every role; its role may differ from the one it started in"

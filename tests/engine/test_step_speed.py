@@ -13,20 +13,21 @@ from disagg_cli.model.tokenizer import Tokenizer
 
 def test_no_bound_unless_asked_for_and_the_floor_until_measured() -> None:
     speed = StepSpeed()
-    assert speed.prompt_budget(0.0) is None
-    assert speed.prompt_budget(100.0) == MIN_CHUNK_TOKENS  # prefill speed not measured yet: a chunk that measures it
+    assert speed.prompt_budget(0.0, True) is None
+    assert speed.prompt_budget(100.0, True) == MIN_CHUNK_TOKENS  # speed not measured yet: a chunk measures it
     speed.observe(num_prefill_tokens=500, num_decode_seqs=0, elapsed_ms=500.0)
     assert speed.prefill_tokens_per_s == 1000.0
-    assert speed.prompt_budget(0.0) is None  # 0: no bound
-    assert speed.prompt_budget(100.0) == 100  # no decode step measured: the whole 100 ms
+    assert speed.prompt_budget(0.0, True) is None  # 0: no bound
+    assert speed.prompt_budget(100.0, True) == 100  # no decode step measured: the whole 100 ms
 
 
 def test_budget_leaves_the_decodes_their_step() -> None:
     speed = StepSpeed(prefill_tokens_per_s=1000.0)
     speed.observe(num_prefill_tokens=0, num_decode_seqs=4, elapsed_ms=20.0)
     assert speed.decode_step_ms == 20.0
-    assert speed.prompt_budget(100.0) == 80
-    assert speed.prompt_budget(30.0) == MIN_CHUNK_TOKENS  # 10 tokens' time left: prompts still move
+    assert speed.prompt_budget(100.0, True) == 80
+    assert speed.prompt_budget(100.0, False) == 100  # nothing decodes: the whole step is the prompt's
+    assert speed.prompt_budget(30.0, True) == MIN_CHUNK_TOKENS  # 10 tokens' time left: prompts still move
     speed.observe(num_prefill_tokens=0, num_decode_seqs=4, elapsed_ms=30.0)
     assert speed.decode_step_ms == pytest.approx(22.0)  # a moving average, newest step weighs 0.2
 
