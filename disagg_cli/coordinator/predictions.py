@@ -7,6 +7,7 @@ worker that has not measured one yet borrows the best measured per thread, or a 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from disagg_cli.engine.step_speed import MIN_CHUNK_TOKENS
@@ -45,12 +46,19 @@ class Snapshot:
     recent_tpot_ms: tuple[float, ...] = ()
 
 
+def prefill_rate_or_borrowed(rate: float, threads: float, others: Iterable[tuple[float, float]]) -> float:
+    """A worker's prefill tok/s: `rate` where it measured one; unmeasured, the best measured of
+    `others` ((tok/s, threads) pairs, 0 tok/s: unmeasured) per thread × its `threads`; with none
+    measured, the fallback."""
+    if rate > 0:
+        return rate
+    per_thread = [r / max(1.0, t) for r, t in others if r > 0]
+    return max(per_thread) * max(1.0, threads) if per_thread else FALLBACK_PREFILL_TOK_S
+
+
 def _prefill_rate(w: WorkerSnapshot, ws: tuple[WorkerSnapshot, ...]) -> float:
-    """Its measured prefill tok/s; unmeasured: the best measured per thread × its threads, or the fallback."""
-    if w.prefill_tokens_per_s > 0:
-        return w.prefill_tokens_per_s
-    per_thread = [o.prefill_tokens_per_s / max(1, o.threads) for o in ws if o.prefill_tokens_per_s > 0]
-    return max(per_thread) * max(1, w.threads) if per_thread else FALLBACK_PREFILL_TOK_S
+    return prefill_rate_or_borrowed(w.prefill_tokens_per_s, w.threads,
+                                    ((o.prefill_tokens_per_s, o.threads) for o in ws))
 
 
 def _step_ms(w: WorkerSnapshot, ws: tuple[WorkerSnapshot, ...]) -> tuple[float, int]:

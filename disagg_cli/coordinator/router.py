@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from disagg_cli.coordinator.predictions import prefill_rate_or_borrowed
 from disagg_cli.errors import DisaggError, UsageError
 from disagg_cli.kv.pool import BlockHash, hash_blocks
 from disagg_cli.protocol import WORKER_ROLES, WorkerCapacity, WorkerStats
@@ -74,11 +75,8 @@ def local_prefill_pays(uncached: int, decode: WorkerRecord, prefills: Sequence[W
 def prompt_wait_s(w: WorkerRecord, prompt_tokens: int, others: Sequence[WorkerRecord]) -> float:
     """Seconds until a prompt of `prompt_tokens` sent to worker `w` would be computed: the prompt tokens
     queued there and its own at the speed it measured; until it has, as fast per thread as the
-    fastest of `others` that has (1,000 tok/s when none has)."""
-    rate = _prefill_rate(w)
-    if rate <= 0:
-        per_thread = [_prefill_rate(o) / _threads(o) for o in others if _prefill_rate(o) > 0]
-        rate = max(per_thread) * _threads(w) if per_thread else 1000.0
+    fastest of `others` that has (the planner's borrowing)."""
+    rate = prefill_rate_or_borrowed(_prefill_rate(w), _threads(w), ((_prefill_rate(o), _threads(o)) for o in others))
     return (w.queued_tokens + prompt_tokens) / rate
 
 

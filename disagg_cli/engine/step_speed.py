@@ -42,9 +42,6 @@ class StepSpeed:
         elif num_decode_seqs and not num_prefill_tokens:
             self.decode_step_ms = _fold(self.decode_step_ms, elapsed_ms)
 
-    def reset(self) -> None:
-        self.prefill_tokens_per_s = self.decode_step_ms = 0.0
-
     def prompt_budget(self, max_step_ms: float, decoding: bool) -> int | None:
         """The prompt tokens a step may take to end within `max_step_ms`, after its decodes' part
         when `decoding` (the floor while the prefill speed is not measured yet: that chunk measures

@@ -83,7 +83,7 @@ def test_started_workers_report_what_they_were_given(tmp_path: Path) -> None:
     """Real worker processes on a tiny model: the hello says the pool, batch limits and threads."""
     model = write_gguf(tmp_path / "tiny.gguf", random_weights())
     specs = (WorkerSpec("prefill", kv_cache_tokens=96, block_size=8, max_num_seqs=3, max_num_batched_tokens=50,
-                        chunked_prefill=False, threads=1, kv_codec="none"),
+                        chunked_prefill=False, threads=1, kv_codec="none", max_step_ms=25),  # unchunked: unbounded
              WorkerSpec("decode", kv_cache_memory_mb=0.25, block_size=4, max_num_seqs=7, threads=1,
                         enable_prefix_caching=False, max_step_ms=40))
 

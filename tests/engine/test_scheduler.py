@@ -85,6 +85,20 @@ def test_prompt_budget_lets_imported_decodes_pass_the_prompts_it_holds_back() ->
     assert [x.request_id for x in s.waiting] == ["r"] and not pool.tables["m"].reserved
 
 
+def test_an_older_prompt_chunk_never_squeezes_the_decodes_out_of_a_bounded_step() -> None:
+    pool = BlockPool(64, 4)
+    s = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=16, chunked_prefill=True)
+    s.add(seq("long", 40))
+    for rid in ("m1", "m2"):  # moved here with their KV: they join as decodes past the held-back prompt
+        pool.reserve(rid, 8)
+        s.waiting.append(Sequence(rid, list(range(9)), 8, SamplingParams(max_tokens=8), num_computed_tokens=8,
+                                  kv_imported=True))
+    assert run_step(s, prompt_budget=4) == [("long", 4), ("m1", 1), ("m2", 1)]
+    # long is older than the decodes: a bound past the token budget still leaves them their tokens
+    assert run_step(s, prompt_budget=100) == [("long", 14), ("m1", 1), ("m2", 1)]
+    assert run_step(s) == [("long", 16)]  # unbounded, as before: the token budget alone
+
+
 def test_backpressure_waits_for_blocks_and_never_over_commits() -> None:
     pool = BlockPool(4, 4)  # 16 tokens in all
     s = Scheduler(pool, max_num_seqs=8, max_num_batched_tokens=64)
