@@ -21,7 +21,9 @@ The rule, per tick:
    worker gives up prefill (→ decode, or prefill → colocated when it is the only one able to
    prefill). A phase past half its target while the other is within a quarter of its own counts
    as missed: the phase with room lends before the other misses.
-   A change is proposed only when it is predicted to help and to keep the other target met;
+   A change is proposed only when it is predicted to help and to keep the other target met, and
+   not when, by the predictions after it, the other phase would lend back at once (a switch and its
+   undoing, once per dwell);
    never one that leaves no worker able to prefill or none able to decode, nor one that leaves
    decode and colocated workers without a prefill worker (the colocated ones would compute every
    prompt while the decode ones take none);
@@ -194,14 +196,17 @@ class Planner:
         c, ws = self.config, snap.workers
         for w in sorted((w for w in ws if w.role == "decode"), key=lambda w: w.running_decodes):
             found = _first_helping(snap, w, CAN_PREFILL,
-                                   lambda ttft_after, tpot_after: ttft_after < ttft and tpot_after <= c.slo_tpot_ms)
+                                   lambda ttft_after, tpot_after: (ttft_after < ttft and tpot_after <= c.slo_tpot_ms
+                                                                   and not self._lends_to_decode(snap, ttft_after,
+                                                                                                 tpot_after)))
             if found is not None:
                 new_role, ttft_after, tpot_after = found
                 return (w.address, new_role), (
                     f"TTFT missed ({state}; {queued_tokens(snap)} prompt tokens at "
                     f"{prefill_capacity(ws):.0f} tok/s) with {w.running_decodes} decoding there; as {new_role}: "
                     f"TTFT {_ms(ttft_after)}, TPOT {_ms(tpot_after)}")
-        return None, f"TTFT missed ({state}) but no decode worker can give up decoding without missing TPOT"
+        return None, (f"TTFT missed ({state}) but no decode worker can give up decoding without missing TPOT "
+                      "or having it switched back")
 
     def _more_decode(self, snap: Snapshot, tpot: float, state: str) -> tuple[tuple[str, str] | None, str]:
         c, ws = self.config, snap.workers
@@ -209,15 +214,38 @@ class Planner:
                                                                                   w.queued_prefill_tokens))
         for w in givers:
             found = _first_helping(snap, w, CAN_DECODE,
-                                   lambda ttft_after, tpot_after: tpot_after < tpot and ttft_after <= c.slo_ttft_ms)
+                                   lambda ttft_after, tpot_after: (tpot_after < tpot and ttft_after <= c.slo_ttft_ms
+                                                                   and not self._lends_to_prefill(snap, ttft_after,
+                                                                                                  tpot_after)))
             if found is not None:
                 new_role, ttft_after, tpot_after = found
                 return (w.address, new_role), (
                     f"TPOT missed ({state}; {sum(x.running_decodes for x in ws)} decoding) with "
                     f"{w.queued_prefill_tokens} prompt tokens queued there; as {new_role}: "
                     f"TPOT {_ms(tpot_after)}, TTFT {_ms(ttft_after)}")
-        return None, (f"TPOT missed ({state}) but no worker can take up decoding without missing TTFT or leaving "
-                      "no prefill worker")
+        return None, (f"TPOT missed ({state}) but no worker can take up decoding without missing TTFT, leaving "
+                      "no prefill worker or having it switched back")
+
+    # A change must not make the rule that undoes it fire: the lending rule of the other phase reads
+    # the predictions after the change. Without this, a colocated worker whose bound puts its TPOT
+    # past half the target while prompts trickle in went back to decode, which backed TTFT up with
+    # TPOT idle, which made it colocated again, once per dwell. Where recent requests of the phase
+    # given more missed its target, the undoing cannot fire (both would count as missed).
+    def _lends_to_decode(self, snap: Snapshot, ttft_after: float, tpot_after: float) -> bool:
+        """After a change giving prefill more, decode would lend itself back (backed up, prefill with room)."""
+        c, queued = self.config, queued_tokens(snap)
+        if queued > 0 and _median(snap.recent_ttft_ms) > c.slo_ttft_ms:
+            return False
+        prefill_room = queued == 0 or ttft_after <= ROOM * c.slo_ttft_ms
+        return tpot_after > BACKED_UP * c.slo_tpot_ms and prefill_room
+
+    def _lends_to_prefill(self, snap: Snapshot, ttft_after: float, tpot_after: float) -> bool:
+        """After a change giving decode more, prefill would lend itself back (backed up, decode with room)."""
+        c, running = self.config, sum(w.running_decodes for w in snap.workers)
+        if running > 0 and _median(snap.recent_tpot_ms) > c.slo_tpot_ms:
+            return False
+        decode_room = running == 0 or tpot_after <= ROOM * c.slo_tpot_ms
+        return ttft_after > BACKED_UP * c.slo_ttft_ms and decode_room
 
 
 def _first_helping(snap: Snapshot, w: WorkerSnapshot, roles: tuple[str, ...],

@@ -117,7 +117,8 @@ def test_tpot_missed_gives_more_decode() -> None:
     plan = Planner(AT_ONCE).tick(snap(prefill(queued=0), decode(running=16, step_ms=90)))
     assert plan.changes == ()
     assert plan.reasons[P] == ("keeps prefill: TPOT missed (TTFT 0 ms vs 1,000 ms, TPOT 90 ms vs 50 ms) but no "
-                               "worker can take up decoding without missing TTFT or leaving no prefill worker")
+                               "worker can take up decoding without missing TTFT, leaving no prefill worker or "
+                               "having it switched back")
 
 
 def test_recent_requests_count_only_while_their_phase_has_work() -> None:
@@ -134,6 +135,33 @@ def test_a_phase_with_room_lends_before_the_other_misses() -> None:
     assert [(c.address, c.new_role) for c in lend.changes] == [(D, "colocated")]
     assert lend.changes[0].reason.startswith("TTFT missed (TTFT 600 ms vs 1,000 ms, TPOT 10 ms vs 50 ms;")
     assert Planner(AT_ONCE).tick(snap(prefill(queued=600), decode(running=1, step_ms=20))).changes == ()
+
+
+def test_no_change_whose_result_would_lend_it_back() -> None:
+    # A slow prefill worker (500 tok/s) beside a colocated one bounded at 40 ms, prompts trickling in:
+    # TTFT 238 ms has room, TPOT 42 ms (its steps fill with chunks) is past half of 50, so decode
+    # would borrow the colocated worker; but as decode, TTFT (300 tokens at 500 tok/s: 600 ms) is past
+    # half of 1,000 with TPOT 10 ms idle, and the decode worker would be made colocated again. The
+    # guard holds at both ends of that cycle.
+    bounded = WorkerSnapshot(C, "colocated", running_decodes=2, decode_step_ms=10, prefill_tokens_per_s=1000,
+                             max_step_ms=40)
+    trickle = snap(prefill(queued=300, rate=500), bounded)
+    assert (predict_ttft_ms(trickle), predict_tpot_ms(trickle)) == (pytest.approx(300 / (500 + 1000 * 32 / 42) * 1e3),
+                                                                  42)
+    undone = snap(prefill(queued=300, rate=500), replace(bounded, role="decode"))
+    assert (predict_ttft_ms(undone), predict_tpot_ms(undone)) == (600, 10)
+    plan = Planner(AT_ONCE).tick(undone)
+    assert plan.changes == () and "having it switched back" in plan.reasons[C], plan.reasons
+    # Instead the prefill worker takes up decoding too: both colocated, which nothing undoes.
+    [change] = Planner(AT_ONCE).tick(trickle).changes
+    assert (change.address, change.new_role) == (P, "colocated"), change
+    both = snap(WorkerSnapshot(P, "colocated", queued_prefill_tokens=300, prefill_tokens_per_s=500), bounded)
+    plan = Planner(AT_ONCE).tick(both)
+    assert plan.changes == () and "having it switched back" in plan.reasons[C], plan.reasons
+    # Recent requests decoding past the target: TPOT is missed outright, and TTFT cannot lend back
+    # (both would count as missed), so the worker goes to decode.
+    missed = replace(trickle, recent_tpot_ms=(60.0, 70.0, 80.0))
+    assert [(c.address, c.new_role) for c in Planner(AT_ONCE).tick(missed).changes] == [(C, "decode")]
 
 
 def test_both_missed_changes_nothing() -> None:
