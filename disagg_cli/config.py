@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from disagg_cli.core_lease import LendConfig
 from disagg_cli.errors import UsageError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -225,6 +226,8 @@ class WorkerConfig:
     # The coordinator may switch its role in place (`workers/roles.py`): the model is loaded for
     # every role (as colocated: what `--quantization auto` keeps for both phases), once.
     elastic: bool = False
+    # Its part of a lease of cores between local workers (`core_lease.py`); None: its own cores only.
+    lend: LendConfig | None = None
 
     @property
     def load_role(self) -> str:
@@ -255,6 +258,9 @@ class WorkerConfig:
             data["engine"] = EngineConfig(**data["engine"])
             data["keys_dir"] = None if data["keys_dir"] is None else Path(data["keys_dir"])
             data["cpus"] = None if data.get("cpus") is None else tuple(data["cpus"])
+            lend = data.get("lend")
+            data["lend"] = None if lend is None else LendConfig(lend["path"], lend["slot"], tuple(lend["threads"]),
+                                                                tuple(lend["cpus"]))
             return cls(**data)
         except (ValueError, KeyError, TypeError) as e:
             raise UsageError(f"not a worker config (as WorkerConfig.to_json writes): {e}") from None

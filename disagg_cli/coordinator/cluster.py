@@ -18,7 +18,9 @@ Placement: a spec without `threads` gets an even share of the cores this process
 least one), and without `cpus` a run of that many cores, round-robin. The worker sets that
 affinity itself, on every thread, once its model is loaded (`WorkerConfig.cpus`, Linux only;
 elsewhere the `cpus` are ignored): loading on any core, three workers on two cores were ready in
-~10 s instead of the ~15 s that two loading on one pinned core took.
+~10 s instead of the ~15 s that two loading on one pinned core took. Workers with cores of their
+own share a lease of them (`core_lease.py`, unless the topology says `lend_cores = false`): each
+may run on all their cores, and one with no work lends its threads to the others' kernel jobs.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from disagg_cli import core_lease
 from disagg_cli.coordinator.supervisor import RestartPolicy, Supervisor
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec
 from disagg_cli.coordinator.worker_process import WorkerProcess
+from disagg_cli.core_lease import LendConfig
 from disagg_cli.errors import DisaggError, UsageError
 
 STOP_TIMEOUT_S = 10.0
@@ -73,9 +77,21 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def worker_command(spec: WorkerSpec, model: str) -> list[str]:
+def worker_command(spec: WorkerSpec, model: str, lend: LendConfig | None = None) -> list[str]:
     """The child's command line: its whole `WorkerConfig` as JSON, not rebuilt flag by flag."""
-    return [sys.executable, "-m", "disagg_cli", "run-worker", spec.worker_config(model).to_json()]
+    config = replace(spec.worker_config(model), lend=lend)
+    return [sys.executable, "-m", "disagg_cli", "run-worker", config.to_json()]
+
+
+def leases(specs: list[WorkerSpec], path: Path) -> list[LendConfig | None]:
+    """Each placed worker's part of one lease at `path` where they can share their cores (see
+    `core_lease.lendable`), else none (pure, for tests)."""
+    threads = [spec.threads or 1 for spec in specs]
+    cpus = [spec.cpus or () for spec in specs]
+    if not core_lease.lendable(threads, cpus):
+        return [None] * len(specs)
+    every = tuple(sorted(c for own in cpus for c in own))
+    return [LendConfig(str(path), i, tuple(threads), every) for i in range(len(specs))]
 
 
 class LocalCluster:
@@ -93,6 +109,7 @@ class LocalCluster:
         self.keep_logs = False  # set when a worker failed, so the quoted log path stays valid
         self.supervisor: Supervisor | None = None
         self._restarting = threading.Lock()  # the supervisor's thread and a caller's may restart at once
+        self.leases: list[LendConfig | None] = []  # by worker: its part of the cores' lease, if any
 
     def __enter__(self) -> LocalCluster:
         self.start()
@@ -103,11 +120,16 @@ class LocalCluster:
 
     def start(self) -> None:
         try:
-            for i, spec in enumerate(place(self.config.workers, available_cpus())):
+            placed = place(self.config.workers, available_cpus())
+            lease_path = self.log_dir / "cores.lease"
+            self.leases = leases(placed, lease_path) if self.config.lend_cores else [None] * len(placed)
+            if any(self.leases):
+                core_lease.create(lease_path, len(placed))
+            for i, spec in enumerate(placed):
                 if spec.port == 0:
                     spec = replace(spec, port=free_port(spec.host))
                 log_path = self.log_dir / f"{i}-{spec.role}-{spec.port}.log"
-                process = self._spawn(spec, log_path)
+                process = self._spawn(spec, log_path, self.leases[i])
                 self.workers.append(WorkerProcess(spec, f"tcp://{spec.host}:{spec.port}", process, log_path))
         except BaseException:
             self.stop()
@@ -134,12 +156,13 @@ class LocalCluster:
         self.keep_logs |= old.process.returncode not in (0, -signal.SIGKILL)
         # Named from the spec, not the last log's name: a name grown by every restart outgrows the file system's.
         log_path = self.log_dir / f"{index}-{old.spec.role}-{old.spec.port}.r{time.monotonic_ns()}.log"
-        self.workers[index] = WorkerProcess(old.spec, old.address, self._spawn(old.spec, log_path), log_path)
+        spawned = self._spawn(old.spec, log_path, self.leases[index])
+        self.workers[index] = WorkerProcess(old.spec, old.address, spawned, log_path)
         return self.workers[index]
 
-    def _spawn(self, spec: WorkerSpec, log_path: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, spec: WorkerSpec, log_path: Path, lend: LendConfig | None) -> subprocess.Popen[bytes]:
         with log_path.open("wb") as log:
-            return subprocess.Popen(worker_command(spec, self.model), stdin=subprocess.DEVNULL, stdout=log,
+            return subprocess.Popen(worker_command(spec, self.model, lend), stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=log, start_new_session=True)
 
     def supervise(self, policy: RestartPolicy | None = None) -> None:

@@ -17,7 +17,8 @@ default (`local_topology`: 1 prefill + 1 decode). A file looks like:
 A `[cluster]` table picks where the workers run: `backend = "local"` (the default: child
 processes of this machine) or `backend = "ray"` (one Ray actor per worker, `address = "auto"` or
 the head node's `host:port`), placed by each worker's `num_cpus`, `num_gpus` and custom
-`resources = { prefill = 1 }` (Ray only; `cpus` is for local workers).
+`resources = { prefill = 1 }` (Ray only; `cpus` is for local workers). `lend_cores = false` keeps
+each local worker on its own cores even while it has no work (`core_lease.py`).
 
 Pure: no sockets, no processes (`coordinator/cluster.py` and `coordinator/ray_cluster.py` start them).
 """
@@ -133,6 +134,8 @@ class ClusterConfig:
     workers: tuple[WorkerSpec, ...]
     backend: str = "local"  # local: child processes here; ray: Ray actors (coordinator/ray_cluster.py)
     ray_address: str = "auto"  # the Ray cluster to join: auto (RAY_ADDRESS, or one on this machine) or host:port
+    # Local workers with cores of their own lend them while they have no work (`core_lease.py`).
+    lend_cores: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -205,7 +208,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "chunked_prefill": (bool,), "max_step_ms": (int, float), "enable_prefix_caching": (bool,), "elastic": (bool,),
     "num_cpus": (int, float), "num_gpus": (int, float), "resources": (dict,),
 }
-_CLUSTER_TYPES: dict[str, type] = {"backend": str, "address": str}
+_CLUSTER_TYPES: dict[str, type] = {"backend": str, "address": str, "lend_cores": bool}
 
 
 def load_cluster_config(path: Path, default_model: str | None = None) -> ClusterConfig:
@@ -282,4 +285,4 @@ def _parse(data: dict[str, Any], default_model: str | None) -> ClusterConfig:
             raise UsageError(f"{where}: {replicas} replicas cannot share port {spec.port}; set port = 0")
         specs += [spec] * replicas
     return ClusterConfig(model, tuple(specs), backend=cluster.get("backend", "local"),
-                         ray_address=cluster.get("address", "auto"))
+                         ray_address=cluster.get("address", "auto"), lend_cores=cluster.get("lend_cores", True))

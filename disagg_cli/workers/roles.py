@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from disagg_cli.config import WorkerConfig
+from disagg_cli.core_lease import CoreLease
 from disagg_cli.workers.colocated import ColocatedWorker
 from disagg_cli.workers.decode import DecodeWorker
 from disagg_cli.workers.prefill import PrefillWorker
@@ -26,8 +27,16 @@ def serve_worker(config: WorkerConfig, cache_dir: Any) -> int:
     process's main thread: hosts of a worker in a thread build it and call `serve`, `request_stop`."""
     stop = StopFlag()
     stop.on_signals()  # before the weights load, so a SIGTERM then still drains and exits 0
+    if config.lend is not None:  # loading (or restarted on its slot): its cores are not free
+        CoreLease.open(config.lend).set_busy(True)
     worker = ROLE_CLASSES[config.role](config, cache_dir, stop)
-    if config.cpus:
+    kernel = worker.lm.execution.backend.kernel
+    if config.lend is not None and kernel is not None:  # every lender's cores; borrowing while they idle
+        pin_threads(config.lend.cpus)
+        CoreLease.open(config.lend).attach(kernel.lib)
+        worker.log(f"cores lent and borrowed: {len(config.lend.threads)} workers on cpus "
+                   f"{list(config.lend.cpus)}, {config.lend.threads[config.lend.slot]} thread(s) of its own")
+    elif config.cpus:
         pin_threads(config.cpus)
     return serve_roles(worker, cache_dir)
 

@@ -30,6 +30,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from disagg_cli.config import WorkerConfig
+from disagg_cli.core_lease import CoreLease
 from disagg_cli.engine.engine import LLMEngine, TokenEvent
 from disagg_cli.keys import Keys
 from disagg_cli.model.loader import LoadedModel, load_model
@@ -177,6 +178,7 @@ class Worker(MessageIntake, Generic[R]):
 
     def _loop(self) -> int:
         deadline: float | None = None
+        lease = CoreLease.attached()  # busy while it has requests to step; idle (lent) while it waits
         while True:
             if self.stop.count and deadline is None:
                 deadline = time.monotonic() + self.config.grace_s
@@ -186,8 +188,12 @@ class Worker(MessageIntake, Generic[R]):
                 break
             self._publish_stats()
             busy = self.engine.has_unfinished()
+            if lease is not None:
+                lease.set_busy(busy)
             self._drain(block=not busy)
             if self.engine.has_unfinished():
+                if lease is not None:
+                    lease.set_busy(True)
                 self._step()
                 self._publish_stats()
             if self.switch is not None and not self.stop.count and self.switch.tick(self.io.flush):

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from disagg_cli.config import EngineConfig, RuntimeConfig, WorkerConfig
 from disagg_cli.coordinator.cluster import LocalCluster, worker_command
 from disagg_cli.coordinator.coordinator import Coordinator
 from disagg_cli.coordinator.topology import ClusterConfig, WorkerSpec, load_cluster_config
+from disagg_cli.core_lease import CoreLease
 from disagg_cli.errors import UsageError
 from tests.tiny_models import random_weights, write_gguf
 
@@ -79,8 +81,10 @@ def test_toml_takes_every_engine_setting(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_started_workers_report_what_they_were_given(tmp_path: Path) -> None:
-    """Real worker processes on a tiny model: the hello says the pool, batch limits and threads."""
+@pytest.mark.parametrize("lend_cores", [True, False])
+def test_started_workers_report_what_they_were_given(tmp_path: Path, lend_cores: bool) -> None:
+    """Real worker processes on a tiny model: the hello says the pool, batch limits and threads;
+    each runs on its placed cores, or, sharing a lease of them, on the cores of both."""
     model = write_gguf(tmp_path / "tiny.gguf", random_weights())
     specs = (WorkerSpec("prefill", kv_cache_tokens=96, block_size=8, max_num_seqs=3, max_num_batched_tokens=50,
                         chunked_prefill=False, threads=1, kv_codec="none", max_step_ms=25),  # unchunked: unbounded
@@ -96,13 +100,23 @@ def test_started_workers_report_what_they_were_given(tmp_path: Path) -> None:
         """The CPU affinity of each thread of process `pid` (Linux sets it per thread)."""
         return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
 
-    with LocalCluster(ClusterConfig(str(model), specs), str(model)) as cluster:
+    with LocalCluster(ClusterConfig(str(model), specs, lend_cores=lend_cores), str(model)) as cluster:
         prefill, decode = asyncio.run(hellos(cluster))
         if hasattr(os, "sched_getaffinity"):
-            # Each serving worker runs every thread on its placed cores (set once its model loaded).
+            # Each serving worker runs every thread on its placed cores (set once its model loaded), or
+            # where they lend cores to each other (two cores or more here), on the cores of both.
             placed = [frozenset(w.spec.cpus or ()) for w in cluster.workers]
-            assert [affinities(w.process.pid) for w in cluster.workers] == [{p} for p in placed]
             assert all(placed) and (len(os.sched_getaffinity(0)) < 2 or placed[0] != placed[1])
+            lent = lend_cores and len(os.sched_getaffinity(0)) >= 2
+            expected = [{placed[0] | placed[1]}] * 2 if lent else [{p} for p in placed]
+            assert [affinities(w.process.pid) for w in cluster.workers] == expected
+            assert (cluster.log_dir / "cores.lease").exists() == lent
+            if lent:  # both idle, so each lends its core to the other: both slots read 0
+                lease = CoreLease(cluster.leases[0])  # type: ignore[arg-type]
+                deadline = time.monotonic() + 30
+                while lease.busy() != [False, False]:
+                    assert time.monotonic() < deadline, lease.busy()
+                    time.sleep(0.05)
     assert prefill == {"num_blocks": 12, "block_size": 8, "max_num_seqs": 3, "max_num_batched_tokens": 50,
                        "chunked_prefill": 0, "prefix_caching": 1, "threads": 1, "max_step_ms": 0.0}
     tiny_kv_bytes_per_token = 2 * 2 * 2 * 16 * 4  # layers x kv heads x head dim of tests/tiny_models.TINY, f32

@@ -35,7 +35,7 @@ class StandInCluster(LocalCluster):
         self.spawned: list[subprocess.Popen[bytes]] = []
         self.spawned_at: list[float] = []  # time.monotonic() of each spawn
 
-    def _spawn(self, spec: WorkerSpec, log_path: Path) -> subprocess.Popen[bytes]:
+    def _spawn(self, spec: WorkerSpec, log_path: Path, lend: object = None) -> subprocess.Popen[bytes]:
         with log_path.open("wb") as log:
             process = subprocess.Popen([sys.executable, "-c", self.code(spec.role)], stdout=log, stderr=log)
         self.spawned.append(process)

@@ -144,8 +144,57 @@ static void *helper_main(void *arg) {
     return NULL;
 }
 
-/* Run fn(ctx, 0 .. num_chunks - 1) on the caller and up to nthreads - 1 helpers; returns when all are done. */
+/* --- cores lent between workers that share a machine ------------------------------------------
+ *
+ * Local workers started together each own a few cores. A lease is a small shared file with one
+ * slot per worker (a cache line each): its first int is 1 while that worker has work, 0 while it
+ * waits for some. Where this process has attached one (`dq_set_lease`), every parallel job reads
+ * it when it starts and runs on its own threads plus those of every worker that is idle now, so a
+ * prefill worker computes its prompts on both cores while the decode worker has nothing to decode,
+ * and gives the core back at its next job (a matmul: milliseconds) once the owner has work again.
+ * The process's affinity covers the lenders' cores (`workers/core_lease.py`). */
+#define LEASE_SLOT_INTS 16  /* 64 bytes a slot */
+#define LEASE_MAX_SLOTS 64
+static const _Atomic int32_t *lease_flags = NULL;
+static int lease_slots = 0, lease_self = -1;
+static int lease_threads_of[LEASE_MAX_SLOTS];
+
+/* flags: slots × 16 int32 (slot i's flag at 16 i); threads: slots ints, each worker's own threads.
+ * NULL flags detaches. Returns 0, or -1 for an out-of-range slot count or self. */
+int dq_set_lease(const void *flags, int slots, int self, const void *threads) {
+    if (flags == NULL) {
+        lease_flags = NULL, lease_slots = 0, lease_self = -1;
+        return 0;
+    }
+    if (slots < 1 || slots > LEASE_MAX_SLOTS || self < 0 || self >= slots) return -1;
+    for (int i = 0; i < slots; i++) lease_threads_of[i] = ((const int *)threads)[i];
+    lease_slots = slots, lease_self = self;
+    atomic_thread_fence(memory_order_seq_cst);
+    lease_flags = (const _Atomic int32_t *)flags;
+    return 0;
+}
+
+/* The threads a job asked for (the worker's own), plus those of every lender idle now. */
+static inline int lease_threads(int nthreads) {
+    const _Atomic int32_t *flags = lease_flags;
+    if (flags == NULL) return nthreads;
+    for (int i = 0; i < lease_slots; i++)
+        if (i != lease_self && atomic_load_explicit(&flags[i * LEASE_SLOT_INTS], memory_order_relaxed) == 0)
+            nthreads += lease_threads_of[i];
+    return nthreads;
+}
+
+/* What a job asking for nthreads runs on now (for tests and logs). */
+int dq_lease_threads(int nthreads) { return lease_threads(nthreads); }
+
+/* Run fn(ctx, 0 .. num_chunks - 1) on the caller and up to nthreads - 1 helpers (more where a lease
+ * lends cores); returns when all are done. */
+static void run_chunks_on(chunk_fn fn, void *ctx, int num_chunks, int nthreads);
 static void parallel_chunks(chunk_fn fn, void *ctx, int num_chunks, int nthreads) {
+    run_chunks_on(fn, ctx, num_chunks, lease_threads(nthreads));
+}
+
+static void run_chunks_on(chunk_fn fn, void *ctx, int num_chunks, int nthreads) {
     int helpers = nthreads - 1 < num_chunks - 1 ? nthreads - 1 : num_chunks - 1;
     if (helpers > MAX_HELPERS) helpers = MAX_HELPERS;
     if (helpers <= 0 || num_chunks > (int)CHUNK_MASK) {  /* over 2^20 chunks: never, at these sizes */
@@ -188,6 +237,7 @@ static void parallel_chunks(chunk_fn fn, void *ctx, int num_chunks, int nthreads
 static __thread int in_fused_step = 0;
 
 static void parallel_work(chunk_fn fn, void *ctx, int num_chunks, int nthreads) {
+    nthreads = lease_threads(nthreads);
 #if defined(_OPENMP)
     if (!in_fused_step && nthreads > 1 && num_chunks > 1) {
         const int team = nthreads < num_chunks ? nthreads : num_chunks;
@@ -196,7 +246,7 @@ static void parallel_work(chunk_fn fn, void *ctx, int num_chunks, int nthreads) 
         return;
     }
 #endif
-    parallel_chunks(fn, ctx, num_chunks, nthreads);
+    run_chunks_on(fn, ctx, num_chunks, nthreads);
 }
 
 /* --- activations → int8 blocks --------------------------------------------------------------- */

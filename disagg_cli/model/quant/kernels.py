@@ -36,6 +36,9 @@ SIGNATURES: dict[str, tuple[tuple[CType, ...], CType | None]] = {
     "dq_has_avx2": ((), _I),
     "dq_has_vnni": ((), _I),
     "dq_has_q16_tiles": ((), _I),
+    # flags, slots, self, threads (see workers/core_lease.py)
+    "dq_set_lease": ((_P, _I, _I, _P), _I),
+    "dq_lease_threads": ((_I,), _I),
     # kind, x, ldx, M, K, wq, wd, wm, N, y, ldy, nthreads, act_int8
     "dq_matmul": ((_I, _P, _I64, _I, _I, _P, _P, _P, _I, _P, _I64, _I, _I), _I),
     # q, keys, values, block_table, max_blocks, seq_lens, B, H, KV, hd, block_size, scale, out, nthreads, kv_bf16
