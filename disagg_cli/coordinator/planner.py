@@ -21,7 +21,9 @@ The rule, per tick:
    worker gives up prefill (→ decode, or prefill → colocated when it is the only one able to
    prefill). A phase past half its target while the other is within a quarter of its own counts
    as missed: the phase with room lends before the other misses.
-   A change is proposed only when it is predicted to help and to keep the other target met, and
+   A decode worker that is idle and lends its cores to the others (`core_lease.py`) is not
+   taken: its cores already compute prompts. A change is proposed only when it is predicted to
+   help and to keep the other target met, and
    not when, by the predictions after it, the other phase would lend back at once (a switch and its
    undoing, once per dwell);
    never one that leaves no worker able to prefill or none able to decode, nor one that leaves
@@ -194,7 +196,10 @@ class Planner:
 
     def _more_prefill(self, snap: Snapshot, ttft: float, state: str) -> tuple[tuple[str, str] | None, str]:
         c, ws = self.config, snap.workers
-        for w in sorted((w for w in ws if w.role == "decode"), key=lambda w: w.running_decodes):
+        # An idle decode worker that lends its cores already computes prompts with them (the prefill
+        # worker's kernel borrows them): as colocated it would add bounded chunks, not cores.
+        takers = (w for w in ws if w.role == "decode" and not (w.lends_cores and w.running_decodes == 0))
+        for w in sorted(takers, key=lambda w: w.running_decodes):
             found = _first_helping(snap, w, CAN_PREFILL,
                                    lambda ttft_after, tpot_after: (ttft_after < ttft and tpot_after <= c.slo_tpot_ms
                                                                    and not self._lends_to_decode(snap, ttft_after,
@@ -205,6 +210,11 @@ class Planner:
                     f"TTFT missed ({state}; {queued_tokens(snap)} prompt tokens at "
                     f"{prefill_capacity(ws):.0f} tok/s) with {w.running_decodes} decoding there; as {new_role}: "
                     f"TTFT {_ms(ttft_after)}, TPOT {_ms(tpot_after)}")
+        lending = [w.address for w in ws if w.role == "decode" and w.lends_cores and w.running_decodes == 0]
+        if lending:
+            return None, (f"TTFT missed ({state}); idle decode worker(s) {', '.join(lending)} already lend their "
+                          "cores to prefill, and no other decode worker can give up decoding without missing TPOT "
+                          "or having it switched back")
         return None, (f"TTFT missed ({state}) but no decode worker can give up decoding without missing TPOT "
                       "or having it switched back")
 

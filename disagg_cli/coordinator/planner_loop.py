@@ -72,8 +72,10 @@ class PlannerLoop:
     """See the module docstring."""
 
     def __init__(self, config: PlannerConfig, coordinator: RoleSwitcher, outputs: Callable[[], Iterable[RequestOutput]],
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, lenders: frozenset[str] = frozenset()) -> None:
+        """lenders: the addresses of workers that share a lease of cores (`core_lease.py`)."""
         self.config = config
+        self.lenders = lenders
         self.coordinator = coordinator
         self.planner = Planner(config)
         self._outputs = outputs  # the requests in flight
@@ -110,7 +112,7 @@ class PlannerLoop:
                 w.address, w.role, w.is_alive, w.queued_tokens + here[w.address],
                 s.running if s is not None and w.role in CAN_DECODE else 0,
                 s.prefill_tokens_per_s if s is not None else 0.0, s.decode_step_ms if s is not None else 0.0,
-                s.threads if s is not None else 1, w.max_step_ms))
+                s.threads if s is not None else 1, w.max_step_ms, w.address in self.lenders))
         return Snapshot(now, tuple(workers), pending,
                         tuple(x for _, x, _ in self._recent if x is not None),
                         tuple(x for _, _, x in self._recent if x is not None))

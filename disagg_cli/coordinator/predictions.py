@@ -32,6 +32,7 @@ class WorkerSnapshot:
     decode_step_ms: float = 0.0  # measured (heartbeat); 0: not yet
     threads: int = 1
     max_step_ms: float = 0.0  # its hello's: while decoding, prompt chunks are cut to end a step by then; 0: not
+    lends_cores: bool = False  # shares a lease of cores (`core_lease.py`): idle, its cores work for the others
 
     def __post_init__(self) -> None:
         assert self.role in WORKER_ROLES, self.role

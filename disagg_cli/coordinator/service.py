@@ -164,7 +164,10 @@ class CoordinatorService(ServiceHealth):
         config = self.config.serve.planner
         if not config.is_on and config.admission == "off":
             return
-        self.planner = PlannerLoop(config, coordinator, lambda: [out for out, _ in self.in_flight.values()])
+        lenders = frozenset() if self.cluster is None else frozenset(
+            w.address for w, lend in zip(self.cluster.workers, self.cluster.leases, strict=True) if lend is not None)
+        self.planner = PlannerLoop(config, coordinator, lambda: [out for out, _ in self.in_flight.values()],
+                                   lenders=lenders)
         self.on_finished(self.planner.note_finished)
         if config.is_on:
             self.planner.start()

@@ -90,6 +90,17 @@ def test_ttft_missed_with_decode_idle_makes_the_decode_worker_colocated() -> Non
     assert "as colocated: TTFT 1,500 ms" in change.reason  # unmeasured there: the prefill worker's speed
 
 
+def test_an_idle_decode_worker_lending_its_cores_is_not_taken_for_prefill() -> None:
+    # Its cores already compute prompts (the prefill worker's kernel borrows them while it idles);
+    # once it decodes, it lends nothing and may become colocated as any decode worker.
+    lending = replace(decode(running=0), lends_cores=True)
+    plan = Planner(AT_ONCE).tick(snap(prefill(queued=3000), lending))
+    assert plan.changes == ()
+    assert "idle decode worker(s) tcp://d:2 already lend their cores to prefill" in plan.reasons[D], plan.reasons
+    busy = replace(decode(running=1, step_ms=10), lends_cores=True)
+    assert [c.new_role for c in Planner(AT_ONCE).tick(snap(prefill(queued=3000), busy)).changes] == ["colocated"]
+
+
 def test_ttft_missed_with_two_decode_workers_makes_the_idler_one_prefill() -> None:
     plan = Planner(AT_ONCE).tick(snap(prefill(queued=3000), decode(running=2, step_ms=20),
                                       decode(running=0, step_ms=10, address=C)))

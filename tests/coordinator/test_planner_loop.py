@@ -79,6 +79,9 @@ def test_snapshot_reads_the_router_heartbeats_and_requests() -> None:
         (P, "prefill", 2000, 1000.0, 0)
     assert (d.role, d.queued_prefill_tokens, d.running_decodes, d.decode_step_ms) == ("decode", 500, 3, 20.0)
     assert snap.pending_prompt_tokens == 1000 and snap.now_s == 100.0
+    assert not p.lends_cores and not d.lends_cores
+    lent = PlannerLoop(CONFIG, coordinator, lambda: outs, lenders=frozenset({D})).snapshot()
+    assert [w.lends_cores for w in lent.workers] == [False, True]
 
 
 def test_decisions_are_held_then_switched_and_counted(caplog: pytest.LogCaptureFixture) -> None:
