@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,10 +73,15 @@ def test_multi_turn_conversations_send_their_turns_in_order() -> None:
     assert d["requests"]["lost"] == 0 and all(b["free"] == b["total"] for b in d["kv_blocks_at_end"].values())
 
 
-def test_shifting_workload_with_the_planner_reports_each_phase() -> None:
+def test_shifting_workload_with_the_planner_reports_each_phase(tmp_path: Path) -> None:
+    # Workers on their own cores: an idle decode worker that lends its cores is never taken for
+    # prefill (they already compute prompts), and this test wants the planner to switch one.
+    topology = tmp_path / "own-cores.toml"
+    topology.write_text('model = "smollm2-135m-instruct"\n[cluster]\nlend_cores = false\n'
+                        '[[workers]]\nrole = "prefill"\n[[workers]]\nrole = "decode"\n')
     cmd = [sys.executable, "-m", "disagg_cli", "bench", "serve", "--workload", "shifting", "--phase-duration", "3",
            "--request-rate", "0.5", "--planner", "slo", "--planner-interval", "0.3", "--slo-ttft-ms", "500",
-           "--goodput", "ttft:60000", "--goodput", "tpot:60000", "--json"]
+           "--goodput", "ttft:60000", "--goodput", "tpot:60000", "--json", "--config", str(topology)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert done.returncode == 0, done.stderr[-2000:]
     d = json.loads(done.stdout)["disagg"]
