@@ -306,6 +306,10 @@ class Coordinator:
 
     def _tokens(self, run: Attempt, src: WorkerLink, msg: Tokens) -> None:
         out = run.out
+        if out.is_finished:  # decode tokens that overtook a first token which ended the request (EOS, stop,
+            if msg.finish_reason is not None:  # max_tokens): discarded, the request left done (marking it
+                self._done_with(run, src)  # decoding again lost its answer: a 500 "ended without an answer")
+            return
         if out.state != "decoding":
             out.state = "decoding"
             copy_stats(out, msg.stats)

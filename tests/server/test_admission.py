@@ -22,8 +22,14 @@ LONG_PROMPT = [TOKEN] * 2000  # seconds of prefill on one core of this machine
 
 @pytest.fixture(scope="module")
 def server(default_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with running_server(tmp_path_factory.mktemp("serve-admission"), default_gguf, "--admission", "slo",
-                        "--slo-ttft-ms", "50", "--planner", "slo", "--planner-interval", "0.2") as s:
+    # Workers on their own cores: an idle decode worker that lends its cores is never taken for
+    # prefill, and this module wants the planner free to make it colocated.
+    folder = tmp_path_factory.mktemp("serve-admission")
+    topology = folder / "own-cores.toml"
+    topology.write_text(f'model = "{default_gguf}"\n[cluster]\nlend_cores = false\n'
+                        '[[workers]]\nrole = "prefill"\n[[workers]]\nrole = "decode"\n')
+    with running_server(folder, default_gguf, "--admission", "slo", "--slo-ttft-ms", "50", "--planner", "slo",
+                        "--planner-interval", "0.2", "--config", str(topology)) as s:
         yield s
 
 
