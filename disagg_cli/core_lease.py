@@ -87,10 +87,9 @@ class CoreLease:
     def open(cls, config: LendConfig) -> CoreLease:
         """The lease of `config`, mapped once per process and kept for its life (a role switch
         builds a new worker on the same lease; the kernel must never see the map go)."""
-        lease = cls._open.get(config.path)
-        if lease is None or lease.config != config:
-            lease = cls._open[config.path] = CoreLease(config)
-        return lease
+        if config.path not in cls._open:
+            cls._open[config.path] = CoreLease(config)
+        return cls._open[config.path]
 
     def attach(self, lib: Any) -> None:
         """Let the kernel `lib` (its `dq_set_lease`) borrow idle workers' threads from now on."""

@@ -23,9 +23,8 @@ The rule, per tick:
    as missed: the phase with room lends before the other misses.
    A decode worker that is idle and lends its cores to the others (`core_lease.py`) is not
    taken: its cores already compute prompts. A change is proposed only when it is predicted to
-   help and to keep the other target met, and
-   not when, by the predictions after it, the other phase would lend back at once (a switch and its
-   undoing, once per dwell);
+   help and to keep the other target met, and not when, by the predictions after it, the other
+   phase would lend back at once (a switch and its undoing, once per dwell);
    never one that leaves no worker able to prefill or none able to decode, nor one that leaves
    decode and colocated workers without a prefill worker (the colocated ones would compute every
    prompt while the decode ones take none);
@@ -198,7 +197,7 @@ class Planner:
         c, ws = self.config, snap.workers
         # An idle decode worker that lends its cores already computes prompts with them (the prefill
         # worker's kernel borrows them): as colocated it would add bounded chunks, not cores.
-        takers = (w for w in ws if w.role == "decode" and not (w.lends_cores and w.running_decodes == 0))
+        takers = (w for w in ws if w.role == "decode" and not _idle_lender(w))
         for w in sorted(takers, key=lambda w: w.running_decodes):
             found = _first_helping(snap, w, CAN_PREFILL,
                                    lambda ttft_after, tpot_after: (ttft_after < ttft and tpot_after <= c.slo_tpot_ms
@@ -210,7 +209,7 @@ class Planner:
                     f"TTFT missed ({state}; {queued_tokens(snap)} prompt tokens at "
                     f"{prefill_capacity(ws):.0f} tok/s) with {w.running_decodes} decoding there; as {new_role}: "
                     f"TTFT {_ms(ttft_after)}, TPOT {_ms(tpot_after)}")
-        lending = [w.address for w in ws if w.role == "decode" and w.lends_cores and w.running_decodes == 0]
+        lending = [w.address for w in ws if w.role == "decode" and _idle_lender(w)]
         if lending:
             return None, (f"TTFT missed ({state}); idle decode worker(s) {', '.join(lending)} already lend their "
                           "cores to prefill, and no other decode worker can give up decoding without missing TPOT "
@@ -272,6 +271,11 @@ def _first_helping(snap: Snapshot, w: WorkerSnapshot, roles: tuple[str, ...],
         if helps(ttft_after, tpot_after):
             return new_role, ttft_after, tpot_after
     return None
+
+
+def _idle_lender(w: WorkerSnapshot) -> bool:
+    """It shares a lease of cores and decodes nothing: its cores work for the others now."""
+    return w.lends_cores and w.running_decodes == 0
 
 
 def _with_role(ws: tuple[WorkerSnapshot, ...], address: str, role: str) -> tuple[WorkerSnapshot, ...]:
