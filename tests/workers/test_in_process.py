@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from disagg_cli import core_lease
 from disagg_cli.config import EngineConfig, RuntimeConfig, SamplingParams, WorkerConfig
 from disagg_cli.coordinator.coordinator import Coordinator
+from disagg_cli.core_lease import CoreLease, LendConfig
 from disagg_cli.engine.engine import LLMEngine
 from disagg_cli.engine.request import RequestOutput
 from disagg_cli.model.loader import LoadedModel
@@ -68,3 +71,60 @@ def test_prefill_and_decode_in_threads(default_gguf: Path, default_model: Loaded
     assert [o.token_ids for o in outs] == [expected[str(i)] for i in range(len(PROMPTS))]
     assert all(s["free_blocks"] == s["num_blocks"] for s in stats.values()), stats
     assert all(w.engine.pool.num_free == w.engine.pool.num_blocks for w in workers)
+
+
+def test_a_worker_marks_its_lease_busy_while_it_steps_and_idle_while_it_waits(
+        default_gguf: Path, default_model: LoadedModel, default_tokenizer: Tokenizer, tmp_path: Path) -> None:
+    """The worker loop's part of a lease of cores (`core_lease.py`): its slot reads busy while a
+    request is stepped and idle (lent) once there is nothing to step. The other slot stays busy, so
+    this process's kernel borrows nothing meanwhile."""
+    kernel = default_model.execution.backend.kernel
+    if kernel is None:
+        pytest.skip("the lease is the C kernel's; this model runs on torch")
+    path = tmp_path / "cores.lease"
+    core_lease.create(path, 2)
+    lease = CoreLease(LendConfig(str(path), 0, (1, 1), (0, 1)))
+    config = WorkerConfig(role="colocated", model=str(default_gguf), host="127.0.0.1", port=free_port(),
+                          runtime=RuntimeConfig(dtype="float32", threads=1), engine=EngineConfig(kv_cache_tokens=1024))
+    lease.attach(kernel.lib)
+    worker = ROLE_CLASSES["colocated"](config, None, lm=default_model)
+    host = threading.Thread(target=worker.serve, name="colocated")
+    seen: list[bool] = []
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            seen.append(lease.busy()[0])
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, name="sampler")
+    out = RequestOutput("r", PROMPTS[0], default_tokenizer.encode(PROMPTS[0]),
+                        SamplingParams(max_tokens=48, ignore_eos=True), default_tokenizer)
+
+    def until_idle() -> None:
+        deadline = time.monotonic() + 30
+        while lease.busy()[0]:  # nothing to step: lent (the file was made with every slot busy)
+            assert time.monotonic() < deadline, "the worker never marked itself idle"
+            time.sleep(0.01)
+
+    async def run() -> None:
+        async with Coordinator([("colocated", worker.address)], default_tokenizer.eos_token_ids) as coordinator:
+            await asyncio.wait_for(coordinator.connect(), 60)
+            until_idle()
+            sampler.start()
+            await asyncio.wait_for(coordinator.run_request(out), 120)
+
+    host.start()
+    try:
+        asyncio.run(run())
+        until_idle()
+    finally:
+        sampling.set()
+        worker.request_stop()
+        host.join(timeout=30)
+        if sampler.is_alive():
+            sampler.join(timeout=10)
+        CoreLease.detach(kernel.lib)
+    assert len(out.token_ids) == 48 and not host.is_alive()
+    assert True in seen, "never busy while it stepped the request"
+    assert lease.busy() == [False, True]
