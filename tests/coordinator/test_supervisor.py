@@ -86,6 +86,8 @@ def test_a_worker_that_exits_is_started_again_on_its_address(cluster_of, caplog:
     with caplog.at_level(logging.WARNING, logger="disagg_cli.coordinator.supervisor"):
         victim.process.send_signal(signal.SIGKILL)
         wait_until(lambda: cluster.workers[0].process is not victim.process, "the prefill stand-in restarted")
+        # The supervisor counts and logs the restart once the new process is in place: wait for that too.
+        wait_until(lambda: bool(caplog.records), "the restart logged")
     again = cluster.workers[0]
     assert again.address == victim.address and again.process.poll() is None
     assert cluster.workers[1] is other and other.process.poll() is None
