@@ -85,6 +85,30 @@ def test_bf16_attention_over_shared_and_reordered_blocks(kernel: Kernel) -> None
         keys = (keys.float() + 1).to(torch.bfloat16)
 
 
+@pytest.mark.parametrize("pool_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("heads", "kv", "bs"), [(9, 3, 16), (8, 2, 5), (4, 4, 16), (16, 2, 32)])
+def test_a_wide_decode_batch_attends_each_row_over_its_own_keys(kernel: Kernel, pool_dtype: torch.dtype, heads: int,
+                                                                 kv: int, bs: int) -> None:
+    """24 decode rows at head dim 64: enough sequences that each is one item with all its KV heads
+    (the path a batch-32 step takes), at lengths around the 16-key chunks and the blocks, with blocks
+    scattered; every row equals SDPA over its own keys, for 1 to 8 query heads per KV head."""
+    g = torch.Generator().manual_seed(heads * 100 + bs)
+    hd = 64
+    lens = [1, 2, 15, 16, 17, 31, 32, 33, 47, 48, 49, 64, 70, 5, 9, 80, 100, 127, 128, 129, 3, 40, 63, 96]
+    blocks = [-(-n // bs) for n in lens]
+    num_blocks = sum(blocks) + 3
+    keys = torch.randn(num_blocks * bs, kv, hd, generator=g).to(pool_dtype)
+    values = torch.randn(num_blocks * bs, kv, hd, generator=g).to(pool_dtype)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = [[order.pop() for _ in range(n)] for n in blocks]
+    width = max(blocks)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(lens), heads, hd, generator=g)
+    out = decode_attention(kernel, q, keys, values, table, torch.tensor(lens, dtype=torch.int32), bs)
+    want = torch.stack([_reference(q[r], keys, values, tables[r], lens[r], bs) for r in range(len(lens))])
+    assert torch.allclose(out, want, atol=1e-5, rtol=1e-5), (out - want).abs().max()
+
+
 def _tiny(tmp_path: Path, qtype: str, kv_cache_dtype: str) -> LoadedModel:
     path = write_gguf(tmp_path / f"{qtype}.gguf", random_weights(seed=11), qtype=qtype)
     kind = "none" if qtype == "F32" else "int4"
