@@ -727,12 +727,14 @@ static void softmax_inplace(float *s, int n) {
 
 /* Ask for the `bs` rows of one KV head in a block (`row_bytes` each, `stride_bytes` apart) to be
  * brought into cache while the current block is worked on: the pool's blocks lie anywhere, so the
- * hardware prefetcher cannot guess the next one (~15 % of a batch-32 step's attention). */
+ * hardware prefetcher cannot guess the next one (~15 % of a batch-32 step's attention). Into L2:
+ * into L1 they stalled on its miss buffers (Zen 4, 2 threads, batch 32 x 288 tokens, 30 layers on
+ * this path: bf16 29 -> 20 ms, float32 39 -> 25 ms). */
 static inline void prefetch_rows(const void *first, int bs, int64_t row_bytes, int64_t stride_bytes) {
 #if defined(__AVX2__)
     for (int p = 0; p < bs; p++)
         for (int64_t c = 0; c < row_bytes; c += 64)
-            _mm_prefetch((const char *)first + p * stride_bytes + c, _MM_HINT_T0);
+            _mm_prefetch((const char *)first + p * stride_bytes + c, _MM_HINT_T1);
 #else
     (void)first, (void)bs, (void)row_bytes, (void)stride_bytes;
 #endif
