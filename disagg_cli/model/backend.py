@@ -34,7 +34,7 @@ from disagg_cli.model.llama import LlamaForCausalLM
 from disagg_cli.model.quant.blocks import QuantizedWeight
 from disagg_cli.model.quant.build import KernelUnavailable
 from disagg_cli.model.quant.fused import FusedDecoder, fused_decoder, matmuls
-from disagg_cli.model.quant.kernels import Kernel, load_kernel
+from disagg_cli.model.quant.kernels import Kernel, KernelStepOps, load_kernel
 from disagg_cli.model.quant.linear import Blocks, QuantizedLinear, quantize_model
 from disagg_cli.model.quant.methods import (
     PACKED_MIN_ROWS,
@@ -97,6 +97,8 @@ class Backend:
             for layer, which, mod in matmuls(model):
                 if isinstance(mod, QuantizedLinear):  # from 5 rows, the step's packed copy as tiles
                     mod.method = with_tier(mod.method, PACKED_MIN_ROWS, CPacked(fused, layer, which, tiles))
+        if float32_cpu:  # a step's norms, RoPE and SiLU as the fused step computes them
+            model.ops = KernelStepOps(self.kernel)
         attention: AttentionImpl = KernelAttention(self.kernel) if float32_cpu else TorchAttention()
         return Execution(self, attention, fused, why, dense_min_rows)
 

@@ -11,7 +11,7 @@ and returns the attention output. That keeps storage and batching out of this fi
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,33 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+class StepOps:
+    """The element-wise parts of a step: RMSNorm, RoPE of q and k, SiLU·up. These are torch's ops
+    (any dtype, any device); the execution backend may give the model faster ones at load
+    (`quant/kernels.py` `KernelStepOps`: the C kernel's, for float32 on the CPU)."""
+
+    def rotation(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> object:
+        """What `split_rotated` needs for this step's positions: here cos and sin (N, 1, hd)."""
+        return rotary(positions, dtype)
+
+    def split_rotated(self, qkv: torch.Tensor, heads: int, kv_heads: int, hd: int,
+                      rotation: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv (N, (H + 2 KV) · hd) → q (N, H, hd) and k (N, KV, hd) rotated, v (N, KV, hd)."""
+        n = qkv.shape[0]
+        cos, sin = cast(tuple[torch.Tensor, torch.Tensor], rotation)
+        q, k, v = qkv.split((heads * hd, kv_heads * hd, kv_heads * hd), dim=-1)
+        return (apply_rotary(q.view(n, heads, hd), cos, sin), apply_rotary(k.view(n, kv_heads, hd), cos, sin),
+                v.reshape(n, kv_heads, hd))
+
+    def rms_norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        return norm(x)
+
+    def silu_mul(self, gate_up: torch.Tensor, f: int) -> torch.Tensor:
+        """gate_up (N, 2F), gate then up → silu(gate) · up (N, F)."""
+        gate, up = gate_up.split(f, dim=-1)
+        return F.silu(gate) * up
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, device: Device = None) -> None:
         super().__init__()
@@ -104,15 +131,13 @@ class LlamaAttention(nn.Module):
         # After loading, `fuse_projections` replaces q/k/v_proj with one matmul of their stacked rows.
         self.qkv_proj: nn.Module | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: object, attn: Attention, ops: StepOps) -> torch.Tensor:
         n, h, kv, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split((h * hd, kv * hd, kv * hd), dim=-1)  # (N, H·hd), (N, KV·hd) ×2
+            qkv = self.qkv_proj(x)  # (N, (H + 2 KV)·hd)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rotary(q.view(n, h, hd), cos, sin)  # (N, H, hd)
-        k = apply_rotary(k.view(n, kv, hd), cos, sin)  # (N, KV, hd)
-        v = v.reshape(n, kv, hd)  # (N, KV, hd)
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        q, k, v = ops.split_rotated(qkv, h, kv, hd, rotation)  # (N, H, hd), (N, KV, hd) ×2
         out = attn(self.layer, q, k, v)  # (N, H, hd)
         return self.o_proj(out.reshape(n, h * hd))
 
@@ -127,12 +152,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=False, device=device)
         self.gate_up_proj: nn.Module | None = None  # gate and up stacked, after `fuse_projections`
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: StepOps) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # (N, F) each
+            gate_up = self.gate_up_proj(x)  # (N, 2F): gate then up
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+            gate_up = torch.cat((self.gate_proj(x), self.up_proj(x)), dim=-1)
+        return self.down_proj(ops.silu_mul(gate_up, self.intermediate_size))
 
 
 def fuse_projections(model: LlamaForCausalLM) -> None:
@@ -168,9 +193,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device)
         self.mlp = LlamaMLP(config, device)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: Attention) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, rotation: object, attn: Attention, ops: StepOps) -> torch.Tensor:
+        x = x + self.self_attn(ops.rms_norm(self.input_layernorm, x), rotation, attn, ops)
+        return x + self.mlp(ops.rms_norm(self.post_attention_layernorm, x), ops)
 
 
 class LlamaModel(nn.Module):
@@ -202,15 +227,17 @@ class LlamaForCausalLM(nn.Module):
         # A tied head reads the embedding matrix; it has no parameter of its own to load.
         self.lm_head: nn.Module | None = None if config.tie_word_embeddings else nn.Linear(
             config.hidden_size, config.vocab_size, bias=False, device=device)
+        self.ops = StepOps()  # the backend may replace it at load (model/backend.py)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: Attention) -> torch.Tensor:
         """input_ids, positions (N,) → final hidden states (N, D), after the last norm."""
         x = self.model.embed_tokens(input_ids)  # (N, D)
-        cos, sin = self.rotary(positions, x.dtype)
+        ops = self.ops
+        rotation = ops.rotation(self.rotary, positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+            x = layer(x, rotation, attn, ops)
+        return ops.rms_norm(self.model.norm, x)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
