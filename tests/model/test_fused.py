@@ -32,7 +32,8 @@ QPANEL_MIN_ROWS = 5  # kernel.c: from this many rows the step widens its quantiz
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("m,n,k", [(1, 1, 32), (1, 7, 33), (2, 5, 100), (3, 13, 576), (4, 9, 40), (5, 3, 95),
                                    (7, 17, 64), (32, 30, 576), (9, 6, 1536), (8, 17, 95), (13, 33, 40),
-                                   (6, 16, 33), (5, 40, 64), (67, 40, 576)])
+                                   (6, 16, 33), (5, 40, 64), (67, 40, 576), (11, 64, 96), (6, 32, 1536),
+                                   (17, 80, 64)])
 def test_step_matmul_matches_dequantized_reference(kernel: Kernel, kind: str, m: int, n: int, k: int) -> None:
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)

@@ -1889,7 +1889,7 @@ static void qpanel_matmul(const dq_weight *w, const float *x, int M, float *y, i
  * The same panels multiplied in integers: the activations rounded to int16 per block of 32
  * (`quantize_row16`, as the narrow steps do), the weights' quants widened to int16 once per panel
  * and step, and `vpdpwssd` (two int16 products summed into an int32 lane) runs a block of 32 k for
- * 8 rows × 16 columns in 8 × 16 instructions; then each block's integer sums become floats, scaled
+ * 6 rows × 32 columns in 6 × 2 × 16 instructions; then each block's integer sums become floats, scaled
  * by d · dx, with the min term m' · Σx added from the block's exact float sum. Each instruction
  * does 32 multiply-adds to an FMA's 16, and measured on Zen 4 it issues as often (117 against 59
  * GMAC/s on one core), so prompts run on twice the float GEMM's ceiling without bfloat16's
@@ -1899,7 +1899,6 @@ static void qpanel_matmul(const dq_weight *w, const float *x, int M, float *y, i
  * int32. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define Q16_TILES 1
-#define Q16_MR 8  /* rows per tile: 8 int32 and 8 float accumulators of 16 columns */
 
 int dq_has_q16_tiles(void) { return 1; }
 
@@ -1927,121 +1926,180 @@ static void widen_qpanel16(const int kind, const uint8_t *pp, int nb, int64_t pb
     }
 }
 
-/* mr rows of quantized activations (row r: xq + r * nb * 32, xd/xs + r * nb) against one widened
- * panel; y row r at y + r * ldy, `cols` columns of it. */
-static inline __attribute__((always_inline)) void q16_tile(const int mr, const int16_t *xq, const float *xd,
-                                                           const float *xs, int nb, const int16_t *wbuf,
-                                                           const uint8_t *pp, int64_t pbb, const float *bias,
-                                                           float *y, int64_t ldy, int cols) {
-    __m512 facc[Q16_MR];
-    __m512i iacc[Q16_MR];
-#pragma GCC unroll 8
-    for (int i = 0; i < mr; i++) facc[i] = _mm512_setzero_ps();
-    const int64_t ldq = (int64_t)nb * QK;
-    for (int b = 0; b < nb; b++) {
-#pragma GCC unroll 8
-        for (int i = 0; i < mr; i++) iacc[i] = _mm512_setzero_si512();
-        const int16_t *wb = wbuf + (int64_t)b * (QK / 2) * 32, *xb = xq + (int64_t)b * QK;
-#pragma GCC unroll 4
-        for (int kk = 0; kk < QK / 2; kk++) {
-            const __m512i wv = _mm512_loadu_si512((const void *)(wb + kk * 32));
-#pragma GCC unroll 8
-            for (int i = 0; i < mr; i++) {
-                int32_t pair;
-                memcpy(&pair, xb + i * ldq + 2 * kk, sizeof pair);
-                iacc[i] = _mm512_dpwssd_epi32(iacc[i], _mm512_set1_epi32(pair), wv);
+/* Activations packed for the tiles: rows in groups of Q16_MR (the last padded with zero rows), and
+ * per group, block by block, the 16 int32 pairs (k, k + 1) of its rows side by side, pair kk of row
+ * i at [kk · Q16_MR + i], then the rows' scales dx and sums Σx: one pointer and constant offsets in
+ * the tile's loop. With each row apart by K, the 6 row addresses × 16 pairs unrolled spilled the
+ * compiler's registers (Zen 4, one core: 88 GMAC/s alone against 93 packed). */
+#define Q16_MR 6  /* rows per tile: 4 · 6 accumulators of 16 columns, two panels at a time */
+#define Q16_GROUP_INTS(nb) ((int64_t)(nb) * (QK / 2 * Q16_MR + 2 * Q16_MR))  /* a group's 32-bit words */
+
+/* A group of Q16_MR rows (mr of them real) against one or two widened panels (np, a constant in
+ * each copy), blocks [b0, b1) of them: each row's pair is loaded once for both panels, a block's
+ * first pair multiplies with `vpmaddwd` (no zeroed accumulators), and all the sums stay in
+ * registers. The sums start from zero at block 0, else from y (the blocks before); the bias goes
+ * in after the last block. Columns past `cols` of a panel (the last, partial one) and rows past mr
+ * are not stored. */
+static inline __attribute__((always_inline)) void q16_tile(const int np, const int mr, const int32_t *xp, int nb,
+                                                           int b0, int b1, const int16_t *wb0, const int16_t *wb1,
+                                                           const uint8_t *pp0, const uint8_t *pp1, int64_t pbb,
+                                                           const float *bias0, const float *bias1, float *y,
+                                                           int64_t ldy, int cols0, int cols1) {
+    const __mmask16 keep0 = (__mmask16)((1u << cols0) - 1u), keep1 = (__mmask16)((1u << cols1) - 1u);
+    __m512 f0[Q16_MR], f1[Q16_MR];
+#pragma GCC unroll 6
+    for (int i = 0; i < Q16_MR; i++) {
+        f0[i] = b0 && i < mr ? _mm512_maskz_loadu_ps(keep0, y + i * ldy) : _mm512_setzero_ps();
+        f1[i] = np == 2 && b0 && i < mr ? _mm512_maskz_loadu_ps(keep1, y + i * ldy + QPANEL_NR) : _mm512_setzero_ps();
+    }
+    for (int b = b0; b < b1; b++) {
+        __m512i a0[Q16_MR], a1[Q16_MR];
+        const int16_t *w0 = wb0 + (int64_t)b * (QK / 2) * 32, *w1 = np == 2 ? wb1 + (int64_t)b * (QK / 2) * 32 : w0;
+        const int32_t *xb = xp + (int64_t)b * (QK / 2 * Q16_MR + 2 * Q16_MR);
+        {
+            const __m512i v0 = _mm512_loadu_si512((const void *)w0);
+            const __m512i v1 = np == 2 ? _mm512_loadu_si512((const void *)w1) : v0;
+#pragma GCC unroll 6
+            for (int i = 0; i < Q16_MR; i++) {
+                const __m512i x = _mm512_set1_epi32(xb[i]);
+                a0[i] = _mm512_madd_epi16(x, v0);
+                if (np == 2) a1[i] = _mm512_madd_epi16(x, v1);
             }
         }
-        const float *pd = (const float *)(pp + b * pbb);
-        const __m512 dv = _mm512_loadu_ps(pd), mv = _mm512_loadu_ps(pd + QPANEL_NR);
-#pragma GCC unroll 8
-        for (int i = 0; i < mr; i++) {
-            const __m512 scale = _mm512_mul_ps(dv, _mm512_set1_ps(xd[i * nb + b]));
-            facc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[i]), scale, facc[i]);
-            facc[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[i * nb + b]), facc[i]);
+#pragma GCC unroll 15
+        for (int kk = 1; kk < QK / 2; kk++) {
+            const __m512i v0 = _mm512_loadu_si512((const void *)(w0 + kk * 32));
+            const __m512i v1 = np == 2 ? _mm512_loadu_si512((const void *)(w1 + kk * 32)) : v0;
+#pragma GCC unroll 6
+            for (int i = 0; i < Q16_MR; i++) {
+                const __m512i x = _mm512_set1_epi32(xb[kk * Q16_MR + i]);
+                a0[i] = _mm512_dpwssd_epi32(a0[i], x, v0);
+                if (np == 2) a1[i] = _mm512_dpwssd_epi32(a1[i], x, v1);
+            }
+        }
+        const float *sc = (const float *)(xb + QK / 2 * Q16_MR);  /* dx of the rows, then Σx */
+        const float *pd0 = (const float *)(pp0 + b * pbb), *pd1 = (const float *)((np == 2 ? pp1 : pp0) + b * pbb);
+        const __m512 d0 = _mm512_loadu_ps(pd0), m0 = _mm512_loadu_ps(pd0 + QPANEL_NR);
+        const __m512 d1 = _mm512_loadu_ps(pd1), m1 = _mm512_loadu_ps(pd1 + QPANEL_NR);
+#pragma GCC unroll 6
+        for (int i = 0; i < Q16_MR; i++) {
+            const __m512 sx = _mm512_set1_ps(sc[i]), ss = _mm512_set1_ps(sc[Q16_MR + i]);
+            f0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[i]), _mm512_mul_ps(d0, sx), f0[i]);
+            f0[i] = _mm512_fmadd_ps(m0, ss, f0[i]);
+            if (np == 2) {
+                f1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[i]), _mm512_mul_ps(d1, sx), f1[i]);
+                f1[i] = _mm512_fmadd_ps(m1, ss, f1[i]);
+            }
         }
     }
-    const __mmask16 keep = (__mmask16)((1u << cols) - 1u);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int i = 0; i < mr; i++) _mm512_mask_storeu_ps(y + i * ldy, keep, _mm512_add_ps(facc[i], bv));
+    const int last = b1 == nb;
+    const __m512 bv0 = last && bias0 ? _mm512_maskz_loadu_ps(keep0, bias0) : _mm512_setzero_ps();
+    const __m512 bv1 = last && np == 2 && bias1 ? _mm512_maskz_loadu_ps(keep1, bias1) : _mm512_setzero_ps();
+    for (int i = 0; i < mr; i++) {
+        _mm512_mask_storeu_ps(y + i * ldy, keep0, _mm512_add_ps(f0[i], bv0));
+        if (np == 2) _mm512_mask_storeu_ps(y + i * ldy + QPANEL_NR, keep1, _mm512_add_ps(f1[i], bv1));
+    }
 }
+
+/* Blocks a tile takes at a time: two widened panels of them (12 blocks: 24 KB) stay in L1 while
+ * every group of rows goes through them (at K = 1536 whole panels did not: 65 against 82 GMAC/s
+ * at K = 576, Zen 4, one core). */
+#define Q16_KC 12
 
 typedef struct {
     const dq_weight *w;
-    const int16_t *xq;
-    const float *xd, *xs;
+    const int32_t *xp;  /* the packed activations */
     float *y;
     int M;
 } q16_job;
 
-static __thread int16_t *q16_wbuf = NULL;  /* per thread: one panel widened, K × 16 int16 */
+static __thread int16_t *q16_wbuf = NULL;  /* per thread: two panels widened, 2 × K × 16 int16 */
 static __thread size_t q16_wcap = 0;
 
-static void q16_item(void *arg, int p) {
+/* Item i: panels 2i and 2i + 1 (the second may be partial or absent) against every group of rows. */
+static void q16_item(void *arg, int item) {
     const q16_job *j = (const q16_job *)arg;
     const dq_weight *w = j->w;
-    const int nb = w->nb;
-    const size_t need = (size_t)nb * QK * QPANEL_NR;
-    if (q16_wcap < need) q16_wbuf = (int16_t *)grow(q16_wbuf, need * sizeof(int16_t)), q16_wcap = need;  /* 48 KB at K = 1536 */
-    const uint8_t *pp = w->pdata + (int64_t)p * nb * w->pblock_bytes;
-    if (w->kind == 4) widen_qpanel16(4, pp, nb, w->pblock_bytes, q16_wbuf);
-    else widen_qpanel16(8, pp, nb, w->pblock_bytes, q16_wbuf);
-    const int cols = w->N - p * QPANEL_NR < QPANEL_NR ? w->N - p * QPANEL_NR : QPANEL_NR;
-    const float *bias = w->bias ? w->bias + (int64_t)p * QPANEL_NR : NULL;
-    for (int r = 0; r < j->M; r += Q16_MR) {
-        const int16_t *xq = j->xq + (int64_t)r * nb * QK;
-        const float *xd = j->xd + (int64_t)r * nb, *xs = j->xs + (int64_t)r * nb;
-        float *y = j->y + (int64_t)r * w->N + p * QPANEL_NR;
-        const int64_t pbb = w->pblock_bytes;
-        switch (j->M - r < Q16_MR ? j->M - r : Q16_MR) {
-            case 1: q16_tile(1, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
-            case 2: q16_tile(2, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
-            case 3: q16_tile(3, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
-            case 4: q16_tile(4, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
-            case 5: q16_tile(5, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
-            case 6: q16_tile(6, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
-            case 7: q16_tile(7, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
-            default: q16_tile(8, xq, xd, xs, nb, q16_wbuf, pp, pbb, bias, y, w->N, cols); break;
+    const int nb = w->nb, p0 = 2 * item, np = (p0 + 1) * QPANEL_NR < w->N ? 2 : 1;
+    const size_t need = (size_t)2 * nb * QK * QPANEL_NR;
+    if (q16_wcap < need) q16_wbuf = (int16_t *)grow(q16_wbuf, need * sizeof(int16_t)), q16_wcap = need;  /* 96 KB at K = 1536 */
+    const int64_t pbb = w->pblock_bytes;
+    const uint8_t *pp0 = w->pdata + (int64_t)p0 * nb * pbb, *pp1 = pp0 + (int64_t)nb * pbb;
+    int16_t *wb0 = q16_wbuf, *wb1 = q16_wbuf + (size_t)nb * QK * QPANEL_NR;
+    for (int p = 0; p < np; p++) widen_qpanel16(w->kind == 4 ? 4 : 8, p ? pp1 : pp0, nb, pbb, p ? wb1 : wb0);
+    const int cols0 = w->N - p0 * QPANEL_NR < QPANEL_NR ? w->N - p0 * QPANEL_NR : QPANEL_NR;
+    const int cols1 = np == 2 ? (w->N - (p0 + 1) * QPANEL_NR < QPANEL_NR ? w->N - (p0 + 1) * QPANEL_NR : QPANEL_NR) : 0;
+    const float *bias0 = w->bias ? w->bias + (int64_t)p0 * QPANEL_NR : NULL, *bias1 = bias0 ? bias0 + QPANEL_NR : NULL;
+    const int chunks = (nb + Q16_KC - 1) / Q16_KC, kc = (nb + chunks - 1) / chunks;  /* even chunks */
+    for (int b0 = 0; b0 < nb; b0 += kc) {
+        const int b1 = b0 + kc < nb ? b0 + kc : nb;
+        for (int r = 0; r < j->M; r += Q16_MR) {
+            const int32_t *xp = j->xp + (int64_t)(r / Q16_MR) * Q16_GROUP_INTS(nb);
+            float *y = j->y + (int64_t)r * w->N + p0 * QPANEL_NR;
+            const int mr = j->M - r < Q16_MR ? j->M - r : Q16_MR;
+            if (np == 2)
+                q16_tile(2, mr, xp, nb, b0, b1, wb0, wb1, pp0, pp1, pbb, bias0, bias1, y, w->N, cols0, cols1);
+            else
+                q16_tile(1, mr, xp, nb, b0, b1, wb0, wb0, pp0, pp0, pbb, bias0, NULL, y, w->N, cols0, 0);
         }
     }
 }
 
 typedef struct {
     const float *x;
-    int16_t *xq;
-    float *xd, *xs;
-    int K, nb, rows_per_item, M;
+    int32_t *xp;
+    int K, nb, M;
 } q16_quant_job;
 
-static void q16_quant_item(void *arg, int c) {
+static __thread int16_t *q16_rowq = NULL;  /* per thread: one row quantized, before packing */
+static __thread float *q16_rows = NULL;
+static __thread int q16_row_cap = 0;
+
+/* Group g of Q16_MR rows: each row quantized (`quantize_row16`), then packed; rows past M zero. */
+static void q16_quant_item(void *arg, int g) {
     const q16_quant_job *j = (const q16_quant_job *)arg;
-    const int r1 = (c + 1) * j->rows_per_item < j->M ? (c + 1) * j->rows_per_item : j->M;
-    for (int r = c * j->rows_per_item; r < r1; r++)
-        quantize_row16(j->x + (int64_t)r * j->K, j->K, j->xq + (int64_t)r * j->nb * QK, j->xd + (int64_t)r * j->nb,
-                       j->xs + (int64_t)r * j->nb);
+    const int nb = j->nb;
+    if (q16_row_cap < nb) {
+        q16_rowq = (int16_t *)grow(q16_rowq, (size_t)nb * QK * sizeof(int16_t));
+        q16_rows = (float *)grow(q16_rows, (size_t)2 * nb * sizeof(float));
+        q16_row_cap = nb;
+    }
+    int32_t *xp = j->xp + (int64_t)g * Q16_GROUP_INTS(nb);
+    for (int i = 0; i < Q16_MR; i++) {
+        const int r = g * Q16_MR + i;
+        if (r < j->M) {
+            quantize_row16(j->x + (int64_t)r * j->K, j->K, q16_rowq, q16_rows, q16_rows + nb);
+        } else {
+            memset(q16_rowq, 0, (size_t)nb * QK * sizeof(int16_t));
+            memset(q16_rows, 0, (size_t)2 * nb * sizeof(float));
+        }
+        const int32_t *pairs = (const int32_t *)q16_rowq;
+        for (int b = 0; b < nb; b++) {
+            int32_t *xb = xp + (int64_t)b * (QK / 2 * Q16_MR + 2 * Q16_MR);
+            for (int kk = 0; kk < QK / 2; kk++) xb[kk * Q16_MR + i] = pairs[b * (QK / 2) + kk];
+            memcpy(xb + QK / 2 * Q16_MR + i, q16_rows + b, sizeof(float));
+            memcpy(xb + QK / 2 * Q16_MR + Q16_MR + i, q16_rows + nb + b, sizeof(float));
+        }
+    }
 }
 
-/* The caller's activations, quantized (M × K int16 and 2 × M × nb floats), grown as needed. */
-static __thread void *q16_act = NULL;
+/* The caller's activations, packed, grown as needed. */
+static __thread int32_t *q16_act = NULL;
 static __thread size_t q16_act_cap = 0;
 
 /* y (M, N) = x (M, K) · Wᵀ + bias on int16 tiles; -1 (nothing written) where memory runs out. */
 static int q16_matmul(const dq_weight *w, const float *x, int M, float *y, int nthreads) {
-    const int nb = w->nb;
-    const size_t qbytes = ((size_t)M * nb * QK * sizeof(int16_t) + 63) & ~(size_t)63;
-    const size_t need = qbytes + (size_t)2 * M * nb * sizeof(float);
+    const int nb = w->nb, groups = (M + Q16_MR - 1) / Q16_MR;
+    const size_t need = (size_t)groups * Q16_GROUP_INTS(nb);
     if (q16_act_cap < need) {
-        void *grown = realloc(q16_act, need);
+        void *grown = realloc(q16_act, need * sizeof(int32_t));
         if (!grown) return -1;
-        q16_act = grown, q16_act_cap = need;
+        q16_act = (int32_t *)grown, q16_act_cap = need;
     }
-    int16_t *xq = (int16_t *)q16_act;
-    float *xd = (float *)((uint8_t *)q16_act + qbytes), *xs = xd + (size_t)M * nb;
-    q16_quant_job qj = {x, xq, xd, xs, w->K, nb, 16, M};
-    parallel_work(q16_quant_item, &qj, (M + 15) / 16, nthreads);
-    q16_job j = {w, xq, xd, xs, y, M};
-    parallel_work(q16_item, &j, (w->N + QPANEL_NR - 1) / QPANEL_NR, nthreads);
+    q16_quant_job qj = {x, q16_act, w->K, nb, M};
+    parallel_work(q16_quant_item, &qj, groups, nthreads);
+    q16_job j = {w, q16_act, y, M};
+    parallel_work(q16_item, &j, ((w->N + QPANEL_NR - 1) / QPANEL_NR + 1) / 2, nthreads);
     return 0;
 }
 #else
