@@ -1742,11 +1742,11 @@ static inline __attribute__((always_inline)) void gemm_tile(const int mr, const 
     /* every loop over i unrolled, so the accumulators stay in registers (an indexed access anywhere
      * makes GCC keep the array on the stack and store it on every k) */
     __m256 acc[GEMM_MR][2];
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     for (int k = 0; k < K; k++) {
         const __m256 b0 = _mm256_loadu_ps(wp + (int64_t)k * GEMM_NR), b1 = _mm256_loadu_ps(wp + (int64_t)k * GEMM_NR + 8);
-#pragma GCC unroll 6
+#pragma GCC unroll 8
         for (int i = 0; i < mr; i++) {
             const __m256 a = _mm256_broadcast_ss(x + (int64_t)i * ldx + k);
             acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
@@ -1756,7 +1756,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const int mr, const 
     if (cols == GEMM_NR) {
         const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
         const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
-#pragma GCC unroll 6
+#pragma GCC unroll 8
         for (int i = 0; i < mr; i++) {
             _mm256_storeu_ps(y + (int64_t)i * ldy, _mm256_add_ps(acc[i][0], bias0));
             _mm256_storeu_ps(y + (int64_t)i * ldy + 8, _mm256_add_ps(acc[i][1], bias1));
@@ -1764,7 +1764,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const int mr, const 
         return;
     }
     float t[GEMM_MR][GEMM_NR];
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int i = 0; i < mr; i++) {
         _mm256_storeu_ps(t[i], acc[i][0]);
         _mm256_storeu_ps(t[i] + 8, acc[i][1]);
@@ -1926,41 +1926,49 @@ static void widen_qpanel16(const int kind, const uint8_t *pp, int nb, int64_t pb
     }
 }
 
-/* Activations packed for the tiles: rows in groups of Q16_MR (the last padded with zero rows), and
- * per group, block by block, the 16 int32 pairs (k, k + 1) of its rows side by side, pair kk of row
- * i at [kk · Q16_MR + i], then the rows' scales dx and sums Σx: one pointer and constant offsets in
+/* Activations packed for the tiles: rows in groups of gm (`q16_group_rows`; the last padded with
+ * zero rows), and per group, block by block, the 16 int32 pairs (k, k + 1) of its rows side by side, pair kk of row
+ * i at [kk · gm + i], then the rows' scales dx and sums Σx: one pointer and constant offsets in
  * the tile's loop. With each row apart by K, the 6 row addresses × 16 pairs unrolled spilled the
  * compiler's registers (Zen 4, one core: 88 GMAC/s alone against 93 packed). */
-#define Q16_MR 6  /* rows per tile: 4 · 6 accumulators of 16 columns, two panels at a time */
-#define Q16_GROUP_INTS(nb) ((int64_t)(nb) * (QK / 2 * Q16_MR + 2 * Q16_MR))  /* a group's 32-bit words */
+#define Q16_MR 8  /* most rows per tile: 8 of one panel, or 6 of two (4 · 6 accumulators of 16 columns) */
+#define Q16_GROUP_INTS(nb, gm) ((int64_t)(nb) * (QK / 2 + 2) * (gm))  /* a group of gm rows' 32-bit words */
 
-/* A group of Q16_MR rows (mr of them real) against one or two widened panels (np, a constant in
+/* Rows per group for a step of M rows: 6 (two panels a tile), unless groups of 8 (one panel a
+ * tile) pad fewer rows by over 5 %: a decode batch of 8 computed 12 rows in groups of 6, 14 % slower
+ * than 8 × 16 tiles (Zen 4, 2 threads, a layer's matmuls). */
+static inline int q16_group_rows(int M) {
+    const int pad6 = (M + 5) / 6 * 6, pad8 = (M + 7) / 8 * 8;
+    return (pad6 - pad8) * 20 > M ? 8 : 6;
+}
+
+/* A group of gm rows (mr of them real) against one or two widened panels (np and gm constants in
  * each copy), blocks [b0, b1) of them: each row's pair is loaded once for both panels, a block's
  * first pair multiplies with `vpmaddwd` (no zeroed accumulators), and all the sums stay in
  * registers. The sums start from zero at block 0, else from y (the blocks before); the bias goes
  * in after the last block. Columns past `cols` of a panel (the last, partial one) and rows past mr
  * are not stored. */
-static inline __attribute__((always_inline)) void q16_tile(const int np, const int mr, const int32_t *xp, int nb,
+static inline __attribute__((always_inline)) void q16_tile(const int np, const int gm, const int mr, const int32_t *xp, int nb,
                                                            int b0, int b1, const int16_t *wb0, const int16_t *wb1,
                                                            const uint8_t *pp0, const uint8_t *pp1, int64_t pbb,
                                                            const float *bias0, const float *bias1, float *y,
                                                            int64_t ldy, int cols0, int cols1) {
     const __mmask16 keep0 = (__mmask16)((1u << cols0) - 1u), keep1 = (__mmask16)((1u << cols1) - 1u);
     __m512 f0[Q16_MR], f1[Q16_MR];
-#pragma GCC unroll 6
-    for (int i = 0; i < Q16_MR; i++) {
+#pragma GCC unroll 8
+    for (int i = 0; i < gm; i++) {
         f0[i] = b0 && i < mr ? _mm512_maskz_loadu_ps(keep0, y + i * ldy) : _mm512_setzero_ps();
         f1[i] = np == 2 && b0 && i < mr ? _mm512_maskz_loadu_ps(keep1, y + i * ldy + QPANEL_NR) : _mm512_setzero_ps();
     }
     for (int b = b0; b < b1; b++) {
         __m512i a0[Q16_MR], a1[Q16_MR];
         const int16_t *w0 = wb0 + (int64_t)b * (QK / 2) * 32, *w1 = np == 2 ? wb1 + (int64_t)b * (QK / 2) * 32 : w0;
-        const int32_t *xb = xp + (int64_t)b * (QK / 2 * Q16_MR + 2 * Q16_MR);
+        const int32_t *xb = xp + (int64_t)b * (QK / 2 + 2) * gm;
         {
             const __m512i v0 = _mm512_loadu_si512((const void *)w0);
             const __m512i v1 = np == 2 ? _mm512_loadu_si512((const void *)w1) : v0;
-#pragma GCC unroll 6
-            for (int i = 0; i < Q16_MR; i++) {
+#pragma GCC unroll 8
+            for (int i = 0; i < gm; i++) {
                 const __m512i x = _mm512_set1_epi32(xb[i]);
                 a0[i] = _mm512_madd_epi16(x, v0);
                 if (np == 2) a1[i] = _mm512_madd_epi16(x, v1);
@@ -1970,20 +1978,20 @@ static inline __attribute__((always_inline)) void q16_tile(const int np, const i
         for (int kk = 1; kk < QK / 2; kk++) {
             const __m512i v0 = _mm512_loadu_si512((const void *)(w0 + kk * 32));
             const __m512i v1 = np == 2 ? _mm512_loadu_si512((const void *)(w1 + kk * 32)) : v0;
-#pragma GCC unroll 6
-            for (int i = 0; i < Q16_MR; i++) {
-                const __m512i x = _mm512_set1_epi32(xb[kk * Q16_MR + i]);
+#pragma GCC unroll 8
+            for (int i = 0; i < gm; i++) {
+                const __m512i x = _mm512_set1_epi32(xb[kk * gm + i]);
                 a0[i] = _mm512_dpwssd_epi32(a0[i], x, v0);
                 if (np == 2) a1[i] = _mm512_dpwssd_epi32(a1[i], x, v1);
             }
         }
-        const float *sc = (const float *)(xb + QK / 2 * Q16_MR);  /* dx of the rows, then Σx */
+        const float *sc = (const float *)(xb + QK / 2 * gm);  /* dx of the rows, then Σx */
         const float *pd0 = (const float *)(pp0 + b * pbb), *pd1 = (const float *)((np == 2 ? pp1 : pp0) + b * pbb);
         const __m512 d0 = _mm512_loadu_ps(pd0), m0 = _mm512_loadu_ps(pd0 + QPANEL_NR);
         const __m512 d1 = _mm512_loadu_ps(pd1), m1 = _mm512_loadu_ps(pd1 + QPANEL_NR);
-#pragma GCC unroll 6
-        for (int i = 0; i < Q16_MR; i++) {
-            const __m512 sx = _mm512_set1_ps(sc[i]), ss = _mm512_set1_ps(sc[Q16_MR + i]);
+#pragma GCC unroll 8
+        for (int i = 0; i < gm; i++) {
+            const __m512 sx = _mm512_set1_ps(sc[i]), ss = _mm512_set1_ps(sc[gm + i]);
             f0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[i]), _mm512_mul_ps(d0, sx), f0[i]);
             f0[i] = _mm512_fmadd_ps(m0, ss, f0[i]);
             if (np == 2) {
@@ -2010,7 +2018,7 @@ typedef struct {
     const dq_weight *w;
     const int32_t *xp;  /* the packed activations */
     float *y;
-    int M;
+    int M, gm;  /* rows, rows per group */
 } q16_job;
 
 static __thread int16_t *q16_wbuf = NULL;  /* per thread: two panels widened, 2 × K × 16 int16 */
@@ -2030,17 +2038,23 @@ static void q16_item(void *arg, int item) {
     const int cols0 = w->N - p0 * QPANEL_NR < QPANEL_NR ? w->N - p0 * QPANEL_NR : QPANEL_NR;
     const int cols1 = np == 2 ? (w->N - (p0 + 1) * QPANEL_NR < QPANEL_NR ? w->N - (p0 + 1) * QPANEL_NR : QPANEL_NR) : 0;
     const float *bias0 = w->bias ? w->bias + (int64_t)p0 * QPANEL_NR : NULL, *bias1 = bias0 ? bias0 + QPANEL_NR : NULL;
-    const int chunks = (nb + Q16_KC - 1) / Q16_KC, kc = (nb + chunks - 1) / chunks;  /* even chunks */
+    const int chunks = j->M < 64 ? 1 : (nb + Q16_KC - 1) / Q16_KC, kc = (nb + chunks - 1) / chunks;  /* even chunks */
     for (int b0 = 0; b0 < nb; b0 += kc) {
         const int b1 = b0 + kc < nb ? b0 + kc : nb;
-        for (int r = 0; r < j->M; r += Q16_MR) {
-            const int32_t *xp = j->xp + (int64_t)(r / Q16_MR) * Q16_GROUP_INTS(nb);
+        const int gm = j->gm;
+        for (int r = 0; r < j->M; r += gm) {
+            const int32_t *xp = j->xp + (int64_t)(r / gm) * Q16_GROUP_INTS(nb, gm);
             float *y = j->y + (int64_t)r * w->N + p0 * QPANEL_NR;
-            const int mr = j->M - r < Q16_MR ? j->M - r : Q16_MR;
-            if (np == 2)
-                q16_tile(2, mr, xp, nb, b0, b1, wb0, wb1, pp0, pp1, pbb, bias0, bias1, y, w->N, cols0, cols1);
-            else
-                q16_tile(1, mr, xp, nb, b0, b1, wb0, wb0, pp0, pp0, pbb, bias0, NULL, y, w->N, cols0, 0);
+            const int mr = j->M - r < gm ? j->M - r : gm;
+            if (gm == 8) {  /* 8 rows of one panel at a time */
+                q16_tile(1, 8, mr, xp, nb, b0, b1, wb0, wb0, pp0, pp0, pbb, bias0, NULL, y, w->N, cols0, 0);
+                if (np == 2)
+                    q16_tile(1, 8, mr, xp, nb, b0, b1, wb1, wb1, pp1, pp1, pbb, bias1, NULL, y + QPANEL_NR, w->N, cols1, 0);
+            } else if (np == 2) {
+                q16_tile(2, 6, mr, xp, nb, b0, b1, wb0, wb1, pp0, pp1, pbb, bias0, bias1, y, w->N, cols0, cols1);
+            } else {
+                q16_tile(1, 6, mr, xp, nb, b0, b1, wb0, wb0, pp0, pp0, pbb, bias0, NULL, y, w->N, cols0, 0);
+            }
         }
     }
 }
@@ -2048,27 +2062,27 @@ static void q16_item(void *arg, int item) {
 typedef struct {
     const float *x;
     int32_t *xp;
-    int K, nb, M;
+    int K, nb, M, gm;
 } q16_quant_job;
 
-/* Group g of Q16_MR rows quantized as `quantize_row16` does (int16 per block of 32, absmax / 32767,
+/* Group g of gm rows quantized as `quantize_row16` does (int16 per block of 32, absmax / 32767,
  * rounded to nearest; dx and the block's float sum) straight into the packed layout; rows past M
  * are zero. AVX-512 with masked loads for a partial last block: the row-by-row AVX2 version (a
  * copy of each block through a buffer) took 8.6 % of a 2,048-row prompt step, this ~3 %. */
 static void q16_quant_item(void *arg, int g) {
     const q16_quant_job *j = (const q16_quant_job *)arg;
-    const int nb = j->nb, K = j->K;
-    int32_t *xp = j->xp + (int64_t)g * Q16_GROUP_INTS(nb);
+    const int nb = j->nb, K = j->K, gm = j->gm;
+    int32_t *xp = j->xp + (int64_t)g * Q16_GROUP_INTS(nb, gm);
     const __m512 sign = _mm512_set1_ps(-0.0f);
-    for (int i = 0; i < Q16_MR; i++) {
-        const int r = g * Q16_MR + i;
+    for (int i = 0; i < gm; i++) {
+        const int r = g * gm + i;
         const float *x = j->x + (int64_t)r * K;
         for (int b = 0; b < nb; b++) {
-            int32_t *xb = xp + (int64_t)b * (QK / 2 * Q16_MR + 2 * Q16_MR);
-            float *sc = (float *)(xb + QK / 2 * Q16_MR);
+            int32_t *xb = xp + (int64_t)b * (QK / 2 + 2) * gm;
+            float *sc = (float *)(xb + QK / 2 * gm);
             if (r >= j->M) {
-                for (int kk = 0; kk < QK / 2; kk++) xb[kk * Q16_MR + i] = 0;
-                sc[i] = 0.0f, sc[Q16_MR + i] = 0.0f;
+                for (int kk = 0; kk < QK / 2; kk++) xb[kk * gm + i] = 0;
+                sc[i] = 0.0f, sc[gm + i] = 0.0f;
                 continue;
             }
             const int n = K - b * QK < QK ? K - b * QK : QK;
@@ -2082,9 +2096,9 @@ static void q16_quant_item(void *arg, int g) {
             int32_t pairs[QK / 2];
             _mm256_storeu_si256((__m256i *)pairs, q0);
             _mm256_storeu_si256((__m256i *)(pairs + 8), q1);
-            for (int kk = 0; kk < QK / 2; kk++) xb[kk * Q16_MR + i] = pairs[kk];
+            for (int kk = 0; kk < QK / 2; kk++) xb[kk * gm + i] = pairs[kk];
             sc[i] = amax / 32767.0f;
-            sc[Q16_MR + i] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
+            sc[gm + i] = _mm512_reduce_add_ps(_mm512_add_ps(v0, v1));
         }
     }
 }
@@ -2095,16 +2109,16 @@ static __thread size_t q16_act_cap = 0;
 
 /* y (M, N) = x (M, K) · Wᵀ + bias on int16 tiles; -1 (nothing written) where memory runs out. */
 static int q16_matmul(const dq_weight *w, const float *x, int M, float *y, int nthreads) {
-    const int nb = w->nb, groups = (M + Q16_MR - 1) / Q16_MR;
-    const size_t need = (size_t)groups * Q16_GROUP_INTS(nb);
+    const int nb = w->nb, gm = q16_group_rows(M), groups = (M + gm - 1) / gm;
+    const size_t need = (size_t)groups * Q16_GROUP_INTS(nb, gm);
     if (q16_act_cap < need) {
         void *grown = realloc(q16_act, need * sizeof(int32_t));
         if (!grown) return -1;
         q16_act = (int32_t *)grown, q16_act_cap = need;
     }
-    q16_quant_job qj = {x, q16_act, w->K, nb, M};
+    q16_quant_job qj = {x, q16_act, w->K, nb, M, gm};
     parallel_work(q16_quant_item, &qj, groups, nthreads);
-    q16_job j = {w, q16_act, y, M};
+    q16_job j = {w, q16_act, y, M, gm};
     parallel_work(q16_item, &j, ((w->N + QPANEL_NR - 1) / QPANEL_NR + 1) / 2, nthreads);
     return 0;
 }
