@@ -952,6 +952,14 @@ static inline void prefetch_slots(const uint8_t *base, const int32_t *table, int
     }
 }
 
+/* The slots of keys t0 .. t0 + n - 1 of a sequence (at[u]: key t0 + u's slot from `base`), and L2
+ * asked for `bytes` of each slot 2 chunks on. */
+static inline void chunk_slots(const uint8_t *base, const int32_t *table, int bs, int64_t slot_bytes, int t0, int n,
+                               int len, int64_t bytes, const uint8_t *at[FAST_KEYS]) {
+    for (int u = 0; u < n; u++) at[u] = base + ((int64_t)table[(t0 + u) / bs] * bs + (t0 + u) % bs) * slot_bytes;
+    prefetch_slots(base, table, bs, slot_bytes, t0 + 2 * FAST_KEYS, t0 + 3 * FAST_KEYS, len, bytes);
+}
+
 /* Sequence b's rows of KV heads [kv0, kv1) with the query heads that share them. */
 static void attend_fast(const attention_job *a, int b, int kv0, int kv1) {
     const int KV = a->KV, H = a->H, group = H / KV, bs = a->block_size, len = a->seq_lens[b];
@@ -980,13 +988,8 @@ static void attend_fast(const attention_job *a, int b, int kv0, int kv1) {
     prefetch_slots(keys, table, bs, slot_bytes, 0, 2 * FAST_KEYS, len, nkv * head_bytes);
     for (int t0 = 0; t0 < len; t0 += FAST_KEYS) {
         const int n = len - t0 < FAST_KEYS ? len - t0 : FAST_KEYS;
-        const uint8_t *at[FAST_KEYS];
-        for (int u = 0; u < n; u++) {
-            const int t = t0 + u;
-            at[u] = keys + ((int64_t)table[t / bs] * bs + t % bs) * slot_bytes;
-        }
-        /* the keys 2 chunks on, every head of their slots */
-        prefetch_slots(keys, table, bs, slot_bytes, t0 + 2 * FAST_KEYS, t0 + 3 * FAST_KEYS, len, nkv * head_bytes);
+        const uint8_t *at[FAST_KEYS];  /* every head of the slots 2 chunks on asked for */
+        chunk_slots(keys, table, bs, slot_bytes, t0, n, len, nkv * head_bytes, at);
         for (int k = 0; k < nkv; k++) {
             for (int u = 0; u < n; u++) load_row64(at[u] + k * head_bytes, bf16, rows[u]);
             for (int j = 0; j < group; j++) {
@@ -1013,11 +1016,7 @@ static void attend_fast(const attention_job *a, int b, int kv0, int kv1) {
     for (int t0 = 0; t0 < len; t0 += FAST_KEYS) {
         const int n = len - t0 < FAST_KEYS ? len - t0 : FAST_KEYS;
         const uint8_t *at[FAST_KEYS];
-        for (int u = 0; u < n; u++) {
-            const int t = t0 + u;
-            at[u] = values + ((int64_t)table[t / bs] * bs + t % bs) * slot_bytes;
-        }
-        prefetch_slots(values, table, bs, slot_bytes, t0 + 2 * FAST_KEYS, t0 + 3 * FAST_KEYS, len, nkv * head_bytes);
+        chunk_slots(values, table, bs, slot_bytes, t0, n, len, nkv * head_bytes, at);
         for (int k = 0; k < nkv; k++) {
             for (int u = 0; u < n; u++) load_row64(at[u] + k * head_bytes, bf16, rows[u]);
             for (int j = 0; j < group; j++) {  /* in registers for the chunk: 4 sums, in key order */
