@@ -895,9 +895,8 @@ static void attention_row(const attention_job *a, int b, int kvh) {
  * and 288 tokens, 212 MB of bf16 a step, which DRAM streams at ~30 GB/s on 2 threads here. Row by
  * row above took 30.6 ms for it (Zen 4, 2 threads, one pool, blocks in random order; 14.5 here):
  * each item took one KV head, so a slot's 384 bytes (3 heads) were fetched in three passes far
- * apart, and the bf16 copy cost a second pass through L2. Here one
- * item is a sequence (all its KV heads; one head per item where there are too few sequences to
- * share), read block by block, every head of a slot together; 16 keys at a time are widened once
+ * apart, and the bf16 copy cost a second pass through L2. Here one item is a sequence (all its
+ * KV heads; one head per item where there are too few sequences to share), read block by block, every head of a slot together; 16 keys at a time are widened once
  * into L1 and every query head of their KV head works on them there. A bf16 row of 64 loads as two
  * vectors whose even elements widen with a shift and odd ones with a mask, so q is split the same
  * way and the values' sums come out split, joined once at the end. The scores of 16 keys are
@@ -1041,9 +1040,7 @@ static void attend_fast(const attention_job *a, int b, int kv0, int kv1) {
             _mm512_storeu_ps(out + h * FAST_HD + 32 * i + 16, bf16 ? _mm512_permutex2var_ps(e, hi_idx, o) : o);
         }
 }
-#endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
 static inline int fast_attention(const attention_job *a) {
     return a->hd == FAST_HD && a->KV > 0 && a->H % a->KV == 0 && a->H <= FAST_MAX_Q;
 }
@@ -1533,17 +1530,6 @@ static void silu_mul(const float *g, int F, float *a) {
     for (; i < F; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-typedef struct {
-    const float *gu;  /* (B, 2F): gate then up of each row */
-    float *act;       /* (B, F) */
-    int F;
-} silu_job;
-
-static void silu_row(void *arg, int b) {
-    const silu_job *j = (const silu_job *)arg;
-    silu_mul(j->gu + (int64_t)b * 2 * j->F, j->F, j->act + (int64_t)b * j->F);
-}
-
 /* --- the element-wise parts of a step of many rows, for the layer-by-layer path ------------------
  *
  * A prompt step runs layer by layer in Python (its K/V streams out per layer), and there torch's
@@ -1560,16 +1546,19 @@ typedef struct {
     float eps;
 } rows_job;
 
+/* the end of item c's rows */
+static inline int rows_end(const rows_job *j, int c) {
+    return (c + 1) * j->rows_per_item < j->M ? (c + 1) * j->rows_per_item : j->M;
+}
+
 static void norm_item(void *arg, int c) {
     const rows_job *j = (const rows_job *)arg;
-    const int r1 = (c + 1) * j->rows_per_item < j->M ? (c + 1) * j->rows_per_item : j->M;
-    for (int r = c * j->rows_per_item; r < r1; r++) rms_norm(j->x + r * j->ldx, j->w, j->D, j->eps, j->out + r * j->ldo);
+    for (int r = c * j->rows_per_item, r1 = rows_end(j, c); r < r1; r++) rms_norm(j->x + r * j->ldx, j->w, j->D, j->eps, j->out + r * j->ldo);
 }
 
 static void rope_item(void *arg, int c) {
     const rows_job *j = (const rows_job *)arg;
-    const int r1 = (c + 1) * j->rows_per_item < j->M ? (c + 1) * j->rows_per_item : j->M;
-    for (int r = c * j->rows_per_item; r < r1; r++) {
+    for (int r = c * j->rows_per_item, r1 = rows_end(j, c); r < r1; r++) {
         const int64_t at = (int64_t)j->positions[r] * j->hd;
         rope(j->out + r * j->ldo, j->heads, j->hd, j->cos + at, j->sin + at);
     }
@@ -1577,8 +1566,7 @@ static void rope_item(void *arg, int c) {
 
 static void silu_item(void *arg, int c) {
     const rows_job *j = (const rows_job *)arg;
-    const int r1 = (c + 1) * j->rows_per_item < j->M ? (c + 1) * j->rows_per_item : j->M;
-    for (int r = c * j->rows_per_item; r < r1; r++) silu_mul(j->x + r * j->ldx, j->D, j->out + r * j->ldo);
+    for (int r = c * j->rows_per_item, r1 = rows_end(j, c); r < r1; r++) silu_mul(j->x + r * j->ldx, j->D, j->out + r * j->ldo);
 }
 
 #define ROWS_PER_ITEM 16
@@ -1586,7 +1574,8 @@ static void silu_item(void *arg, int c) {
 /* out (M, D), row stride ldo = RMSNorm of x (M, D), row stride ldx, by weight (D) */
 void dq_rms_norm_rows(const float *x, int64_t ldx, int M, int D, const float *weight, float eps, float *out,
                       int64_t ldo, int nthreads) {
-    rows_job j = {x, out, weight, NULL, NULL, NULL, ldx, ldo, M, D, 0, 0, ROWS_PER_ITEM, eps};
+    rows_job j = {.x = x, .out = out, .w = weight, .ldx = ldx, .ldo = ldo, .M = M, .D = D,
+                  .rows_per_item = ROWS_PER_ITEM, .eps = eps};
     parallel_work(norm_item, &j, (M + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, nthreads);
 }
 
@@ -1594,13 +1583,14 @@ void dq_rms_norm_rows(const float *x, int64_t ldx, int M, int D, const float *we
  * positions[r] of the (positions, hd) cos/sin tables. */
 void dq_rope_rows(float *x, int64_t ldx, int M, int heads, int hd, const int32_t *positions, const float *cos_table,
                   const float *sin_table, int nthreads) {
-    rows_job j = {NULL, x, NULL, cos_table, sin_table, positions, 0, ldx, M, 0, heads, hd, ROWS_PER_ITEM, 0.0f};
+    rows_job j = {.out = x, .cos = cos_table, .sin = sin_table, .positions = positions, .ldo = ldx, .M = M,
+                  .heads = heads, .hd = hd, .rows_per_item = ROWS_PER_ITEM};
     parallel_work(rope_item, &j, (M + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, nthreads);
 }
 
 /* out (M, F) = silu(gate) · up of gu (M, 2F): each row gate then up */
 void dq_silu_mul_rows(const float *gu, int M, int F, float *out, int nthreads) {
-    rows_job j = {gu, out, NULL, NULL, NULL, NULL, 2 * (int64_t)F, F, M, F, 0, 0, ROWS_PER_ITEM, 0.0f};
+    rows_job j = {.x = gu, .out = out, .ldx = 2 * (int64_t)F, .ldo = F, .M = M, .D = F, .rows_per_item = ROWS_PER_ITEM};
     parallel_work(silu_item, &j, (M + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM, nthreads);
 }
 
@@ -1648,8 +1638,8 @@ int dq_decode_step(void *p, int B, const int32_t *tokens, const int32_t *positio
         for (int64_t i = 0; i < (int64_t)B * D; i++) m->x[i] += m->h[i];
         for (int b = 0; b < B; b++) rms_norm(m->x + (int64_t)b * D, ly->norm_post, D, m->eps, m->h + (int64_t)b * D);
         step_matmul(m, m->h, B, &ly->gate_up, m->gu, nthreads);
-        silu_job sj = {m->gu, m->act, F};
-        parallel_chunks(silu_row, &sj, B, B < nthreads ? B : nthreads);
+        rows_job sj = {.x = m->gu, .out = m->act, .ldx = 2 * (int64_t)F, .ldo = F, .M = B, .D = F, .rows_per_item = 1};
+        parallel_chunks(silu_item, &sj, B, B < nthreads ? B : nthreads);
         step_matmul(m, m->act, B, &ly->down, m->h, nthreads);
         for (int64_t i = 0; i < (int64_t)B * D; i++) m->x[i] += m->h[i];
     }
@@ -1741,11 +1731,11 @@ static inline __attribute__((always_inline)) void gemm_tile(const int mr, const 
     /* every loop over i unrolled, so the accumulators stay in registers (an indexed access anywhere
      * makes GCC keep the array on the stack and store it on every k) */
     __m256 acc[GEMM_MR][2];
-#pragma GCC unroll 8
+#pragma GCC unroll 6
     for (int i = 0; i < mr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     for (int k = 0; k < K; k++) {
         const __m256 b0 = _mm256_loadu_ps(wp + (int64_t)k * GEMM_NR), b1 = _mm256_loadu_ps(wp + (int64_t)k * GEMM_NR + 8);
-#pragma GCC unroll 8
+#pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
             const __m256 a = _mm256_broadcast_ss(x + (int64_t)i * ldx + k);
             acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
@@ -1755,7 +1745,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const int mr, const 
     if (cols == GEMM_NR) {
         const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
         const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
-#pragma GCC unroll 8
+#pragma GCC unroll 6
         for (int i = 0; i < mr; i++) {
             _mm256_storeu_ps(y + (int64_t)i * ldy, _mm256_add_ps(acc[i][0], bias0));
             _mm256_storeu_ps(y + (int64_t)i * ldy + 8, _mm256_add_ps(acc[i][1], bias1));
@@ -1763,7 +1753,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const int mr, const 
         return;
     }
     float t[GEMM_MR][GEMM_NR];
-#pragma GCC unroll 8
+#pragma GCC unroll 6
     for (int i = 0; i < mr; i++) {
         _mm256_storeu_ps(t[i], acc[i][0]);
         _mm256_storeu_ps(t[i] + 8, acc[i][1]);
@@ -1926,9 +1916,9 @@ static void widen_qpanel16(const int kind, const uint8_t *pp, int nb, int64_t pb
 }
 
 /* Activations packed for the tiles: rows in groups of gm (`q16_group_rows`; the last padded with
- * zero rows), and per group, block by block, the 16 int32 pairs (k, k + 1) of its rows side by side, pair kk of row
- * i at [kk · gm + i], then the rows' scales dx and sums Σx: one pointer and constant offsets in
- * the tile's loop. With each row apart by K, the 6 row addresses × 16 pairs unrolled spilled the
+ * zero rows), and per group, block by block, the 16 int32 pairs (k, k + 1) of its rows side by
+ * side, pair kk of row i at [kk · gm + i], then the rows' scales dx and sums Σx: one pointer and
+ * constant offsets in the tile's loop. With each row apart by K, the 6 row addresses × 16 pairs unrolled spilled the
  * compiler's registers (Zen 4, one core: 88 GMAC/s alone against 93 packed). */
 #define Q16_MR 8  /* most rows per tile: 8 of one panel, or 6 of two (4 · 6 accumulators of 16 columns) */
 #define Q16_GROUP_INTS(nb, gm) ((int64_t)(nb) * (QK / 2 + 2) * (gm))  /* a group of gm rows' 32-bit words */

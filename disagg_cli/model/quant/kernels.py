@@ -269,8 +269,9 @@ class KernelStepOps(StepOps):
 
     def split_rotated(self, qkv: torch.Tensor, heads: int, kv_heads: int, hd: int,
                       rotation: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not isinstance(rotation, _Positions) or qkv.dtype != torch.float32 or qkv.stride(-1) != 1:
-            return super().split_rotated(qkv, heads, kv_heads, hd, torch_rotation(rotation))
+        if not isinstance(rotation, _Positions):
+            return super().split_rotated(qkv, heads, kv_heads, hd, rotation)
+        qkv = qkv.float().contiguous()  # as every float32 model's projections give it: no copy
         n = qkv.shape[0]
         # q's and k's heads lie side by side at the start of each row: one pass rotates both in place
         self.lib.dq_rope_rows(qkv.data_ptr(), qkv.stride(0), n, heads + kv_heads, hd, rotation.positions.data_ptr(),
@@ -294,11 +295,3 @@ class KernelStepOps(StepOps):
         self.lib.dq_silu_mul_rows(gate_up.data_ptr(), gate_up.shape[0], f, out.data_ptr(), torch.get_num_threads())
         return out
 
-
-def torch_rotation(rotation: object) -> object:
-    """The cos/sin torch's RoPE wants, from what `KernelStepOps.rotation` gave (for a step the
-    kernel does not rotate itself)."""
-    if not isinstance(rotation, _Positions):
-        return rotation
-    pos = rotation.positions.long()
-    return rotation.cos_table[pos][:, None, :], rotation.sin_table[pos][:, None, :]
